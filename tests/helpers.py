@@ -1,0 +1,153 @@
+"""Test harness: start a real remote_lab.py server process on an ephemeral port.
+
+Every test that needs a server goes through ServerProcess so ports, state dirs, logs and the
+fake netlab are set up the same way everywhere.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "remote_lab.py"
+CLIENT = ROOT / "remote_lab_client.py"
+FAKE_NETLAB = ROOT / "tests" / "fake_netlab.py"
+TOPOLOGIES = ROOT / "tests" / "topologies"
+
+_LISTEN_RE = re.compile(r"Listening on http://([^:/\s]+|\[[^\]]+\]):(\d+)")
+
+
+class ServerProcess:
+    """A remote_lab.py server in its own process group, with a private state dir.
+
+    fake_dir: the fake netlab's control/record directory (FAKE_NETLAB_DIR): create files
+    `up_fail`, `up_hang`, `down_fail`, `inspect_fail` there to switch failures on, and read
+    `calls.jsonl` to see the commands it got (see tests/fake_netlab.py).
+    """
+
+    def __init__(self, tmp_path, *args, simulate=False, env=None, netlab=None):
+        self.tmp = Path(tmp_path)
+        self.state_dir = self.tmp / "state"
+        self.fake_dir = self.tmp / "fake-netlab"
+        self.fake_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.tmp / "server.log"
+        cmd = [sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", "0",
+               "--state-dir", str(self.state_dir)]
+        if simulate:
+            cmd.append("--simulate")
+        else:
+            cmd += ["--netlab", str(netlab or FAKE_NETLAB)]
+        cmd += [str(a) for a in args]
+        self.cmd = cmd
+        self.env = dict(os.environ)
+        self.env["FAKE_NETLAB_DIR"] = str(self.fake_dir)
+        self.env["PYTHONUNBUFFERED"] = "1"
+        if env:
+            self.env.update(env)
+        self.proc = None
+        self.port = None
+
+    def start(self, timeout=15):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = _LISTEN_RE.search(self.log_path.read_text(errors="replace"))
+            if m:
+                self.port = int(m.group(2))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited rc=%s:\n%s" % (self.proc.returncode, self.log()))
+            time.sleep(0.02)
+        raise RuntimeError("server did not start:\n" + self.log())
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def log(self):
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def calls(self):
+        """The fake netlab's recorded invocations: a list of dicts {argv, cwd, ...}."""
+        path = self.fake_dir / "calls.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def netlab_verbs(self):
+        return [c["argv"][0] if c["argv"] else "" for c in self.calls()]
+
+    def switch(self, name, on=True, value=""):
+        """Turn a fake-netlab failure switch on/off (e.g. switch('up_fail'))."""
+        path = self.fake_dir / name
+        if on:
+            path.write_text(str(value))
+        elif path.exists():
+            path.unlink()
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers of the group (netlab children)
+        except OSError:
+            pass
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def http(method, url, body=None, headers=None, timeout=10):
+    """A tiny raw HTTP helper for tests: returns (status, parsed JSON or text or None, headers)."""
+    data = body
+    hdrs = dict(headers or {})
+    if isinstance(body, (dict, list)):
+        data = json.dumps(body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+        status, raw, rh = resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as e:
+        status, raw, rh = e.code, e.read(), e.headers
+    if not raw:
+        return status, None, rh
+    try:
+        return status, json.loads(raw), rh
+    except ValueError:
+        return status, raw.decode(errors="replace"), rh
+
+
+def multipart(fields, files):
+    """Build a multipart/form-data body: fields {name: value}, files [(field, filename, bytes)]."""
+    boundary = "----remotelabtest%d" % int(time.time() * 1e6)
+    out = []
+    for name, value in fields.items():
+        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
+                    % (boundary, name, value)).encode())
+    for field, filename, content in files:
+        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n" % (boundary, field, filename)).encode())
+        out.append(content + b"\r\n")
+    out.append(("--%s--\r\n" % boundary).encode())
+    return b"".join(out), "multipart/form-data; boundary=%s" % boundary
