@@ -1674,37 +1674,113 @@ class InstanceLock:
         os.pwrite(self.fd, data, 0)
 
 
+class StatusFile:
+    """The remote-http-launcher status-file protocol (see README, "remote host over SSH").
+
+    The launcher writes ``{..., "pid", "status": "starting"}`` after starting us; we bind first,
+    then keep every field, add ``port`` and set ``status`` (``running`` or ``failed`` + ``error``),
+    always by atomic rename of a uniquely named temp file.
+    """
+
+    WAIT_FOR_FILE = 60.0
+
+    def __init__(self, path: Optional[str]):
+        self.path = os.path.abspath(os.path.expanduser(path)) if path else None
+
+    def _read(self, wait: bool) -> Optional[dict]:
+        deadline = time.monotonic() + (self.WAIT_FOR_FILE if wait else 0)
+        while True:
+            try:
+                with open(self.path) as f:
+                    data = json.load(f)
+                return data if isinstance(data, dict) else {}
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.1)
+            except (OSError, ValueError):
+                # half-written by a launcher that does not rename atomically: retry briefly
+                if time.monotonic() >= deadline:
+                    return {}
+                time.sleep(0.1)
+
+    def _write(self, data: dict) -> None:
+        directory = os.path.dirname(self.path) or "."
+        tmp = os.path.join(directory, ".%s.%d.%s.tmp" % (os.path.basename(self.path), os.getpid(),
+                                                        uuid.uuid4().hex[:8]))
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+    def update(self, **fields) -> bool:
+        """Merge ``fields`` into the file (waiting for it to appear). False if it never did."""
+        if not self.path:
+            return True
+        data = self._read(wait=True)
+        found = data is not None
+        data = dict(data or {})
+        data.update(fields)
+        data.setdefault("pid", os.getpid())
+        try:
+            self._write(data)
+        except OSError as e:
+            log.error("cannot write status file %s: %s", self.path, e)
+            return False
+        return found
+
+    def mark_stopped(self) -> None:
+        """On exit: ``stopped``, but only if the file still names us (a successor may own it)."""
+        if not self.path:
+            return
+        data = self._read(wait=False)
+        if data and data.get("pid") == os.getpid():
+            data["status"] = "stopped"
+            try:
+                self._write(data)
+            except OSError:
+                pass
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [SIMULATED_NETLAB_FLAG]:
         return simulated_netlab_main(argv[1:])
     settings = settings_from_args(argv)
     setup_logging(settings)
+    status_file = StatusFile(settings.status_file)
+
+    def fail(message: str) -> int:
+        print(message, file=sys.stderr)
+        status_file.update(status="failed", error=message)
+        return 1
+
     if not settings.simulate:
         found = shutil.which(settings.netlab)
         if not found:
-            print("remote-lab: netlab not found (%r): install it (pip install networklab), pass "
-                  "--netlab PATH, or use --simulate to try the server without it" % settings.netlab,
-                  file=sys.stderr)
-            return 1
+            return fail("remote-lab: netlab not found (%r): install it (pip install networklab), "
+                        "pass --netlab PATH, or use --simulate to try the server without it"
+                        % settings.netlab)
         settings.netlab = os.path.abspath(found)
     lock = InstanceLock(settings.state_dir)
     try:
         lock.acquire()
     except SystemExit as e:
-        print(e, file=sys.stderr)
-        return 1
+        return fail(str(e))
     if settings.simulate:
         os.environ.setdefault("REMOTE_LAB_SIM_HOME", os.path.join(settings.state_dir, "simulated-netlab"))
     app = App(settings)
     try:
         server = bind_server(settings, app)
     except OSError as e:
-        print("remote-lab: cannot listen on %s:%s: %s" % (settings.host, settings.port, e),
-              file=sys.stderr)
-        return 1
+        where = ("ports %d-%d" % settings.port_range if settings.port_range
+                 else "port %d" % settings.port)
+        return fail("remote-lab: cannot listen on %s %s: %s" % (settings.host, where, e))
     host, port = server.server_address[:2]
     lock.record(port=port, host=host)
+    if not status_file.update(status="running", port=port, host=host):
+        log.warning("status file %s did not appear within %.0f s; wrote it myself",
+                    status_file.path, StatusFile.WAIT_FOR_FILE)
     shown_host = "[%s]" % host if ":" in host else host
     log.info("remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
              port, "simulated" if settings.simulate else settings.netlab)
@@ -1728,6 +1804,7 @@ def main(argv=None) -> int:
         app.stopping.set()
         log.info("tearing down the lab before exit")
         app.lab.shutdown()
+        status_file.mark_stopped()
         log.info("stopped")
     return 0
 
