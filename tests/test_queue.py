@@ -1,0 +1,374 @@
+"""SessionQueue: the pure queue state machine, driven by a fake clock (no server, no I/O)."""
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from remote_lab import QueueFull, SessionQueue, UnknownSession  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def q(clock):
+    return SessionQueue(waiting_timeout=600, active_timeout=300, max_length=5, clock=clock)
+
+
+def test_first_session_is_active_at_once_others_wait_in_fifo_order(q):
+    a, pa = q.create()
+    b, pb = q.create()
+    c, pc = q.create()
+    assert (pa, pb, pc) == (0, 1, 2)
+    assert len({a, b, c}) == 3
+    assert q.state(a) == ("active", 0)
+    assert q.state(b) == ("waiting", 1)
+    assert q.state(c) == ("waiting", 2)
+    assert q.active_id() == a and q.is_active(a) and not q.is_active(b)
+    assert len(q) == 3
+    assert [s["session_id"] for s in q.snapshot()] == [a, b, c]
+    assert [s["status"] for s in q.snapshot()] == ["active", "waiting", "waiting"]
+
+
+def test_removing_the_head_promotes_the_next_and_shifts_positions(q):
+    a, _ = q.create()
+    b, _ = q.create()
+    c, _ = q.create()
+    assert q.remove(a) == (True, b)
+    assert q.state(b) == ("active", 0)
+    assert q.state(c) == ("waiting", 1)
+    with pytest.raises(UnknownSession):
+        q.state(a)
+
+
+def test_removing_a_waiting_session_promotes_nobody(q):
+    a, _ = q.create()
+    b, _ = q.create()
+    c, _ = q.create()
+    assert q.remove(b) == (False, None)
+    assert q.state(a) == ("active", 0)
+    assert q.state(c) == ("waiting", 1)
+
+
+def test_remove_unknown_raises_and_empty_queue_has_no_active(q):
+    with pytest.raises(UnknownSession):
+        q.remove("nope")
+    assert q.active_id() is None
+    a, _ = q.create()
+    q.remove(a)
+    assert q.active_id() is None and len(q) == 0
+    # a new session in the emptied queue is active at once
+    b, pos = q.create()
+    assert pos == 0 and q.state(b) == ("active", 0)
+
+
+def test_queue_full(q):
+    for _ in range(5):
+        q.create()
+    with pytest.raises(QueueFull):
+        q.create()
+    assert len(q) == 5
+    q.remove(q.active_id())
+    q.create()  # room again
+    assert len(q) == 5
+
+
+def test_active_session_expires_after_active_timeout_and_next_is_promoted(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    clock.advance(200)
+    q.touch(b)  # b stays alive, a is silent
+    clock.advance(100)
+    assert q.expire() == []  # exactly at the limit: not yet
+    clock.advance(0.5)
+    assert q.expire() == [(a, True)]
+    assert q.state(b) == ("active", 0)
+
+
+def test_waiting_session_expires_after_waiting_timeout(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    c, _ = q.create()
+    for _ in range(7):  # a (active) and c heartbeat every 100 s, b is silent
+        clock.advance(100)
+        q.touch(a)
+        q.touch(c)
+        assert q.expire() == ([] if clock.now - 1000 <= 600 else [(b, False)])
+    assert q.state(a) == ("active", 0)
+    assert q.state(c) == ("waiting", 1)
+    with pytest.raises(UnknownSession):
+        q.state(b)
+
+
+def test_waiting_timeout_longer_than_active_timeout_applies_to_waiters_only(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    clock.advance(400)  # both silent: only the active one is past its (shorter) limit
+    assert q.expire() == [(a, True)]
+    assert q.state(b, touch=False) == ("active", 0)
+
+
+def test_active_timeout_counts_from_promotion_not_from_creation(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    clock.advance(299)
+    q.touch(a)
+    q.state(b, touch=False)
+    clock.advance(290)  # b: 589 s since its last sign of life, still under the waiting limit
+    q.remove(a)
+    clock.advance(250)  # b promoted 250 s ago: well inside the active timeout
+    assert q.expire() == []
+    assert q.state(b, touch=False) == ("active", 0)
+    clock.advance(51)
+    assert q.expire() == [(b, True)]
+
+
+def test_state_counts_as_sign_of_life_unless_touch_false(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    clock.advance(250)
+    q.state(a)
+    clock.advance(250)
+    assert q.expire() == []
+    q.state(a, touch=False)
+    clock.advance(60)
+    assert q.expire() == [(a, True)]
+
+
+def test_pins_prevent_expiry_and_unpin_restarts_the_clock(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    q.pin(a)
+    q.pin(b)
+    clock.advance(10000)
+    assert q.expire() == []
+    q.unpin(a)  # unpinning is a sign of life
+    clock.advance(299)
+    assert q.expire() == []
+    clock.advance(2)
+    assert q.expire() == [(a, True)]
+    # b is pinned: still there (and now active) although silent for ages
+    assert q.state(b, touch=False) == ("active", 0)
+    q.unpin(b)
+    q.unpin("gone")  # unpinning an unknown session is harmless
+
+
+def test_nested_pins(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    q.pin(a)
+    q.pin(a)
+    q.unpin(a)
+    clock.advance(1000)
+    assert q.expire() == []  # one pin still held
+    q.unpin(a)
+    clock.advance(301)
+    assert q.expire() == [(a, True)]
+
+
+def test_version_bumps_on_every_change(q):
+    v0 = q.version
+    a, _ = q.create()
+    b, _ = q.create()
+    assert q.version == v0 + 2
+    q.remove(a)
+    assert q.version == v0 + 3
+
+
+def test_next_deadline(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    assert q.next_deadline() is None
+    q.create()
+    q.create()
+    clock.advance(100)
+    assert q.next_deadline() == pytest.approx(200)
+
+
+# -- long-poll: wait_change, woken from another thread (real time, bounded small) --
+
+
+def test_wait_change_times_out_with_unchanged_state():
+    q = SessionQueue(600, 300, 10)  # real clock
+    a, _ = q.create()
+    b, _ = q.create()
+    t0 = time.monotonic()
+    assert q.wait_change(b, 0.2) == ("waiting", 1)
+    elapsed = time.monotonic() - t0
+    assert 0.18 <= elapsed < 1.0
+
+
+def test_wait_change_zero_timeout_returns_at_once():
+    q = SessionQueue(600, 300, 10)
+    a, _ = q.create()
+    t0 = time.monotonic()
+    assert q.wait_change(a, 0) == ("active", 0)
+    assert time.monotonic() - t0 < 0.1
+
+
+def _wait_in_thread(q, sid, timeout):
+    result = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            result["state"] = q.wait_change(sid, timeout)
+        except UnknownSession as e:
+            result["error"] = e
+        result["woke"] = time.monotonic()
+        result["waited"] = result["woke"] - t0
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, result
+
+
+def _wait_blocked(q, count, timeout=2.0):
+    """Wait until ``count`` threads sleep on the queue's condition."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with q.lock:
+            if len(q.changed._waiters) >= count:
+                return
+        time.sleep(0.005)
+    raise AssertionError("waiter threads never blocked")
+
+
+def test_wait_change_wakes_on_promotion_from_another_thread():
+    q = SessionQueue(600, 300, 10)
+    a, _ = q.create()
+    b, _ = q.create()
+    t, result = _wait_in_thread(q, b, 10)
+    _wait_blocked(q, 1)
+    t0 = time.monotonic()
+    q.remove(a)
+    t.join(2)
+    assert not t.is_alive()
+    assert result["state"] == ("active", 0)
+    assert result["woke"] - t0 < 0.1, "woke %.3f s after the change" % (result["woke"] - t0)
+
+
+def test_wait_change_wakes_on_position_change_only_for_affected_sessions():
+    q = SessionQueue(600, 300, 10)
+    a, _ = q.create()
+    b, _ = q.create()
+    c, _ = q.create()
+    d, _ = q.create()
+    tb, rb = _wait_in_thread(q, b, 0.6)
+    td, rd = _wait_in_thread(q, d, 10)
+    _wait_blocked(q, 2)
+    t0 = time.monotonic()
+    q.remove(c)  # d moves up (3 -> 2); b stays at 1 and keeps waiting
+    td.join(2)
+    assert rd["state"] == ("waiting", 2)
+    assert rd["woke"] - t0 < 0.1
+    assert tb.is_alive(), "b's position did not change: it must keep waiting"
+    tb.join(2)
+    assert rb["state"] == ("waiting", 1)
+    assert rb["waited"] >= 0.55
+
+
+def test_wait_change_ignores_unrelated_changes_at_the_tail():
+    q = SessionQueue(600, 300, 10)
+    a, _ = q.create()
+    b, _ = q.create()
+    t, result = _wait_in_thread(q, b, 0.5)
+    _wait_blocked(q, 1)
+    c, _ = q.create()  # appended behind b: b's state is unchanged
+    q.remove(c)
+    t.join(2)
+    assert result["state"] == ("waiting", 1)
+    assert result["waited"] >= 0.45
+
+
+def test_wait_change_raises_unknown_when_the_session_is_removed_while_waiting():
+    q = SessionQueue(600, 300, 10)
+    a, _ = q.create()
+    b, _ = q.create()
+    t, result = _wait_in_thread(q, b, 10)
+    _wait_blocked(q, 1)
+    t0 = time.monotonic()
+    q.remove(b)
+    t.join(2)
+    assert isinstance(result.get("error"), UnknownSession)
+    assert result["woke"] - t0 < 0.1
+
+
+def test_wait_change_wakes_on_expiry_promotion():
+    clock = FakeClock()
+    q = SessionQueue(600, 300, 10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    q.pin(b)  # as the server does while long-polling
+    # the fake clock does not move by itself: wait_change's own deadline is far away
+    t, result = _wait_in_thread(q, b, 5)
+    _wait_blocked(q, 1)
+    clock.advance(301)
+    t0 = time.monotonic()
+    assert q.expire() == [(a, True)]
+    t.join(2)
+    assert result["state"] == ("active", 0)
+    assert result["woke"] - t0 < 0.1
+
+
+def test_wait_change_unknown_session():
+    q = SessionQueue(600, 300, 10)
+    with pytest.raises(UnknownSession):
+        q.wait_change("nope", 0.1)
+
+
+def test_many_waiters_all_wake_on_one_promotion():
+    q = SessionQueue(600, 300, 100)
+    head, _ = q.create()
+    sids = [q.create()[0] for _ in range(20)]
+    waiters = [_wait_in_thread(q, s, 10) for s in sids]
+    _wait_blocked(q, 20)
+    t0 = time.monotonic()
+    q.remove(head)
+    for t, _ in waiters:
+        t.join(2)
+    states = [r["state"] for _, r in waiters]
+    assert states[0] == ("active", 0)
+    assert states[1:] == [("waiting", i) for i in range(1, 20)]
+    assert max(r["woke"] for _, r in waiters) - t0 < 0.5
+
+
+def test_concurrent_creates_give_distinct_positions():
+    q = SessionQueue(600, 300, 1000)
+    results = []
+    lock = threading.Lock()
+
+    def make():
+        r = q.create()
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=make) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert sorted(p for _, p in results) == list(range(100))
+    assert len({s for s, _ in results}) == 100
+    assert [s["status"] for s in q.snapshot()].count("active") == 1
+
