@@ -1,0 +1,565 @@
+#!/usr/bin/env python3
+"""Benchmark of remote_lab.py (figures, not pass/fail). Standard library only.
+
+    python3 tests/bench.py            # full run (~40 s)
+    python3 tests/bench.py --quick    # short run (~15 s)
+
+Starts its own server(s) on loopback (port 0, private temp state dir, ``--log-level WARNING``,
+simulated netlab by default or the fake netlab of tests/ with ``--fake``) and prints:
+
+  * poll (GET /session/{id}) and heartbeat (POST /session/heartbeat) req/s with 16 keep-alive
+    clients (http.client persistent connections, each client in its own process), p50/p99 latency
+  * handoff latency with long-poll: A active, B long-polls GET /session/B?wait=30; time from A's
+    DELETE returning to B's poll returning (median, p95 over ~50 handoffs)
+  * full cycles/s with 4 contending clients (create → wait active → POST /lab → release → DELETE)
+    and netlab calls per cycle (from GET /debug/health ``netlab_calls``)
+  * start-up time: spawn → first 204 from /healthz (median of several fresh servers)
+  * RSS of the server after the load (VmRSS of /proc/PID/status)
+  * a 100 MiB upload (streamed, never in memory here): throughput and the server's RSS growth
+
+Not collected by pytest (no test_ functions; the name does not match test_*.py).
+"""
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "remote_lab.py")
+FAKE_NETLAB = os.path.join(ROOT, "tests", "fake_netlab.py")
+TOPOLOGY = os.path.join(ROOT, "tests", "topologies", "simple.yml")
+HOST = "127.0.0.1"
+MIB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# server process
+# --------------------------------------------------------------------------------------------
+
+
+class Server:
+    """A remote_lab.py process on 127.0.0.1, port 0; the port is read from its lock file."""
+
+    def __init__(self, root, name, fake=False, extra=()):
+        self.dir = os.path.join(root, name)
+        self.state = os.path.join(self.dir, "state")
+        os.makedirs(self.dir)
+        self.cmd = [sys.executable, SERVER, "--host", HOST, "--port", "0",
+                    "--state-dir", self.state, "--log-level", "WARNING"]
+        self.cmd += ["--netlab", FAKE_NETLAB] if fake else ["--simulate"]
+        self.cmd += list(extra)
+        self.env = dict(os.environ, REMOTE_LAB_SIM_HOME=os.path.join(self.dir, "sim-home"),
+                        FAKE_NETLAB_DIR=os.path.join(self.dir, "fake-netlab"))
+        self.log_path = os.path.join(self.dir, "server.log")
+        self.proc = None
+        self.port = None
+
+    def start(self, timeout=15.0):
+        """Spawn and wait for the first 204 from /healthz; return seconds from spawn to it."""
+        lock = os.path.join(self.state, "server.lock")
+        with open(self.log_path, "ab") as logf:
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        deadline = t0 + timeout
+        while time.perf_counter() < deadline:
+            if self.port is None:
+                try:
+                    with open(lock) as f:
+                        self.port = json.loads(f.read() or "{}").get("port")
+                except (OSError, ValueError):
+                    pass
+            if self.port is not None:
+                try:
+                    conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
+                    conn.request("GET", "/healthz")
+                    status = conn.getresponse().status
+                    conn.close()
+                    if status == 204:
+                        return time.perf_counter() - t0
+                except OSError:
+                    pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited rc=%s:\n%s" % (self.proc.returncode, self.log()))
+            time.sleep(0.0005)
+        raise RuntimeError("server did not answer /healthz in %.0f s:\n%s" % (timeout, self.log()))
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def rss_kib(self, field="VmRSS"):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# tiny client helpers
+# --------------------------------------------------------------------------------------------
+
+
+def request(conn, method, path, body=None, headers=None):
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, (json.loads(data) if data else None)
+
+
+def new_session(conn):
+    status, body = request(conn, "POST", "/session")
+    assert status == 201, (status, body)
+    return body["session_id"], body["status"]
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# load clients (each in its own process)
+# --------------------------------------------------------------------------------------------
+
+
+def load_client(port, kind, sid, start_at, duration, out):
+    """Hammer one endpoint on one persistent connection from start_at for duration seconds."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    if kind == "poll":
+        method, path, body, headers = "GET", "/session/" + sid, None, {}
+    else:
+        method, path, body, headers = "POST", "/session/heartbeat", b"", {"X-Session-ID": sid}
+    expect = 200 if kind == "poll" else 204
+    request(conn, "GET", "/healthz")  # connection up before the clock starts
+    lat = []
+    errors = 0
+    clock = time.perf_counter
+    wall_to_perf = clock() - time.time()
+    start, end = start_at + wall_to_perf, start_at + wall_to_perf + duration
+    while clock() < start:
+        time.sleep(0.001)
+    while True:
+        t = clock()
+        if t >= end:
+            break
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != expect:
+            errors += 1
+        lat.append(clock() - t)
+    conn.close()
+    out.put((len(lat), errors, lat))
+
+
+def run_load(port, kind, sids, duration):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    start_at = time.time() + 0.5  # all clients connected and ready
+    procs = [ctx.Process(target=load_client, args=(port, kind, sid, start_at, duration, out))
+             for sid in sids]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=duration + 30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    total = sum(r[0] for r in results)
+    errors = sum(r[1] for r in results)
+    lat = [x for r in results for x in r[2]]
+    return {"rps": total / duration, "requests": total, "errors": errors,
+            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000}
+
+
+# --------------------------------------------------------------------------------------------
+# handoff latency with long-poll
+# --------------------------------------------------------------------------------------------
+
+
+def handoff(port, rounds):
+    main = http.client.HTTPConnection(HOST, port, timeout=30)
+    poller = http.client.HTTPConnection(HOST, port, timeout=60)
+    after_return, after_send, bad = [], [], 0
+    for _ in range(rounds):
+        a, status_a = new_session(main)
+        b, _ = new_session(main)
+        assert status_a == "active", "queue not empty before the handoff test"
+        got = {}
+
+        def poll():
+            poller.request("GET", "/session/%s?wait=30" % b)
+            got["sent"] = True
+            resp = poller.getresponse()
+            data = resp.read()
+            got["t"] = time.perf_counter()
+            got["body"] = json.loads(data)
+
+        t = threading.Thread(target=poll)
+        t.start()
+        time.sleep(0.015)  # B's long-poll is parked in the server
+        t_send = time.perf_counter()
+        status, _ = request(main, "DELETE", "/session/" + a)
+        t_ret = time.perf_counter()
+        t.join(35)
+        if status != 204 or got.get("body", {}).get("status") != "active":
+            bad += 1
+        else:
+            after_return.append(got["t"] - t_ret)
+            after_send.append(got["t"] - t_send)
+        request(main, "DELETE", "/session/" + b)
+    main.close()
+    poller.close()
+    ms = lambda v: v * 1000  # noqa: E731
+    return {"median_ms": ms(statistics.median(after_return)), "p95_ms": ms(percentile(after_return, 95)),
+            "send_median_ms": ms(statistics.median(after_send)),
+            "send_p95_ms": ms(percentile(after_send, 95)), "rounds": len(after_return), "bad": bad}
+
+
+# --------------------------------------------------------------------------------------------
+# full cycles with contending clients
+# --------------------------------------------------------------------------------------------
+
+
+def multipart_parts(topology_name, topology_bytes, extra=None, boundary="benchboundary7d1e"):
+    """(content length, list of byte chunks or (chunk, count) repeats) of a multipart body.
+
+    extra: (filename, size, block) streamed as ``size // len(block)`` repeats of ``block``.
+    """
+    parts = []
+    head = ("--%s\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"%s\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n" % (boundary, topology_name)).encode()
+    parts += [head, topology_bytes, b"\r\n"]
+    if extra:
+        name, size, block = extra
+        assert size % len(block) == 0
+        parts.append(("--%s\r\nContent-Disposition: form-data; name=\"extra_files\"; "
+                      "filename=\"%s\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                      % (boundary, name)).encode())
+        parts.append((block, size // len(block)))
+        parts.append(b"\r\n")
+    parts.append(("--%s--\r\n" % boundary).encode())
+    length = sum(len(p) if isinstance(p, bytes) else len(p[0]) * p[1] for p in parts)
+    return length, parts, "multipart/form-data; boundary=%s" % boundary
+
+
+def body_stream(parts, progress=None):
+    for p in parts:
+        if isinstance(p, bytes):
+            yield p
+        else:
+            block, count = p
+            for _ in range(count):
+                yield block
+                if progress is not None:
+                    progress[0] += len(block)
+    if progress is not None:
+        progress[1] = time.perf_counter()
+
+
+def cycle_client(port, start_at, duration, out):
+    with open(TOPOLOGY, "rb") as f:
+        topo = f.read()
+    length, parts, ctype = multipart_parts("simple.yml", topo)
+    body = b"".join(parts)
+    conn = http.client.HTTPConnection(HOST, port, timeout=120)
+    request(conn, "GET", "/healthz")
+    wall_to_perf = time.perf_counter() - time.time()
+    start, end = start_at + wall_to_perf, start_at + wall_to_perf + duration
+    while time.perf_counter() < start:
+        time.sleep(0.001)
+    cycles, errors, times = 0, [], []
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        sid, status = new_session(conn)
+        while status != "active":
+            st, b = request(conn, "GET", "/session/%s?wait=30" % sid)
+            if st != 200:
+                errors.append("poll %d" % st)
+                break
+            status = b["status"]
+        hdr = {"X-Session-ID": sid}
+        st, b = request(conn, "POST", "/lab", body,
+                        dict(hdr, **{"Content-Type": ctype, "Content-Length": str(length)}))
+        if st != 200:
+            errors.append("POST /lab %d %s" % (st, (b or {}).get("detail", "")[:200]))
+        else:
+            st, _ = request(conn, "POST", "/lab/release", b"", hdr)
+            if st != 204:
+                errors.append("release %d" % st)
+        st, _ = request(conn, "DELETE", "/session/" + sid)
+        if st != 204:
+            errors.append("delete %d" % st)
+        cycles += 1
+        times.append(time.perf_counter() - t)
+    out.put((cycles, errors, time.perf_counter() - start, times))
+
+
+def health(port):
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    status, body = request(conn, "GET", "/debug/health")
+    conn.close()
+    return body
+
+
+def wait_lab_idle(port, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = health(port)
+        if h["lab"]["state"] == "stopped" and not h["sessions"]:
+            return h
+        time.sleep(0.02)
+    return health(port)
+
+
+def run_cycles(port, clients, duration):
+    before = wait_lab_idle(port)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    start_at = time.time() + 0.3
+    procs = [ctx.Process(target=cycle_client, args=(port, start_at, duration, out))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=duration + 90) for _ in procs]
+    for p in procs:
+        p.join(10)
+    after = wait_lab_idle(port)
+    cycles = sum(r[0] for r in results)
+    elapsed = max(r[2] for r in results)
+    errors = [e for r in results for e in r[1]]
+    calls = {k: after["netlab_calls"].get(k, 0) - before["netlab_calls"].get(k, 0)
+             for k in after["netlab_calls"]}
+    per_cycle = {k: v / cycles for k, v in sorted(calls.items()) if v} if cycles else {}
+    times = [x for r in results for x in r[3]]
+    return {"cycles_per_s": cycles / elapsed, "cycles": cycles, "errors": errors,
+            "netlab_calls_per_cycle": sum(calls.values()) / cycles if cycles else float("nan"),
+            "netlab_verbs_per_cycle": per_cycle,
+            "cycle_median_ms": statistics.median(times) * 1000 if times else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------
+# 100 MiB upload
+# --------------------------------------------------------------------------------------------
+
+
+def upload(server, size_mib):
+    port = server.port
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    wait_lab_idle(port)
+    sid, status = new_session(conn)
+    assert status == "active", "queue not empty before the upload test"
+    with open(TOPOLOGY, "rb") as f:
+        topo = f.read()
+    block = (bytes(range(256)) * 4096)  # 1 MiB, reused: nothing big in the client's memory
+    length, parts, ctype = multipart_parts("simple.yml", topo, ("data/big.bin", size_mib * MIB, block))
+    rss_before = server.rss_kib()
+    peak = [rss_before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], server.rss_kib())
+            except OSError:
+                break
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    progress = [0, None]
+    t0 = time.perf_counter()
+    conn.request("POST", "/lab", body=body_stream(parts, progress),
+                 headers={"X-Session-ID": sid, "Content-Type": ctype, "Content-Length": str(length)})
+    resp = conn.getresponse()
+    data = resp.read()
+    t_end = time.perf_counter()
+    done.set()
+    sampler.join()
+    if resp.status != 200:
+        raise RuntimeError("upload failed: %d %s" % (resp.status, data[:300]))
+    request(conn, "POST", "/lab/release", b"", {"X-Session-ID": sid})
+    request(conn, "DELETE", "/session/" + sid)
+    conn.close()
+    sent = (progress[1] or t_end) - t0
+    return {"mib_per_s": length / MIB / sent, "end_to_end_s": t_end - t0, "send_s": sent,
+            "rss_before_mib": rss_before / 1024, "rss_growth_mib": (peak[0] - rss_before) / 1024}
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def startup(root, runs, fake):
+    times = []
+    for i in range(runs):
+        s = Server(root, "startup-%d" % i, fake=fake)
+        try:
+            times.append(s.start())
+        finally:
+            s.stop()
+    floor = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        floor.append(time.perf_counter() - t)
+    return {"median_ms": statistics.median(times) * 1000, "min_ms": min(times) * 1000,
+            "python_floor_ms": statistics.median(floor) * 1000}
+
+
+def fmt(v, unit=""):
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        text = "%.0f" % v if abs(v) >= 100 else "%.2f" % v if abs(v) < 10 else "%.1f" % v
+    else:
+        text = str(v)
+    return text + (" " + unit if unit else "")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short run (~15 s)")
+    ap.add_argument("--fake", action="store_true", help="use tests/fake_netlab.py instead of --simulate")
+    ap.add_argument("--duration", type=float, help="seconds per req/s measurement (3; quick 1.5)")
+    ap.add_argument("--clients", type=int, default=16, help="keep-alive load clients (16)")
+    ap.add_argument("--upload-mib", type=int, default=100, help="size of the big upload (100)")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
+    ap.add_argument("--only", help="comma list of: startup,poll,heartbeat,handoff,cycles,rss,upload")
+    a = ap.parse_args(argv)
+    duration = a.duration or (1.5 if a.quick else 3.0)
+    only = set(a.only.split(",")) if a.only else None
+    want = lambda name: only is None or name in only  # noqa: E731
+    root = tempfile.mkdtemp(prefix="remote-lab-bench-")
+    res = {}
+    t_all = time.perf_counter()
+    server = None
+    try:
+        if want("startup"):
+            res["startup"] = startup(root, 3 if a.quick else 7, a.fake)
+        server = Server(root, "main", fake=a.fake, extra=["--max-upload-mb", "200"])
+        server.start()
+        res["rss_idle_mib"] = server.rss_kib() / 1024
+        port = server.port
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        if want("poll") or want("heartbeat") or want("rss"):
+            sids = [new_session(conn)[0] for _ in range(a.clients)]
+            if want("poll") or want("rss"):
+                res["poll"] = run_load(port, "poll", sids, duration)
+            if want("heartbeat") or want("rss"):
+                res["heartbeat"] = run_load(port, "heartbeat", sids, duration)
+            for sid in sids:
+                request(conn, "DELETE", "/session/" + sid)
+        if want("handoff"):
+            res["handoff"] = handoff(port, 20 if a.quick else 50)
+        if want("cycles"):
+            res["cycles"] = run_cycles(port, 4, 2.0 if a.quick else 5.0)
+        res["rss_after_load_mib"] = server.rss_kib() / 1024
+        res["rss_hwm_mib"] = server.rss_kib("VmHWM") / 1024
+        if want("upload"):
+            res["upload"] = upload(server, a.upload_mib)
+        conn.close()
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    res["total_s"] = time.perf_counter() - t_all
+
+    rows = []  # (label, value, target text, ok or None)
+
+    def row(label, value, target="", ok=None):
+        rows.append((label, value, target, ok))
+
+    for kind in ("poll", "heartbeat"):
+        if kind in res:
+            r = res[kind]
+            row("%s req/s (%d keep-alive clients)" % (kind, a.clients), fmt(r["rps"]),
+                "≥ 6000" if kind == "poll" else "", r["rps"] >= 6000 if kind == "poll" else None)
+            row("  %s latency p50 / p99" % kind, "%s / %s" % (fmt(r["p50_ms"]), fmt(r["p99_ms"], "ms")))
+            if r["errors"]:
+                row("  %s errors" % kind, str(r["errors"]), "0", False)
+    if "handoff" in res:
+        r = res["handoff"]
+        row("handoff median (DELETE A returned → B's poll)", fmt(r["median_ms"], "ms"), "≤ 10 ms",
+            r["median_ms"] <= 10)
+        row("  handoff p95", fmt(r["p95_ms"], "ms"))
+        row("  from DELETE sent: median / p95", "%s / %s" % (fmt(r["send_median_ms"]),
+                                                            fmt(r["send_p95_ms"], "ms")))
+        if r["bad"]:
+            row("  handoff failures", str(r["bad"]), "0", False)
+    if "cycles" in res:
+        r = res["cycles"]
+        row("full cycles/s (4 contending clients)", fmt(r["cycles_per_s"]), "")
+        row("  cycle median (one client)", fmt(r["cycle_median_ms"], "ms"))
+        row("  netlab calls per cycle", fmt(r["netlab_calls_per_cycle"]), "",)
+        row("    by verb", " ".join("%s=%.2f" % kv for kv in r["netlab_verbs_per_cycle"].items()))
+        if r["errors"]:
+            row("  cycle errors", "%d (%s)" % (len(r["errors"]), r["errors"][0][:60]), "0", False)
+    if "startup" in res:
+        r = res["startup"]
+        row("start-up to first /healthz (median)", fmt(r["median_ms"], "ms"), "≤ 100 ms",
+            r["median_ms"] <= 100)
+        row("  min / bare `python3 -c pass`", "%s / %s" % (fmt(r["min_ms"]), fmt(r["python_floor_ms"], "ms")))
+    row("RSS idle (after start)", fmt(res["rss_idle_mib"], "MiB"))
+    row("RSS after load", fmt(res["rss_after_load_mib"], "MiB"), "≤ 20 MiB", res["rss_after_load_mib"] <= 20)
+    row("  peak RSS (VmHWM) before upload", fmt(res["rss_hwm_mib"], "MiB"))
+    if "upload" in res:
+        r = res["upload"]
+        row("%d MiB upload throughput" % a.upload_mib, fmt(r["mib_per_s"], "MiB/s"))
+        row("  upload end-to-end incl. netlab up", fmt(r["end_to_end_s"], "s"))
+        row("  server RSS growth during upload", fmt(r["rss_growth_mib"], "MiB"), "< 10 MiB",
+            r["rss_growth_mib"] < 10)
+    w1 = max(len(r[0]) for r in rows)
+    w2 = max(len(r[1]) for r in rows)
+    w3 = max(len(r[2]) for r in rows)
+    print("remote-lab benchmark: %s netlab, --log-level WARNING, %d CPUs, Python %s%s"
+          % ("fake" if a.fake else "simulated", os.cpu_count() or 0, sys.version.split()[0],
+             ", quick" if a.quick else ""))
+    print("%-*s  %*s  %-*s  %s" % (w1, "figure", w2, "value", w3, "target", ""))
+    print("-" * (w1 + w2 + w3 + 10))
+    for label, value, target, ok in rows:
+        mark = "" if ok is None else ("ok" if ok else "MISS")
+        print("%-*s  %*s  %-*s  %s" % (w1, label, w2, value, w3, target, mark))
+    print("(whole run %.1f s)" % res["total_s"])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
