@@ -1,0 +1,1620 @@
+#!/usr/bin/env python3
+"""remote_lab_client: the client of the remote-lab server (one file, standard library only).
+
+Copy this file into a test suite (air-gapped CI, no pip needed) or install the project.
+Python >= 3.8. Importing it has no side effects; pytest is imported only by the plugin part.
+
+Three ways to use it::
+
+    # Python
+    from remote_lab_client import RemoteLabClient
+    with RemoteLabClient("http://lab-host:8000") as lab:      # waits for its turn in the queue
+        for device in lab.acquire("topology.yml"):           # uploads, starts or reuses the lab
+            print(device.name, device["ansible_host"])
+
+    # pytest (conftest.py); installed, the plugin loads by itself (entry point pytest11)
+    pytest_plugins = ["remote_lab_client"]
+    from remote_lab_client import remote_lab_fixture
+    lab = remote_lab_fixture("topologies/simple.yml")         # tests take `lab`: the devices
+
+    # shell
+    python3 remote_lab_client.py --url http://lab-host:8000 run topology.yml -- pytest tests/
+
+The server's URL comes from ``base_url`` / ``--url`` or ``REMOTE_LAB_URL`` (environment or a
+``.env`` file in the working directory; the real environment wins).
+"""
+
+import argparse
+import atexit
+import http.client
+import json
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Mapping
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RemoteLabClient", "Device", "DeviceList", "remote_lab_fixture", "load_dotenv",
+    "parse_dotenv", "main",
+    "RemoteLabError", "ConfigError", "ConnectionFailed", "RequestTimeout", "BadRequest",
+    "NotFound", "SessionLost", "NoLab", "NotActive", "LabBusy", "AcquireTimeout", "LabInUse",
+    "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed",
+]
+
+_log = logging.getLogger("remote_lab_client")
+
+DEFAULT_HEARTBEAT_INTERVAL = 30.0  # the server's default active timeout is 300 s
+LONG_POLL_SECONDS = 20.0  # per GET /session/{id}?wait=S (the server allows S <= 60)
+FALLBACK_POLL_SECONDS = 0.5  # polling cadence against a server that ignores ?wait=
+UPLOAD_CHUNK = 64 * 1024
+NO_URL_MESSAGE = ("no remote lab server configured: set REMOTE_LAB_URL=http://HOST:PORT "
+                  "(in the environment or a .env file in the working directory)")
+
+
+# ============================================================================================
+# 1. Errors
+# ============================================================================================
+
+
+class RemoteLabError(Exception):
+    """Base of every error of this client.
+
+    ``status`` is the HTTP status code (None for errors that happened before/without a
+    response) and ``detail`` the server's ``{"detail": ...}`` text (or the message).
+    """
+
+    def __init__(self, message, status=None, detail=None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.detail = message if detail is None else detail
+
+    def __str__(self):
+        return self.message
+
+
+class ConfigError(RemoteLabError):
+    """Bad or missing configuration (URL, environment variable, file)."""
+
+
+class ConnectionFailed(RemoteLabError, ConnectionError):
+    """The server could not be reached (after retries), or TLS failed."""
+
+
+class RequestTimeout(RemoteLabError, TimeoutError):
+    """The server did not answer within the request timeout."""
+
+
+class BadRequest(RemoteLabError):
+    """400: the server rejected the request (bad upload, bad file name, ...)."""
+
+
+class NotFound(RemoteLabError):
+    """404."""
+
+
+class SessionLost(NotFound):
+    """The server no longer knows our session: it expired (no heartbeat) or the server restarted."""
+
+
+class NoLab(NotFound):
+    """404 from a /lab endpoint: no lab is running."""
+
+
+class NotActive(RemoteLabError):
+    """423: the session is not the active one."""
+
+
+class LabBusy(RemoteLabError):
+    """423 on acquire: the lab is in use with another topology (retried until the timeout)."""
+
+
+class AcquireTimeout(LabBusy, TimeoutError):
+    """The lab stayed busy for ``lab_acquisition_timeout`` seconds."""
+
+
+class LabInUse(RemoteLabError):
+    """409: ``destroy(force=False)`` while the lab's reference count is above zero."""
+
+
+class UploadTooLarge(RemoteLabError):
+    """413: the upload exceeds the server's --max-upload-mb."""
+
+
+class QueueFull(RemoteLabError):
+    """429 (or 503) on session creation: the server's queue is full."""
+
+
+class QueueTimeout(RemoteLabError, TimeoutError):
+    """Our turn did not come within ``session_timeout``; the session was deleted.
+
+    ``position`` is the queue position reached, ``waited`` the seconds waited.
+    """
+
+    def __init__(self, message, position=None, waited=None, session_id=None):
+        super().__init__(message)
+        self.position = position
+        self.waited = waited
+        self.session_id = session_id
+
+
+class ServerError(RemoteLabError):
+    """5xx."""
+
+
+class LabFailed(ServerError):
+    """5xx from POST /lab: netlab failed (502) or timed out (504); ``detail`` has its output."""
+
+
+_STATUS_ERRORS = {400: BadRequest, 404: NotFound, 409: LabInUse, 413: UploadTooLarge,
+                  423: NotActive, 429: QueueFull}
+
+
+def _error_for(resp, what, cls=None):
+    """The exception for an unexpected response ``resp`` to request ``what``."""
+    if cls is None:
+        cls = _STATUS_ERRORS.get(resp.status)
+        if cls is None:
+            cls = ServerError if resp.status >= 500 else RemoteLabError
+    return cls("%s: %s (HTTP %d)" % (what, resp.detail, resp.status), resp.status, resp.detail)
+
+
+# ============================================================================================
+# 2. Configuration: .env and environment variables
+# ============================================================================================
+
+
+def parse_dotenv(text):
+    """Parse ``.env`` text: ``KEY=VALUE`` lines; ``export`` prefix, quotes and comments allowed.
+
+    Double-quoted values understand ``\\n \\t \\" \\\\``; single-quoted values are literal;
+    unquoted values end at `` #``. Malformed lines are ignored. Returns a dict.
+    """
+    result = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export") and line[6:7] in (" ", "\t"):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key or not all(c.isalnum() or c in "_.-" for c in key) \
+                or key[0].isdigit():
+            continue
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            out = []
+            i = 1
+            closed = False
+            while i < len(value):
+                c = value[i]
+                if quote == '"' and c == "\\" and i + 1 < len(value):
+                    nxt = value[i + 1]
+                    out.append({"n": "\n", "t": "\t", "r": "\r"}.get(nxt, nxt)
+                               if nxt in 'ntr"\\$' else c + nxt)
+                    i += 2
+                    continue
+                if c == quote:
+                    closed = True
+                    break
+                out.append(c)
+                i += 1
+            value = "".join(out) if closed else value[1:]
+        else:
+            for marker in (" #", "\t#"):
+                idx = value.find(marker)
+                if idx >= 0:
+                    value = value[:idx].rstrip()
+        result[key] = value
+    return result
+
+
+def load_dotenv(path=None, override=False):
+    """Load ``path`` (default: ``.env`` in the working directory) into ``os.environ``.
+
+    Variables already set in the environment win unless ``override``. A missing file is fine.
+    Returns the variables that were set.
+    """
+    path = os.path.join(os.getcwd(), ".env") if path is None else os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        if not isinstance(e, FileNotFoundError) and os.path.exists(path):
+            _log.warning("cannot read %s: %s", path, e)
+        return {}
+    applied = {}
+    for key, value in parse_dotenv(text).items():
+        if override or key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def _env_seconds(name, default):
+    """A non-negative number from the environment (it overrides ``default``)."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError("%s must be a number of seconds, not %r" % (name, raw)) from None
+    if not value >= 0:  # also rejects NaN
+        raise ConfigError("%s must not be negative: %r" % (name, raw))
+    return value
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ============================================================================================
+# 3. HTTP: one keep-alive connection per client, retries, streaming multipart upload
+# ============================================================================================
+
+
+class Response:
+    """A complete HTTP response: ``status``, ``headers``, ``body`` (bytes), ``data`` (JSON)."""
+
+    __slots__ = ("status", "reason", "headers", "body", "data")
+
+    def __init__(self, status, reason, headers, body):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.data = None
+        if body:
+            try:
+                self.data = json.loads(body.decode("utf-8"))
+            except ValueError:
+                pass
+
+    @property
+    def detail(self):
+        """The server's ``detail`` text, or whatever explains the response best."""
+        if isinstance(self.data, dict) and "detail" in self.data:
+            d = self.data["detail"]
+            return d if isinstance(d, str) else json.dumps(d)
+        if self.body:
+            return self.body.decode("utf-8", "replace").strip()[:500]
+        return self.reason or "HTTP %d" % self.status
+
+
+class _NotSent(Exception):
+    """Connection setup failed: nothing reached the server, any request may be retried."""
+
+
+class _Broken(Exception):
+    """The connection failed after (part of) the request was sent."""
+
+
+def _quote_filename(name):
+    return name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class MultipartBody:
+    """A multipart/form-data body streamed from files (never read into memory whole).
+
+    ``fields``: [(name, text)], ``files``: [(field, filename, path)]. ``length`` is known upfront
+    from the file sizes; iterating yields the body in chunks and may be repeated.
+    """
+
+    def __init__(self, fields, files):
+        self.boundary = "remote-lab-" + uuid.uuid4().hex
+        self.content_type = "multipart/form-data; boundary=" + self.boundary
+        parts = []
+        for name, value in fields:
+            parts.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n"
+                          % (self.boundary, name)).encode("utf-8") + value.encode("utf-8") + b"\r\n")
+        for field, filename, path in files:
+            try:
+                size = os.stat(path).st_size
+            except OSError as e:
+                raise ConfigError("cannot read %s: %s" % (path, e.strerror or e)) from None
+            disposition = 'form-data; name="%s"; filename="%s"' % (field, _quote_filename(filename))
+            if any(ord(c) > 127 for c in filename):
+                disposition += "; filename*=utf-8''" + urllib.parse.quote(filename, safe="")
+            parts.append(("--%s\r\nContent-Disposition: %s\r\n"
+                          "Content-Type: application/octet-stream\r\n\r\n"
+                          % (self.boundary, disposition)).encode("utf-8"))
+            parts.append((path, size))
+            parts.append(b"\r\n")
+        parts.append(("--%s--\r\n" % self.boundary).encode("ascii"))
+        self.parts = parts
+        self.length = sum(len(p) if isinstance(p, bytes) else p[1] for p in parts)
+
+    def __iter__(self):
+        for part in self.parts:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            path, size = part
+            left = size
+            with open(path, "rb") as f:
+                while left > 0:
+                    chunk = f.read(min(UPLOAD_CHUNK, left))
+                    if not chunk:
+                        raise RemoteLabError("%s shrank while it was being uploaded" % path)
+                    left -= len(chunk)
+                    yield chunk
+
+
+def _connection_dropped(sock):
+    """True if an idle keep-alive socket was closed by the peer (it is readable: EOF)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class HttpTransport:
+    """The client's HTTP layer: one keep-alive ``http.client`` connection guarded by a lock.
+
+    Requests never interleave on the connection. A caller that cannot get the lock within
+    ``lock_timeout`` (the heartbeat thread while a long request runs) uses a one-off connection.
+    Connection failures before anything was sent are retried for every request; after that,
+    and for 502/503/504, only idempotent requests are retried (with exponential backoff).
+    """
+
+    def __init__(self, base_url, timeout=30.0, token=None, ca_file=None, insecure=False,
+                 retries=4, backoff=0.25):
+        parts = urllib.parse.urlsplit(base_url)
+        self.scheme = parts.scheme.lower()
+        if self.scheme not in ("http", "https"):
+            raise ConfigError("unsupported URL %r: use http:// or https://" % base_url)
+        if not parts.hostname:
+            raise ConfigError("URL %r has no host" % base_url)
+        try:
+            self.port = parts.port or (443 if self.scheme == "https" else 80)
+        except ValueError:
+            raise ConfigError("URL %r has an invalid port" % base_url) from None
+        self.host = parts.hostname
+        self.prefix = parts.path.rstrip("/")
+        self.base_url = urllib.parse.urlunsplit((self.scheme, parts.netloc, self.prefix, "", ""))
+        self.timeout = float(timeout)
+        self.token = token
+        self.ca_file = ca_file
+        self.insecure = bool(insecure)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self._lock = threading.Lock()
+        self._conn = None
+        self._ssl_context = None
+
+    # -- connections --
+    def _context(self):
+        if self._ssl_context is None:
+            try:
+                ctx = ssl.create_default_context(cafile=self.ca_file or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError("cannot load CA file %s: %s" % (self.ca_file, e)) from None
+            if self.insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def _new_connection(self, timeout):
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=self._context())
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def _shared_connection(self, timeout):
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._new_connection(timeout)
+        elif conn.sock is not None and _connection_dropped(conn.sock):
+            conn.close()  # the server closed the idle connection: reconnect
+        conn.timeout = timeout
+        return conn
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def url(self, path, query=None):
+        return (self.prefix + path
+                + ("?" + urllib.parse.urlencode(query) if query else ""))
+
+    # -- requests --
+    def request(self, method, path, query=None, headers=None, body=None, content_type=None,
+                timeout=None, idempotent=None, retries=None, lock_timeout=None):
+        """Send a request and read the whole response; returns a :class:`Response`.
+
+        ``body``: bytes, a JSON-able dict/list, or a :class:`MultipartBody`. Raises
+        ConnectionFailed / RequestTimeout; HTTP error statuses are returned, not raised.
+        """
+        timeout = self.timeout if timeout is None else float(timeout)
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
+        retries = self.retries if retries is None else retries
+        hdrs = {"User-Agent": "remote-lab-client/" + __version__, "Accept": "application/json"}
+        if self.token:
+            hdrs["Authorization"] = "Bearer " + self.token
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+            content_type = content_type or "application/json"
+        if isinstance(body, MultipartBody):
+            content_type = body.content_type
+            hdrs["Content-Length"] = str(body.length)
+        elif body is not None:
+            hdrs["Content-Length"] = str(len(body))
+        elif method in ("POST", "PUT", "PATCH"):
+            hdrs["Content-Length"] = "0"
+        if content_type:
+            hdrs["Content-Type"] = content_type
+        hdrs.update(headers or {})
+        url = self.url(path, query)
+        what = "%s %s%s" % (method, self.base_url, path)
+        attempt = 0
+        while True:
+            try:
+                resp = self._send_once(method, url, hdrs, body, timeout, lock_timeout)
+            except _NotSent as e:
+                error = e.args[0]
+                if attempt >= retries:
+                    raise ConnectionFailed("cannot connect to the remote lab at %s: %s"
+                                           % (self.base_url, _describe(error))) from None
+            except _Broken as e:
+                error = e.args[0]
+                if not idempotent or attempt >= retries:
+                    raise ConnectionFailed("%s failed: %s" % (what, _describe(error))) from None
+            else:
+                if resp.status in (502, 503, 504) and idempotent and attempt < retries:
+                    _log.debug("%s -> %d, retrying", what, resp.status)
+                else:
+                    return resp
+            delay = min(2.0, self.backoff * (2 ** attempt)) * (0.8 + 0.4 * random.random())
+            attempt += 1
+            _log.debug("%s: retry %d in %.2f s", what, attempt, delay)
+            time.sleep(delay)
+
+    def _send_once(self, method, url, headers, body, timeout, lock_timeout):
+        if lock_timeout is None:
+            locked = self._lock.acquire()
+        else:
+            locked = self._lock.acquire(timeout=lock_timeout)
+        try:
+            if locked:
+                conn = self._shared_connection(timeout)
+            else:  # the shared connection is busy with a long request: use a one-off one
+                conn = self._new_connection(timeout)
+            try:
+                return self._exchange(conn, method, url, headers, body, timeout)
+            except BaseException:
+                conn.close()  # never reuse a connection in an unknown state
+                raise
+            finally:
+                if not locked:
+                    conn.close()
+        finally:
+            if locked:
+                self._lock.release()
+
+    def _exchange(self, conn, method, url, headers, body, timeout):
+        try:
+            if conn.sock is None:
+                conn.connect()
+            conn.sock.settimeout(timeout)
+        except ssl.SSLError as e:  # certificate problems are not worth retrying
+            raise ConnectionFailed(
+                "TLS with %s:%s failed: %s (for a private CA set REMOTE_LAB_CA_FILE=PEM; "
+                "REMOTE_LAB_INSECURE=1 skips verification)" % (self.host, self.port, _describe(e))
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _NotSent(e) from None
+        try:
+            conn.request(method, url, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except socket.timeout:
+            raise RequestTimeout("%s %s%s: no answer within %.0f s"
+                                 % (method, self.base_url, url[len(self.prefix):], timeout)) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _Broken(e) from None
+        return Response(resp.status, resp.reason, resp.headers, data)
+
+
+def _describe(error):
+    text = str(error) or type(error).__name__
+    if isinstance(error, http.client.RemoteDisconnected):
+        return "the server closed the connection (%s)" % text
+    return text
+
+
+# ============================================================================================
+# 4. The client
+# ============================================================================================
+
+
+class Device(Mapping):
+    """One lab device: ``name`` and ``raw`` (the server's data: ansible_host, mgmt, ...).
+
+    Also a read-only mapping over ``{"name": name, **raw}``, so ``dict(device)`` and
+    ``device["ansible_host"]`` work; unknown attributes are looked up in ``raw`` too.
+    """
+
+    __slots__ = ("name", "raw")
+
+    def __init__(self, name, raw=None):
+        self.name = name
+        self.raw = dict(raw or {})
+
+    @classmethod
+    def from_json(cls, obj):
+        if isinstance(obj, dict) and "raw" in obj:
+            return cls(obj.get("name"), obj.get("raw"))
+        if isinstance(obj, dict):
+            return cls(obj.get("name"), {k: v for k, v in obj.items() if k != "name"})
+        return cls(str(obj), {})
+
+    def to_dict(self):
+        """The server's JSON shape: ``{"name": ..., "raw": {...}}``."""
+        return {"name": self.name, "raw": dict(self.raw)}
+
+    def __getitem__(self, key):
+        if key == "name":
+            return self.name
+        return self.raw[key]
+
+    def __iter__(self):
+        yield "name"
+        for key in self.raw:
+            if key != "name":
+                yield key
+
+    def __len__(self):
+        return 1 + sum(1 for key in self.raw if key != "name")
+
+    def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return object.__getattribute__(self, "raw")[key]
+        except (KeyError, AttributeError):
+            raise AttributeError("device has no attribute %r" % key) from None
+
+    def __getstate__(self):
+        return (self.name, self.raw)
+
+    def __setstate__(self, state):
+        self.name, self.raw = state
+
+    def __repr__(self):
+        return "Device(name=%r, raw=%r)" % (self.name, self.raw)
+
+
+class DeviceList(list):
+    """The devices of an acquired lab; ``reused`` tells whether a running lab was reused."""
+
+    reused = None
+
+
+def _parse_devices(data, reused=None):
+    devices = DeviceList(Device.from_json(d) for d in (data or []))
+    devices.reused = reused
+    return devices
+
+
+def _clean_upload_name(name):
+    name = os.fspath(name)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    name = name.replace(os.sep, "/")
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) \
+            or "\\" in name:
+        raise ValueError("invalid upload name %r: use a relative path like 'nodes/r1.yml'" % name)
+    return name
+
+
+def _locate(path, topo_dir):
+    """An existing file for ``path``: absolute, else relative to the cwd, else the topology dir."""
+    path = os.fspath(path)
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    candidate = os.path.join(topo_dir, path)
+    if os.path.exists(candidate):
+        return os.path.abspath(candidate)
+    raise FileNotFoundError("extra file not found: %s (looked in %s and %s)"
+                            % (path, os.getcwd(), topo_dir))
+
+
+def _name_in(path, topo_dir):
+    rel = os.path.relpath(path, topo_dir)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return os.path.basename(path)  # outside the topology's directory: its bare name
+    return rel.replace(os.sep, "/")
+
+
+def collect_upload(topology, extra_files=()):
+    """The files of an acquisition: [(field, upload name, local path)].
+
+    ``extra_files`` items are paths (sent under their path relative to the topology's
+    directory, or their bare name when outside it; directories are sent recursively) or
+    ``(name, path)`` pairs.
+    """
+    topo = os.path.abspath(os.fspath(topology))
+    if not os.path.isfile(topo):
+        raise FileNotFoundError("topology file not found: %s" % os.fspath(topology))
+    topo_dir = os.path.dirname(topo)
+    files = [("topology", os.path.basename(topo), topo)]
+    seen = {os.path.basename(topo): topo}
+    if isinstance(extra_files, (str, bytes, os.PathLike)):
+        extra_files = [extra_files]
+    for entry in extra_files or ():
+        if isinstance(entry, (tuple, list)):
+            if len(entry) != 2:
+                raise ValueError("extra_files entries are paths or (name, path) pairs, not %r"
+                                 % (entry,))
+            name = _clean_upload_name(entry[0])
+            path = _locate(entry[1], topo_dir)
+        else:
+            path = _locate(entry, topo_dir)
+            name = _name_in(path, topo_dir)
+        if os.path.isdir(path):
+            members = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for n in sorted(names):
+                    full = os.path.join(root, n)
+                    members.append((name + "/" + os.path.relpath(full, path).replace(os.sep, "/"),
+                                    full))
+        else:
+            members = [(name, path)]
+        for member_name, member_path in members:
+            member_name = _clean_upload_name(member_name)
+            if member_name in seen:
+                raise ValueError("two files would be uploaded as %r: %s and %s"
+                                 % (member_name, seen[member_name], member_path))
+            seen[member_name] = member_path
+            files.append(("extra_files", member_name, member_path))
+    return files
+
+
+class _Progress:
+    """Shows the queue position while waiting: a status line on a TTY, else log lines."""
+
+    def __init__(self, mode, stream=None):
+        self.mode = mode  # "tty", "log", "off" or a callable(position, waited)
+        self.stream = stream or sys.stderr
+        self.last = None
+        self.shown = False
+
+    def update(self, position, waited):
+        changed = position != self.last
+        self.last = position
+        if callable(self.mode):
+            if changed:
+                self.mode(position, waited)
+        elif self.mode == "tty":
+            self.stream.write("\r\x1b[Kremote lab: waiting in the queue at position %d (%s)"
+                              % (position, _duration(waited)))
+            self.stream.flush()
+            self.shown = True
+        elif changed and self.mode == "log":
+            _log.info("waiting for the remote lab: queue position %d (%s)",
+                      position, _duration(waited))
+
+    def done(self):
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    return "%d min %02d s" % divmod(seconds, 60)
+
+
+class RemoteLabClient:
+    """A session with a remote-lab server.
+
+    Creating the client creates a session and waits until it is active (our turn in the FIFO
+    queue; the position is shown while waiting); a daemon thread then sends heartbeats until
+    :meth:`close` (also run at interpreter exit and by ``with``).
+
+    ``request_timeout``, ``session_timeout`` (how long to wait in the queue) and
+    ``lab_acquisition_timeout`` (how long :meth:`acquire` retries a busy lab and waits for it
+    to come up) are overridden by ``REMOTE_LAB_REQUEST_TIMEOUT``, ``REMOTE_LAB_SESSION_TIMEOUT``
+    and ``REMOTE_LAB_ACQUISITION_TIMEOUT``. Keyword-only extras: ``heartbeat_interval``
+    (``REMOTE_LAB_HEARTBEAT_INTERVAL``, default 30 s, 0 = none), ``token``
+    (``REMOTE_LAB_TOKEN``), ``ca_file`` (``REMOTE_LAB_CA_FILE``), ``insecure``
+    (``REMOTE_LAB_INSECURE=1``), ``progress`` (None = status line on a TTY else log lines,
+    False, or a callable(position, waited)) and ``start_session`` (False: create the session
+    lazily, on first use).
+    """
+
+    def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
+                 lab_acquisition_timeout=600, *, heartbeat_interval=None, token=None,
+                 ca_file=None, insecure=None, progress=None, retries=4, start_session=True):
+        load_dotenv()
+        self.base_url = resolve_base_url(base_url)
+        self.request_timeout = _env_seconds("REMOTE_LAB_REQUEST_TIMEOUT", request_timeout)
+        self.session_timeout = _env_seconds("REMOTE_LAB_SESSION_TIMEOUT", session_timeout)
+        self.lab_acquisition_timeout = _env_seconds("REMOTE_LAB_ACQUISITION_TIMEOUT",
+                                                    lab_acquisition_timeout)
+        if heartbeat_interval is None:
+            heartbeat_interval = _env_seconds("REMOTE_LAB_HEARTBEAT_INTERVAL",
+                                              DEFAULT_HEARTBEAT_INTERVAL)
+        self.heartbeat_interval = float(heartbeat_interval)
+        token = os.environ.get("REMOTE_LAB_TOKEN") if token is None else token
+        ca_file = os.environ.get("REMOTE_LAB_CA_FILE") or None if ca_file is None else ca_file
+        insecure = _env_flag("REMOTE_LAB_INSECURE") if insecure is None else insecure
+        self._http = HttpTransport(self.base_url, self.request_timeout, token=token or None,
+                                   ca_file=ca_file, insecure=insecure, retries=retries)
+        if progress is None:
+            progress = "tty" if _isatty(sys.stderr) else "log"
+        elif progress is False:
+            progress = "off"
+        elif progress is True:
+            progress = "tty"
+        self._progress_mode = progress
+        self.session_id = None
+        self.position = None
+        self.reused = None  # of the last acquire
+        self._held = 0  # acquisitions not yet released
+        self._lost = None  # message when the server forgot our session
+        self._closed = False
+        self._state_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat_thread = None
+        if start_session:
+            self.start_session()
+
+    def __repr__(self):
+        return "<RemoteLabClient %s session=%s%s>" % (
+            self.base_url, self.session_id, " closed" if self._closed else "")
+
+    # -- context manager --
+    def __enter__(self):
+        self.start_session()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- session lifecycle --
+    def start_session(self):
+        """Create the session and wait until it is active (no-op if there is one)."""
+        self._check()
+        if self.session_id is not None:
+            return
+        try:
+            self._create_session()
+            self._wait_until_active()
+            self._start_heartbeat()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _create_session(self):
+        resp = self._http.request("POST", "/session")
+        if resp.status in (429, 503):
+            raise _error_for(resp, "cannot join the remote lab queue", QueueFull)
+        if resp.status not in (200, 201) or not isinstance(resp.data, dict) \
+                or "session_id" not in resp.data:
+            raise _error_for(resp, "cannot create a remote lab session")
+        self.session_id = str(resp.data["session_id"])
+        self.position = int(resp.data.get("position", 0))
+        atexit.register(self.close)
+        _log.debug("session %s created at position %d", self.session_id, self.position)
+
+    def _wait_until_active(self):
+        started = time.monotonic()
+        deadline = started + self.session_timeout
+        status = "active" if self.position == 0 else "waiting"
+        progress = _Progress(self._progress_mode)
+        path = "/session/" + urllib.parse.quote(self.session_id, safe="")
+        long_poll = True
+        try:
+            while status != "active":
+                now = time.monotonic()
+                progress.update(self.position, now - started)
+                remaining = deadline - now
+                if remaining <= 0:
+                    self._delete_session()
+                    raise QueueTimeout(
+                        "no turn at the remote lab %s within %s (session_timeout): still at "
+                        "queue position %d; the session was deleted"
+                        % (self.base_url, _duration(self.session_timeout), self.position),
+                        position=self.position, waited=now - started, session_id=self.session_id)
+                wait = min(LONG_POLL_SECONDS, remaining)
+                if progress.mode == "tty":
+                    wait = min(wait, 1.0)  # refresh the time shown once a second
+                query = {"wait": "%.3f" % wait} if long_poll else None
+                t0 = time.monotonic()
+                resp = self._http.request("GET", path, query=query,
+                                          timeout=self.request_timeout + wait)
+                if resp.status == 400 and long_poll:
+                    long_poll = False  # a server that rejects ?wait=: plain polling
+                    continue
+                if resp.status == 404:
+                    self._lost = ("the remote lab server forgot session %s while it was waiting"
+                                  % self.session_id)
+                    raise SessionLost(self._lost, 404, resp.detail)
+                if resp.status != 200 or not isinstance(resp.data, dict):
+                    raise _error_for(resp, "cannot poll the remote lab session")
+                before = (status, self.position)
+                status = resp.data.get("status", status)
+                self.position = int(resp.data.get("position", self.position))
+                if (status, self.position) == before and status != "active" \
+                        and time.monotonic() - t0 < min(wait / 2.0, 1.0):
+                    # answered at once without a change: the server ignores ?wait=
+                    time.sleep(min(FALLBACK_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        finally:
+            progress.done()
+        waited = time.monotonic() - started
+        if waited >= 1:
+            _log.info("remote lab session %s is active after %s", self.session_id,
+                      _duration(waited))
+
+    def _start_heartbeat(self):
+        if self.heartbeat_interval <= 0 or self._heartbeat_thread is not None:
+            return
+        t = threading.Thread(target=self._heartbeat_loop, name="remote-lab-heartbeat",
+                             daemon=True)
+        self._heartbeat_thread = t
+        t.start()
+
+    def _heartbeat_loop(self):
+        headers = {"X-Session-ID": self.session_id}
+        interval = self.heartbeat_interval
+        while not self._stop.wait(interval):
+            try:
+                resp = self._http.request(
+                    "POST", "/session/heartbeat", headers=headers, idempotent=True, retries=1,
+                    timeout=min(self.request_timeout, max(5.0, interval)), lock_timeout=1.0)
+            except Exception as e:  # the server may be restarting: keep trying
+                _log.debug("heartbeat failed: %s", e)
+                continue
+            if resp.status == 404:
+                self._lost = ("the remote lab server no longer knows session %s (it expired or "
+                              "the server restarted): %s" % (self.session_id, resp.detail))
+                _log.warning("%s", self._lost)
+                return
+            if resp.status >= 400:
+                _log.warning("heartbeat: %s (HTTP %d)", resp.detail, resp.status)
+
+    def _check(self):
+        if self._closed:
+            raise RemoteLabError("this RemoteLabClient is closed")
+        if self._lost:
+            raise SessionLost(self._lost, 404)
+
+    def _require_session(self):
+        self._check()
+        if self.session_id is None:
+            self.start_session()
+
+    def _delete_session(self):
+        sid, self.session_id = self.session_id, None
+        if sid is None:
+            return
+        try:
+            resp = self._http.request("DELETE", "/session/" + urllib.parse.quote(sid, safe=""),
+                                      retries=1)
+            if resp.status not in (200, 204, 404):
+                _log.warning("ending session %s: %s (HTTP %d)", sid, resp.detail, resp.status)
+        except RemoteLabError as e:
+            _log.warning("ending session %s: %s", sid, e)
+
+    def _abandon(self):
+        self._stop.set()
+        if not self._lost:
+            self._delete_session()
+        self.session_id = None
+        self._http.close()
+        atexit.unregister(self.close)
+
+    def close(self):
+        """Release what this client acquired, end the session and stop heartbeats. Idempotent."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        atexit.unregister(self.close)
+        t = self._heartbeat_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(min(5.0, self.request_timeout))
+        try:
+            if self.session_id is not None and not self._lost:
+                headers = {"X-Session-ID": self.session_id}
+                while self._held > 0:
+                    self._held -= 1
+                    try:
+                        resp = self._http.request("POST", "/lab/release", headers=headers,
+                                                  retries=1)
+                    except RemoteLabError as e:
+                        _log.warning("releasing the lab: %s", e)
+                        break
+                    if resp.status not in (200, 204):
+                        break  # no lab / not active: the session's end cleans up anyway
+                self._delete_session()
+        finally:
+            self._http.close()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    # -- session-bound requests --
+    def _session_request(self, method, path, what, ok=(200,), **kw):
+        self._require_session()
+        headers = {"X-Session-ID": self.session_id}
+        resp = self._http.request(method, path, headers=headers, **kw)
+        if resp.status in ok:
+            return resp
+        if resp.status == 404:
+            self._raise_404(resp, what)
+        raise _error_for(resp, what)
+
+    def _raise_404(self, resp, what):
+        """404 from a /lab endpoint: our session is gone, or there is no lab."""
+        try:
+            check = self._http.request(
+                "GET", "/session/" + urllib.parse.quote(self.session_id, safe=""), retries=1)
+            gone = check.status == 404
+        except RemoteLabError:
+            gone = False
+        if gone:
+            self._lost = ("the remote lab server no longer knows session %s (it expired or the "
+                          "server restarted)" % self.session_id)
+            raise SessionLost("%s: %s" % (what, self._lost), 404, resp.detail)
+        raise _error_for(resp, what, NoLab)
+
+    def acquire(self, topology, reuse=True, extra_files=()):
+        """Upload ``topology`` (+ ``extra_files``) and start or reuse the lab: its devices.
+
+        A busy lab (423) is retried until ``lab_acquisition_timeout`` (then AcquireTimeout);
+        a netlab failure raises LabFailed with netlab's output in ``detail``.
+        """
+        self._require_session()
+        files = collect_upload(topology, extra_files)
+        fields = [("reuse", "true" if reuse else "false")]
+        name = os.path.basename(os.fspath(topology))
+        deadline = time.monotonic() + self.lab_acquisition_timeout
+        delay = 0.5
+        while True:
+            body = MultipartBody(fields, files)
+            remaining = deadline - time.monotonic()
+            resp = self._session_request(
+                "POST", "/lab", "acquiring the lab for %s" % name, ok=(200, 423, 502, 503, 504),
+                body=body, idempotent=False, timeout=max(self.request_timeout, remaining))
+            if resp.status == 200:
+                data = resp.data if isinstance(resp.data, dict) else {}
+                devices = _parse_devices(data.get("devices"), data.get("reused"))
+                self.reused = devices.reused
+                with self._state_lock:
+                    self._held += 1
+                return devices
+            if resp.status >= 500:
+                raise _error_for(resp, "netlab failed to start %s" % name, LabFailed)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AcquireTimeout(
+                    "the remote lab stayed busy for %s (lab_acquisition_timeout): %s"
+                    % (_duration(self.lab_acquisition_timeout), resp.detail), 423, resp.detail)
+            _log.info("remote lab busy (%s); retrying in %.1f s", resp.detail, delay)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 5.0)
+            self._check()
+
+    def release(self):
+        """Drop one reference to the lab (it stays up, idle, for reuse)."""
+        try:
+            self._session_request("POST", "/lab/release", "releasing the lab", ok=(200, 204))
+        except NoLab:
+            with self._state_lock:
+                self._held = 0
+            raise
+        with self._state_lock:
+            self._held = max(0, self._held - 1)
+
+    def destroy(self, force=True):
+        """Tear the lab down: True if one was running, False if there was none."""
+        resp = self._session_request("DELETE", "/lab", "destroying the lab", ok=(202, 204),
+                                     query={"force": "true" if force else "false"})
+        with self._state_lock:
+            self._held = 0
+        return resp.status == 202
+
+    def devices(self):
+        """The running lab's devices (NoLab if none runs)."""
+        resp = self._session_request("GET", "/lab/devices", "listing the lab's devices")
+        return _parse_devices(resp.data)
+
+    def status(self):
+        """The lab's state: ``{"running", "topology", "ref_count", "devices", "netlab_status"}``."""
+        return self._session_request("GET", "/lab", "getting the lab status").data
+
+    def session_status(self):
+        """Our session's ``{"status", "position"}``."""
+        self._require_session()
+        resp = self._http.request("GET", "/session/" + urllib.parse.quote(self.session_id,
+                                                                           safe=""))
+        if resp.status == 404:
+            self._lost = "the remote lab server no longer knows session %s" % self.session_id
+            raise SessionLost(self._lost, 404, resp.detail)
+        if resp.status != 200:
+            raise _error_for(resp, "getting the session status")
+        return resp.data
+
+    # -- session-less requests --
+    def health(self):
+        """True if the server answers ``GET /healthz``; raises otherwise."""
+        resp = self._http.request("GET", "/healthz", retries=1)
+        if resp.status in (200, 204):
+            return True
+        raise _error_for(resp, "health check")
+
+    def server_status(self):
+        """The server's queue and lab, from ``GET /debug/health`` (else ``GET /``)."""
+        resp = self._http.request("GET", "/debug/health")
+        if resp.status == 200 and isinstance(resp.data, dict):
+            return resp.data
+        root = self._http.request("GET", "/")
+        if root.status == 200 and isinstance(root.data, dict):
+            return root.data
+        raise _error_for(resp, "getting the server status")
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ============================================================================================
+# 5. Connect / launch
+# ============================================================================================
+# Placeholder: a later issue adds ``ssh://`` URLs (a tunnel to a server on the lab host) and a
+# local launch when REMOTE_LAB_URL is unset. Until then only http(s):// URLs are accepted, and
+# every way of finding the server goes through resolve_base_url().
+
+
+def resolve_base_url(base_url=None):
+    """The server's base URL: ``base_url``, else ``REMOTE_LAB_URL``; http(s) only."""
+    url = (os.fspath(base_url) if base_url else os.environ.get("REMOTE_LAB_URL", "")).strip()
+    if not url:
+        raise ConfigError(NO_URL_MESSAGE)
+    if "://" not in url:
+        url = "http://" + url
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ConfigError("unsupported remote lab URL %r: only http:// and https:// are "
+                          "supported" % url)
+    return url.rstrip("/")
+
+
+# ============================================================================================
+# 6. pytest plugin (pytest is imported lazily, only from here)
+# ============================================================================================
+
+_PLUGIN_NAME = "remote-lab-client-plugin"
+_lab_specs = []  # every remote_lab_fixture() in definition order
+
+
+class _LabSpec:
+    __slots__ = ("index", "topology", "extra_files", "reuse", "name")
+
+    def __init__(self, index, topology, extra_files, reuse, name):
+        self.index = index
+        self.topology = topology
+        self.extra_files = extra_files
+        self.reuse = reuse
+        self.name = name
+
+
+def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
+    """A function-scoped pytest fixture yielding the devices of ``topology``'s lab.
+
+    Assign it in a conftest or test module (``lab = remote_lab_fixture("topo.yml")``); the
+    fixture's name is ``name`` or the variable's. Relative paths are looked up next to the
+    calling file, then in the working directory. The lab is released after each test; tests
+    sharing a lab fixture run together. A missing file fails at collection.
+    """
+    import pytest
+
+    caller = sys._getframe(1).f_globals.get("__file__")
+    base = os.path.dirname(os.path.abspath(caller)) if caller else os.getcwd()
+
+    def find(path):
+        path = os.fspath(path)
+        for candidate in ((path,) if os.path.isabs(path)
+                          else (os.path.join(base, path), os.path.abspath(path))):
+            if os.path.exists(candidate):
+                return os.path.abspath(candidate)
+        return None
+
+    topo = find(topology)
+    if topo is None or not os.path.isfile(topo):
+        pytest.fail("remote_lab_fixture(%r): topology file not found (looked in %s and %s)"
+                    % (os.fspath(topology), base, os.getcwd()), pytrace=False)
+    if isinstance(extra_files, (str, bytes, os.PathLike)):
+        extra_files = [extra_files]
+    extras = []
+    for entry in extra_files or ():
+        pair = isinstance(entry, (tuple, list))
+        path = entry[1] if pair else entry
+        found = find(path)
+        if found is None and not os.path.isabs(os.fspath(path)):
+            candidate = os.path.join(os.path.dirname(topo), os.fspath(path))
+            found = candidate if os.path.exists(candidate) else None
+        if found is None:
+            pytest.fail("remote_lab_fixture(%r): extra file %r not found"
+                        % (os.fspath(topology), os.fspath(path)), pytrace=False)
+        extras.append((entry[0], found) if pair else found)
+    try:
+        collect_upload(topo, extras)  # same checks as at acquire time, now
+    except (ValueError, OSError) as e:
+        pytest.fail("remote_lab_fixture(%r): %s" % (os.fspath(topology), e), pytrace=False)
+    spec = _LabSpec(len(_lab_specs), topo, tuple(extras), bool(reuse_lab), name)
+    _lab_specs.append(spec)
+
+    def remote_lab(remote_lab_client):
+        devices = remote_lab_client.acquire(spec.topology, reuse=spec.reuse,
+                                            extra_files=spec.extra_files)
+        try:
+            yield devices
+        finally:
+            try:
+                remote_lab_client.release()
+            except NoLab:
+                pass  # the test destroyed the lab itself
+
+    remote_lab._remote_lab_spec = spec
+    if name:
+        remote_lab.__name__ = name
+        return pytest.fixture(name=name)(remote_lab)
+    return pytest.fixture(remote_lab)
+
+
+def _spec_of(fixturedef):
+    func = getattr(fixturedef, "func", None)
+    while func is not None:
+        spec = getattr(func, "_remote_lab_spec", None)
+        if spec is not None:
+            return spec
+        func = getattr(func, "__wrapped__", None)
+    return None
+
+
+def _lab_fixtures_of(item):
+    """[(fixture name, spec)] of the remote lab fixtures ``item`` uses (directly or not)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    found = {}
+    for argname in getattr(item, "fixturenames", ()):
+        defs = info.name2fixturedefs.get(argname) or ()
+        for fixturedef in reversed(defs):  # overrides first; follow them while they use super
+            spec = _spec_of(fixturedef)
+            if spec is not None:
+                found.setdefault(id(spec), (argname, spec))
+                break
+            if argname not in getattr(fixturedef, "argnames", ()):
+                break
+    return sorted(found.values(), key=lambda pair: pair[1].index)
+
+
+def _make_pytest_plugin():
+    import pytest
+
+    class RemoteLabPlugin:
+        """Fixtures and hooks, registered by pytest_configure (so importing needs no pytest)."""
+
+        @pytest.fixture(scope="session")
+        def remote_lab_client(self, request):
+            """The session's RemoteLabClient (waits for our turn; closed at the end)."""
+            load_dotenv()
+            if not os.environ.get("REMOTE_LAB_URL", "").strip():
+                pytest.fail(NO_URL_MESSAGE, pytrace=False)
+            try:
+                client = RemoteLabClient(progress=_pytest_progress(request.config))
+            except RemoteLabError as e:
+                pytest.fail("remote lab: %s" % e, pytrace=False)
+            try:
+                yield client
+            finally:
+                client.close()
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_make_collect_report(self, collector):
+            outcome = yield
+            rep = outcome.get_result()
+            if not rep.passed or not rep.result:
+                return
+            problems = []
+            for node in rep.result:
+                if not isinstance(node, pytest.Item):
+                    continue
+                labs = _lab_fixtures_of(node)
+                if len(labs) > 1:
+                    problems.append(
+                        "%s uses %d remote lab fixtures (%s): a test can use only one lab, "
+                        "the lab host runs one topology at a time"
+                        % (node.nodeid, len(labs), ", ".join(n for n, _ in labs)))
+                elif labs:
+                    node.add_marker("remote_lab")
+            if problems:
+                rep.outcome = "failed"
+                rep.longrepr = "\n".join(problems)
+                rep.result = []
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_modifyitems(self, session, config, items):
+            keyed = []
+            for pos, item in enumerate(items):
+                labs = _lab_fixtures_of(item)
+                keyed.append(((labs[0][1].index if labs else float("inf")), pos, item,
+                              labs[0] if labs else None))
+            if not any(k[3] for k in keyed):
+                return
+            keyed.sort(key=lambda k: (k[0], k[1]))
+            items[:] = [k[2] for k in keyed]
+            verbose = config.getoption("verbose", 0) or 0
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if verbose > 0 and reporter is not None:
+                reporter.write_line("remote lab test order (tests sharing a lab run together):")
+                groups = []
+                for _, _, item, lab in keyed:
+                    label = ("%s (%s)" % (lab[0], os.path.basename(lab[1].topology)) if lab
+                             else "without a remote lab")
+                    if not groups or groups[-1][0] != label:
+                        groups.append((label, []))
+                    groups[-1][1].append(item)
+                for n, (label, members) in enumerate(groups, 1):
+                    reporter.write_line("  %d. %s: %d test%s" % (
+                        n, label, len(members), "" if len(members) == 1 else "s"))
+                    if verbose > 1:
+                        for item in members:
+                            reporter.write_line("       %s" % item.nodeid)
+
+        def pytest_report_header(self, config):
+            url = os.environ.get("REMOTE_LAB_URL", "").strip()
+            return "remote lab: %s" % (url or "REMOTE_LAB_URL not set")
+
+    return RemoteLabPlugin()
+
+
+def _pytest_progress(config):
+    def report(position, waited):
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capman = config.pluginmanager.get_plugin("capturemanager")
+        message = "remote lab: waiting in the queue at position %d (%s)" % (position,
+                                                                            _duration(waited))
+        _log.info("%s", message)
+        if reporter is None:
+            return
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                reporter.write_line(message)
+        else:
+            reporter.write_line(message)
+    return report
+
+
+def pytest_configure(config):
+    """pytest hook (entry point ``pytest11`` or ``pytest_plugins = ["remote_lab_client"]``)."""
+    config.addinivalue_line(
+        "markers", "remote_lab: the test uses a remote netlab lab (set on lab fixture users)")
+    if config.pluginmanager.get_plugin(_PLUGIN_NAME) is None:
+        config.pluginmanager.register(_make_pytest_plugin(), _PLUGIN_NAME)
+
+
+# ============================================================================================
+# 7. Command line
+# ============================================================================================
+
+
+class _CliError(Exception):
+    pass
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM/SIGHUP turned into an exception, so cleanup runs."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _CliError("%s (see %s --help)" % (message, self.prog))
+
+
+def _build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help="server URL (default: $REMOTE_LAB_URL, also read from .env)")
+    p = _Parser(prog="remote-lab-client",
+                description="Talk to a remote-lab server: check it, show its queue and lab, "
+                            "hold a lab, or run a command while holding one.",
+                parents=[common])
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
+    p.add_argument("--version", action="version", version="remote-lab-client " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    sub.add_parser("health", parents=[common], help="check that the server answers")
+    s = sub.add_parser("status", parents=[common], help="queue, active session, lab, devices")
+    s.add_argument("--json", action="store_true", help="machine-readable JSON")
+    for name, text in (("acquire", "hold a lab until Ctrl-C; prints its devices as JSON"),
+                       ("run", "hold a lab while running CMD (after --); exit with CMD's code")):
+        a = sub.add_parser(name, parents=[common], help=text,
+                           usage="%%(prog)s [--url URL] TOPOLOGY [--extra FILE ...] [--no-reuse]%s"
+                           % (" -- CMD [ARGS ...]" if name == "run" else ""))
+        a.add_argument("topology", help="netlab topology file (.yml)")
+        a.add_argument("--extra", action="extend", nargs="+", default=[], metavar="FILE",
+                       help="extra file or directory to upload (path relative to the topology's "
+                            "directory is kept)")
+        a.add_argument("--no-reuse", action="store_true",
+                       help="do not reuse a running lab with the same files: restart it")
+    return p
+
+
+def _cli_client(args, start_session):
+    return RemoteLabClient(getattr(args, "url", None), start_session=start_session)
+
+
+def _cmd_health(args, command):
+    client = _cli_client(args, False)
+    try:
+        client.health()
+        info = ""
+        try:
+            data = client.server_status()
+            info = " (remote-lab %s, up %s, %s session(s))" % (
+                data.get("version", "?"), _duration(float(data.get("uptime", 0))),
+                data.get("queue_length", "?"))
+        except RemoteLabError:
+            pass
+        print("%s: ok%s" % (client.base_url, info))
+        return 0
+    finally:
+        client.close()
+
+
+def _cmd_status(args, command):
+    client = _cli_client(args, False)
+    try:
+        data = client.server_status()
+    finally:
+        client.close()
+    sessions = data.get("sessions")
+    lab = data.get("lab") or {}
+    if args.json:
+        active = None
+        if isinstance(sessions, list):
+            active = next((s.get("session_id") for s in sessions if s.get("position") == 0), None)
+        else:
+            active = data.get("active_session")
+        print(json.dumps({"url": client.base_url, "version": data.get("version"),
+                          "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
+                          "sessions": sessions if isinstance(sessions, list) else [],
+                          "active_session": active, "lab": lab}, indent=2, sort_keys=True))
+        return 0
+    out = ["server   %s (remote-lab %s, up %s)" % (client.base_url, data.get("version", "?"),
+                                                   _duration(float(data.get("uptime") or 0)))]
+    if isinstance(sessions, list):
+        out.append("queue    %d session%s" % (len(sessions), "" if len(sessions) == 1 else "s"))
+        if sessions:
+            out.append("  %-4s %-8s %-36s %9s %9s" % ("POS", "STATUS", "SESSION", "AGE", "IDLE"))
+            for s in sessions:
+                out.append("  %-4s %-8s %-36s %8.1fs %8.1fs" % (
+                    s.get("position"), s.get("status"), s.get("session_id"),
+                    float(s.get("age") or 0), float(s.get("idle") or 0)))
+    else:
+        out.append("queue    %s session(s); active: %s" % (data.get("queue_length"),
+                                                           data.get("active_session") or "none"))
+    state = lab.get("state") or ("running" if lab.get("running") else "stopped")
+    out.append("lab      %s%s" % (state, "  %s  ref count %s" % (lab.get("topology"),
+                                                                 lab.get("ref_count"))
+                                  if lab.get("topology") else ""))
+    if lab.get("last_error"):
+        out.append("         last error: %s" % lab["last_error"].strip().splitlines()[-1])
+    devices = [Device.from_json(d) for d in lab.get("devices") or []]
+    if devices:
+        out.append("devices")
+        out.append("  %-16s %-12s %s" % ("NAME", "OS", "ADDRESS"))
+        for d in devices:
+            mgmt = d.raw.get("mgmt") if isinstance(d.raw.get("mgmt"), dict) else {}
+            out.append("  %-16s %-12s %s" % (
+                d.name, d.raw.get("ansible_network_os") or d.raw.get("device") or "-",
+                d.raw.get("ansible_host") or mgmt.get("ipv4") or "-"))
+    print("\n".join(out))
+    return 0
+
+
+def _install_handlers(handler, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    old = {}
+    for sig in signals:
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread / not supported
+            pass
+    return old
+
+
+def _restore_handlers(old):
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+
+
+def _raise_signalled(signum, frame):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Signalled(signum)
+
+
+def _close_quietly(client):
+    """close() with signals held off, so a second Ctrl-C cannot skip the cleanup."""
+    old = _install_handlers(lambda signum, frame: None)
+    try:
+        client.close()
+    finally:
+        _restore_handlers(old)
+
+
+def _devices_json(devices):
+    return json.dumps([d.to_dict() for d in devices], indent=2)
+
+
+def _cmd_acquire(args, command):
+    old = _install_handlers(_raise_signalled)
+    try:
+        client = _cli_client(args, True)
+        try:
+            devices = client.acquire(args.topology, reuse=not args.no_reuse,
+                                     extra_files=args.extra)
+            sys.stdout.write(_devices_json(devices) + "\n")
+            sys.stdout.flush()
+            _log.info("lab acquired (session %s); press Ctrl-C to release it", client.session_id)
+            try:
+                while True:
+                    time.sleep(0.5)
+                    client._check()  # the heartbeat thread reports a lost session here
+            except KeyboardInterrupt:
+                _log.info("releasing the lab and ending session %s", client.session_id)
+            return 0
+        finally:
+            _close_quietly(client)
+    finally:
+        _restore_handlers(old)
+
+
+def _cmd_run(args, command):
+    if not command:
+        raise _CliError("run needs a command after --, e.g. run topo.yml -- pytest tests/")
+    old = _install_handlers(_raise_signalled)
+    path = None
+    try:
+        client = _cli_client(args, True)
+        try:
+            devices = client.acquire(args.topology, reuse=not args.no_reuse,
+                                     extra_files=args.extra)
+            fd, path = tempfile.mkstemp(prefix="remote-lab-devices-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                f.write(_devices_json(devices) + "\n")
+            env = dict(os.environ, REMOTE_LAB_DEVICES=path, REMOTE_LAB_SESSION=client.session_id)
+            try:
+                proc = subprocess.Popen(command, env=env)
+            except OSError as e:
+                print("remote-lab-client: cannot run %s: %s" % (command[0], e.strerror or e),
+                      file=sys.stderr)
+                return 127 if isinstance(e, FileNotFoundError) else 126
+            return _wait_forwarding(proc)
+        finally:
+            _close_quietly(client)
+            if path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+    finally:
+        _restore_handlers(old)
+
+
+def _in_terminal_foreground():
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _wait_forwarding(proc):
+    """Wait for ``proc``, forwarding signals to it; its exit code (128+N if killed by N)."""
+    terminal = _in_terminal_foreground()
+    seen = []
+
+    def forward(signum, frame):
+        seen.append(signum)
+        # a Ctrl-C typed in the terminal reached the child too; a kill(1) did not
+        if signum == signal.SIGINT and terminal and seen.count(signal.SIGINT) == 1:
+            return
+        try:
+            proc.send_signal(signum)
+        except OSError:
+            pass
+
+    old = _install_handlers(forward)
+    try:
+        rc = proc.wait()
+    finally:
+        _restore_handlers(old)
+    return rc if rc >= 0 else 128 - rc
+
+
+_COMMANDS = {"health": _cmd_health, "status": _cmd_status, "acquire": _cmd_acquire,
+             "run": _cmd_run}
+
+
+def main(argv=None):
+    """``remote-lab-client`` / ``python3 remote_lab_client.py``: returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("remote-lab-client: %(message)s"))
+    old_level, old_propagate = _log.level, _log.propagate
+    _log.addHandler(handler)
+    _log.propagate = False
+    try:
+        try:
+            args = _build_parser().parse_args(argv)
+        except SystemExit as e:  # --help / --version
+            return e.code or 0
+        _log.setLevel(logging.DEBUG if args.verbose else
+                      logging.WARNING if args.quiet else logging.INFO)
+        if command is not None and args.command != "run":
+            raise _CliError("unexpected arguments after --")
+        return _COMMANDS[args.command](args, command)
+    except _Signalled as e:
+        print("remote-lab-client: stopped by signal %s" % e.args[0], file=sys.stderr)
+        return 128 + int(e.args[0])
+    except KeyboardInterrupt:
+        print("remote-lab-client: interrupted", file=sys.stderr)
+        return 130
+    except _CliError as e:
+        print("remote-lab-client: error: %s" % e, file=sys.stderr)
+        return 2
+    except (RemoteLabError, OSError, ValueError) as e:
+        print("remote-lab-client: error: %s" % e, file=sys.stderr)
+        return 1
+    except Exception as e:  # never a traceback
+        print("remote-lab-client: error: %s: %s" % (type(e).__name__, e), file=sys.stderr)
+        return 1
+    finally:
+        _log.removeHandler(handler)
+        _log.setLevel(old_level)
+        _log.propagate = old_propagate
+
+
+if __name__ == "__main__":
+    sys.exit(main())
