@@ -1,0 +1,181 @@
+"""Shared helpers for the server API tests (tests/test_server_*.py).
+
+Thin conveniences over tests/helpers.py: a per-server client, lab uploads, polling, process checks.
+Everything talks to a real server process over HTTP; nothing of the server is mocked.
+"""
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import TOPOLOGIES, ServerProcess, http, multipart
+
+SIMPLE = (TOPOLOGIES / "simple.yml").read_bytes()
+MAPPING = (TOPOLOGIES / "mapping.yml").read_bytes()
+# a third topology, different from both above (one node)
+SINGLE = b"provider: external\ndefaults.device: frr\nnodes: [solo]\n"
+
+
+def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
+    """Poll ``pred`` until it returns a truthy value; return it, or fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def pid_alive(pid):
+    """True when ``pid`` is a live (non-zombie) process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class Api:
+    """A small client bound to one ServerProcess."""
+
+    def __init__(self, srv):
+        self.srv = srv
+
+    @property
+    def url(self):
+        return self.srv.url
+
+    def req(self, method, path, sid=None, body=None, headers=None, timeout=15):
+        hdrs = dict(headers or {})
+        if sid is not None:
+            hdrs["X-Session-ID"] = sid
+        return http(method, self.url + path, body, hdrs, timeout=timeout)
+
+    def new_session(self):
+        status, body, _ = self.req("POST", "/session")
+        assert status == 201, (status, body)
+        return body["session_id"]
+
+    def session(self, sid, wait=None, timeout=15):
+        path = "/session/%s" % sid + ("" if wait is None else "?wait=%s" % wait)
+        return self.req("GET", path, timeout=timeout)[:2]
+
+    def delete_session(self, sid):
+        return self.req("DELETE", "/session/%s" % sid)[0]
+
+    def post_lab(self, sid, topology=SIMPLE, name="simple.yml", extras=(), reuse=None,
+                 timeout=30):
+        fields = {} if reuse is None else {"reuse": "true" if reuse is True else
+                                           "false" if reuse is False else reuse}
+        files = [("topology", name, topology)] + [("extra_files", n, data) for n, data in extras]
+        body, ctype = multipart(fields, files)
+        status, data, _ = self.req("POST", "/lab", sid, body, {"Content-Type": ctype},
+                                   timeout=timeout)
+        return status, data
+
+    def lab(self, sid):
+        return self.req("GET", "/lab", sid)[:2]
+
+    def health(self):
+        status, body, _ = self.req("GET", "/debug/health")
+        assert status == 200, (status, body)
+        return body
+
+    def lab_state(self):
+        return self.health()["lab"]["state"]
+
+    def wait_lab_state(self, *states, timeout=10):
+        return wait_until(lambda: self.lab_state() in states, timeout,
+                          what="lab state in %s" % (states,))
+
+
+def labs_dir(srv):
+    return Path(srv.state_dir) / "labs"
+
+
+def lab_dirs(srv):
+    d = labs_dir(srv)
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def calls_of(srv, verb, since=0):
+    return [c for c in srv.calls()[since:] if c["argv"][:1] == [verb]]
+
+
+def up_dirs(srv, since=0):
+    return [c["cwd"] for c in calls_of(srv, "up", since)]
+
+
+def raw_http(port, data, timeout=5.0):
+    """Send raw bytes, half-close, return the raw response (until the server closes)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        s.close()
+
+
+def parse_raw_response(raw):
+    """(status, json body or None) of a raw HTTP/1.1 response with Content-Length."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        if k.strip().lower() == "content-length":
+            length = int(v.strip())
+    body = rest[:length]
+    return status, (json.loads(body) if body else None)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start_server(*args, **kw) -> (srv, Api); every server is stopped at the end."""
+    started = []
+
+    def start(*args, sub=None, **kw):
+        base = tmp_path / sub if sub else tmp_path
+        srv = ServerProcess(base, *args, **kw).start()
+        started.append(srv)
+        return srv, Api(srv)
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def drain_server(srv, api, timeout=15):
+    """Bring a shared server back to a clean state; fail if a work dir leaked."""
+    for name in ("up_fail", "up_hang", "up_delay", "down_fail", "down_delay", "inspect_fail"):
+        srv.switch(name, on=False)
+    for s in api.health()["sessions"]:
+        api.delete_session(s["session_id"])
+    api.wait_lab_state("stopped", "running", timeout=timeout)
+    if api.lab_state() == "running":  # an idle lab left running by a test: destroy it
+        sid = api.new_session()
+        assert api.req("DELETE", "/lab?force=true", sid)[0] in (202, 204)
+        api.delete_session(sid)
+        api.wait_lab_state("stopped", timeout=timeout)
+    assert api.health()["queue_length"] == 0
+    wait_until(lambda: lab_dirs(srv) == [], 5, what="no lab work dir left")
