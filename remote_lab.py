@@ -1285,6 +1285,7 @@ class App:
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "remote-lab/" + __version__
+    disable_nagle_algorithm = True  # TCP_NODELAY: small responses go out at once
     app = None  # type: App  # set on the subclass made by make_server
 
     # -- helpers --
@@ -1311,8 +1312,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        # headers and body in one send: two small writes stall ~40 ms on Nagle + delayed ACK
+        self._headers_buffer.append(b"\r\n" + data)
+        self.flush_headers()
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length")
