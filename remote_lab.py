@@ -807,7 +807,9 @@ def parse_disposition(value: str) -> Dict[str, str]:
     for key, raw in _DISPOSITION_PARAM_RE.findall(";" + value.split(";", 1)[1] if ";" in value else ""):
         raw = raw.strip()
         if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
-            raw = re.sub(r'\\(.)', r'\1', raw[1:-1])
+            # only \\ and \" are escapes: browsers send a lone backslash as is, and it must
+            # still reach safe_relative_path (and be refused) instead of vanishing
+            raw = re.sub(r'\\([\\"])', r'\1', raw[1:-1])
         params[key.lower()] = raw
     if "filename*" in params:  # RFC 5987: charset''percent-encoded
         enc = params.pop("filename*")
@@ -1363,6 +1365,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 except UnknownSession:
                     pass
             status, body = func(self, m)
+        except BadRequest as e:  # e.g. parse_bool on ?force= / the reuse field
+            status, body = e.status, {"detail": str(e)}
         except HTTPError as e:
             status, body = e.status, {"detail": e.detail}
             if status >= 500:
