@@ -11,12 +11,34 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TOPOLOGIES, ServerProcess, http, multipart
+from helpers import TOPOLOGIES, ServerProcess, http
 
 SIMPLE = (TOPOLOGIES / "simple.yml").read_bytes()
 MAPPING = (TOPOLOGIES / "mapping.yml").read_bytes()
 # a third topology, different from both above (one node)
 SINGLE = b"provider: external\ndefaults.device: frr\nnodes: [solo]\n"
+
+
+def build_multipart(fields, files, escape=True):
+    """multipart/form-data body: fields {name: value}, files [(field, filename, bytes)].
+
+    With ``escape`` the file names are quoted the way remote_lab_client, requests and curl do it
+    (backslash and double quote escaped); without it they go on the wire as they are (browsers).
+    """
+    boundary = "----remotelabtest%d" % int(time.time() * 1e6)
+    out = []
+    for name, value in fields.items():
+        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
+                    % (boundary, name, value)).encode())
+    for field, filename, content in files:
+        if escape:
+            filename = filename.replace("\\", "\\\\").replace('"', '\\"')
+        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
+                    "Content-Type: application/octet-stream\r\n\r\n"
+                    % (boundary, field, filename)).encode("utf-8", "surrogateescape"))
+        out.append(content + b"\r\n")
+    out.append(("--%s--\r\n" % boundary).encode())
+    return b"".join(out), "multipart/form-data; boundary=%s" % boundary
 
 
 def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
@@ -70,11 +92,11 @@ class Api:
         return self.req("DELETE", "/session/%s" % sid)[0]
 
     def post_lab(self, sid, topology=SIMPLE, name="simple.yml", extras=(), reuse=None,
-                 timeout=30):
+                 timeout=30, escape=True):
         fields = {} if reuse is None else {"reuse": "true" if reuse is True else
                                            "false" if reuse is False else reuse}
         files = [("topology", name, topology)] + [("extra_files", n, data) for n, data in extras]
-        body, ctype = multipart(fields, files)
+        body, ctype = build_multipart(fields, files, escape)
         status, data, _ = self.req("POST", "/lab", sid, body, {"Content-Type": ctype},
                                    timeout=timeout)
         return status, data

@@ -299,6 +299,13 @@ def test_no_lab_answers(api):
     assert (status, body) == (204, None)
 
 
+def test_delete_lab_bad_force_value_400(api):
+    sid = api.new_session()
+    status, body, _ = api.req("DELETE", "/lab?force=maybe", sid)
+    assert status == 400
+    assert "force" in body["detail"]
+
+
 # ------------------------------------------------------------------------------------------
 # the lab: acquire, reuse, release, destroy
 # ------------------------------------------------------------------------------------------
