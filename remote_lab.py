@@ -12,8 +12,10 @@ import argparse
 import ast
 import collections
 import dataclasses
+import email.parser
 import errno
 import hashlib
+import http.client
 import http.server
 import json
 import logging
@@ -1284,6 +1286,40 @@ class App:
         raise HTTPError(404, "no such endpoint: %s %s" % (method, path))
 
 
+_HEADER_LINE_RE = re.compile(r"([!-9;-~]+):([^\r\n]*)(?:\r\n|\n|\r)?\Z")
+MAX_HEADER_LINE = 65536  # http.client's _MAXLINE
+MAX_HEADERS = 100  # http.client's _MAXHEADERS
+
+
+def read_headers(rfile, message_class=http.client.HTTPMessage):
+    """What ``http.client.parse_headers(rfile)`` returns, ~10x faster for plain header lines.
+
+    Same limits and exceptions. Plain ``Name: value`` lines are stored as the email parser
+    (compat32 policy) would store them; anything else (folded lines, bad names, a ``From `` line,
+    stray CRs) goes through the email parser, exactly as before.
+    """
+    lines = []
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise http.client.LineTooLong("header line")
+        lines.append(line)
+        if len(lines) > MAX_HEADERS:
+            raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
+        if line in (b"\r\n", b"\n", b""):
+            break
+    msg = message_class()
+    match = _HEADER_LINE_RE.match
+    for line in lines[:-1]:
+        m = match(line.decode("iso-8859-1"))
+        if m is None:
+            return email.parser.Parser(_class=message_class).parsestr(
+                b"".join(lines).decode("iso-8859-1"))
+        msg.set_raw(m.group(1), m.group(2).lstrip(" \t"))
+    msg.set_payload("")
+    return msg
+
+
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "remote-lab/" + __version__
@@ -1337,6 +1373,72 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if not chunk:
                 break
             n -= len(chunk)
+
+    def parse_request(self):
+        """BaseHTTPRequestHandler.parse_request (Python 3.11+ rules), with the fast read_headers.
+
+        The email-based header parser of http.server costs more than the rest of a poll.
+        """
+        self.command = None  # set in case of error on the first line
+        self.request_version = version = self.default_request_version
+        self.close_connection = True
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        self.requestline = requestline
+        words = requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:  # enough to determine the protocol version
+            version = words[-1]
+            try:
+                if not version.startswith("HTTP/"):
+                    raise ValueError
+                base_version_number = version.split("/", 1)[1]
+                version_number = base_version_number.split(".")
+                if len(version_number) != 2:
+                    raise ValueError
+                if any(not c.isdigit() or len(c) > 10 for c in version_number):
+                    raise ValueError
+                version_number = int(version_number[0]), int(version_number[1])
+            except (ValueError, IndexError):
+                self.send_error(400, "Bad request version (%r)" % version)
+                return False
+            if version_number >= (1, 1) and self.protocol_version >= "HTTP/1.1":
+                self.close_connection = False
+            if version_number >= (2, 0):
+                self.send_error(505, "Invalid HTTP version (%s)" % base_version_number)
+                return False
+            self.request_version = version
+        if not 2 <= len(words) <= 3:
+            self.send_error(400, "Bad request syntax (%r)" % requestline)
+            return False
+        command, path = words[:2]
+        if len(words) == 2:
+            self.close_connection = True
+            if command != "GET":
+                self.send_error(400, "Bad HTTP/0.9 request type (%r)" % command)
+                return False
+        self.command, self.path = command, path
+        if self.path.startswith("//"):  # gh-87389: no open redirects via //host paths
+            self.path = "/" + self.path.lstrip("/")
+        try:
+            self.headers = read_headers(self.rfile, self.MessageClass)
+        except http.client.LineTooLong as err:
+            self.send_error(431, "Line too long", str(err))
+            return False
+        except http.client.HTTPException as err:
+            self.send_error(431, "Too many headers", str(err))
+            return False
+        conntype = self.headers.get("Connection", "").lower()
+        if conntype == "close":
+            self.close_connection = True
+        elif conntype == "keep-alive" and self.protocol_version >= "HTTP/1.1":
+            self.close_connection = False
+        expect = self.headers.get("Expect", "")
+        if (expect.lower() == "100-continue" and self.protocol_version >= "HTTP/1.1"
+                and self.request_version >= "HTTP/1.1"):
+            if not self.handle_expect_100():
+                return False
+        return True
 
     def handle_one_request(self):
         try:

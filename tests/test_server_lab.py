@@ -1,0 +1,242 @@
+"""Lab control against the fake netlab: failed up/inspect (502), up timeout (504, group killed),
+keep-warm reuse across sessions."""
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from helpers import FAKE_NETLAB, ServerProcess
+from server_support import (MAPPING, SIMPLE, Api, calls_of, drain_server, lab_dirs, pid_alive,
+                            start_server, up_dirs, wait_until)  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("lab")).start()
+    yield srv, Api(srv)
+    assert srv.stop() == 0
+
+
+@pytest.fixture
+def srv(shared):
+    srv, api = shared
+    drain_server(srv, api)
+    yield srv
+    drain_server(srv, api)
+
+
+@pytest.fixture
+def api(shared, srv):
+    return shared[1]
+
+
+def registry(srv):
+    """The fake netlab's instance registry (like ~/.netlab/status.yaml)."""
+    path = srv.fake_dir / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# ------------------------------------------------------------------------------------------
+# failed up / inspect: 502 with netlab's output, cleaned, the session can try again
+# ------------------------------------------------------------------------------------------
+
+
+def test_up_fail_502_cleans_the_failed_dir_and_a_retry_succeeds(api, srv):
+    sid = api.new_session()
+    n = len(srv.calls())
+    srv.switch("up_fail")
+    status, body = api.post_lab(sid)
+    assert status == 502, body
+    # the detail carries the tail of netlab's output
+    assert "fake failure of 'netlab up' (switch up_fail)" in body["detail"]
+    calls = srv.calls()[n:]
+    failed_dir = calls[0]["cwd"]
+    assert calls[0]["argv"] == ["up", "simple.yml"]
+    # the stale `default` instance was cleaned in the failed dir before it was removed
+    assert [c["argv"] for c in calls[1:]] == [["down", "--cleanup", "--force"]]
+    assert calls[1]["cwd"] == failed_dir
+    assert not os.path.exists(failed_dir)
+    assert lab_dirs(srv) == []
+    assert "default" not in registry(srv)
+    lab = api.lab(sid)[1]
+    assert (lab["running"], lab["ref_count"], lab["devices"]) == (False, 0, [])
+    assert api.session(sid)[1]["status"] == "active"  # still the active session
+    # a retry (failure switched off) succeeds: nothing stale blocks the next `up`
+    srv.switch("up_fail", on=False)
+    status, body = api.post_lab(sid)
+    assert (status, body["reused"]) == (200, False), body
+    assert [d["name"] for d in body["devices"]] == ["r1", "r2"]
+    new_dir = up_dirs(srv, n)[-1]
+    assert new_dir != failed_dir and registry(srv)["default"]["dir"] == new_dir
+    assert lab_dirs(srv) == [os.path.basename(new_dir)]
+
+
+def test_up_fail_twice_then_success_in_a_new_session(api, srv):
+    a = api.new_session()
+    srv.switch("up_fail")
+    assert api.post_lab(a)[0] == 502
+    assert api.post_lab(a, MAPPING, "mapping.yml")[0] == 502
+    assert lab_dirs(srv) == []
+    assert api.delete_session(a) == 204
+    srv.switch("up_fail", on=False)
+    b = api.new_session()
+    status, body = api.post_lab(b, MAPPING, "mapping.yml")
+    assert status == 200, body
+    assert sorted(d["name"] for d in body["devices"]) == ["leaf1", "leaf2", "spine"]
+
+
+def test_inspect_fail_502_cleans_and_a_retry_succeeds(api, srv):
+    sid = api.new_session()
+    n = len(srv.calls())
+    srv.switch("inspect_fail")
+    status, body = api.post_lab(sid)
+    assert status == 502, body
+    assert "fake failure (switch inspect_fail)" in body["detail"]
+    calls = srv.calls()[n:]
+    workdir = calls[0]["cwd"]
+    assert calls[0]["argv"][0] == "up"
+    downs = [c for c in calls if c["argv"][0] == "down"]
+    assert len(downs) == 1 and downs[0]["cwd"] == workdir
+    assert downs[0]["argv"][:2] == ["down", "--cleanup"]
+    assert downs[0]["time"] > max(c["time"] for c in calls if c["argv"][0] == "inspect")
+    assert not os.path.exists(workdir)
+    assert "default" not in registry(srv)
+    assert api.lab(sid)[1]["running"] is False
+    srv.switch("inspect_fail", on=False)
+    status, body = api.post_lab(sid)
+    assert (status, body["reused"]) == (200, False)
+
+
+# ------------------------------------------------------------------------------------------
+# up timeout: 504, the whole process group killed
+# ------------------------------------------------------------------------------------------
+
+HANG_WRAPPER = """#!/bin/sh
+# `up` with a grandchild: the server must kill the whole process group on timeout
+if [ "$1" = up ] && [ -e "$FAKE_NETLAB_DIR/hang_group" ]; then
+  echo $$ > "$FAKE_NETLAB_DIR/leader.pid"
+  sleep 3600 &
+  echo $! > "$FAKE_NETLAB_DIR/grandchild.pid"
+  wait
+fi
+exec "%s" "%s" "$@"
+"""
+
+
+@pytest.mark.timeout(60)
+def test_up_timeout_504_kills_the_hung_process_group(start_server, tmp_path):
+    wrapper = tmp_path / "netlab-wrapper"
+    wrapper.write_text(HANG_WRAPPER % (sys.executable, FAKE_NETLAB))
+    wrapper.chmod(0o755)
+    srv, api = start_server("--up-timeout", "1", netlab=wrapper, sub="srv")
+    sid = api.new_session()
+
+    # 1. the fake's own hang: `up` sleeps forever
+    srv.switch("up_hang")
+    t0 = time.monotonic()
+    status, body = api.post_lab(sid)
+    elapsed = time.monotonic() - t0
+    assert status == 504, body
+    assert "timed out" in body["detail"]
+    assert 0.9 <= elapsed < 10, elapsed
+    up = calls_of(srv, "up")[0]
+    wait_until(lambda: not pid_alive(up["pid"]), 5, what="hung netlab up killed")
+    downs = calls_of(srv, "down")
+    assert [(d["argv"], d["cwd"]) for d in downs] == [(["down", "--cleanup", "--force"],
+                                                      up["cwd"])]
+    assert lab_dirs(srv) == []
+    srv.switch("up_hang", on=False)
+
+    # 2. a hung `up` with a grandchild in its process group: both die
+    srv.switch("hang_group")
+    status, body = api.post_lab(sid)
+    assert status == 504, body
+    leader = int((srv.fake_dir / "leader.pid").read_text())
+    grandchild = int((srv.fake_dir / "grandchild.pid").read_text())
+    wait_until(lambda: not pid_alive(leader) and not pid_alive(grandchild), 5,
+               what="the whole process group killed")
+    assert lab_dirs(srv) == []
+    srv.switch("hang_group", on=False)
+
+    # 3. the session tries again: the lab starts
+    status, body = api.post_lab(sid)
+    assert (status, body["reused"]) == (200, False), body
+    assert [d["name"] for d in body["devices"]] == ["r1", "r2"]
+
+
+# ------------------------------------------------------------------------------------------
+# keep-warm
+# ------------------------------------------------------------------------------------------
+
+
+def test_keep_warm_one_up_for_three_sessions(start_server):
+    srv, api = start_server("--keep-warm", "30")
+    devices = None
+    for i in range(3):
+        sid = api.new_session()
+        status, body = api.post_lab(sid, reuse=True)
+        assert status == 200, body
+        assert body["reused"] is (i > 0), i
+        devices = devices or body["devices"]
+        assert body["devices"] == devices
+        lab = api.lab(sid)[1]
+        assert (lab["running"], lab["ref_count"]) == (True, 1)
+        assert api.delete_session(sid) == 204
+        assert api.lab_state() == "running"  # kept warm, not torn down
+    assert len(calls_of(srv, "up")) == 1
+    assert calls_of(srv, "down") == []
+    assert len(lab_dirs(srv)) == 1
+    # a different topology: the warm lab (ref 0) is torn down and the new one started
+    sid = api.new_session()
+    status, body = api.post_lab(sid, MAPPING, "mapping.yml")
+    assert (status, body["reused"]) == (200, False)
+    assert len(calls_of(srv, "up")) == 2 and len(calls_of(srv, "down")) == 1
+
+
+def test_keep_warm_reuse_false_restarts_and_is_not_kept_warm(start_server):
+    srv, api = start_server("--keep-warm", "30")
+    a = api.new_session()
+    assert api.post_lab(a, reuse=True)[0] == 200
+    assert api.delete_session(a) == 204
+    b = api.new_session()
+    status, body = api.post_lab(b, reuse=False)  # warm lab at ref 0, reuse=false: restart
+    assert (status, body["reused"]) == (200, False)
+    assert len(calls_of(srv, "up")) == 2 and len(calls_of(srv, "down")) == 1
+    # the last acquire used reuse=false: not kept warm when the session ends
+    assert api.delete_session(b) == 204
+    api.wait_lab_state("stopped")
+    assert len(calls_of(srv, "down")) == 2
+    assert lab_dirs(srv) == []
+
+
+def test_keep_warm_expires(start_server):
+    srv, api = start_server("--keep-warm", "1")
+    a = api.new_session()
+    assert api.post_lab(a)[0] == 200
+    workdir = up_dirs(srv)[0]
+    t0 = time.monotonic()
+    assert api.delete_session(a) == 204
+    assert api.lab_state() == "running"
+    wait_until(lambda: calls_of(srv, "down"), 6, what="keep-warm expiry teardown")
+    assert time.monotonic() - t0 >= 0.9
+    api.wait_lab_state("stopped")
+    assert calls_of(srv, "down")[0]["cwd"] == workdir
+    assert lab_dirs(srv) == []
+    # the next session gets a fresh lab
+    b = api.new_session()
+    assert api.post_lab(b)[1]["reused"] is False
+
+
+def test_keep_warm_lab_not_expired_while_the_next_session_uses_it(start_server):
+    srv, api = start_server("--keep-warm", "1")
+    a = api.new_session()
+    assert api.post_lab(a)[0] == 200
+    assert api.delete_session(a) == 204
+    b = api.new_session()
+    assert api.post_lab(b)[1]["reused"] is True  # ref 1 again
+    time.sleep(1.8)  # past the keep-warm deadline: in use, so it stays
+    assert calls_of(srv, "down") == []
+    lab = api.lab(b)[1]
+    assert (lab["running"], lab["ref_count"]) == (True, 1)
