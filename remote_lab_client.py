@@ -525,7 +525,19 @@ class HttpTransport:
         except (OSError, http.client.HTTPException) as e:
             raise _NotSent(e) from None
         try:
-            conn.request(method, url, body=body, headers=headers)
+            try:
+                conn.request(method, url, body=body, headers=headers)
+            except (OSError, http.client.HTTPException) as e:
+                if isinstance(e, socket.timeout):
+                    raise
+                # The server may have answered early and closed (413 for a too large upload,
+                # before reading the body): read that answer if it got through.
+                try:
+                    conn.sock.settimeout(min(timeout, 5.0))
+                    resp = conn.getresponse()
+                    return Response(resp.status, resp.reason, resp.headers, resp.read())
+                except Exception:
+                    raise _Broken(e) from None
             resp = conn.getresponse()
             data = resp.read()
         except socket.timeout:
@@ -837,12 +849,13 @@ class RemoteLabClient:
                 progress.update(self.position, now - started)
                 remaining = deadline - now
                 if remaining <= 0:
+                    sid = self.session_id
                     self._delete_session()
                     raise QueueTimeout(
                         "no turn at the remote lab %s within %s (session_timeout): still at "
                         "queue position %d; the session was deleted"
                         % (self.base_url, _duration(self.session_timeout), self.position),
-                        position=self.position, waited=now - started, session_id=self.session_id)
+                        position=self.position, waited=now - started, session_id=sid)
                 wait = min(LONG_POLL_SECONDS, remaining)
                 if progress.mode == "tty":
                     wait = min(wait, 1.0)  # refresh the time shown once a second

@@ -1,0 +1,222 @@
+"""Helpers for the client tests (tests/test_client*.py).
+
+Everything runs against real server processes (tests/helpers.py ServerProcess, fake netlab); the
+only thing in between is an optional TCP forwarder (TLS termination, request recording, or a
+rewrite that makes the server ignore ``?wait=``) which works on bytes, not on our HTTP code.
+"""
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import CLIENT, ROOT, TOPOLOGIES, ServerProcess, http
+
+SIMPLE = TOPOLOGIES / "simple.yml"
+MAPPING = TOPOLOGIES / "mapping.yml"
+
+
+def clean_client_env(monkeypatch, tmp_path):
+    """No REMOTE_LAB_* from the developer's environment, and no stray .env (cwd = tmp_path)."""
+    for key in list(os.environ):
+        if key.startswith("REMOTE_LAB_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+class Servers:
+    """Start servers for one test; all stopped at the end."""
+
+    def __init__(self, tmp_path):
+        self.tmp = Path(tmp_path)
+        self.started = []
+
+    def start(self, *args, name=None, **kw):
+        srv = ServerProcess(self.tmp / (name or "srv%d" % len(self.started)), *args, **kw)
+        self.started.append(srv)
+        return srv.start()
+
+    def stop_all(self):
+        for srv in self.started:
+            srv.stop()
+
+
+def health(srv):
+    status, body, _ = http("GET", srv.url + "/debug/health")
+    assert status == 200, body
+    return body
+
+
+def sessions(srv):
+    return health(srv)["sessions"]
+
+
+def active_session(srv):
+    status, body, _ = http("GET", srv.url + "/active-session")
+    return body["session_id"] if status == 200 else None
+
+
+def session_state(srv, sid):
+    status, body, _ = http("GET", srv.url + "/session/" + sid)
+    return status, body
+
+
+def lab_idle(srv):
+    lab = health(srv)["lab"]
+    return lab["state"] in ("stopped", "running") and lab["ref_count"] == 0
+
+
+def client_env(**extra):
+    """Environment for a subprocess that imports the client from the repo (no REMOTE_LAB_*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMOTE_LAB_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def cli(*args, env=None, timeout=60, cwd=None):
+    """Run ``python3 remote_lab_client.py ARGS``; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, str(CLIENT)] + [str(a) for a in args],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout,
+                          env=env if env is not None else client_env(), cwd=cwd)
+
+
+def make_cert(directory):
+    """A self-signed certificate for 127.0.0.1/localhost: (cert path, key path)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+    return cert, key
+
+
+class TcpForwarder:
+    """127.0.0.1:PORT -> the server, byte for byte; optionally TLS on the listening side.
+
+    ``received`` collects what clients sent (for header checks), ``connections`` counts accepted
+    TCP connections, ``rewrite`` (old, new) replaces bytes in client data (same length).
+    """
+
+    def __init__(self, target_port, tls=None, rewrite=None):
+        self.target_port = target_port
+        self.tls = tls
+        self.rewrite = rewrite
+        self.received = bytearray()
+        self.connections = 0
+        self.handshake_errors = []
+        self.lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            if self.tls:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except (OSError, ssl.SSLError) as e:
+            self.handshake_errors.append(e)
+            conn.close()
+            return
+        self.sockets += [conn, upstream]
+        threading.Thread(target=self._pump, args=(upstream, conn, False), daemon=True).start()
+        self._pump(conn, upstream, True)
+
+    def _pump(self, src, dst, from_client):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_client:
+                    if self.rewrite:
+                        data = data.replace(*self.rewrite)
+                    with self.lock:
+                        self.received += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def tls_server_context(cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def find_python38():
+    """A working Python 3.8 interpreter, if this machine has one (pyenv or PATH)."""
+    candidates = []
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    if root.is_dir():
+        candidates += [str(p / "bin" / "python3.8") for p in sorted(root.glob("3.8*"))]
+    candidates.append(shutil.which("python3.8"))
+    for c in candidates:
+        if not c or not os.access(c, os.X_OK):
+            continue
+        try:
+            out = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2] == (3, 8))"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.stdout.strip() == "True":
+            return c
+    return None
