@@ -22,6 +22,9 @@ Three ways to use it::
 
 The server's URL comes from ``base_url`` / ``--url`` or ``REMOTE_LAB_URL`` (environment or a
 ``.env`` file in the working directory; the real environment wins).
+
+PYTEST_DONT_REWRITE (nothing here needs assertion rewriting; a conftest may import this file
+before pytest loads it as a plugin).
 """
 
 import argparse
@@ -1135,9 +1138,10 @@ _lab_specs = []  # every remote_lab_fixture() in definition order
 
 
 class _LabSpec:
-    __slots__ = ("index", "topology", "extra_files", "reuse", "name")
+    __slots__ = ("index", "topology", "extra_files", "reuse", "name", "error")
 
-    def __init__(self, index, topology, extra_files, reuse, name):
+    def __init__(self, index, topology, extra_files, reuse, name, error=None):
+        self.error = error
         self.index = index
         self.topology = topology
         self.extra_files = extra_files
@@ -1151,7 +1155,8 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
     Assign it in a conftest or test module (``lab = remote_lab_fixture("topo.yml")``); the
     fixture's name is ``name`` or the variable's. Relative paths are looked up next to the
     calling file, then in the working directory. The lab is released after each test; tests
-    sharing a lab fixture run together. A missing file fails at collection.
+    sharing a lab fixture run together. A missing file is a collection error of the tests
+    that use the fixture.
     """
     import pytest
 
@@ -1166,10 +1171,12 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
                 return os.path.abspath(candidate)
         return None
 
+    label = "remote_lab_fixture(%r)" % os.fspath(topology)
+    error = None
     topo = find(topology)
     if topo is None or not os.path.isfile(topo):
-        pytest.fail("remote_lab_fixture(%r): topology file not found (looked in %s and %s)"
-                    % (os.fspath(topology), base, os.getcwd()), pytrace=False)
+        error = "%s: topology file not found (looked in %s and %s)" % (label, base, os.getcwd())
+        topo = os.path.abspath(os.fspath(topology))
     if isinstance(extra_files, (str, bytes, os.PathLike)):
         extra_files = [extra_files]
     extras = []
@@ -1181,17 +1188,22 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
             candidate = os.path.join(os.path.dirname(topo), os.fspath(path))
             found = candidate if os.path.exists(candidate) else None
         if found is None:
-            pytest.fail("remote_lab_fixture(%r): extra file %r not found"
-                        % (os.fspath(topology), os.fspath(path)), pytrace=False)
+            error = error or "%s: extra file %r not found" % (label, os.fspath(path))
+            continue
         extras.append((entry[0], found) if pair else found)
-    try:
-        collect_upload(topo, extras)  # same checks as at acquire time, now
-    except (ValueError, OSError) as e:
-        pytest.fail("remote_lab_fixture(%r): %s" % (os.fspath(topology), e), pytrace=False)
-    spec = _LabSpec(len(_lab_specs), topo, tuple(extras), bool(reuse_lab), name)
+    if error is None:
+        try:
+            collect_upload(topo, extras)  # the checks acquire() makes, now
+        except (ValueError, OSError) as e:
+            error = "%s: %s" % (label, e)
+    # an error is reported as a collection error of the tests using the fixture (raising here
+    # would show a traceback for a conftest, and break runs that do not use this fixture)
+    spec = _LabSpec(len(_lab_specs), topo, tuple(extras), bool(reuse_lab), name, error)
     _lab_specs.append(spec)
 
     def remote_lab(remote_lab_client):
+        if spec.error:
+            pytest.fail(spec.error, pytrace=False)
         devices = remote_lab_client.acquire(spec.topology, reuse=spec.reuse,
                                             extra_files=spec.extra_files)
         try:
@@ -1269,6 +1281,9 @@ def _make_pytest_plugin():
                 if not isinstance(node, pytest.Item):
                     continue
                 labs = _lab_fixtures_of(node)
+                for _, spec in labs:
+                    if spec.error and spec.error not in problems:
+                        problems.append(spec.error)
                 if len(labs) > 1:
                     problems.append(
                         "%s uses %d remote lab fixtures (%s): a test can use only one lab, "
@@ -1288,27 +1303,32 @@ def _make_pytest_plugin():
                 labs = _lab_fixtures_of(item)
                 keyed.append(((labs[0][1].index if labs else float("inf")), pos, item,
                               labs[0] if labs else None))
+            self.groups = []
             if not any(k[3] for k in keyed):
                 return
             keyed.sort(key=lambda k: (k[0], k[1]))
             items[:] = [k[2] for k in keyed]
-            verbose = config.getoption("verbose", 0) or 0
-            reporter = config.pluginmanager.get_plugin("terminalreporter")
-            if verbose > 0 and reporter is not None:
-                reporter.write_line("remote lab test order (tests sharing a lab run together):")
-                groups = []
-                for _, _, item, lab in keyed:
-                    label = ("%s (%s)" % (lab[0], os.path.basename(lab[1].topology)) if lab
-                             else "without a remote lab")
-                    if not groups or groups[-1][0] != label:
-                        groups.append((label, []))
-                    groups[-1][1].append(item)
-                for n, (label, members) in enumerate(groups, 1):
-                    reporter.write_line("  %d. %s: %d test%s" % (
-                        n, label, len(members), "" if len(members) == 1 else "s"))
-                    if verbose > 1:
-                        for item in members:
-                            reporter.write_line("       %s" % item.nodeid)
+            for _, _, item, lab in keyed:
+                label = ("%s (%s)" % (lab[0], os.path.basename(lab[1].topology)) if lab
+                         else "without a remote lab")
+                if not self.groups or self.groups[-1][0] != label:
+                    self.groups.append((label, []))
+                self.groups[-1][1].append(item.nodeid)
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(self, session):
+            verbose = session.config.getoption("verbose", 0) or 0
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if verbose <= 0 or reporter is None or not getattr(self, "groups", None):
+                return
+            reporter.ensure_newline()
+            reporter.write_line("remote lab test order (tests sharing a lab run together):")
+            for n, (label, members) in enumerate(self.groups, 1):
+                reporter.write_line("  %d. %s: %d test%s" % (
+                    n, label, len(members), "" if len(members) == 1 else "s"))
+                if verbose > 1:
+                    for nodeid in members:
+                        reporter.write_line("       %s" % nodeid)
 
         def pytest_report_header(self, config):
             url = os.environ.get("REMOTE_LAB_URL", "").strip()
