@@ -10,11 +10,13 @@ Standard library only, Python >= 3.8, one file: copy it to the lab host and run
 
 import argparse
 import ast
+import bisect
 import collections
 import dataclasses
 import email.parser
 import errno
 import hashlib
+import html
 import http.client
 import http.server
 import json
@@ -181,6 +183,7 @@ class SessionQueue:
         self.changed = threading.Condition(self.lock)
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
         self.version = 0
+        self.on_activate = None  # type: Optional[Callable[[Session], None]]  # ops hook (6a)
 
     # -- helpers (lock held) --
     def _bump(self):
@@ -205,6 +208,8 @@ class SessionQueue:
             if head.activated is None:
                 head.activated = self.clock()
                 head.last_seen = head.activated  # the active timeout counts from promotion
+                if self.on_activate is not None:
+                    self.on_activate(head)
                 return head.id
         return None
 
@@ -1022,6 +1027,282 @@ def parse_bool(value: str, what: str) -> bool:
 
 
 # ============================================================================================
+# 6a. Operations (issue 5): App's side of systemd, the status page, API docs and metrics
+#     (rendering, the OpenAPI document and the systemd helpers live in section 9)
+# ============================================================================================
+
+EVENT_LIMIT = 200  # events kept in memory for the status page
+PAGE_EVENTS = 30  # events shown on it
+SHORT_ID = 8  # other people's session ids are shortened to this on the page
+
+
+class RawResponse:
+    """A non-JSON handler result (HTML, Prometheus text): send_json passes it through."""
+    __slots__ = ("data", "content_type", "headers")
+
+    def __init__(self, data: bytes, content_type: str, headers=()):
+        self.data = data
+        self.content_type = content_type
+        self.headers = headers
+
+
+class ObservedNetlabRunner(NetlabRunner):
+    """NetlabRunner that reports each command's duration and outcome to ``observer``."""
+
+    observer = None  # type: Optional[Callable[[str, List[str], float, Optional[str], str], None]]
+
+    def run(self, args, cwd, timeout, check=True, ctx="-"):
+        started = time.monotonic()
+        try:
+            rc, out = super().run(args, cwd, timeout, check, ctx)
+        except NetlabError as e:
+            self._observe(args, started, e.detail, ctx)
+            raise
+        self._observe(args, started, None if rc == 0 else "exit %d" % rc, ctx)
+        return rc, out
+
+    def _observe(self, args, started, error, ctx):
+        if self.observer is not None:
+            try:
+                self.observer(args[0] if args else "?", list(args), time.monotonic() - started,
+                              error, ctx)
+            except Exception:
+                log.exception("netlab observer failed")
+
+
+class OpsMixin:
+    """Events, status snapshot, long-poll, the ops endpoints, sd_notify hooks (issue 5)."""
+
+    def _ops_init(self) -> None:
+        self.notifier = SystemdNotifier()  # disabled; main() sets it from the environment
+        self.events = collections.deque(maxlen=EVENT_LIMIT)  # newest last
+        self.events_lock = threading.Lock()
+        self.event_seq = 0
+        self._ops_pending = []  # promotions seen by the queue hook, listed after their cause
+        self.http_requests = collections.Counter()  # (route name, status) -> requests
+        self.netlab_seconds = {"up": Histogram(NETLAB_BUCKETS), "down": Histogram(NETLAB_BUCKETS)}
+        self.queue_wait_seconds = Histogram(QUEUE_WAIT_BUCKETS)
+        self.status_watchers = 0
+        self.queue.on_activate = self._ops_on_activate
+        self.runner.observer = self._ops_netlab_observed
+
+    # -- the event list --
+    def record_event(self, kind: str, text: str, detail: Optional[str] = None,
+                     cause: bool = False) -> None:
+        """Add an event; ``cause``: it caused the promotions the queue hook just saw."""
+        with self.events_lock:
+            if not cause:
+                self._ops_flush_locked()
+            self._ops_append({"time": time.time(), "kind": kind, "text": text, "detail": detail})
+            self._ops_flush_locked()
+
+    def _ops_append(self, event: dict) -> None:
+        self.event_seq += 1
+        event["seq"] = self.event_seq
+        self.events.append(event)
+
+    def _ops_flush_locked(self) -> None:
+        while self._ops_pending:
+            self._ops_append(self._ops_pending.pop(0))
+
+    def _ops_on_activate(self, session) -> None:
+        """SessionQueue hook (queue lock held): a session became the active one.
+
+        The event waits in _ops_pending so that the end/expiry that caused the promotion is
+        listed first (App records it right after the queue call returns).
+        """
+        waited = max(0.0, (session.activated or session.created) - session.created)
+        self.queue_wait_seconds.observe(waited)
+        if waited < 0.001:
+            text = "session %s is active at once (nobody was before it)" % session.id[:SHORT_ID]
+        else:
+            text = "session %s got the lab after waiting %s" % (session.id[:SHORT_ID],
+                                                                fmt_duration(waited))
+        with self.events_lock:
+            self._ops_pending.append({"time": time.time(), "kind": "active", "text": text,
+                                      "detail": None})
+
+    def ops_session_gone(self, sid: str, was_active: bool, why: str, expired: bool = False):
+        role = "active" if was_active else "waiting"
+        if expired:
+            self.record_event("expired", "%s session %s expired (%s)" % (role, sid[:SHORT_ID], why),
+                              cause=True)
+        else:
+            self.record_event("ended", "%s session %s ended (%s)" % (role, sid[:SHORT_ID], why),
+                              cause=True)
+
+    def _ops_netlab_observed(self, verb, args, seconds, error, ctx) -> None:
+        if verb in self.netlab_seconds:  # failed runs too: a slow failure is worth seeing
+            self.netlab_seconds[verb].observe(seconds)
+        where = "" if ctx in ("-", "", None) else " [%s]" % ctx
+        if error:
+            first = error.splitlines()[0] if error else ""
+            self.record_event("failure", "netlab %s failed after %s: %s%s"
+                              % (verb, fmt_duration(seconds), first, where), error)
+        elif verb in ("up", "down"):
+            self.record_event("netlab", "netlab %s OK in %.1f s%s" % (verb, seconds, where))
+
+    # -- the status snapshot (page, /status, sd_notify STATUS=) --
+    def ops_token(self) -> str:
+        """Changes whenever what the status page shows (besides clocks) changes."""
+        if self._ops_pending:
+            with self.events_lock:
+                self._ops_flush_locked()
+        i = self.lab.info
+        return "%d.%d.%s.%d.%d" % (self.queue.version, self.event_seq, i.state, i.ref_count,
+                                   len(i.devices))
+
+    def ops_status(self, viewer: Optional[str] = None) -> dict:
+        q = self.queue
+        with q.lock:
+            mono = q.clock()
+            sessions = [(s.id, s.created, s.last_seen, s.activated) for s in q._sessions.values()]
+        token = self.ops_token()
+        now = time.time()
+        lab = self.lab.snapshot()
+
+        def wall(t):
+            return round(now - (mono - t), 3)
+
+        def shown(sid):
+            return sid if sid == viewer else sid[:SHORT_ID]
+
+        holder = None
+        if sessions:
+            sid, created, last_seen, activated = sessions[0]
+            holder = {"session": shown(sid), "you": sid == viewer,
+                      "since": wall(activated if activated is not None else created),
+                      "last_seen": wall(last_seen),
+                      "topology": lab["topology"] if lab["holder"] == sid else None}
+        queue = [{"position": i, "session": shown(sid), "you": sid == viewer,
+                  "joined": wall(created), "last_seen": wall(last_seen)}
+                 for i, (sid, created, last_seen, _) in enumerate(sessions) if i > 0]
+        devices = []
+        for d in lab["devices"]:
+            raw = d.get("raw") if isinstance(d.get("raw"), dict) else {}
+            mgmt = raw.get("mgmt") if isinstance(raw.get("mgmt"), dict) else {}
+            devices.append({"name": d.get("name"), "device": raw.get("device"),
+                            "mgmt": mgmt.get("ipv4") or raw.get("ansible_host")})
+        with self.events_lock:
+            events = list(self.events)[-PAGE_EVENTS:]
+        events.reverse()
+        return {
+            "service": "remote-lab", "version": __version__, "token": token,
+            "server_time": round(now, 3), "started": round(self.started, 3),
+            "uptime": round(time.monotonic() - self.started_mono, 3),
+            "timeouts": {"waiting": self.settings.waiting_timeout,
+                         "active": self.settings.active_timeout},
+            "holder": holder, "queue": queue,
+            "lab": {"state": lab["state"], "running": lab["running"], "topology": lab["topology"],
+                    "ref_count": lab["ref_count"],
+                    "holder": lab["holder"][:SHORT_ID] if lab["holder"] else None,
+                    "devices": devices, "last_error": lab["last_error"]},
+            "events": [{"time": round(e["time"], 3), "kind": e["kind"], "text": e["text"],
+                        "detail": e["detail"]} for e in events],
+        }
+
+    def ops_status_line(self) -> str:
+        """The one-line STATUS= for systemd, e.g. "lab r1,r2 held by sid=1a2b3c4d, 3 waiting"."""
+        active = self.queue.active_id()
+        waiting = max(0, len(self.queue) - 1)
+        s = self.lab.snapshot()
+        names = [d.get("name", "?") for d in s["devices"]]
+        shown = ",".join(names[:8]) + (",+%d" % (len(names) - 8) if len(names) > 8 else "")
+        if s["state"] == RUNNING:
+            lab = "lab %s (%s)" % (shown or "-", s["topology"])
+        elif s["state"] in (STARTING, STOPPING):
+            lab = "lab %s" % s["state"]
+        else:
+            lab = None
+        if active is None:
+            text = "idle" if lab is None else "idle, %s with ref count %d" % (lab, s["ref_count"])
+        elif lab is None:
+            text = "sid=%s active, no lab" % active[:SHORT_ID]
+        else:
+            text = "%s held by sid=%s" % (lab, active[:SHORT_ID])
+        if waiting:
+            text += ", %d waiting" % waiting
+        return text
+
+    # -- systemd --
+    def ops_ready(self) -> None:
+        """The server listens: READY=1, then STATUS= on every change from a small thread."""
+        if not self.notifier.enabled:
+            return
+        self.notifier.ready(self.ops_status_line())
+        threading.Thread(target=self._ops_status_loop, name="sd-status", daemon=True).start()
+
+    def _ops_status_loop(self) -> None:
+        last = None
+        while not self.stopping.is_set():
+            token = self.ops_token()
+            if token != last:
+                last = token
+                self.notifier.status(self.ops_status_line())
+            with self.queue.changed:  # queue changes wake us at once, lab changes within 1 s
+                self.queue.changed.wait(1.0)
+
+    def ops_stopping(self, status: str = "stopping: tearing down the lab") -> None:
+        self.notifier.stopping(status)
+
+    def ops_housekeeping_tick(self) -> None:
+        """From the housekeeping thread: a wedged thread stops the pings and systemd restarts us."""
+        if self.notifier.watchdog_interval and not self.stopping.is_set():
+            self.notifier.watchdog()
+
+    def ops_cadence(self) -> float:
+        cadence = self.cadence()
+        interval = self.notifier.watchdog_interval
+        return min(cadence, interval) if interval else cadence
+
+    # -- handlers --
+    def get_status(self, h, m):
+        since = h.query.get("since")
+        wait = h.query.get("wait")
+        if wait is not None:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                raise HTTPError(400, "wait must be a number of seconds (0-60)") from None
+            if not 0 <= seconds <= 60:
+                raise HTTPError(400, "wait must be between 0 and 60 seconds")
+            if since is not None and seconds > 0:
+                self._ops_wait_change(since, seconds)
+        return 200, self.ops_status(h.query.get("sid"))
+
+    def _ops_wait_change(self, since: str, seconds: float) -> None:
+        with self.events_lock:
+            self.status_watchers += 1
+        try:
+            deadline = time.monotonic() + seconds
+            while not self.stopping.is_set() and self.ops_token() == since:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with self.queue.changed:  # queue changes wake us at once, the rest within 0.5 s
+                    self.queue.changed.wait(min(left, 0.5))
+        finally:
+            with self.events_lock:
+                self.status_watchers -= 1
+
+    def get_status_page(self, h, m):
+        return 200, RawResponse(render_status_page(self.ops_status(h.query.get("sid"))),
+                                "text/html; charset=utf-8", PAGE_HEADERS)
+
+    def get_openapi(self, h, m):
+        return 200, openapi_document()
+
+    def get_docs(self, h, m):
+        return 200, RawResponse(render_docs_page(openapi_document()), "text/html; charset=utf-8",
+                                PAGE_HEADERS)
+
+    def get_metrics(self, h, m):
+        return 200, RawResponse(render_metrics(self).encode(),
+                                "text/plain; version=0.0.4; charset=utf-8",
+                                (("Cache-Control", "no-store"),))
+
+
+# ============================================================================================
 # 6. HTTP: one route table, JSON in/out, errors as {"detail": ...}
 # ============================================================================================
 
@@ -1057,7 +1338,7 @@ class ContextFilter(logging.Filter):
 MAX_JSON_BODY = 1024 * 1024
 
 
-class App:
+class App(OpsMixin):
     """The server's state and request logic; the handler only speaks HTTP."""
 
     def __init__(self, settings: Settings):
@@ -1066,16 +1347,18 @@ class App:
         self.started_mono = time.monotonic()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
                                   settings.max_queue)
-        self.runner = NetlabRunner(settings.netlab_command(), settings.up_timeout,
-                                   settings.netlab_timeout, settings.debug)
+        self.runner = ObservedNetlabRunner(settings.netlab_command(), settings.up_timeout,
+                                           settings.netlab_timeout, settings.debug)
         self.lab = Lab(self.runner, settings, self.queue.is_active)
         self.counters = collections.Counter()
         self.stopping = threading.Event()
+        self._ops_init()  # events, metrics, sd_notify (section 6a)
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
         was_active, promoted = self.queue.remove(sid)
         self.counters["sessions_ended"] += 1
+        self.ops_session_gone(sid, was_active, why)
         log.info("session ended (%s)%s", why, " [was active]" if was_active else "",
                  extra={"ctx": log_context(sid, None)})
         if was_active:
@@ -1086,6 +1369,7 @@ class App:
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
             self.counters["sessions_expired"] += 1
+            self.ops_session_gone(sid, was_active, "no sign of life", expired=True)
             log.warning("session expired (no sign of life)%s", " [was active]" if was_active else "",
                         extra={"ctx": log_context(sid, None)})
             if was_active:
@@ -1113,10 +1397,12 @@ class App:
         return sid
 
     def get_root(self, h, m):
+        if "text/html" in (h.headers.get("Accept") or ""):  # a browser: the status page (6a)
+            return self.get_status_page(h, m)
         return 200, {"service": "remote-lab", "version": __version__,
                      "uptime": round(time.monotonic() - self.started_mono, 3),
                      "queue_length": len(self.queue), "active_session": self.queue.active_id(),
-                     "lab": self.lab_summary(), "docs": "see README: REST API"}
+                     "lab": self.lab_summary(), "docs": "/docs"}
 
     def lab_summary(self):
         s = self.lab.snapshot()
@@ -1268,6 +1554,11 @@ class App:
         ("DELETE", r"/lab", "delete_lab"),
         ("GET", r"/lab/devices", "get_lab_devices"),
         ("POST", r"/lab/release", "post_lab_release"),
+        # operations (section 6a)
+        ("GET", r"/status", "get_status"),
+        ("GET", r"/openapi\.json", "get_openapi"),
+        ("GET", r"/docs", "get_docs"),
+        ("GET", r"/metrics", "get_metrics"),
     ]
     COMPILED = [(method, re.compile(pattern + r"/?\Z"), name) for method, pattern, name in ROUTES]
 
@@ -1344,9 +1635,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if type(body) is RawResponse:  # HTML / metrics text of the ops endpoints (6a)
+            data = body.data
+            self.send_response(status)
+            self.send_header("Content-Type", body.content_type)
+            for key, value in body.headers:
+                self.send_header(key, value)
+        else:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -1451,10 +1749,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.set_context(None)
         started = time.monotonic()
         status = 500
+        route = "unmatched"  # the metrics label for 404/405 (section 6a)
         try:
             parsed = urllib.parse.urlsplit(self.path)
             self.query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
             func, m = app.route(self.command, parsed.path)
+            route = func.__name__
             sid = self.session_header()
             path_sid = m.group(1) if m.groups() and func.__name__.endswith("_session") else None
             self.set_context(path_sid or sid)
@@ -1477,7 +1777,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception as e:  # a bug: answer 500 and keep serving
             log.exception("unhandled error in %s %s", self.command, self.path)
             status, body = 500, {"detail": "internal server error: %s" % e}
-        app.counters["http %s %d" % (self.command, status)] += 1
+        app.http_requests[(route, status)] += 1  # no formatting here: /metrics labels it
         try:
             self.send_json(status, body)
         except (BrokenPipeError, ConnectionResetError):
@@ -1505,9 +1805,12 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
     request_queue_size = 512
 
 
-def bind_server(settings: Settings, app: App) -> LabHTTPServer:
+def bind_server(settings: Settings, app: App,
+                listen_socket: Optional[socket.socket] = None) -> LabHTTPServer:
     handler = type("BoundRequestHandler", (RequestHandler,),
                    {"app": app, "timeout": settings.socket_timeout})
+    if listen_socket is not None:  # socket activation (section 9)
+        return server_from_socket(listen_socket, handler)
     if settings.port_range:
         start, end = settings.port_range
         last_error = None
@@ -1533,7 +1836,1077 @@ def housekeeping_loop(app: App) -> None:
             app.housekeeping_once()
         except Exception:
             log.exception("housekeeping failed")
-        app.stopping.wait(app.cadence())
+        app.ops_housekeeping_tick()  # WATCHDOG=1 (section 6a)
+        app.stopping.wait(app.ops_cadence())  # at most half the watchdog interval
+
+
+# ============================================================================================
+# 9. Operations (issue 5): systemd integration, metrics, status page, OpenAPI document, API docs
+#    (the App side is OpsMixin in section 6a; nothing here runs on the request hot path)
+# ============================================================================================
+
+# -- 9.1 systemd: sd_notify(3) and socket activation, with the stdlib socket module ------------
+
+SD_LISTEN_FDS_START = 3
+
+
+class SystemdNotifier:
+    """sd_notify over ``$NOTIFY_SOCKET``: one datagram per message, a no-op when it is unset.
+
+    Filesystem and abstract (``@name``) sockets. Errors are logged, never raised: a service
+    manager that went away must not take the server with it.
+    """
+
+    def __init__(self, address: Optional[str] = None, watchdog_usec: int = 0):
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]
+        self.address = os.fsencode(address) if address and address[0] in "/\0" else None
+        self.watchdog_usec = watchdog_usec if self.address else 0
+        self.lock = threading.Lock()
+        self.sock = None  # type: Optional[socket.socket]
+        self.last_status = None  # type: Optional[str]
+        self.stopping_sent = False
+
+    @classmethod
+    def from_environ(cls, environ=None, unset: bool = True) -> "SystemdNotifier":
+        """Read NOTIFY_SOCKET / WATCHDOG_USEC / WATCHDOG_PID, then (``unset``) remove them so
+        netlab and its children never talk to our service manager."""
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET")
+        usec = 0
+        try:
+            wd_pid = env.get("WATCHDOG_PID")
+            if not wd_pid or int(wd_pid) == os.getpid():
+                usec = max(0, int(env.get("WATCHDOG_USEC") or 0))
+        except ValueError:
+            usec = 0
+        if unset:
+            for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                env.pop(key, None)
+        return cls(address, usec)
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    @property
+    def watchdog_interval(self) -> Optional[float]:
+        """Seconds between two WATCHDOG=1 (half of WATCHDOG_USEC), None without a watchdog."""
+        return self.watchdog_usec / 2e6 if self.watchdog_usec > 0 else None
+
+    def notify(self, *fields: str) -> bool:
+        if self.address is None:
+            return False
+        data = "\n".join(fields).encode("utf-8", "replace")
+        with self.lock:
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec
+                self.sock.sendto(data, self.address)
+                return True
+            except OSError as e:
+                log.debug("sd_notify %s failed: %s", fields[0] if fields else "", e)
+                return False
+
+    @staticmethod
+    def _status_field(text: str) -> str:
+        return "STATUS=" + " ".join(text.split())[:400]
+
+    def ready(self, status: Optional[str] = None) -> bool:
+        fields = ["READY=1"]
+        if status:
+            fields.append(self._status_field(status))
+            self.last_status = status
+        return self.notify(*fields)
+
+    def status(self, text: str) -> bool:
+        """STATUS=text, only when it differs from the last one sent."""
+        if text == self.last_status:
+            return False
+        self.last_status = text
+        return self.notify(self._status_field(text))
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def stopping(self, status: str = "stopping") -> bool:
+        """STOPPING=1 (once)."""
+        if self.stopping_sent:
+            return False
+        self.stopping_sent = True
+        self.last_status = status
+        return self.notify("STOPPING=1", self._status_field(status))
+
+
+def sd_listen_fds(environ=None, unset: bool = True) -> List[int]:
+    """sd_listen_fds(3): the fds passed by socket activation (3, 4, ...) when LISTEN_PID is us.
+
+    The variables are removed (``unset``) so children do not mistake the fds for theirs; the fds
+    are made close-on-exec so netlab never inherits the listening socket.
+    """
+    env = os.environ if environ is None else environ
+    pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
+    if unset:
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            env.pop(key, None)
+    try:
+        if not pid or not count or int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        return []
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(0, n)))
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            pass
+    return fds
+
+
+def sd_listen_socket(environ=None) -> Optional[socket.socket]:
+    """The first socket-activated listening socket (a TCP stream socket), or None.
+
+    Raises OSError when the passed fd is not a listening TCP socket.
+    """
+    fds = sd_listen_fds(environ)
+    if not fds:
+        return None
+    if len(fds) > 1:
+        log.warning("socket activation passed %d sockets; using the first (fd %d)",
+                    len(fds), fds[0])
+    sock = socket.socket(fileno=fds[0])
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        raise OSError(errno.EINVAL, "socket-activated fd %d is not a TCP stream socket (%s)"
+                      % (fds[0], sock))
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise OSError(errno.EINVAL, "socket-activated fd %d is not listening" % fds[0])
+    return sock
+
+
+def server_from_socket(sock: socket.socket, handler) -> "LabHTTPServer":
+    """A LabHTTPServer on an already bound and listening socket (socket activation)."""
+    server = LabHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.address_family = sock.family
+    server.server_address = sock.getsockname()
+    server.server_name, server.server_port = server.server_address[:2]
+    return server
+
+
+# -- 9.2 metrics: histograms and the Prometheus text exposition format (0.0.4) ------------------
+
+NETLAB_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800)
+QUEUE_WAIT_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+class Histogram:
+    """A Prometheus histogram: fixed upper bounds, cumulative counts when rendered."""
+
+    def __init__(self, buckets):
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.buckets, value)  # first bound >= value ("le")
+        with self.lock:
+            self.counts[i] += 1
+            self.sum += value
+            self.count += 1
+
+    def snapshot(self) -> Tuple[List[Tuple[float, int]], float, int]:
+        """([(upper bound, cumulative count)...] ending with +Inf, sum, count)."""
+        with self.lock:
+            counts, total, n = list(self.counts), self.sum, self.count
+        out, running = [], 0
+        for bound, c in zip(self.buckets + (float("inf"),), counts):
+            running += c
+            out.append((bound, running))
+        return out, total, n
+
+
+def _prom_value(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(round(v, 6))
+
+
+def _prom_labels(labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace("\n", "\\n")
+                                       .replace('"', '\\"')) for k, v in labels) + "}"
+
+
+class MetricsText:
+    """Builds the exposition text: each family has # HELP, # TYPE, then its samples."""
+
+    def __init__(self):
+        self.lines = []  # type: List[str]
+
+    def _head(self, name, kind, help_text):
+        self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\").replace("\n", " ")))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+
+    def simple(self, kind: str, name: str, help_text: str, samples) -> None:
+        """samples: a number, or [(labels as [(key, value)], number)]."""
+        self._head(name, kind, help_text)
+        if not isinstance(samples, list):
+            samples = [((), samples)]
+        for labels, value in samples:
+            self.lines.append("%s%s %s" % (name, _prom_labels(labels), _prom_value(value)))
+
+    def histogram(self, name: str, help_text: str, series) -> None:
+        """series: [(labels, Histogram)]."""
+        self._head(name, "histogram", help_text)
+        for labels, hist in series:
+            labels = list(labels)
+            buckets, total, n = hist.snapshot()
+            for bound, cumulative in buckets:
+                le = "+Inf" if bound == float("inf") else _prom_value(bound)
+                self.lines.append("%s_bucket%s %d" % (name, _prom_labels(labels + [("le", le)]),
+                                                      cumulative))
+            self.lines.append("%s_sum%s %s" % (name, _prom_labels(labels), _prom_value(total)))
+            self.lines.append("%s_count%s %d" % (name, _prom_labels(labels), n))
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render_metrics(app: "App") -> str:
+    """GET /metrics: everything is read from counters the server keeps anyway."""
+    sessions = len(app.queue)
+    lab = app.lab.snapshot()
+    counters = dict(app.counters)
+    calls, failures = dict(app.runner.calls), dict(app.runner.failures)
+    verbs = sorted(set(("up", "down", "inspect")) | set(calls) | set(failures))
+    m = MetricsText()
+    m.simple("gauge", "remote_lab_info", "Server version (the value is always 1).",
+             [((("version", __version__),), 1)])
+    m.simple("gauge", "remote_lab_start_time_seconds", "Unix time the server started.",
+             app.started)
+    m.simple("gauge", "remote_lab_uptime_seconds", "Seconds since the server started.",
+             time.monotonic() - app.started_mono)
+    m.simple("gauge", "remote_lab_queue_length", "Sessions in the queue (active and waiting).",
+             sessions)
+    m.simple("gauge", "remote_lab_sessions", "Sessions by status.",
+             [((("status", "active"),), min(1, sessions)),
+              ((("status", "waiting"),), max(0, sessions - 1))])
+    m.simple("gauge", "remote_lab_lab_running", "1 when the lab is up.", 1 if lab["running"] else 0)
+    m.simple("gauge", "remote_lab_lab_state", "1 for the current lab state, 0 for the others.",
+             [((("state", s),), 1 if lab["state"] == s else 0)
+              for s in (STOPPED, STARTING, RUNNING, STOPPING)])
+    m.simple("gauge", "remote_lab_lab_ref_count", "References held on the running lab.",
+             lab["ref_count"])
+    m.simple("gauge", "remote_lab_lab_devices", "Devices of the running lab.", len(lab["devices"]))
+    m.simple("gauge", "remote_lab_status_page_watchers",
+             "Status pages waiting for a change right now (GET /status?wait=).",
+             app.status_watchers)
+    m.simple("counter", "remote_lab_sessions_created_total", "Sessions created.",
+             counters.get("sessions_created", 0))
+    m.simple("counter", "remote_lab_sessions_ended_total", "Sessions ended by their client.",
+             counters.get("sessions_ended", 0))
+    m.simple("counter", "remote_lab_sessions_expired_total",
+             "Sessions dropped for lack of a sign of life.", counters.get("sessions_expired", 0))
+    m.simple("counter", "remote_lab_netlab_commands_total", "netlab commands run, by verb.",
+             [((("command", v),), calls.get(v, 0)) for v in verbs])
+    m.simple("counter", "remote_lab_netlab_failures_total",
+             "netlab commands that failed or timed out, by verb.",
+             [((("command", v),), failures.get(v, 0)) for v in verbs])
+    m.histogram("remote_lab_netlab_duration_seconds", "Wall time of netlab up and down.",
+                [((("command", v),), app.netlab_seconds[v]) for v in sorted(app.netlab_seconds)])
+    m.histogram("remote_lab_queue_wait_seconds",
+                "Time from session creation to becoming active.", [((), app.queue_wait_seconds)])
+    m.simple("counter", "remote_lab_upload_bytes_total", "Bytes of accepted POST /lab bodies.",
+             counters.get("upload_bytes", 0))
+    m.simple("counter", "remote_lab_events_total", "Events recorded for the status page.",
+             app.event_seq)
+    m.simple("counter", "remote_lab_http_requests_total",
+             "HTTP requests by route (handler name, 'unmatched' for 404/405) and status.",
+             [((("route", r), ("status", s)), n)
+              for (r, s), n in sorted(dict(app.http_requests).items())])
+    return m.text()
+
+# -- 9.3 the status page: server-rendered snapshot + a small inline script (no external asset) --
+
+# Everything inline; the policy makes the browser refuse anything from elsewhere.
+PAGE_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+     "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; "
+     "form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+)
+
+PAGE_CSS = """
+:root{--fg:#1d2330;--muted:#667085;--bg:#f6f7f9;--card:#fff;--line:#e3e6ea;--accent:#2457c5;
+--ok:#1a7f37;--warn:#9a6700;--bad:#c4302b}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
+background:var(--bg)}
+header,main,footer{max-width:980px;margin:0 auto;padding:0 12px}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 16px;padding-top:14px}
+h1{font-size:1.35em;margin:0}
+h2{font-size:1.05em;margin:0 0 8px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px 14px;
+margin:12px 0}
+.muted{color:var(--muted)}
+.big{font-size:1.2em;margin-bottom:6px}
+code{font:0.92em ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#eef1f5;
+padding:1px 4px;border-radius:4px;word-break:break-all}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}
+dt{color:var(--muted)}dd{margin:0}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:4px 8px 4px 0;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--muted);font-weight:600;font-size:.9em}
+.scroll{overflow-x:auto}
+.badge{display:inline-block;padding:0 8px;border-radius:10px;font-size:.85em;font-weight:600;
+background:#eef1f5}
+.s-running,.k-active,.k-netlab{background:#dafbe1;color:var(--ok)}
+.s-starting,.s-stopping,.k-ended{background:#fff8c5;color:var(--warn)}
+.k-expired,.k-failure,.s-failed{background:#ffebe9;color:var(--bad)}
+.you{font-weight:700;color:var(--accent)}
+ul.events{list-style:none;margin:0;padding:0}
+ul.events li{padding:4px 0;border-bottom:1px solid var(--line)}
+pre{white-space:pre-wrap;word-break:break-word;background:#f3f4f6;padding:8px;border-radius:6px;
+max-height:18em;overflow:auto;font-size:.85em;margin:4px 0}
+footer{font-size:.85em;padding-bottom:20px}
+#live.on{color:var(--ok)}#live.off{color:var(--bad)}
+a{color:var(--accent)}
+@media (max-width:560px){body{font-size:14px}.hide-narrow{display:none}}
+"""
+
+STATUS_JS = r"""
+(function () {
+  "use strict";
+  var root = document.getElementById("status");
+  var st = JSON.parse(document.getElementById("status-data").textContent);
+  var skew = st.server_time - Date.now() / 1000;
+  var sid = new URLSearchParams(location.search).get("sid");
+  function now() { return Date.now() / 1000 + skew; }
+  function esc(s) {
+    return String(s == null ? "" : s).replace(/[&<>"']/g, function (c) {
+      return {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c];
+    });
+  }
+  function dur(s) {
+    s = Math.max(0, Math.floor(s));
+    if (s < 60) return s + " s";
+    function two(a, ua, b, ub) { return a + " " + ua + (b ? " " + b + " " + ub : ""); }
+    if (s < 3600) return two(Math.floor(s / 60), "min", s % 60, "s");
+    if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor(s % 3600 / 60), "min");
+    return two(Math.floor(s / 86400), "d", Math.floor(s % 86400 / 3600), "h");
+  }
+  function ago(t) { return '<span class="ago" data-t="' + t + '">' + dur(now() - t) + "</span>"; }
+  function clock(t) {
+    return '<time data-t="' + t + '">' + esc(new Date(t * 1000).toLocaleTimeString()) + "</time>";
+  }
+  function who(s, you) {
+    return "<code" + (you ? ' class="you"' : "") + ">" + esc(s) + "</code>" + (you ? ' <span class="you">(you)</span>' : "");
+  }
+  function holder(d) {
+    var h = d.holder;
+    if (!h) return '<div class="big muted">Nobody holds the lab: a new session gets it at once.</div>';
+    return '<div class="big">' + who(h.session, h.you) + " holds the lab</div><dl>" +
+      "<dt>topology</dt><dd>" + (h.topology ? "<code>" + esc(h.topology) + "</code>" : '<span class="muted">none uploaded yet</span>') + "</dd>" +
+      "<dt>since</dt><dd>" + clock(h.since) + " (" + ago(h.since) + " ago)</dd>" +
+      "<dt>last sign of life</dt><dd>" + ago(h.last_seen) + " ago</dd></dl>";
+  }
+  function queue(d) {
+    if (!d.queue.length) return '<p class="muted">Nobody is waiting.</p>';
+    var rows = d.queue.map(function (q) {
+      return "<tr><td>" + q.position + "</td><td>" + who(q.session, q.you) + "</td><td>" + ago(q.joined) +
+        '</td><td class="hide-narrow">' + ago(q.last_seen) + " ago</td></tr>";
+    });
+    return '<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for</th>' +
+      '<th class="hide-narrow">last sign of life</th></tr></thead><tbody>' + rows.join("") + "</tbody></table></div>";
+  }
+  function lab(d) {
+    var l = d.lab, out = '<dl><dt>state</dt><dd><span class="badge s-' + esc(l.state) + '">' + esc(l.state) + "</span></dd>" +
+      "<dt>topology</dt><dd>" + (l.topology ? "<code>" + esc(l.topology) + "</code>" : '<span class="muted">-</span>') + "</dd>" +
+      "<dt>ref count</dt><dd>" + l.ref_count + "</dd></dl>";
+    if (l.devices.length) {
+      out += '<div class="scroll"><table><thead><tr><th>device</th><th>type</th><th>management address</th></tr></thead><tbody>' +
+        l.devices.map(function (v) {
+          return "<tr><td>" + esc(v.name) + "</td><td>" + esc(v.device || "") + "</td><td>" + (v.mgmt ? "<code>" + esc(v.mgmt) + "</code>" : "-") + "</td></tr>";
+        }).join("") + "</tbody></table></div>";
+    }
+    if (l.last_error) out += "<details><summary>last netlab failure</summary><pre>" + esc(l.last_error) + "</pre></details>";
+    return out;
+  }
+  function events(d) {
+    if (!d.events.length) return '<p class="muted">Nothing happened yet.</p>';
+    return '<ul class="events">' + d.events.map(function (e) {
+      return "<li>" + clock(e.time) + ' <span class="badge k-' + esc(e.kind) + '">' + esc(e.kind) + "</span> " + esc(e.text) +
+        (e.detail ? "<details><summary>detail</summary><pre>" + esc(e.detail) + "</pre></details>" : "") + "</li>";
+    }).join("") + "</ul>";
+  }
+  function render(d) {
+    document.getElementById("holder-body").innerHTML = holder(d);
+    document.getElementById("queue-body").innerHTML = queue(d);
+    document.getElementById("queue-count").textContent = d.queue.length;
+    document.getElementById("lab-body").innerHTML = lab(d);
+    document.getElementById("events-body").innerHTML = events(d);
+    document.getElementById("uptime").innerHTML = ago(d.started);
+    root.setAttribute("data-token", d.token);
+    root.setAttribute("data-holder", d.holder ? d.holder.session : "");
+    root.setAttribute("data-waiting", String(d.queue.length));
+    root.setAttribute("data-lab-state", d.lab.state);
+    document.title = (d.holder ? "busy" : "idle") + " - remote-lab";
+  }
+  function tick() {
+    var t = now(), i, els = document.querySelectorAll(".ago");
+    for (i = 0; i < els.length; i++) els[i].textContent = dur(t - parseFloat(els[i].getAttribute("data-t")));
+  }
+  function live(on, text) {
+    var el = document.getElementById("live");
+    el.className = on ? "on" : "off";
+    el.textContent = text;
+  }
+  function poll() {
+    var url = "status?wait=25&since=" + encodeURIComponent(st.token) + (sid ? "&sid=" + encodeURIComponent(sid) : "");
+    fetch(url, {cache: "no-store"}).then(function (r) {
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.json();
+    }).then(function (d) {
+      st = d;
+      skew = d.server_time - Date.now() / 1000;
+      render(d);
+      live(true, "live, updated " + new Date().toLocaleTimeString());
+      setTimeout(poll, 1000);
+    }).catch(function (e) {
+      live(false, "server unreachable (" + e.message + "), retrying");
+      setTimeout(poll, 3000);
+    });
+  }
+  // the server rendered UTC clock times; show them in the viewer's time zone
+  var times = document.querySelectorAll("time[data-t]"), i;
+  for (i = 0; i < times.length; i++) times[i].textContent = new Date(parseFloat(times[i].getAttribute("data-t")) * 1000).toLocaleTimeString();
+  live(true, "live");
+  setInterval(tick, 1000);
+  poll();
+})();
+"""
+
+
+def _h(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return "%d s" % s
+    if s < 3600:
+        return "%d min" % (s // 60) + (" %d s" % (s % 60) if s % 60 else "")
+    if s < 86400:
+        return "%d h" % (s // 3600) + (" %d min" % (s % 3600 // 60) if s % 3600 // 60 else "")
+    return "%d d" % (s // 86400) + (" %d h" % (s % 86400 // 3600) if s % 86400 // 3600 else "")
+
+
+def _ago_html(t: float, now: float) -> str:
+    return '<span class="ago" data-t="%.3f">%s</span>' % (t, fmt_duration(now - t))
+
+
+def _clock_html(t: float) -> str:
+    return '<time data-t="%.3f">%s UTC</time>' % (t, time.strftime("%H:%M:%S", time.gmtime(t)))
+
+
+def _who_html(session: str, you: bool) -> str:
+    if you:
+        return '<code class="you">%s</code> <span class="you">(you)</span>' % _h(session)
+    return "<code>%s</code>" % _h(session)
+
+
+def render_status_sections(st: dict) -> Dict[str, str]:
+    """The same markup as STATUS_JS's render(), for the no-JavaScript snapshot."""
+    now = st["server_time"]
+    h = st["holder"]
+    if h is None:
+        holder = '<div class="big muted">Nobody holds the lab: a new session gets it at once.</div>'
+    else:
+        topo = ("<code>%s</code>" % _h(h["topology"]) if h["topology"]
+                else '<span class="muted">none uploaded yet</span>')
+        holder = ('<div class="big">%s holds the lab</div><dl><dt>topology</dt><dd>%s</dd>'
+                  "<dt>since</dt><dd>%s (%s ago)</dd><dt>last sign of life</dt><dd>%s ago</dd></dl>"
+                  % (_who_html(h["session"], h["you"]), topo, _clock_html(h["since"]),
+                     _ago_html(h["since"], now), _ago_html(h["last_seen"], now)))
+    if not st["queue"]:
+        queue = '<p class="muted">Nobody is waiting.</p>'
+    else:
+        rows = "".join('<tr><td>%d</td><td>%s</td><td>%s</td><td class="hide-narrow">%s ago</td></tr>'
+                       % (q["position"], _who_html(q["session"], q["you"]),
+                          _ago_html(q["joined"], now), _ago_html(q["last_seen"], now))
+                       for q in st["queue"])
+        queue = ('<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for'
+                 '</th><th class="hide-narrow">last sign of life</th></tr></thead><tbody>%s'
+                 "</tbody></table></div>" % rows)
+    lab_ = st["lab"]
+    lab = ('<dl><dt>state</dt><dd><span class="badge s-%s">%s</span></dd><dt>topology</dt><dd>%s'
+           "</dd><dt>ref count</dt><dd>%d</dd></dl>"
+           % (_h(lab_["state"]), _h(lab_["state"]),
+              "<code>%s</code>" % _h(lab_["topology"]) if lab_["topology"]
+              else '<span class="muted">-</span>', lab_["ref_count"]))
+    if lab_["devices"]:
+        lab += ('<div class="scroll"><table><thead><tr><th>device</th><th>type</th><th>management '
+                "address</th></tr></thead><tbody>%s</tbody></table></div>"
+                % "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>"
+                          % (_h(d["name"]), _h(d["device"] or ""),
+                             "<code>%s</code>" % _h(d["mgmt"]) if d["mgmt"] else "-")
+                          for d in lab_["devices"]))
+    if lab_["last_error"]:
+        lab += ("<details><summary>last netlab failure</summary><pre>%s</pre></details>"
+                % _h(lab_["last_error"]))
+    if not st["events"]:
+        events = '<p class="muted">Nothing happened yet.</p>'
+    else:
+        events = '<ul class="events">%s</ul>' % "".join(
+            '<li>%s <span class="badge k-%s">%s</span> %s%s</li>'
+            % (_clock_html(e["time"]), _h(e["kind"]), _h(e["kind"]), _h(e["text"]),
+               "<details><summary>detail</summary><pre>%s</pre></details>" % _h(e["detail"])
+               if e["detail"] else "")
+            for e in st["events"])
+    return {"holder": holder, "queue": queue, "lab": lab, "events": events}
+
+
+def _json_for_script(data) -> str:
+    """JSON safe inside <script>: no '</' and no HTML comment openers."""
+    return json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_status_page(st: dict) -> bytes:
+    parts = render_status_sections(st)
+    page = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>%(title)s - remote-lab</title>
+<noscript><meta http-equiv="refresh" content="15"></noscript>
+<style>%(css)s</style></head>
+<body>
+<header><h1>remote-lab</h1><span class="muted">version %(version)s, up <span id="uptime">%(uptime)s</span></span></header>
+<main id="status" data-token="%(token)s" data-holder="%(holder_id)s" data-waiting="%(waiting)d" data-lab-state="%(lab_state)s">
+<section class="card" id="holder"><h2>Lab holder</h2><div id="holder-body">%(holder)s</div></section>
+<section class="card" id="queue"><h2>Queue (<span id="queue-count">%(waiting)d</span> waiting)</h2><div id="queue-body">%(queue)s</div></section>
+<section class="card" id="lab"><h2>Lab</h2><div id="lab-body">%(lab)s</div></section>
+<section class="card" id="events"><h2>Recent events</h2><div id="events-body">%(events)s</div></section>
+</main>
+<footer class="muted"><span id="live">static snapshot taken at %(taken)s (reload for fresh data)</span> &middot;
+timeouts: waiting %(wait_to)s, active %(active_to)s &middot;
+<a href="docs">API docs</a> &middot; <a href="openapi.json">openapi.json</a> &middot;
+<a href="metrics">metrics</a> &middot; <a href="status">status JSON</a></footer>
+<script type="application/json" id="status-data">%(data)s</script>
+<script>%(js)s</script>
+</body></html>
+""" % {
+        "title": "busy" if st["holder"] else "idle", "css": PAGE_CSS, "version": _h(st["version"]),
+        "uptime": _ago_html(st["started"], st["server_time"]), "token": _h(st["token"]),
+        "holder_id": _h(st["holder"]["session"] if st["holder"] else ""),
+        "waiting": len(st["queue"]), "lab_state": _h(st["lab"]["state"]),
+        "taken": _clock_html(st["server_time"]), "wait_to": fmt_duration(st["timeouts"]["waiting"]),
+        "active_to": fmt_duration(st["timeouts"]["active"]), "data": _json_for_script(st),
+        "js": STATUS_JS, **parts}
+    return page.encode("utf-8")
+
+# -- 9.4 the OpenAPI 3.1 document (every route of App.ROUTES, errors exactly as implemented) ---
+
+def _ref(name: str) -> dict:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _json_response(description: str, schema: dict, example=None) -> dict:
+    media = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"description": description, "content": {"application/json": media}}
+
+
+def _error(description: str, example: str) -> dict:
+    return _json_response(description, _ref("Error"), {"detail": example})
+
+
+_NO_CONTENT = {"description": "No content (empty body)."}
+_SID_ERRORS = {
+    "400": _error("The `X-Session-ID` header is missing.", "missing X-Session-ID header"),
+    "404": _error("Unknown session.", "unknown session 3f2b9c4e-..."),
+    "423": _error("The session is not the active one (still waiting in the queue).",
+                  "session 3f2b9c4e-... is not active (still waiting in the queue)"),
+}
+_SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
+_SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
+_SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
+_DEVICE_EXAMPLE = {"name": "r1", "raw": {"name": "r1", "device": "frr", "ansible_host": "192.168.121.101",
+                                         "mgmt": {"ifname": "eth0", "ipv4": "192.168.121.101"}}}
+
+# (operationId = App handler name) -> (method, OpenAPI path, operation)
+OPENAPI_OPERATIONS = collections.OrderedDict([
+    ("get_root", ("GET", "/", {
+        "tags": ["server"], "summary": "Service summary (JSON), or the status page for browsers",
+        "description": "With `Accept: text/html` (a browser) the self-contained status page: lab "
+                       "holder, queue, lab devices, recent events; it refreshes itself through "
+                       "`GET /status?wait=`. Any other client gets the JSON summary.",
+        "parameters": [{"name": "Accept", "in": "header", "required": False,
+                        "schema": {"type": "string"},
+                        "description": "`text/html` selects the status page."}],
+        "responses": {"200": {"description": "Summary, or the status page.", "content": {
+            "application/json": {"schema": _ref("Summary"), "example": {
+                "service": "remote-lab", "version": __version__, "uptime": 12.5,
+                "queue_length": 1, "active_session": _SESSION_EXAMPLE,
+                "lab": {"state": "running", "topology": "topology.yml", "ref_count": 1,
+                        "devices": ["r1", "r2"]}, "docs": "/docs"}},
+            "text/html": {"schema": {"type": "string"}}}}}})),
+    ("get_healthz", ("GET", "/healthz", {
+        "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})),
+    ("get_debug_health", ("GET", "/debug/health", {
+        "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
+        "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})),
+    ("get_status", ("GET", "/status", {
+        "tags": ["operations"], "summary": "Status page data (long-poll)",
+        "description": "What the status page shows, with session ids shortened to 8 characters "
+                       "(except the viewer's own, given as `sid`). With `wait` and `since` the "
+                       "answer is held until the state token differs from `since` or `wait` "
+                       "seconds pass. Never counts as a session's sign of life.",
+        "parameters": [
+            {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "number", "minimum": 0, "maximum": 60},
+             "description": "Seconds to wait for a change of `token` (needs `since`)."},
+            {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The `token` of the last answer."},
+            {"name": "sid", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The viewer's own session id: shown in full and marked as 'you'."}],
+        "responses": {
+            "200": _json_response("Status snapshot.", _ref("Status")),
+            "400": _error("`wait` is not a number between 0 and 60.",
+                          "wait must be between 0 and 60 seconds")}})),
+    ("get_openapi", ("GET", "/openapi.json", {
+        "tags": ["operations"], "summary": "This OpenAPI 3.1 document",
+        "responses": {"200": _json_response("The document.", {"type": "object"})}})),
+    ("get_docs", ("GET", "/docs", {
+        "tags": ["operations"], "summary": "API documentation page with 'try it' forms",
+        "responses": {"200": {"description": "A self-contained HTML page.",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}})),
+    ("get_metrics", ("GET", "/metrics", {
+        "tags": ["operations"], "summary": "Prometheus metrics (text exposition format 0.0.4)",
+        "responses": {"200": {"description": "Metrics.", "content": {
+            "text/plain; version=0.0.4": {"schema": {"type": "string"}, "example":
+                "# HELP remote_lab_queue_length Sessions in the queue (active and waiting).\n"
+                "# TYPE remote_lab_queue_length gauge\nremote_lab_queue_length 2\n"}}}}})),
+    ("post_session", ("POST", "/session", {
+        "tags": ["sessions"], "summary": "Join the queue",
+        "description": "Creates a session at the end of the queue; the head of the queue is "
+                       "active at once.",
+        "responses": {
+            "201": _json_response("Session created.", _ref("SessionCreated"),
+                                  {"session_id": _SESSION_EXAMPLE, "position": 0,
+                                   "status": "active"}),
+            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)")}})),
+    ("post_heartbeat", ("POST", "/session/heartbeat", {
+        "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
+        "parameters": [_SID_HEADER],
+        "responses": {"204": _NO_CONTENT, "400": _SID_ERRORS["400"], "404": _SID_ERRORS["404"]}})),
+    ("get_session", ("GET", "/session/{session_id}", {
+        "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
+        "description": "Counts as a sign of life. With `wait` the answer is held until the "
+                       "status or position changes or `wait` seconds pass.",
+        "parameters": [_SID_PATH, {"name": "wait", "in": "query", "required": False,
+                                   "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                                   "description": "Seconds to wait for a change (0-60)."}],
+        "responses": {
+            "200": _json_response("Session state.", _ref("SessionState"),
+                                  {"session_id": _SESSION_EXAMPLE, "status": "waiting",
+                                   "position": 2}),
+            "400": _error("`wait` is not a number between 0 and 60.",
+                          "wait must be a number of seconds (0-60)"),
+            "404": _SID_ERRORS["404"]}})),
+    ("delete_session", ("DELETE", "/session/{session_id}", {
+        "tags": ["sessions"], "summary": "Leave the queue",
+        "description": "If the session was active its lab is torn down (or kept warm) and the "
+                       "next session promoted.",
+        "parameters": [_SID_PATH],
+        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"]}})),
+    ("get_active_session", ("GET", "/active-session", {
+        "tags": ["sessions"], "summary": "The active session",
+        "responses": {
+            "200": _json_response("The head of the queue.", _ref("SessionState"),
+                                  {"session_id": _SESSION_EXAMPLE, "status": "active",
+                                   "position": 0}),
+            "404": _error("The queue is empty.", "no active session")}})),
+    ("post_lab", ("POST", "/lab", {
+        "tags": ["lab"], "summary": "Upload a topology and acquire the lab",
+        "description": "Acquisition rules: no lab → `netlab up`; same fingerprint and "
+                       "`reuse=true` → ref count + 1; same fingerprint, `reuse=false`, ref count 0 → "
+                       "restart; other topology, ref count 0 → tear down and start it; otherwise "
+                       "423. The fingerprint is a SHA-256 over the topology and the extra files.",
+        "parameters": [_SID_HEADER, {"name": "reuse", "in": "query", "required": False,
+                                     "schema": {"type": "string", "enum": ["true", "false"]},
+                                     "description": "Used when the form has no `reuse` field."}],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {"type": "object", "required": ["topology"], "properties": {
+                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
+                             "description": "The topology file (.yml/.yaml)."},
+                "reuse": {"type": "string", "enum": ["true", "false"], "default": "true",
+                          "description": "Reuse a running lab with the same fingerprint."},
+                "extra_files": {"type": "array", "items": {
+                    "type": "string", "contentMediaType": "application/octet-stream"},
+                    "description": "Files next to the topology; their file names keep relative "
+                                   "directories (no absolute paths, no '..')."}}},
+            "encoding": {"topology": {"contentType": "application/octet-stream"},
+                         "extra_files": {"contentType": "application/octet-stream"}}}}},
+        "responses": {
+            "200": _json_response("The lab is up (started or reused).", _ref("LabAcquired"),
+                                  {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
+            "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
+                          "no Content-Length, malformed body, unexpected field, unsafe or "
+                          "duplicate file name, topology not .yml/.yaml, bad `reuse` value.",
+                          "topology 'lab.txt' must be a .yml or .yaml file"),
+            "404": _SID_ERRORS["404"],
+            "413": _error("The body exceeds `--max-upload-mb`.",
+                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
+                          "(--max-upload-mb)"),
+            "423": _error("The session is not active (or no longer), or the lab is busy with "
+                          "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
+            "502": _error("netlab failed; the detail carries the tail of its output.",
+                          "netlab up topology.yml failed (exit 1)\n--- netlab output (last "
+                          "lines) ---\n..."),
+            "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
+                          "netlab up topology.yml timed out after 1800 s")}})),
+    ("get_lab", ("GET", "/lab", {
+        "tags": ["lab"], "summary": "The lab's state",
+        "parameters": [_SID_HEADER],
+        "responses": dict({"200": _json_response("Lab state.", _ref("LabState"))}, **_SID_ERRORS)})),
+    ("delete_lab", ("DELETE", "/lab", {
+        "tags": ["lab"], "summary": "Tear the lab down (in the background)",
+        "parameters": [_SID_HEADER, {"name": "force", "in": "query", "required": False,
+                                     "schema": {"type": "string", "enum": ["true", "false"],
+                                                "default": "true"},
+                                     "description": "Also when the ref count is above 0."}],
+        "responses": dict({
+            "202": _json_response("Teardown started.", _ref("Message"),
+                                  {"detail": "lab teardown started"}),
+            "204": {"description": "There was no lab."},
+            "409": _error("`force=false` while the ref count is above 0.",
+                          "lab is in use (ref count 1); use force=true")},
+            **dict(_SID_ERRORS, **{"400": _error(
+                "Missing `X-Session-ID`, or `force` is not true/false.",
+                "force must be true or false, not 'maybe'")}))})),
+    ("get_lab_devices", ("GET", "/lab/devices", {
+        "tags": ["lab"], "summary": "Devices of the running lab",
+        "parameters": [_SID_HEADER],
+        "responses": dict(_SID_ERRORS, **{
+            "200": _json_response("Devices with netlab's raw node data.",
+                                  {"type": "array", "items": _ref("Device")}, [_DEVICE_EXAMPLE]),
+            "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
+    ("post_lab_release", ("POST", "/lab/release", {
+        "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
+        "parameters": [_SID_HEADER],
+        "responses": dict(_SID_ERRORS, **{
+            "204": _NO_CONTENT,
+            "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
+])
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+OPENAPI_SCHEMAS = {
+    "Error": {"type": "object", "required": ["detail"],
+              "properties": {"detail": {"type": "string", "description": "Human readable."}}},
+    "Message": {"type": "object", "required": ["detail"],
+                "properties": {"detail": {"type": "string"}}},
+    "SessionCreated": {"type": "object", "required": ["session_id", "position"], "properties": {
+        "session_id": {"type": "string"}, "position": {"type": "integer", "minimum": 0},
+        "status": {"type": "string", "enum": ["active", "waiting"]}}},
+    "SessionState": {"type": "object", "required": ["session_id", "status", "position"],
+                     "properties": {"session_id": {"type": "string"},
+                                    "status": {"type": "string", "enum": ["active", "waiting"]},
+                                    "position": {"type": "integer", "minimum": 0}}},
+    "Device": {"type": "object", "required": ["name", "raw"], "properties": {
+        "name": {"type": "string"},
+        "raw": {"type": "object", "description": "`netlab inspect --node NAME` output "
+                                                 "(mgmt.ipv4, ansible_host, device, ...)."}}},
+    "LabAcquired": {"type": "object", "required": ["reused", "devices"], "properties": {
+        "reused": {"type": "boolean"}, "devices": {"type": "array", "items": _ref("Device")}}},
+    "LabState": {"type": "object", "required": ["running", "topology", "ref_count", "devices",
+                                                "netlab_status"], "properties": {
+        "running": {"type": "boolean"}, "topology": _NULLABLE_STR,
+        "ref_count": {"type": "integer", "minimum": 0},
+        "devices": {"type": "array", "items": _ref("Device")},
+        "netlab_status": {"type": "string", "enum": [STOPPED, STARTING, RUNNING, STOPPING]},
+        "last_error": _NULLABLE_STR}},
+    "LabSummary": {"type": "object", "properties": {
+        "state": {"type": "string", "enum": [STOPPED, STARTING, RUNNING, STOPPING]},
+        "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},
+        "devices": {"type": "array", "items": {"type": "string"}}}},
+    "Summary": {"type": "object", "properties": {
+        "service": {"type": "string", "const": "remote-lab"}, "version": {"type": "string"},
+        "uptime": {"type": "number"}, "queue_length": {"type": "integer"},
+        "active_session": _NULLABLE_STR, "lab": _ref("LabSummary"), "docs": {"type": "string"}}},
+    "DebugHealth": {"type": "object", "required": ["status", "timestamp", "uptime", "sessions",
+                                                   "queue_length"], "properties": {
+        "status": {"type": "string", "const": "ok"}, "timestamp": {"type": "number"},
+        "uptime": {"type": "number"}, "queue_length": {"type": "integer"},
+        "sessions": {"type": "array", "items": {"type": "object", "properties": {
+            "session_id": {"type": "string"}, "position": {"type": "integer"},
+            "status": {"type": "string", "enum": ["active", "waiting"]},
+            "age": {"type": "number"}, "idle": {"type": "number"}}}},
+        "lab": {"type": "object"}, "version": {"type": "string"},
+        "netlab_calls": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "netlab_failures": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "counters": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+    "Status": {"type": "object", "required": ["token", "server_time", "holder", "queue", "lab",
+                                              "events"], "properties": {
+        "service": {"type": "string"}, "version": {"type": "string"},
+        "token": {"type": "string", "description": "Changes whenever the state does."},
+        "server_time": {"type": "number"}, "started": {"type": "number"},
+        "uptime": {"type": "number"},
+        "timeouts": {"type": "object", "properties": {"waiting": {"type": "number"},
+                                                      "active": {"type": "number"}}},
+        "holder": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+            "session": {"type": "string"}, "you": {"type": "boolean"},
+            "since": {"type": "number"}, "last_seen": {"type": "number"},
+            "topology": _NULLABLE_STR}}]},
+        "queue": {"type": "array", "items": {"type": "object", "properties": {
+            "position": {"type": "integer"}, "session": {"type": "string"},
+            "you": {"type": "boolean"}, "joined": {"type": "number"},
+            "last_seen": {"type": "number"}}}},
+        "lab": {"type": "object", "properties": {
+            "state": {"type": "string"}, "running": {"type": "boolean"},
+            "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},
+            "devices": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "device": _NULLABLE_STR, "mgmt": _NULLABLE_STR}}},
+            "last_error": _NULLABLE_STR}},
+        "events": {"type": "array", "items": {"type": "object", "properties": {
+            "time": {"type": "number"}, "kind": {"type": "string"}, "text": {"type": "string"},
+            "detail": _NULLABLE_STR}}}}},
+}
+
+_openapi_cache = []  # type: List[dict]
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 document (built once)."""
+    if _openapi_cache:
+        return _openapi_cache[0]
+    paths = collections.OrderedDict()  # type: Dict[str, dict]
+    for op_id, (method, path, op) in OPENAPI_OPERATIONS.items():
+        op = dict(op, operationId=op_id)
+        responses = dict(op["responses"])
+        responses.setdefault("default", {"$ref": "#/components/responses/GenericError"})
+        op["responses"] = responses
+        paths.setdefault(path, {})[method.lower()] = op
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": "remote-lab", "version": __version__,
+                 "summary": "Share one netlab lab host between many test runs.",
+                 "description": "A FIFO queue of exclusive sessions named by `X-Session-ID`; the "
+                                "head of the queue is active and alone may use `/lab*`. Errors "
+                                "are JSON `{\"detail\": ...}`. Any request naming a session "
+                                "(header or path) counts as its sign of life.",
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "servers": [{"url": "/"}],
+        "tags": [{"name": "sessions"}, {"name": "lab"}, {"name": "server"},
+                 {"name": "operations"}],
+        "paths": paths,
+        "components": {
+            "schemas": OPENAPI_SCHEMAS,
+            "parameters": {
+                "SessionHeader": {"name": "X-Session-ID", "in": "header", "required": True,
+                                  "schema": {"type": "string"},
+                                  "description": "The caller's session id."},
+                "SessionPath": {"name": "session_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}, "description": "A session id."}},
+            "responses": {"GenericError": _error(
+                "Errors of any endpoint: 404 unknown path, 405 method not allowed on the path, "
+                "400 invalid Content-Length, 413 a body over 1 MiB (except POST /lab), 500 "
+                "internal error.", "no such endpoint: GET /nope")}},
+    }
+    _openapi_cache.append(doc)
+    return doc
+
+
+# -- 9.5 the API docs page (rendered from the document; "try it" forms need JavaScript) --------
+
+DOCS_JS = r"""
+(function () {
+  "use strict";
+  function pretty(t) { try { return JSON.stringify(JSON.parse(t), null, 2); } catch (e) { return t; } }
+  function fill(sid) {
+    var els = document.querySelectorAll('input[name="X-Session-ID"], input[name="session_id"]'), i;
+    for (i = 0; i < els.length; i++) if (!els[i].value) els[i].value = sid;
+  }
+  var forms = document.querySelectorAll("form.try"), k;
+  for (k = 0; k < forms.length; k++) forms[k].addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var f = ev.target, path = f.getAttribute("data-path"), q = [], headers = {}, body = null;
+    var out = f.querySelector("pre.out"), inputs = f.querySelectorAll("[data-in]"), i, j;
+    if (f.getAttribute("data-body") === "multipart") body = new FormData();
+    for (i = 0; i < inputs.length; i++) {
+      var el = inputs[i], where = el.getAttribute("data-in"), name = el.name, v = el.value;
+      if (where === "path") path = path.replace("{" + name + "}", encodeURIComponent(v));
+      else if (where === "query" && v !== "") q.push(encodeURIComponent(name) + "=" + encodeURIComponent(v));
+      else if (where === "header" && v !== "") headers[name] = v;
+      else if (where === "form" && el.type === "file") { for (j = 0; j < el.files.length; j++) body.append(name, el.files[j], el.files[j].name); }
+      else if (where === "form" && v !== "") body.append(name, v);
+    }
+    var url = path.replace(/^\//, "") + (q.length ? "?" + q.join("&") : "");
+    out.textContent = f.getAttribute("data-method") + " " + path + " ...";
+    fetch(url || ".", {method: f.getAttribute("data-method"), headers: headers, body: body}).then(function (r) {
+      return r.text().then(function (t) {
+        out.textContent = r.status + " " + r.statusText + "\n" + pretty(t);
+        try { var d = JSON.parse(t); if (d && d.session_id) fill(d.session_id); } catch (e) {}
+      });
+    }).catch(function (e) { out.textContent = "request failed: " + e.message; });
+  });
+})();
+"""
+
+DOCS_CSS = PAGE_CSS + """
+.op h2{font-size:1.05em;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+.m{font:700 .8em ui-monospace,monospace;padding:2px 8px;border-radius:4px;color:#fff}
+.m-get{background:#2457c5}.m-post{background:#1a7f37}.m-delete{background:#c4302b}
+nav ul{columns:2 240px;padding-left:18px;margin:4px 0}
+form.try{border-top:1px dashed var(--line);margin-top:8px;padding-top:8px;display:flex;
+flex-wrap:wrap;gap:6px 10px;align-items:end}
+form.try label{display:flex;flex-direction:column;font-size:.85em;color:var(--muted)}
+form.try input,form.try select{font:inherit;padding:3px 6px;min-width:12em}
+form.try pre{flex-basis:100%}
+button{font:inherit;padding:4px 14px;cursor:pointer}
+"""
+
+
+def _resolve(doc: dict, obj: dict) -> dict:
+    while isinstance(obj, dict) and "$ref" in obj:
+        node = doc
+        for part in obj["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        obj = node
+    return obj
+
+
+def schema_text(doc: dict, schema: dict, depth: int = 0) -> str:
+    """A one-line, human readable rendering of a JSON schema."""
+    name = schema.get("$ref", "").rsplit("/", 1)[-1] if "$ref" in schema else None
+    schema = _resolve(doc, schema)
+    if depth > 2 and name:
+        return name
+    if "oneOf" in schema:
+        return " | ".join(schema_text(doc, s, depth + 1) for s in schema["oneOf"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " | ".join(kind)
+    if kind == "array":
+        return "[" + schema_text(doc, schema.get("items", {}), depth + 1) + ", ...]"
+    if kind == "object" and schema.get("properties"):
+        required = set(schema.get("required", ()))
+        return "{" + ", ".join("%s%s: %s" % (k, "" if k in required else "?",
+                                             schema_text(doc, v, depth + 1))
+                               for k, v in schema["properties"].items()) + "}"
+    if kind == "string" and schema.get("contentMediaType"):
+        return "file"
+    return kind
+
+
+def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
+    params = [_resolve(doc, p) for p in op.get("parameters", ())]
+    out = ['<section class="card op" id="op-%s"><h2><span class="m m-%s">%s</span><code>%s</code>'
+           '<span>%s</span></h2>' % (_h(op["operationId"]), method, method.upper(), _h(path),
+                                     _h(op.get("summary", "")))]
+    if op.get("description"):
+        out.append("<p>%s</p>" % _h(op["description"]))
+    if params:
+        out.append('<div class="scroll"><table><thead><tr><th>parameter</th><th>in</th><th>type'
+                   "</th><th>description</th></tr></thead><tbody>")
+        for p in params:
+            out.append("<tr><td><code>%s</code>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>"
+                       % (_h(p["name"]), " (required)" if p.get("required") else "", _h(p["in"]),
+                          _h(schema_text(doc, p.get("schema", {}))), _h(p.get("description", ""))))
+        out.append("</tbody></table></div>")
+    body = op.get("requestBody")
+    fields = {}
+    if body:
+        for ctype, media in body["content"].items():
+            schema = _resolve(doc, media["schema"])
+            fields = schema.get("properties", {})
+            out.append("<p>Request body <code>%s</code>:</p><ul>" % _h(ctype))
+            for k, v in fields.items():
+                out.append("<li><code>%s</code>%s: %s. %s</li>"
+                           % (_h(k), " (required)" if k in schema.get("required", ()) else "",
+                              _h(schema_text(doc, v)), _h(v.get("description", ""))))
+            out.append("</ul>")
+    out.append('<div class="scroll"><table><thead><tr><th>status</th><th>meaning</th><th>body'
+               "</th></tr></thead><tbody>")
+    for code, resp in op["responses"].items():
+        resp = _resolve(doc, resp)
+        bodies = []
+        for ctype, media in resp.get("content", {}).items():
+            text = "%s: %s" % (ctype, schema_text(doc, media.get("schema", {})))
+            if "example" in media:
+                example = media["example"]
+                text += "\nexample: " + (example if isinstance(example, str)
+                                         else json.dumps(example, indent=1))
+            bodies.append(text)
+        out.append("<tr><td><code>%s</code></td><td>%s</td><td>%s</td></tr>"
+                   % (_h(code), _h(resp.get("description", "")),
+                      "<pre>%s</pre>" % _h("\n".join(bodies)) if bodies else "-"))
+    out.append("</tbody></table></div>")
+    # the "try it" form
+    out.append('<form class="try" data-method="%s" data-path="%s"%s>'
+               % (method.upper(), _h(path), ' data-body="multipart"' if fields else ""))
+    for p in params:
+        if p["in"] == "header" and p["name"] == "Accept":
+            continue
+        out.append('<label>%s <input name="%s" data-in="%s"%s></label>'
+                   % (_h(p["name"]), _h(p["name"]), _h(p["in"]),
+                      " required" if p.get("required") else ""))
+    for k, v in fields.items():
+        if v.get("type") == "array" or v.get("contentMediaType"):
+            out.append('<label>%s <input type="file" name="%s" data-in="form"%s></label>'
+                       % (_h(k), _h(k), " multiple" if v.get("type") == "array" else ""))
+        else:
+            out.append('<label>%s <select name="%s" data-in="form"><option value="">(default)'
+                       "</option>%s</select></label>"
+                       % (_h(k), _h(k), "".join("<option>%s</option>" % _h(e)
+                                                for e in v.get("enum", ()))))
+    out.append('<button type="submit">Try it</button><pre class="out" aria-live="polite">'
+               "</pre></form></section>")
+    return "".join(out)
+
+
+def render_docs_page(doc: dict) -> bytes:
+    ops = []
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            ops.append((method, path, op))
+    nav = "".join('<li><a href="#op-%s"><code>%s %s</code></a> %s</li>'
+                  % (_h(op["operationId"]), method.upper(), _h(path), _h(op.get("summary", "")))
+                  for method, path, op in ops)
+    info = doc["info"]
+    page = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>remote-lab API</title><style>%(css)s</style></head>
+<body><header><h1>remote-lab API</h1><span class="muted">version %(version)s, OpenAPI %(oas)s:
+<a href="openapi.json">openapi.json</a> &middot; <a href=".">status page</a></span></header>
+<main><section class="card"><p>%(description)s</p><nav><ul>%(nav)s</ul></nav></section>
+%(ops)s</main>
+<footer class="muted">The "try it" forms send real requests to this server (JavaScript needed).
+A session id returned by <code>POST /session</code> fills the empty session fields.</footer>
+<script>%(js)s</script></body></html>
+""" % {"css": DOCS_CSS, "version": _h(info["version"]), "oas": _h(doc["openapi"]),
+       "description": _h(info["description"]), "nav": nav,
+       "ops": "\n".join(_docs_operation(doc, m, p, o) for m, p, o in ops), "js": DOCS_JS}
+    return page.encode("utf-8")
 
 
 # ============================================================================================
@@ -1878,8 +3251,9 @@ def main(argv=None) -> int:
     if settings.simulate:
         os.environ.setdefault("REMOTE_LAB_SIM_HOME", os.path.join(settings.state_dir, "simulated-netlab"))
     app = App(settings)
+    app.notifier = SystemdNotifier.from_environ()  # a no-op without systemd (section 9)
     try:
-        server = bind_server(settings, app)
+        server = bind_server(settings, app, sd_listen_socket())
     except OSError as e:
         where = ("ports %d-%d" % settings.port_range if settings.port_range
                  else "port %d" % settings.port)
@@ -1893,11 +3267,13 @@ def main(argv=None) -> int:
     log.info("remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
              port, "simulated" if settings.simulate else settings.netlab)
     app.lab.startup_cleanup()
+    app.ops_ready()  # READY=1, then STATUS= on changes (section 6a)
 
     def on_signal(signum, frame):
         if not app.stopping.is_set():
             log.info("received %s: shutting down", signal.Signals(signum).name)
             app.stopping.set()
+            app.ops_stopping()
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -1910,6 +3286,7 @@ def main(argv=None) -> int:
     finally:
         server.server_close()
         app.stopping.set()
+        app.ops_stopping()  # STOPPING=1 (once)
         log.info("tearing down the lab before exit")
         app.lab.shutdown()
         status_file.mark_stopped()
