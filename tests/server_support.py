@@ -201,3 +201,6 @@ def drain_server(srv, api, timeout=15):
         api.wait_lab_state("stopped", timeout=timeout)
     assert api.health()["queue_length"] == 0
     wait_until(lambda: lab_dirs(srv) == [], 5, what="no lab work dir left")
+    registry = srv.fake_dir / "status.json"
+    if registry.exists():  # no netlab instance left registered either
+        assert json.loads(registry.read_text()) == {}
