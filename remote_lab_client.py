@@ -1602,6 +1602,15 @@ def _wait_forwarding(proc):
     return rc if rc >= 0 else 128 - rc
 
 
+def _one_line(text):
+    """A multi-line message (netlab output in a detail) as one line: first and last lines."""
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.strip().startswith("---")]
+    if len(lines) <= 1:
+        return lines[0] if lines else text.strip()
+    return "%s ... %s" % (lines[0], lines[-1])
+
+
 _COMMANDS = {"health": _cmd_health, "status": _cmd_status, "acquire": _cmd_acquire,
              "run": _cmd_run}
 
@@ -1638,10 +1647,12 @@ def main(argv=None):
         print("remote-lab-client: error: %s" % e, file=sys.stderr)
         return 2
     except (RemoteLabError, OSError, ValueError) as e:
-        print("remote-lab-client: error: %s" % e, file=sys.stderr)
+        _log.debug("full error:\n%s", e)
+        print("remote-lab-client: error: %s" % _one_line(str(e)), file=sys.stderr)
         return 1
     except Exception as e:  # never a traceback
-        print("remote-lab-client: error: %s: %s" % (type(e).__name__, e), file=sys.stderr)
+        print("remote-lab-client: error: %s: %s" % (type(e).__name__, _one_line(str(e))),
+              file=sys.stderr)
         return 1
     finally:
         _log.removeHandler(handler)
