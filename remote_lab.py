@@ -3012,7 +3012,8 @@ def simulated_netlab_main(argv: List[str]) -> int:
             print("Fatal error in netlab: cannot read topology %s: %s" % (topo_path, e),
                   file=sys.stderr)
             return 1
-        sim_registry(lambda d: d.__setitem__("default", {"dir": cwd, "status": "started"}))
+        # like real netlab: a topology error fails in the transformation, before the instance
+        # is registered (registering here left a stale `default` no `down` could clean)
         nodes = simple_topology_nodes(text)
         if not nodes:
             print("Fatal error in netlab: topology %s has no nodes" % topo_path, file=sys.stderr)
