@@ -109,6 +109,12 @@ class Server:
                     return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self):
+        """user + system CPU time the server process has used so far."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         if self.proc is None:
             return
@@ -187,7 +193,8 @@ def load_client(port, kind, sid, start_at, duration, out):
     out.put((len(lat), errors, lat))
 
 
-def run_load(port, kind, sids, duration):
+def run_load(server, kind, sids, duration):
+    port = server.port
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     start_at = time.time() + 0.5  # all clients connected and ready
@@ -195,13 +202,16 @@ def run_load(port, kind, sids, duration):
              for sid in sids]
     for p in procs:
         p.start()
+    cpu0 = server.cpu_seconds()
     results = [out.get(timeout=duration + 30) for _ in procs]
+    cpu = server.cpu_seconds() - cpu0  # includes the (idle) connect/finish moments: negligible
     for p in procs:
         p.join(10)
     total = sum(r[0] for r in results)
     errors = sum(r[1] for r in results)
     lat = [x for r in results for x in r[2]]
     return {"rps": total / duration, "requests": total, "errors": errors,
+            "server_cpu_us": cpu / total * 1e6 if total else float("nan"),
             "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000}
 
 
@@ -479,9 +489,9 @@ def main(argv=None):
         if want("poll") or want("heartbeat") or want("rss"):
             sids = [new_session(conn)[0] for _ in range(a.clients)]
             if want("poll") or want("rss"):
-                res["poll"] = run_load(port, "poll", sids, duration)
+                res["poll"] = run_load(server, "poll", sids, duration)
             if want("heartbeat") or want("rss"):
-                res["heartbeat"] = run_load(port, "heartbeat", sids, duration)
+                res["heartbeat"] = run_load(server, "heartbeat", sids, duration)
             for sid in sids:
                 request(conn, "DELETE", "/session/" + sid)
         if want("handoff"):
@@ -510,6 +520,7 @@ def main(argv=None):
             row("%s req/s (%d keep-alive clients)" % (kind, a.clients), fmt(r["rps"]),
                 "≥ 6000" if kind == "poll" else "", r["rps"] >= 6000 if kind == "poll" else None)
             row("  %s latency p50 / p99" % kind, "%s / %s" % (fmt(r["p50_ms"]), fmt(r["p99_ms"], "ms")))
+            row("  %s server CPU per request" % kind, fmt(r["server_cpu_us"], "µs"))
             if r["errors"]:
                 row("  %s errors" % kind, str(r["errors"]), "0", False)
     if "handoff" in res:
