@@ -121,6 +121,8 @@ class TcpForwarder:
     """
 
     def __init__(self, target_port, tls=None, rewrite=None):
+        self.fail_next = 0  # answer this many new connections with 503 (+ Connection: close)
+        self.injected = 0
         self.target_port = target_port
         self.tls = tls
         self.rewrite = rewrite
@@ -155,6 +157,13 @@ class TcpForwarder:
         try:
             if self.tls:
                 conn = self.tls.wrap_socket(conn, server_side=True)
+            with self.lock:
+                inject = self.fail_next > 0
+                if inject:
+                    self.fail_next -= 1
+            if inject:
+                self._answer_503(conn)
+                return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
         except (OSError, ssl.SSLError) as e:
             self.handshake_errors.append(e)
@@ -163,6 +172,21 @@ class TcpForwarder:
         self.sockets += [conn, upstream]
         threading.Thread(target=self._pump, args=(upstream, conn, False), daemon=True).start()
         self._pump(conn, upstream, True)
+
+    def _answer_503(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        with self.lock:
+            self.injected += 1
+            self.received += data
+        body = b'{"detail": "proxy: upstream warming up"}'
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        conn.close()
 
     def _pump(self, src, dst, from_client):
         try:
@@ -193,6 +217,12 @@ class TcpForwarder:
                 s.close()
             except OSError:
                 pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tls_server_context(cert, key):

@@ -18,8 +18,8 @@ import pytest
 
 import remote_lab_client as rlc
 from client_support import (MAPPING, SIMPLE, Servers, TcpForwarder, active_session,
-                            clean_client_env, client_env, find_python38, health, make_cert,
-                            session_state, sessions, tls_server_context, wait_until)
+                            clean_client_env, client_env, find_python38, free_port, health,
+                            make_cert, session_state, sessions, tls_server_context, wait_until)
 from helpers import CLIENT, ROOT
 
 
@@ -500,8 +500,65 @@ def test_unreachable_server_is_a_connection_error():
     assert time.monotonic() - t0 < 5
 
 
+def test_queue_position_changes_are_logged(srv, caplog):
+    caplog.set_level(logging.INFO, logger="remote_lab_client")
+    a = client(srv.url)
+    b_thread, b = start_waiter(srv.url)
+    wait_until(lambda: len(sessions(srv)) == 2, what="the second session")
+    c_thread, c = start_waiter(srv.url, progress=None)  # not a TTY here: log lines
+    wait_until(lambda: "queue position 2" in caplog.text, what="the first position")
+    a.close()
+    b_thread.join(10)
+    wait_until(lambda: "queue position 1" in caplog.text, what="the position change")
+    b["client"].close()
+    c_thread.join(10)
+    c["client"].close()
+    lines = [r.getMessage() for r in caplog.records if "queue position" in r.getMessage()]
+    assert [line.split(" (")[0] for line in lines] == [
+        "waiting for the remote lab: queue position 2",
+        "waiting for the remote lab: queue position 1"]
+
+
 # ------------------------------------------------------------------------------------------
-# HTTP details: keep-alive, token, https
+# HTTP details: keep-alive, retries, token, https
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_connection_errors_are_retried_while_the_server_starts(servers):
+    port = free_port()
+    t, result = start_waiter("http://127.0.0.1:%d" % port, retries=6)
+    time.sleep(0.5)
+    assert t.is_alive()  # still retrying POST /session: nothing was sent, so that is safe
+    srv = servers.start("--port", port)
+    t.join(20)
+    assert "client" in result, result
+    assert active_session(srv) == result["client"].session_id
+    result["client"].close()
+
+
+def test_503_is_retried_for_idempotent_requests_only(srv):
+    proxy = TcpForwarder(srv.port)
+    try:
+        c = client(proxy.url, heartbeat_interval=0)
+        c.acquire(SIMPLE)
+        proxy.fail_next = 2
+        c._http.close()  # the next request opens a new connection, which gets the 503s
+        assert names(c.devices()) == ["r1", "r2"]  # GET: retried after two 503s
+        assert proxy.injected == 2
+        proxy.fail_next = 1
+        c._http.close()
+        with pytest.raises(rlc.ServerError) as info:
+            c.release()  # POST: not retried
+        assert info.value.status == 503 and "warming up" in info.value.detail
+        assert proxy.injected == 3
+        assert c.status()["ref_count"] == 1  # the failed release never reached the server
+        c.close()
+    finally:
+        proxy.close()
+
+
+
 # ------------------------------------------------------------------------------------------
 
 

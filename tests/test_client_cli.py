@@ -238,3 +238,44 @@ def test_acquire_ends_cleanly_on_sigterm(srv):
             p.kill()
     assert p.returncode == 0, err
     assert sessions(srv) == []
+
+
+@pytest.mark.timeout(60)
+def test_on_a_tty_waiting_shows_one_updating_status_line(srv):
+    import pty
+    import select
+
+    holder = rlc.RemoteLabClient(srv.url, progress=False)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, str(CLIENT), "--url", srv.url, "run", SIMPLE, "--",
+                          sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=slave, env=client_env())
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 20
+        while seen.count(b"position 1") < 3 and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+        holder.close()
+        assert p.wait(20) == 0
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if p.poll() is None:
+            p.kill()
+        holder.close()
+        os.close(master)
+    text = seen.decode()
+    # the same line is rewritten (carriage return + erase line), once a second
+    assert text.count("\r\x1b[Kremote lab: waiting in the queue at position 1 (") >= 3
+    assert "(0 s)" in text and "(2 s)" in text
+    waiting, _, after = text.rpartition("\r\x1b[K")  # the status line is erased at the end
+    assert "\n" not in waiting  # no new lines while waiting
+    assert after.startswith("remote-lab-client: remote lab session ") and "is active after" in after

@@ -3,7 +3,6 @@
 Every inner run is a subprocess whose only copy of the client is the file vendored into the
 pytester directory (no PYTHONPATH to the repo, plugin autoload off), like a suite that copied it.
 """
-import os
 import shutil
 
 import pytest
@@ -242,9 +241,24 @@ def test_two(lab, remote_lab_client):
     assert lab.reused is True  # reuse_lab=True keeps the running lab
     assert remote_lab_client.status()["ref_count"] == 1
 ''')
-    env_pythonpath = str(pytester.path)
-    os.environ["PYTHONPATH"] = env_pythonpath
-    result = run(pytester, "-p", "remote_lab_client", "-v")
+    result = run(pytester, "-p", "remote_lab_client", "-v")  # pytester puts its dir on the path
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["remote lab: http://127.0.0.1:*"])
     assert srv.netlab_verbs().count("up") == 1
+
+
+@pytest.mark.timeout(120)
+def test_waiting_for_the_lab_is_shown_in_the_terminal(project, srv):
+    import threading
+
+    import remote_lab_client as rlc
+    holder = rlc.RemoteLabClient(srv.url, progress=False)
+    timer = threading.Timer(2.0, holder.close)
+    timer.start()
+    try:
+        project.makepyfile(test_wait="def test_wait(lab_simple):\n    assert lab_simple\n")
+        result = run(project)
+    finally:
+        timer.join()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["remote lab: waiting in the queue at position 1 (0 s)"])
