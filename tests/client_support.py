@@ -18,6 +18,9 @@ import pytest
 
 from helpers import CLIENT, ROOT, TOPOLOGIES, ServerProcess, http
 
+if str(ROOT) not in sys.path:  # `pytest` (not `python3 -m pytest`) does not add the repo root
+    sys.path.insert(0, str(ROOT))
+
 SIMPLE = TOPOLOGIES / "simple.yml"
 MAPPING = TOPOLOGIES / "mapping.yml"
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-import remote_lab_client as rlc
 from client_support import (MAPPING, SIMPLE, Servers, TcpForwarder, active_session,
                             clean_client_env, client_env, find_python38, free_port, health,
                             make_cert, session_state, sessions, tls_server_context, wait_until)
-from helpers import CLIENT, ROOT
+from helpers import CLIENT
+
+import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-import remote_lab_client as rlc
 from client_support import (MAPPING, SIMPLE, Servers, active_session, clean_client_env, cli,
                             client_env, health, sessions, wait_until)
 from helpers import CLIENT
+
+import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 CHILD = r'''
 import json, os, signal, sys, time
