@@ -1108,16 +1108,17 @@ class OpsMixin:
     def _ops_on_activate(self, session) -> None:
         """SessionQueue hook (queue lock held): a session became the active one.
 
-        The event waits in _ops_pending so that the end/expiry that caused the promotion is
-        listed first (App records it right after the queue call returns).
+        A promotion waits in _ops_pending so that the end/expiry that caused it is listed first
+        (App records that right after the queue call returns); /status shows it meanwhile.
         """
         waited = max(0.0, (session.activated or session.created) - session.created)
         self.queue_wait_seconds.observe(waited)
-        if waited < 0.001:
-            text = "session %s is active at once (nobody was before it)" % session.id[:SHORT_ID]
-        else:
-            text = "session %s got the lab after waiting %s" % (session.id[:SHORT_ID],
-                                                                fmt_duration(waited))
+        if waited < 0.001:  # created into an empty queue: nothing caused it
+            self.record_event("active", "session %s is active at once (nobody was before it)"
+                              % session.id[:SHORT_ID])
+            return
+        text = "session %s got the lab after waiting %s" % (session.id[:SHORT_ID],
+                                                            fmt_duration(waited))
         with self.events_lock:
             self._ops_pending.append({"time": time.time(), "kind": "active", "text": text,
                                       "detail": None})
@@ -1145,12 +1146,9 @@ class OpsMixin:
     # -- the status snapshot (page, /status, sd_notify STATUS=) --
     def ops_token(self) -> str:
         """Changes whenever what the status page shows (besides clocks) changes."""
-        if self._ops_pending:
-            with self.events_lock:
-                self._ops_flush_locked()
         i = self.lab.info
-        return "%d.%d.%s.%d.%d" % (self.queue.version, self.event_seq, i.state, i.ref_count,
-                                   len(i.devices))
+        return "%d.%d.%d.%s.%d.%d" % (self.queue.version, self.event_seq, len(self._ops_pending),
+                                      i.state, i.ref_count, len(i.devices))
 
     def ops_status(self, viewer: Optional[str] = None) -> dict:
         q = self.queue
@@ -1184,7 +1182,7 @@ class OpsMixin:
             devices.append({"name": d.get("name"), "device": raw.get("device"),
                             "mgmt": mgmt.get("ipv4") or raw.get("ansible_host")})
         with self.events_lock:
-            events = list(self.events)[-PAGE_EVENTS:]
+            events = (list(self.events) + self._ops_pending)[-PAGE_EVENTS:]
         events.reverse()
         return {
             "service": "remote-lab", "version": __version__, "token": token,
@@ -2018,6 +2016,8 @@ def server_from_socket(sock: socket.socket, handler) -> "LabHTTPServer":
     server.address_family = sock.family
     server.server_address = sock.getsockname()
     server.server_name, server.server_port = server.server_address[:2]
+    log.info("socket activation: serving the listening socket passed by systemd (fd %d); "
+             "--host/--port are ignored", sock.fileno())
     return server
 
 

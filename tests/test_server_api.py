@@ -461,17 +461,16 @@ def test_same_topology_with_different_extra_files_is_not_reused(api, srv):
         [("nodes/r1.yml", b"device: eos\n")],  # other bytes
         [("nodes/r9.yml", b"device: eos\n")],  # same bytes, other name
         [],  # no extra file at all
-        [("nodes/r9.yml", b"device: eos\n")],  # one more (from none)
-        [("nodes/r9.yml", b"device: eos\n"), ("r9.yml", b"device: eos\n")],  # one more
+        [("nodes/r9.yml", b"device: eos\n"), ("r9.yml", b"device: eos\n")],  # more files
     ]
-    assert api.post_lab(sid, extras=steps[0])[1]["reused"] is False
+    assert api.post_lab(sid, SINGLE, "single.yml", steps[0])[1]["reused"] is False
     for i, extras in enumerate(steps[1:], start=2):
         # while in use: another lab, so busy
-        status, body = api.post_lab(sid, extras=extras)
+        status, body = api.post_lab(sid, SINGLE, "single.yml", extras)
         assert status == 423, (i, body)
         # at ref 0: torn down and started again, not reused
         assert api.req("POST", "/lab/release", sid)[0] == 204
-        status, body = api.post_lab(sid, extras=extras)
+        status, body = api.post_lab(sid, SINGLE, "single.yml", extras)
         assert (status, body["reused"]) == (200, False), i
         assert len(calls_of(srv, "up", m)) == i
         assert len(calls_of(srv, "down", m)) == i - 1

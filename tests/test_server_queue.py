@@ -290,10 +290,10 @@ def test_no_work_dir_left_after_10_cycles(api, srv):
         assert api.delete_session(sid) == 204
 
     def plain(sid):
-        assert api.post_lab(sid)[0] == 200
+        assert api.post_lab(sid, SINGLE, "single.yml")[0] == 200
 
     def release_first(sid):
-        assert api.post_lab(sid, MAPPING, "mapping.yml")[0] == 200
+        assert api.post_lab(sid, SINGLE, "single.yml")[0] == 200
         assert api.req("POST", "/lab/release", sid)[0] == 204
 
     def destroy_first(sid):
@@ -304,37 +304,35 @@ def test_no_work_dir_left_after_10_cycles(api, srv):
         def run(sid):
             srv.switch(switch)
             try:
-                assert api.post_lab(sid)[0] == 502
+                assert api.post_lab(sid, SINGLE, "single.yml")[0] == 502
             finally:
                 srv.switch(switch, on=False)
         return run
 
     def reuse_twice(sid):
-        assert api.post_lab(sid)[0] == 200
-        assert api.post_lab(sid)[1]["reused"] is True
-
-    def switch_topology(sid):
-        assert api.post_lab(sid)[0] == 200
-        assert api.req("POST", "/lab/release", sid)[0] == 204
         assert api.post_lab(sid, SINGLE, "single.yml")[0] == 200
+        assert api.post_lab(sid, SINGLE, "single.yml")[1]["reused"] is True
 
     def refused(sid):
-        assert api.post_lab(sid, SIMPLE, "../x.yml")[0] == 400
+        assert api.post_lab(sid, SINGLE, "../x.yml")[0] == 400
 
     def restart(sid):
-        assert api.post_lab(sid)[0] == 200
+        assert api.post_lab(sid, SINGLE, "single.yml")[0] == 200
         assert api.req("POST", "/lab/release", sid)[0] == 204
-        assert api.post_lab(sid, reuse=False)[0] == 200
+        assert api.post_lab(sid, SINGLE, "single.yml", reuse=False)[0] == 200
+
+    def other_topology(sid):
+        assert api.post_lab(sid, SINGLE, "other.yml")[0] == 200
 
     for body in (plain, release_first, destroy_first, failing("up_fail"), reuse_twice,
-                 failing("inspect_fail"), switch_topology, refused, restart, plain):
+                 failing("inspect_fail"), other_topology, refused, restart, plain):
         cycle(body)
     api.wait_lab_state("stopped")
     assert lab_dirs(srv) == []
     assert max_dirs <= 2
     ups = up_dirs(srv, n)
     downs = [c["cwd"] for c in calls_of(srv, "down", n)]
-    assert len(ups) == 11
+    assert len(ups) == 10
     assert set(ups) == set(downs)  # every lab dir got its `down`
     assert all(not os.path.exists(d) for d in ups)
     registry = json.loads((srv.fake_dir / "status.json").read_text())
