@@ -139,8 +139,10 @@ def test_startup_cleans_lab_dirs_left_by_a_crash(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_log_line_format(start_server):
-    srv, api = start_server()
+def test_log_line_format_and_debug_streaming(start_server):
+    """Every line: `YYYY-MM-DD HH:MM:SS | LEVEL | remote-lab-server | ctx | msg`; with --debug
+    netlab's output is streamed into the log line by line."""
+    srv, api = start_server("--debug")
     sid = api.new_session()
     assert api.post_lab(sid)[0] == 200
     api.delete_session(sid)
@@ -160,6 +162,8 @@ def test_log_line_format(start_server):
     assert LINE_RE.match(created[0]).group(3) == "sid=%s" % short
     listening = [ln for ln in lines if "Listening on" in ln]
     assert LINE_RE.match(listening[0]).group(3) == "-"
+    streamed = [LINE_RE.match(ln) for ln in lines if "[SUCCESS] Lab started (simulated)" in ln]
+    assert streamed and streamed[0].group(2, 3) == ("DEBUG", "sid=%s topo=simple.yml" % short)
 
 
 def test_log_config_json(start_server, tmp_path):
