@@ -1,0 +1,131 @@
+"""The status page in a real browser: headless Chromium (Debian package `chromium`, installed by
+.ci/run from .ci/apt-packages.txt). Skipped only when no Chromium is installed.
+
+1. the page loaded while a session waits shows the holder, the queue and the devices;
+2. a screenshot of it (desktop and phone width) is saved under the pytest tmp dir;
+3. loaded again, its script long-polls GET /status; the holder ends while the page waits and the
+   DOM the script rendered shows the new holder (the server-rendered HTML showed the old one);
+4. a fresh load afterwards shows the new holder too.
+"""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from server_support import Api, start_server, wait_until  # noqa: F401
+
+sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.timeout(180)
+
+HTML = {"Accept": "text/html"}
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    path = find_chromium()
+    if not path:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    base = [path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-dev-shm-usage", "--user-data-dir=%s" % profile]
+
+    def run(*args, timeout=60, background=False):
+        cmd = base + list(args)
+        if background:
+            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+        return proc.stdout.decode(errors="replace")
+
+    return run
+
+
+def attr(dom, name):
+    m = re.search(r'<main id="status"[^>]*\b%s="([^"]*)"' % name, dom)
+    assert m, "no %s on <main id=status> in:\n%s" % (name, dom[:3000])
+    return m.group(1)
+
+
+def watchers(api):
+    text = api.req("GET", "/metrics")[1]
+    m = re.search(r"^remote_lab_status_page_watchers (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0
+
+
+def test_status_page_in_headless_chromium(start_server, chromium, tmp_path):
+    srv, api = start_server()
+    a = api.new_session()
+    assert api.post_lab(a)[0] == 200
+    b = api.new_session()  # waiting behind a
+
+    # 1. the page while b waits: DOM after load (scripts ran; long-poll pending)
+    dom = chromium("--dump-dom", srv.url + "/")
+    assert attr(dom, "data-holder") == a[:8]
+    assert attr(dom, "data-waiting") == "1"
+    assert attr(dom, "data-lab-state") == "running"
+    assert "<code>%s</code> holds the lab" % a[:8] in dom
+    assert "<td>1</td><td><code>%s</code></td>" % b[:8] in dom
+    assert "192.168.121.101" in dom and "192.168.121.102" in dom
+    assert a not in dom and b not in dom  # only short ids
+    assert re.search(r'<span id="live" class="on">live</span>', dom), "the script did not start"
+
+    # 2. screenshots
+    for name, size in (("status.png", "1200,900"), ("status-phone.png", "390,844")):
+        shot = tmp_path / name
+        chromium("--screenshot=%s" % shot, "--window-size=%s" % size, srv.url + "/")
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, (name, len(data))
+        print("screenshot:", shot)
+
+    # 3. the script updates the page: load it, wait until its long-poll waits on the server,
+    # end a's session; virtual time stands still while the long-poll is pending, and the budget
+    # runs out during the 1 s pause after the update, so the dump is the script's rendering
+    before, _ = api.req("GET", "/", headers=HTML)[1:]
+    assert 'data-holder="%s"' % a[:8] in before
+    proc = chromium("--virtual-time-budget=500", "--dump-dom", srv.url + "/", background=True)
+    try:
+        wait_until(lambda: watchers(api) >= 1 or proc.poll() is not None, timeout=60,
+                   what="the page's long-poll")
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+        assert api.delete_session(a) == 204
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    dom = out.decode(errors="replace")
+    assert attr(dom, "data-holder") == b[:8], "the page did not follow the hand-over"
+    assert attr(dom, "data-waiting") == "0"
+    assert "<code>%s</code> holds the lab" % b[:8] in dom
+    assert "Nobody is waiting." in dom
+    assert re.search(r'<span id="live" class="on">live, updated [^<]+</span>', dom)
+    assert "session %s got the lab after waiting" % b[:8] in dom
+
+    # 4. a fresh load shows the new holder too
+    dom = chromium("--dump-dom", srv.url + "/")
+    assert attr(dom, "data-holder") == b[:8]
+    assert attr(dom, "data-lab-state") in ("stopping", "stopped")
+
+
+def test_docs_page_in_headless_chromium(start_server, chromium):
+    srv, api = start_server()
+    dom = chromium("--dump-dom", srv.url + "/docs")
+    assert dom.count('<form class="try"') == len(
+        [1 for item in api.req("GET", "/openapi.json")[1]["paths"].values() for _ in item])
+    assert 'id="op-post_lab"' in dom and 'id="op-get_metrics"' in dom
