@@ -9,33 +9,30 @@ Standard library only, Python >= 3.8, one file: copy it to the lab host and run
 """
 
 import argparse
-import ast
 import bisect
 import collections
 import dataclasses
 import email.parser
 import errno
-import hashlib
 import html
 import http.client
 import http.server
 import json
 import logging
-import logging.config
 import os
 import re
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
+
+# Imported where used, not here: ast, concurrent.futures, hashlib, logging.config, subprocess,
+# uuid (with platform) -- they are most of the start-up time and of a simulated netlab call.
 
 __version__ = "0.1.0"
 
@@ -215,6 +212,7 @@ class SessionQueue:
 
     # -- API --
     def create(self) -> Tuple[str, int]:
+        import uuid
         with self.lock:
             if len(self._sessions) >= self.max_length:
                 raise QueueFull("queue is full (%d sessions)" % self.max_length)
@@ -363,6 +361,7 @@ class NetlabRunner:
 
         Raises NetlabError on timeout, and on a non-zero exit when ``check`` is set.
         """
+        import subprocess
         verb = args[0] if args else "?"
         self.calls[verb] += 1
         argv = self.command + list(args)
@@ -429,6 +428,7 @@ class NetlabRunner:
     def node_names(self, labdir: str, ctx="-") -> List[str]:
         _, out = self.run(["inspect", "-q", "--format", "json", "list(nodes.keys())"], labdir,
                           self.timeout, ctx=ctx)
+        import ast
         try:
             names = ast.literal_eval(out.strip())  # a Python repr, not JSON
         except (ValueError, SyntaxError):
@@ -451,6 +451,7 @@ class NetlabRunner:
 
     def devices(self, labdir: str, ctx="-") -> List[dict]:
         """Node names, then one inspect per node, concurrently (one round in wall time)."""
+        from concurrent.futures import ThreadPoolExecutor
         names = self.node_names(labdir, ctx)
         if not names:
             return []
@@ -463,8 +464,9 @@ class NetlabRunner:
         self.run(args, labdir, self.timeout, ctx=ctx)
 
 
-def kill_process_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
+def kill_process_group(proc: "subprocess.Popen", grace: float = 3.0) -> None:
     """SIGTERM the child's whole process group, SIGKILL whatever is left after ``grace``."""
+    import subprocess
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -795,6 +797,7 @@ class Upload:
     def finish(self):
         if not self.topology:
             raise BadRequest("missing file field 'topology' (a .yml/.yaml file)")
+        import hashlib
         h = hashlib.sha256()
         h.update(b"topology\0" + self.topology.encode() + b"\0" + self.files[self.topology].encode())
         for name in sorted(self.files):
@@ -973,6 +976,7 @@ class MultipartParser:
                          0o644)
         except OSError as e:
             raise BadRequest("cannot store %r: %s" % (name, e.strerror)) from None
+        import hashlib
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out:
             def sink(data):
@@ -1003,6 +1007,7 @@ def receive_upload(rfile, headers, labs_dir: str, max_bytes: int) -> Upload:
     if length > max_bytes:
         raise TooLarge("upload of %d bytes exceeds the limit of %d bytes (--max-upload-mb)"
                        % (length, max_bytes))
+    import uuid
     os.makedirs(labs_dir, exist_ok=True)
     workdir = os.path.join(labs_dir, "lab-" + uuid.uuid4().hex[:12])
     os.mkdir(workdir, 0o755)
@@ -3136,9 +3141,10 @@ LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 def setup_logging(settings: Settings) -> None:
     if settings.log_config:
         try:
+            from logging import config as logging_config  # not `import logging.config`: local name
             with open(settings.log_config) as f:
                 config = json.load(f)
-            logging.config.dictConfig(config)
+            logging_config.dictConfig(config)
         except (OSError, ValueError, TypeError, AttributeError, ImportError) as e:
             raise SystemExit("remote-lab: bad --log-config %s: %s" % (settings.log_config, e))
         for handler in logging.getLogger().handlers + log.handlers:
@@ -3213,6 +3219,7 @@ class StatusFile:
                 time.sleep(0.1)
 
     def _write(self, data: dict) -> None:
+        import uuid
         directory = os.path.dirname(self.path) or "."
         tmp = os.path.join(directory, ".%s.%d.%s.tmp" % (os.path.basename(self.path), os.getpid(),
                                                         uuid.uuid4().hex[:8]))
