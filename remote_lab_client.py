@@ -770,6 +770,9 @@ class RemoteLabClient:
         load_dotenv()
         self.base_url = resolve_base_url(base_url)
         self.request_timeout = _env_seconds("REMOTE_LAB_REQUEST_TIMEOUT", request_timeout)
+        if self.request_timeout <= 0:
+            raise ConfigError("the request timeout must be positive, not %r"
+                              % self.request_timeout)
         self.session_timeout = _env_seconds("REMOTE_LAB_SESSION_TIMEOUT", session_timeout)
         self.lab_acquisition_timeout = _env_seconds("REMOTE_LAB_ACQUISITION_TIMEOUT",
                                                     lab_acquisition_timeout)
@@ -904,7 +907,8 @@ class RemoteLabClient:
             try:
                 resp = self._http.request(
                     "POST", "/session/heartbeat", headers=headers, idempotent=True, retries=1,
-                    timeout=min(self.request_timeout, max(5.0, interval)), lock_timeout=1.0)
+                    timeout=min(self.request_timeout, max(5.0, interval)),
+                    lock_timeout=min(0.25, interval / 4.0))
             except Exception as e:  # the server may be restarting: keep trying
                 _log.debug("heartbeat failed: %s", e)
                 continue
