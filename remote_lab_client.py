@@ -1336,6 +1336,12 @@ def _make_pytest_plugin():
 
         def pytest_report_header(self, config):
             url = os.environ.get("REMOTE_LAB_URL", "").strip()
+            if not url:  # what the fixture will see once it loads .env (not loaded yet)
+                try:
+                    with open(".env", encoding="utf-8") as f:
+                        url = parse_dotenv(f.read()).get("REMOTE_LAB_URL", "").strip()
+                except (OSError, UnicodeDecodeError):
+                    pass
             return "remote lab: %s" % (url or "REMOTE_LAB_URL not set")
 
     return RemoteLabPlugin()

@@ -126,6 +126,18 @@ def test_drop_in_flow_acquire_reuse_release_destroy_close(srv, tmp_path):
     assert srv.netlab_verbs().count("up") == 1 and "down" in srv.netlab_verbs()
 
 
+def test_destroy_without_force_refuses_a_lab_in_use(srv):
+    with client(srv.url) as c:
+        assert c.session_status() == {"session_id": c.session_id, "status": "active",
+                                      "position": 0}
+        c.acquire(SIMPLE)
+        with pytest.raises(rlc.LabInUse) as info:
+            c.destroy(force=False)
+        assert info.value.status == 409 and "in use" in info.value.detail
+        c.release()
+        assert c.destroy(force=False) is True
+
+
 def test_close_releases_what_it_holds_and_ends_the_session(srv):
     c = client(srv.url)
     c.acquire(SIMPLE)
