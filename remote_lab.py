@@ -1075,6 +1075,18 @@ class ObservedNetlabRunner(NetlabRunner):
                 log.exception("netlab observer failed")
 
 
+def _peer_closed(conn) -> bool:
+    """True when the client of ``conn`` has closed its side (EOF readable, nothing pipelined)."""
+    if conn is None:
+        return False
+    import select
+    try:
+        readable = select.select([conn], [], [], 0)[0]
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
 class OpsMixin:
     """Events, status snapshot, long-poll, the ops endpoints, sd_notify hooks (issue 5)."""
 
@@ -1270,17 +1282,17 @@ class OpsMixin:
             if not 0 <= seconds <= 60:
                 raise HTTPError(400, "wait must be between 0 and 60 seconds")
             if since is not None and seconds > 0:
-                self._ops_wait_change(since, seconds)
+                self._ops_wait_change(since, seconds, getattr(h, "connection", None))
         return 200, self.ops_status(h.query.get("sid"))
 
-    def _ops_wait_change(self, since: str, seconds: float) -> None:
+    def _ops_wait_change(self, since: str, seconds: float, conn=None) -> None:
         with self.events_lock:
             self.status_watchers += 1
         try:
             deadline = time.monotonic() + seconds
             while not self.stopping.is_set() and self.ops_token() == since:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or _peer_closed(conn):  # a closed page stops watching at once
                     break
                 with self.queue.changed:  # queue changes wake us at once, the rest within 0.5 s
                     self.queue.changed.wait(min(left, 0.5))
@@ -1288,7 +1300,7 @@ class OpsMixin:
             with self.events_lock:
                 self.status_watchers -= 1
 
-    def get_status_page(self, h, m):
+    def get_status_page(self, h, m):  # GET / with Accept: text/html
         return 200, RawResponse(render_status_page(self.ops_status(h.query.get("sid"))),
                                 "text/html; charset=utf-8", PAGE_HEADERS)
 

@@ -6,6 +6,7 @@ status codes the server really answers, and the /docs page.
 import json
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -158,6 +159,23 @@ def test_status_long_poll_wakes_on_change_and_lists_events_in_order(start_server
     for bad in ("x", "-1", "61"):
         status, body, _ = api.req("GET", "/status?wait=%s&since=1" % bad)
         assert status == 400 and "wait" in body["detail"]
+
+
+def test_a_closed_page_stops_watching(start_server):
+    srv, api = start_server()
+    token = status_json(api)["token"]
+
+    def watchers():
+        return metric_value(api.req("GET", "/metrics")[1], "remote_lab_status_page_watchers")
+
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    s.sendall(b"GET /status?wait=30&since=" + token.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: watchers() == 1, what="the long-poll to wait")
+    s.close()
+    t0 = time.monotonic()
+    wait_until(lambda: watchers() == 0, timeout=5, what="the closed long-poll to end")
+    assert time.monotonic() - t0 < 2
+    assert api.req("GET", "/healthz")[0] == 204
 
 
 def test_netlab_failure_is_an_event_with_its_detail(start_server):

@@ -97,6 +97,8 @@ def test_status_page_in_headless_chromium(start_server, chromium, tmp_path):
     # runs out during the 1 s pause after the update, so the dump is the script's rendering
     before, _ = api.req("GET", "/", headers=HTML)[1:]
     assert 'data-holder="%s"' % a[:8] in before
+    # the pages loaded above are closed: the server noticed, nobody is watching any more
+    wait_until(lambda: watchers(api) == 0, timeout=10, what="closed pages to stop watching")
     proc = chromium("--virtual-time-budget=500", "--dump-dom", srv.url + "/", background=True)
     try:
         wait_until(lambda: watchers(api) >= 1 or proc.poll() is not None, timeout=60,
