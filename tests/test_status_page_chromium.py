@@ -7,6 +7,7 @@
    DOM the script rendered shows the new holder (the server-rendered HTML showed the old one);
 4. a fresh load afterwards shows the new holder too.
 """
+import json
 import re
 import shutil
 import subprocess
@@ -131,3 +132,39 @@ def test_docs_page_in_headless_chromium(start_server, chromium):
     assert dom.count('<form class="try"') == len(
         [1 for item in api.req("GET", "/openapi.json")[1]["paths"].values() for _ in item])
     assert 'id="op-post_lab"' in dom and 'id="op-get_metrics"' in dom
+
+
+def out_of(dom, op):
+    m = re.search(r'<section class="card op" id="op-%s">.*?<pre class="out"[^>]*>(.*?)</pre>'
+                  % op, dom, re.S)
+    assert m, op
+    return m.group(1)
+
+
+def test_docs_try_it_forms_in_headless_chromium(start_server, chromium, tmp_path):
+    """The "try it" forms really send requests: a copy of /docs whose added script submits
+    POST /session, GET /healthz, then GET /session/{id} (the id filled in from the first
+    answer). Served from a file with <base> pointing at the server (hence no CSP and
+    --disable-web-security for the cross-origin fetches); the page's own script is unchanged."""
+    srv, api = start_server()
+    status, docs, _ = api.req("GET", "/docs", headers=HTML)
+    assert status == 200
+    driver = """<script>
+    function go(op) { document.querySelector("#op-" + op + " form").requestSubmit(); }
+    go("post_session");
+    setTimeout(function () { go("get_healthz"); }, 200);
+    setTimeout(function () { go("get_session"); }, 400);
+    </script></body>"""
+    page = docs.replace("<head>", '<head><base href="%s/">' % srv.url, 1) \
+        .replace("</body>", driver, 1)
+    path = tmp_path / "docs.html"
+    path.write_text(page)
+    dom = chromium("--disable-web-security", "--virtual-time-budget=3000", "--dump-dom",
+                   path.as_uri())
+    created = out_of(dom, "post_session")
+    assert created.startswith("201 Created"), created
+    sid = json.loads(created.split("\n", 1)[1])["session_id"]
+    assert out_of(dom, "get_healthz").startswith("204 No Content")
+    got = out_of(dom, "get_session")
+    assert got.startswith("200 OK") and '"status": "active"' in got and sid in got, got
+    assert [s["session_id"] for s in api.health()["sessions"]] == [sid]
