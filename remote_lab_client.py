@@ -324,8 +324,9 @@ class MultipartBody:
         self.content_type = "multipart/form-data; boundary=" + self.boundary
         parts = []
         for name, value in fields:
-            parts.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n"
-                          % (self.boundary, name)).encode("utf-8") + value.encode("utf-8") + b"\r\n")
+            head = ("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n"
+                    % (self.boundary, name))
+            parts.append(head.encode("utf-8") + value.encode("utf-8") + b"\r\n")
         for field, filename, path in files:
             try:
                 size = os.stat(path).st_size
@@ -544,8 +545,8 @@ class HttpTransport:
             resp = conn.getresponse()
             data = resp.read()
         except socket.timeout:
-            raise RequestTimeout("%s %s%s: no answer within %.0f s"
-                                 % (method, self.base_url, url[len(self.prefix):], timeout)) from None
+            raise RequestTimeout("%s %s%s: no answer within %.0f s" % (
+                method, self.base_url, url[len(self.prefix):], timeout)) from None
         except (OSError, http.client.HTTPException) as e:
             raise _Broken(e) from None
         return Response(resp.status, resp.reason, resp.headers, data)

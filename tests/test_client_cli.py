@@ -1,4 +1,4 @@
-"""The command line of remote_lab_client (python3 remote_lab_client.py ...) against a real server."""
+"""The command line of remote_lab_client (python3 remote_lab_client.py ...), real server."""
 import json
 import os
 import signal
