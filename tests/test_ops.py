@@ -3,7 +3,6 @@ the status page (GET / for browsers) and its JSON long-poll (GET /status), the e
 Prometheus /metrics parsed line by line, the OpenAPI document against App.ROUTES and against the
 status codes the server really answers, and the /docs page.
 """
-import json
 import math
 import re
 import socket
@@ -13,8 +12,8 @@ import time
 
 import pytest
 
-from helpers import ROOT, http
-from server_support import SIMPLE, Api, build_multipart, start_server, wait_until  # noqa: F401
+from helpers import ROOT
+from server_support import SIMPLE, build_multipart, start_server, wait_until  # noqa: F401
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from helpers import ROOT
-from server_support import Api, start_server, wait_until  # noqa: F401
+from server_support import start_server, wait_until  # noqa: F401
 
 sys.path.insert(0, str(ROOT))
 

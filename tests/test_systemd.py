@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import uuid
 import pytest
 
 from helpers import _LISTEN_RE, FAKE_NETLAB, ROOT, SERVER, ServerProcess, http
-from server_support import SIMPLE, Api, wait_until
+from server_support import Api, wait_until
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
