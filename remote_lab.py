@@ -1081,10 +1081,15 @@ def _peer_closed(conn) -> bool:
         return False
     import select
     try:
-        readable = select.select([conn], [], [], 0)[0]
-        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
+        poller = select.poll()  # not select(): no limit on the fd number
+        poller.register(conn, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionError:  # reset by the peer
         return True
+    except (OSError, ValueError):
+        return False  # cannot tell: keep waiting until the deadline
 
 
 class OpsMixin:
