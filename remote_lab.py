@@ -1837,6 +1837,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             log.exception("unhandled error in %s %s", self.command, self.path)
             status, body = 500, {"detail": "internal server error: %s" % e}
         app.http_requests[(route, status)] += 1  # no formatting here: /metrics labels it
+        if status >= 400 and (self.headers.get("Transfer-Encoding")
+                              or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+            # an error may leave the body unread (POST /lab refused before its upload, 404/405):
+            # close rather than parse the rest of it as the next request on this connection
+            self.close_connection = True
         try:
             self.send_json(status, body)
         except (BrokenPipeError, ConnectionResetError):
