@@ -4,6 +4,7 @@ One server (fake netlab) is shared by this module; after every test the `clean` 
 sessions, waits for the lab to be torn down and checks that no lab work dir leaked.
 """
 import http.client
+import json
 import os
 import threading
 import time
@@ -11,8 +12,8 @@ import time
 import pytest
 
 from helpers import ServerProcess
-from server_support import (MAPPING, SIMPLE, SINGLE, Api, calls_of, drain_server, lab_dirs,
-                            up_dirs, wait_until)
+from server_support import (MAPPING, SIMPLE, SINGLE, Api, build_multipart, calls_of,
+                            drain_server, lab_dirs, up_dirs, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,40 @@ def test_wrong_method_405_json(api, method, path):
     assert status == 405
     assert headers["Content-Type"] == "application/json"
     assert_detail(body)
+
+
+@pytest.mark.parametrize("case", ["waiting-423", "unknown-404", "no-header-400", "route-404",
+                                  "method-405"])
+def test_error_before_reading_the_body_keeps_the_connection_sane(api, srv, case):
+    """A request refused before its body is read must not leave that body to be parsed as the
+    next request on a keep-alive connection."""
+    api.new_session()
+    waiting = api.new_session()
+    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE)])
+    method, path, sid, expected = {
+        "waiting-423": ("POST", "/lab", waiting, 423),
+        "unknown-404": ("POST", "/lab", "unknown", 404),
+        "no-header-400": ("POST", "/lab", None, 400),
+        "route-404": ("POST", "/nope", waiting, 404),
+        "method-405": ("PUT", "/lab", waiting, 405),
+    }[case]
+    headers = {"Content-Type": ctype}
+    if sid:
+        headers["X-Session-ID"] = sid
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+    try:
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        assert resp.status == expected
+        assert json.loads(resp.read())["detail"]
+        # the next request on this connection (http.client reopens it if the server closed it)
+        conn.request("GET", "/session/%s" % waiting)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert json.loads(resp.read())["position"] == 1
+    finally:
+        conn.close()
+    assert lab_dirs(srv) == []
 
 
 # ------------------------------------------------------------------------------------------
