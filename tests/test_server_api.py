@@ -527,3 +527,21 @@ def test_lab_torn_down_when_session_ends_without_keep_warm(api, srv):
     assert (status, body["reused"]) == (200, False)
     assert [d["name"] for d in body["devices"]] == ["solo"]
     assert len(calls_of(srv, "up", m)) == 2
+
+
+def test_concurrent_acquires_of_the_same_lab_share_one_up(api, srv):
+    m = mark(srv)
+    sid = api.new_session()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(api.post_lab(sid, SINGLE,
+                                                                            "single.yml")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert sorted(r[1]["reused"] for r in results) == [False, True, True]
+    assert len(calls_of(srv, "up", m)) == 1
+    assert api.lab(sid)[1]["ref_count"] == 3
+    assert len(lab_dirs(srv)) == 1  # the two reused uploads were discarded

@@ -348,8 +348,14 @@ def test_no_work_dir_left_after_10_cycles(api, srv):
 def test_active_session_expires_next_promoted_and_lab_torn_down(start_server):
     srv, api = start_server("--active-timeout", "1", "--waiting-timeout", "2")
     a = api.new_session()
+    # a request in flight pins its session: an `up` longer than the active timeout is fine
+    srv.switch("up_delay", value="1.5")
+    t0 = time.monotonic()
+    assert api.post_lab(a, SINGLE, "single.yml")[0] == 200
+    assert time.monotonic() - t0 > 1.5
+    srv.switch("up_delay", on=False)
+    assert api.req("GET", "/active-session")[1]["session_id"] == a
     b = api.new_session()
-    assert api.post_lab(a)[0] == 200  # pinned while netlab works: not expired meanwhile
     workdir = up_dirs(srv)[0]
     t0 = time.monotonic()
     # b keeps itself alive with long-polls only (each is a sign of life), a goes silent
@@ -366,6 +372,16 @@ def test_active_session_expires_next_promoted_and_lab_torn_down(start_server):
     assert [d["cwd"] for d in calls_of(srv, "down")] == [workdir]
     assert lab_dirs(srv) == []
     assert "expired" in srv.log()
+    # a long-poll longer than the waiting timeout keeps its (otherwise silent) session alive
+    c = api.new_session()
+    poll = Poller(api, c, wait=3)
+    t0 = time.monotonic()
+    while poll.is_alive() and time.monotonic() - t0 < 6:
+        assert api.req("POST", "/session/heartbeat", b)[0] == 204  # b (active) stays alive
+        time.sleep(0.25)
+    poll.join(1)
+    assert poll.result == (200, {"session_id": c, "status": "waiting", "position": 1})
+    assert api.session(c)[0] == 200
 
 
 @pytest.mark.timeout(60)
