@@ -36,6 +36,7 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import threading
 import time
 import urllib.parse
@@ -1867,6 +1868,13 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 512
+
+    def server_bind(self):
+        """HTTPServer.server_bind without socket.getfqdn(): a reverse DNS lookup (plus the idna
+        codec import) at every start, slow or stuck with a poor resolver, only to fill
+        server_name, which nothing here uses (socket activation sets the address too)."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
 
 def bind_server(settings: Settings, app: App,
