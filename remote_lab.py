@@ -262,13 +262,19 @@ class SessionQueue:
                 s.pins = max(0, s.pins - 1)
                 s.last_seen = self.clock()
 
-    def wait_change(self, sid: str, timeout: float) -> Tuple[str, int]:
+    def wait_change(self, sid: str, timeout: float,
+                    known: Optional[int] = None) -> Tuple[str, int]:
         """Block until ``sid``'s status/position changes or ``timeout`` passes; return the state.
 
-        Raises UnknownSession if the session is (or becomes) unknown.
+        ``known``: the position the caller last saw; if it differs already, return at once
+        (the change happened between two long-polls). An active session returns at once too:
+        there is nothing left to wait for. Raises UnknownSession if the session is (or becomes)
+        unknown.
         """
         with self.lock:
             first = self.state(sid)
+            if first[1] == 0 or (known is not None and known != first[1]):
+                return first
             deadline = self.clock() + timeout
             while True:
                 remaining = deadline - self.clock()
@@ -368,6 +374,19 @@ class NetlabRunner:
         self.stream = stream
         self.calls = collections.Counter()  # verb -> count (for stats)
         self.failures = collections.Counter()
+        self.closing = False  # server shutdown: no new `up`
+        self._running = {}  # type: Dict[int, Tuple[str, "subprocess.Popen"]]  # pid -> (verb, proc)
+        self._running_lock = threading.Lock()
+
+    def abort(self) -> None:
+        """Server shutdown: refuse new `up`s, kill the `up`/`inspect` runs in flight (whole group)
+        so the lab can be torn down now rather than after --up-timeout."""
+        with self._running_lock:
+            self.closing = True
+            procs = [p for verb, p in self._running.values() if verb in ("up", "inspect")]
+        for proc in procs:
+            log.warning("shutting down: killing netlab (pid %d)", proc.pid)
+            kill_process_group(proc)
 
     def run(self, args: List[str], cwd: str, timeout: float, check: bool = True,
             ctx: str = "-") -> Tuple[int, str]:
@@ -382,6 +401,9 @@ class NetlabRunner:
         shown = "netlab " + " ".join(shlex.quote(a) for a in args)
         log.info("running %s (in %s)", shown, cwd, extra={"ctx": ctx})
         started = time.monotonic()
+        if self.closing and verb == "up":
+            self.failures[verb] += 1
+            raise NetlabError("%s refused: the server is shutting down" % shown)
         try:
             proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -409,11 +431,16 @@ class NetlabRunner:
         for t in readers:
             t.start()
         timed_out = False
+        with self._running_lock:
+            self._running[proc.pid] = (verb, proc)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_process_group(proc)
+        finally:
+            with self._running_lock:
+                self._running.pop(proc.pid, None)
         for t in readers:
             t.join(5)
         elapsed = time.monotonic() - started
@@ -692,7 +719,8 @@ class Lab:
                     self.runner.down(workdir, force=force, ctx=ctx)
                 except NetlabError as e:
                     if force:
-                        log.error("netlab down failed: %s", e, extra={"ctx": ctx})
+                        # after a failed `up` there may be nothing registered to take down
+                        log.warning("netlab down --force failed: %s", e, extra={"ctx": ctx})
                     else:
                         log.warning("netlab down failed (%s); retrying with --force", e,
                                     extra={"ctx": ctx})
@@ -1478,9 +1506,14 @@ class App(OpsMixin):
                     raise HTTPError(400, "wait must be a number of seconds (0-60)") from None
                 if not 0 <= seconds <= 60:
                     raise HTTPError(400, "wait must be between 0 and 60 seconds")
+                known = h.query.get("position")
+                try:
+                    known = None if known is None else int(known)
+                except ValueError:
+                    raise HTTPError(400, "position must be an integer") from None
                 self.queue.pin(sid)
                 try:
-                    status, pos = self.queue.wait_change(sid, seconds)
+                    status, pos = self.queue.wait_change(sid, seconds, known)
                 finally:
                     self.queue.unpin(sid)
         except UnknownSession:
@@ -1843,14 +1876,42 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             # an error may leave the body unread (POST /lab refused before its upload, 404/405):
             # close rather than parse the rest of it as the next request on this connection
             self.close_connection = True
+            unread_body = True
+        else:
+            unread_body = False
         try:
             self.send_json(status, body)
+            if unread_body:
+                self._linger()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         log.debug("%s %s -> %d (%.1f ms)", self.command, self.path, status,
                   (time.monotonic() - started) * 1000)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = dispatch
+
+    def _linger(self, seconds: float = 2.0, limit: int = 16 * 1024 * 1024) -> None:
+        """Half-close, then drain a little of the unread body before closing.
+
+        Closing a socket with unread bytes makes the kernel answer with a reset, which can
+        destroy our error answer (e.g. an early 413) before the client reads it.
+        """
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.25)
+            deadline = time.monotonic() + seconds
+            drained = 0
+            while drained < limit and time.monotonic() < deadline:
+                try:
+                    data = self.connection.recv(CHUNK)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
 
     def log_message(self, fmt, *args):  # http.server's own access/error lines
         log.debug("http: " + fmt, *args)
@@ -3365,6 +3426,7 @@ def main(argv=None) -> int:
         app.stopping.set()
         app.ops_stopping()  # STOPPING=1 (once)
         log.info("tearing down the lab before exit")
+        app.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
         app.lab.shutdown()
         status_file.mark_stopped()
         log.info("stopped")
