@@ -6,12 +6,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess
-from server_support import (MAPPING, SIMPLE, Api, calls_of, lab_dirs, start_server,  # noqa: F401
-                            up_dirs, wait_until)
+from server_support import (MAPPING, SIMPLE, Api, calls_of, lab_dirs, pid_alive,  # noqa: F401
+                            start_server, up_dirs, wait_until)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -107,6 +108,27 @@ def test_signal_tears_the_lab_down_and_exits_0(start_server, sig):
     assert "received %s" % sig.name in srv.log()
     registry = json.loads((srv.fake_dir / "status.json").read_text())
     assert registry == {}
+
+
+def test_sigterm_during_a_hung_up_kills_it_cleans_and_exits_0(start_server):
+    """The default --up-timeout is 30 min: a stop must not wait for it."""
+    srv, api = start_server()
+    sid = api.new_session()
+    srv.switch("up_hang")
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=api.post_lab(sid, timeout=30)),
+                         daemon=True)
+    t.start()
+    up = wait_until(lambda: calls_of(srv, "up"), 5, what="up started")[0]
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(15) == 0
+    assert not pid_alive(up["pid"])
+    # the killed `up` may have registered the instance: cleaned in its dir, dir removed
+    downs = calls_of(srv, "down")
+    assert downs and all(d["cwd"] == up["cwd"] for d in downs)
+    assert lab_dirs(srv) == []
+    t.join(5)
+    assert result["r"][0] >= 500  # the acquire failed (no hang until the client gives up)
 
 
 def test_startup_cleans_lab_dirs_left_by_a_crash(tmp_path):
