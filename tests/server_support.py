@@ -4,7 +4,6 @@ Thin conveniences over tests/helpers.py: a per-server client, lab uploads, polli
 Everything talks to a real server process over HTTP; nothing of the server is mocked.
 """
 import json
-import os
 import socket
 import time
 from pathlib import Path

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from helpers import FAKE_NETLAB, ServerProcess
-from server_support import (MAPPING, SIMPLE, Api, calls_of, drain_server, lab_dirs, pid_alive,
+from server_support import (MAPPING, Api, calls_of, drain_server, lab_dirs, pid_alive,
                             start_server, up_dirs, wait_until)  # noqa: F401 (fixture)
 
 
