@@ -1667,14 +1667,18 @@ def read_headers(rfile, message_class=http.client.HTTPMessage):
         if line in (b"\r\n", b"\n", b""):
             break
     msg = message_class()
+    index = {}
     match = _HEADER_LINE_RE.match
     for line in lines[:-1]:
         m = match(line.decode("iso-8859-1"))
         if m is None:
             return email.parser.Parser(_class=message_class).parsestr(
                 b"".join(lines).decode("iso-8859-1"))
-        msg.set_raw(m.group(1), m.group(2).lstrip(" \t"))
+        name, value = m.group(1), m.group(2).lstrip(" \t")
+        msg.set_raw(name, value)
+        index.setdefault(name.lower(), value)
     msg.set_payload("")
+    msg.fast_index = index  # {lower-case name: what msg.get(name) answers}, see header()
     return msg
 
 
@@ -1685,8 +1689,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     app = None  # type: App  # set on the subclass made by make_server
 
     # -- helpers --
+    def header(self, name: str, default=None):
+        """``self.headers.get(name, default)``: a dict lookup when read_headers() indexed them
+        (email's Message.get() lower-cases every header name on every call)."""
+        index = getattr(self.headers, "fast_index", None)
+        if index is None:
+            return self.headers.get(name, default)
+        return index.get(name.lower(), default)
+
     def session_header(self, required=False) -> Optional[str]:
-        sid = self.headers.get("X-Session-ID")
+        sid = self.header("X-Session-ID")
         if sid:
             sid = sid.strip()
         if not sid and required:
@@ -1746,8 +1758,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _discard_body(self) -> None:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        length = self.header("Content-Length")
+        if self.header("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True
             return
         if not length:
@@ -1819,12 +1831,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except http.client.HTTPException as err:
             self.send_error(431, "Too many headers", str(err))
             return False
-        conntype = self.headers.get("Connection", "").lower()
+        conntype = self.header("Connection", "").lower()
         if conntype == "close":
             self.close_connection = True
         elif conntype == "keep-alive" and self.protocol_version >= "HTTP/1.1":
             self.close_connection = False
-        expect = self.headers.get("Expect", "")
+        expect = self.header("Expect", "")
         if (expect.lower() == "100-continue" and self.protocol_version >= "HTTP/1.1"
                 and self.request_version >= "HTTP/1.1"):
             if not self.handle_expect_100():
@@ -1844,9 +1856,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         status = 500
         route = "unmatched"  # the metrics label for 404/405 (section 6a)
         try:
-            parsed = urllib.parse.urlsplit(self.path)
-            self.query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
-            func, m = app.route(self.command, parsed.path)
+            path = self.path
+            if path[:1] == "/" and path[:2] != "//" and "?" not in path and "#" not in path:
+                self.query = {}  # what urlsplit() + parse_qsl() make of a plain path
+            else:
+                parsed = urllib.parse.urlsplit(path)
+                self.query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
+                path = parsed.path
+            func, m = app.route(self.command, path)
             route = func.__name__
             sid = self.session_header()
             path_sid = m.group(1) if m.groups() and func.__name__.endswith("_session") else None
