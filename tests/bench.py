@@ -50,11 +50,11 @@ MIB = 1024 * 1024
 class Server:
     """A remote_lab.py process on 127.0.0.1, port 0; the port is read from its lock file."""
 
-    def __init__(self, root, name, fake=False, extra=()):
+    def __init__(self, root, name, fake=False, extra=(), pyflags=()):
         self.dir = os.path.join(root, name)
         self.state = os.path.join(self.dir, "state")
         os.makedirs(self.dir)
-        self.cmd = [sys.executable, SERVER, "--host", HOST, "--port", "0",
+        self.cmd = [sys.executable, *pyflags, SERVER, "--host", HOST, "--port", "0",
                     "--state-dir", self.state, "--log-level", "WARNING"]
         self.cmd += ["--netlab", FAKE_NETLAB] if fake else ["--simulate"]
         self.cmd += list(extra)
@@ -435,20 +435,30 @@ def upload(server, size_mib):
 
 
 def startup(root, runs, fake):
-    times = []
+    times, nosite = [], []
     for i in range(runs):
-        s = Server(root, "startup-%d" % i, fake=fake)
-        try:
-            times.append(s.start())
-        finally:
-            s.stop()
-    floor = []
-    for _ in range(3):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        floor.append(time.perf_counter() - t)
+        for flags, out in (((), times), (("-S",), nosite)):
+            s = Server(root, "startup-%d%s" % (i, "".join(flags)), fake=fake, pyflags=flags)
+            try:
+                out.append(s.start())
+            finally:
+                s.stop()
+    # the interpreter's own floor on this machine, with and without site (.pth hooks)
+    probe = "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
+    floor = {}
+    for flags in ((), ("-S",)):
+        spent, rss = [], 0
+        for _ in range(5):
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, *flags, "-c", probe], check=True,
+                                 capture_output=True, text=True).stdout
+            spent.append(time.perf_counter() - t)
+            rss = int(out) / 1024
+        floor[flags] = (statistics.median(spent) * 1000, rss)
     return {"median_ms": statistics.median(times) * 1000, "min_ms": min(times) * 1000,
-            "python_floor_ms": statistics.median(floor) * 1000}
+            "nosite_median_ms": statistics.median(nosite) * 1000,
+            "python_floor_ms": floor[()][0], "python_rss_mib": floor[()][1],
+            "python_nosite_ms": floor[("-S",)][0], "python_nosite_rss_mib": floor[("-S",)][1]}
 
 
 def fmt(v, unit=""):
@@ -544,7 +554,12 @@ def main(argv=None):
         r = res["startup"]
         row("start-up to first /healthz (median)", fmt(r["median_ms"], "ms"), "≤ 100 ms",
             r["median_ms"] <= 100)
-        row("  min / bare `python3 -c pass`", "%s / %s" % (fmt(r["min_ms"]), fmt(r["python_floor_ms"], "ms")))
+        row("  min", fmt(r["min_ms"], "ms"))
+        row("  bare `python3 -c pass`: time, RSS", "%s / %s" % (fmt(r["python_floor_ms"], "ms"),
+                                                              fmt(r["python_rss_mib"], "MiB")))
+        row("  same with -S (no site, no .pth hooks)", "%s / %s" % (
+            fmt(r["python_nosite_ms"], "ms"), fmt(r["python_nosite_rss_mib"], "MiB")))
+        row("  server start-up under python3 -S (median)", fmt(r["nosite_median_ms"], "ms"))
     row("RSS idle (after start)", fmt(res["rss_idle_mib"], "MiB"))
     row("RSS after load", fmt(res["rss_after_load_mib"], "MiB"), "≤ 20 MiB", res["rss_after_load_mib"] <= 20)
     row("  peak RSS (VmHWM) before upload", fmt(res["rss_hwm_mib"], "MiB"))
