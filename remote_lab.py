@@ -3415,15 +3415,8 @@ def main(argv=None) -> int:
         return fail("remote-lab: cannot listen on %s %s: %s" % (settings.host, where, e))
     host, port = server.server_address[:2]
     lock.record(port=port, host=host)
-    if not status_file.update(status="running", port=port, host=host):
-        log.warning("status file %s did not appear within %.0f s; wrote it myself",
-                    status_file.path, StatusFile.WAIT_FOR_FILE)
-    shown_host = "[%s]" % host if ":" in host else host
-    log.info("remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
-             port, "simulated" if settings.simulate else settings.netlab)
-    app.lab.startup_cleanup()
-    app.ops_ready()  # READY=1, then STATUS= on changes (section 6a)
 
+    # before anything reports us as running: a launcher may signal us as soon as it reads that
     def on_signal(signum, frame):
         if not app.stopping.is_set():
             log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -3433,6 +3426,15 @@ def main(argv=None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    if not status_file.update(status="running", port=port, host=host):
+        log.warning("status file %s did not appear within %.0f s; wrote it myself",
+                    status_file.path, StatusFile.WAIT_FOR_FILE)
+    shown_host = "[%s]" % host if ":" in host else host
+    log.info("remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
+             port, "simulated" if settings.simulate else settings.netlab)
+    app.lab.startup_cleanup()
+    app.ops_ready()  # READY=1, then STATUS= on changes (section 6a)
+
     keeper = threading.Thread(target=housekeeping_loop, args=(app,), name="housekeeping",
                               daemon=True)
     keeper.start()
