@@ -29,12 +29,17 @@ before pytest loads it as a plugin).
 
 import argparse
 import atexit
+import base64
+import hashlib
 import http.client
 import json
 import logging
 import os
 import random
+import re
 import select
+import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -46,6 +51,8 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping
+from dataclasses import asdict as dataclasses_asdict, dataclass
+from typing import Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -55,6 +62,7 @@ __all__ = [
     "RemoteLabError", "ConfigError", "ConnectionFailed", "RequestTimeout", "BadRequest",
     "NotFound", "SessionLost", "NoLab", "NotActive", "LabBusy", "AcquireTimeout", "LabInUse",
     "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed",
+    "launch", "Launcher", "Launched", "LaunchError", "running_servers", "resolve_base_url",
 ]
 
 _log = logging.getLogger("remote_lab_client")
@@ -63,8 +71,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 30.0  # the server's default active timeout is 300 
 LONG_POLL_SECONDS = 20.0  # per GET /session/{id}?wait=S (the server allows S <= 60)
 FALLBACK_POLL_SECONDS = 0.5  # polling cadence against a server that ignores ?wait=
 UPLOAD_CHUNK = 64 * 1024
-NO_URL_MESSAGE = ("no remote lab server configured: set REMOTE_LAB_URL=http://HOST:PORT "
-                  "(in the environment or a .env file in the working directory)")
+NO_URL_MESSAGE = ("no remote lab server configured: set REMOTE_LAB_URL=http://HOST:PORT or "
+                  "ssh://[USER@]HOST (in the environment or a .env file in the working "
+                  "directory), or put remote_lab.py next to remote_lab_client.py or on PATH for "
+                  "a local server")
 
 
 # ============================================================================================
@@ -379,7 +389,20 @@ class HttpTransport:
     """
 
     def __init__(self, base_url, timeout=30.0, token=None, ca_file=None, insecure=False,
-                 retries=4, backoff=0.25):
+                 retries=4, backoff=0.25, relocate=None):
+        self._target(base_url)
+        self.relocate = relocate  # () -> new base URL, when the server may move (ssh tunnel)
+        self.timeout = float(timeout)
+        self.token = token
+        self.ca_file = ca_file
+        self.insecure = bool(insecure)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self._lock = threading.Lock()
+        self._conn = None
+        self._ssl_context = None
+
+    def _target(self, base_url):
         parts = urllib.parse.urlsplit(base_url)
         self.scheme = parts.scheme.lower()
         if self.scheme not in ("http", "https"):
@@ -393,15 +416,23 @@ class HttpTransport:
         self.host = parts.hostname
         self.prefix = parts.path.rstrip("/")
         self.base_url = urllib.parse.urlunsplit((self.scheme, parts.netloc, self.prefix, "", ""))
-        self.timeout = float(timeout)
-        self.token = token
-        self.ca_file = ca_file
-        self.insecure = bool(insecure)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self._lock = threading.Lock()
-        self._conn = None
-        self._ssl_context = None
+
+    def _relocated(self):
+        """Ask ``relocate`` where the server is now (re-creating a dead tunnel); True if moved."""
+        try:
+            new_url = self.relocate()
+        except RemoteLabError as e:
+            _log.warning("cannot reach the server again: %s", e)
+            return False
+        if new_url.rstrip("/") == self.base_url:
+            return False
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self._target(new_url)
+        _log.info("server reached again at %s", self.base_url)
+        return True
 
     # -- connections --
     def _context(self):
@@ -472,11 +503,18 @@ class HttpTransport:
         url = self.url(path, query)
         what = "%s %s%s" % (method, self.base_url, path)
         attempt = 0
+        relocated = False
         while True:
             try:
                 resp = self._send_once(method, url, hdrs, body, timeout, lock_timeout)
             except _NotSent as e:
                 error = e.args[0]
+                if self.relocate is not None and not relocated:
+                    relocated = True  # once per request: launch again, then retry at once
+                    if self._relocated():
+                        url = self.url(path, query)
+                        what = "%s %s%s" % (method, self.base_url, path)
+                        continue
                 if attempt >= retries:
                     raise ConnectionFailed("cannot connect to the remote lab at %s: %s"
                                            % (self.base_url, _describe(error))) from None
@@ -769,7 +807,7 @@ class RemoteLabClient:
                  lab_acquisition_timeout=600, *, heartbeat_interval=None, token=None,
                  ca_file=None, insecure=None, progress=None, retries=4, start_session=True):
         load_dotenv()
-        self.base_url = resolve_base_url(base_url)
+        url = resolve_base_url(base_url)
         self.request_timeout = _env_seconds("REMOTE_LAB_REQUEST_TIMEOUT", request_timeout)
         if self.request_timeout <= 0:
             raise ConfigError("the request timeout must be positive, not %r"
@@ -784,7 +822,8 @@ class RemoteLabClient:
         token = os.environ.get("REMOTE_LAB_TOKEN") if token is None else token
         ca_file = os.environ.get("REMOTE_LAB_CA_FILE") or None if ca_file is None else ca_file
         insecure = _env_flag("REMOTE_LAB_INSECURE") if insecure is None else insecure
-        self._http = HttpTransport(self.base_url, self.request_timeout, token=token or None,
+        self._http = HttpTransport(url, self.request_timeout, relocate=_relauncher(base_url),
+                                   token=token or None,
                                    ca_file=ca_file, insecure=insecure, retries=retries)
         if progress is None:
             progress = "tty" if _isatty(sys.stderr) else "log"
@@ -804,6 +843,11 @@ class RemoteLabClient:
         self._heartbeat_thread = None
         if start_session:
             self.start_session()
+
+    @property
+    def base_url(self):
+        """The server's http(s) URL (for ssh:// and local mode: where it answers now)."""
+        return self._http.base_url
 
     def __repr__(self):
         return "<RemoteLabClient %s session=%s%s>" % (
@@ -1113,25 +1157,699 @@ def _isatty(stream):
 
 
 # ============================================================================================
-# 5. Connect / launch
+# 5. Connect / launch: start or reconnect to a server, locally or over SSH (status-file protocol)
 # ============================================================================================
-# Placeholder: a later issue adds ``ssh://`` URLs (a tunnel to a server on the lab host) and a
-# local launch when REMOTE_LAB_URL is unset. Until then only http(s):// URLs are accepted, and
-# every way of finding the server goes through resolve_base_url().
+#
+# Files follow remote-http-launcher's layout, so both tools can see each other's servers:
+#   lab host: ~/.remote-http-launcher/server/<key>.json (+ <key>.log, <key>.lock)
+#   client:   ~/.remote-http-launcher/client/<key>.json (mode 0600)
+# Everything on the lab host is done by ONE program (_BOOTSTRAP below) piped to `python3 -`,
+# locally or through one ssh connection; it works under an flock on <key>.lock, so concurrent
+# launchers end up with exactly one server.
+
+DEFAULT_PORT_RANGE = (8700, 8799)
+DEFAULT_LAUNCH_TIMEOUT = 60.0
+LAUNCHER_DIR = ".remote-http-launcher"
+
+_BOOTSTRAP = r'''
+import base64, fcntl, hashlib, json, os, signal, subprocess, sys, time, urllib.request
+
+def proc_stat(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+def proc_start(pid):
+    """The process's start time (clock ticks since boot), to tell a reused pid apart."""
+    stat = proc_stat(pid)
+    return stat[1] if stat else None
+
+def pid_alive(pid):
+    if os.path.isdir("/proc/self"):
+        stat = proc_stat(pid)
+        return stat is not None and stat[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+def same_process(st):
+    pid = st.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
+        return False
+    want = st.get("start_time")
+    return want is None or proc_start(pid) in (None, want)
+
+def healthy(st, timeout=2.0):
+    host = st.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = "[%s]" % host
+    try:
+        with urllib.request.urlopen("http://%s:%s/healthz" % (host, st.get("port")), timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except Exception:
+        return False
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+def write_json(path, data):
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), int(time.time() * 1e6))
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+def tail(path, n=20):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+def out(**obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+def stop_server(st, grace=60.0):
+    pid = st.get("pid")
+    if not same_process(st):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and pid_alive(pid) and proc_start(pid) == st.get("start_time"):
+        time.sleep(0.1)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except OSError:
+            pass
+    if pid_alive(pid) and proc_start(pid) == st.get("start_time"):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return True
+
+def main(P):
+    home = os.path.expanduser("~")
+    sdir = os.path.join(home, ".remote-http-launcher", "server")
+    os.makedirs(sdir, exist_ok=True)
+    key = P["key"]
+    status_path = os.path.join(sdir, key + ".json")
+    log_path = os.path.join(sdir, key + ".log")
+    action = P["action"]
+    if action == "logs":
+        if not os.path.exists(log_path):
+            out(ok=False, error="no log file %s" % log_path)
+            return 1
+        with open(log_path, "rb") as f:
+            data = f.read()
+            lines = data.splitlines(True)[-P.get("lines", 50):]
+            sys.stdout.buffer.write(b"".join(lines))
+            sys.stdout.flush()
+            while P.get("follow"):
+                chunk = f.read()
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+        return 0
+    with open(os.path.join(sdir, key + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        st = read_json(status_path) or {}
+        running = st.get("status") in ("running", "starting") and same_process(st)
+        if action == "status":
+            out(ok=True, running=running and healthy(st), status_file=status_path, log=log_path, **st)
+            return 0
+        if action == "stop":
+            stopped = stop_server(st) if running else False
+            if stopped:
+                fresh = read_json(status_path) or st
+                if fresh.get("status") != "stopped":
+                    fresh["status"] = "stopped"
+                    write_json(status_path, fresh)
+            out(ok=True, stopped=stopped, pid=st.get("pid"))
+            return 0
+        deadline = time.time() + P["timeout"]
+        if running:
+            while time.time() < deadline:
+                if st.get("status") == "running" and healthy(st):
+                    out(ok=True, reused=True, **st)
+                    return 0
+                if not same_process(st):
+                    break
+                time.sleep(0.1)
+                st = read_json(status_path) or st
+            else:
+                out(ok=False, error="a server (pid %s) is running but does not answer on port %s"
+                    % (st.get("pid"), st.get("port")), log_tail=tail(log_path))
+                return 1
+        workdir = os.path.abspath(os.path.expanduser(P["workdir"]))
+        os.makedirs(workdir, exist_ok=True)
+        server = P.get("server_path")
+        if P.get("server_b64"):
+            blob = base64.b64decode(P["server_b64"])
+            if hashlib.sha256(blob).hexdigest() != P["server_sha256"]:
+                out(ok=False, error="server file corrupted in transit (SHA-256 mismatch)")
+                return 1
+            server = os.path.join(workdir, "remote_lab.py")
+            current = None
+            if os.path.exists(server):
+                with open(server, "rb") as f:
+                    current = hashlib.sha256(f.read()).hexdigest()
+            if current != P["server_sha256"]:
+                tmp = server + ".%d.tmp" % os.getpid()
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, server)
+        command = [P.get("python") or sys.executable, server,
+                   "--status-file", status_path,
+                   "--port-range", str(P["port_range"][0]), str(P["port_range"][1]),
+                   "--host", P["host"], "--state-dir", os.path.join(workdir, "state")] + P["server_args"]
+        logf = open(log_path, "wb")
+        try:
+            proc = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            out(ok=False, error="cannot start %s: %s" % (command[0], e))
+            return 1
+        logf.close()
+        st = {"workdir": workdir, "log": log_path, "command": command, "uid": os.getuid(),
+              "pid": proc.pid, "start_time": proc_start(proc.pid), "status": "starting",
+              "key": key, "network_interface": P["host"]}
+        write_json(status_path, st)
+        while time.time() < deadline:
+            cur = read_json(status_path) or st
+            if cur.get("status") == "running" and healthy(cur):
+                out(ok=True, reused=False, **cur)
+                return 0
+            if cur.get("status") == "failed":
+                out(ok=False, error=cur.get("error") or "server start-up failed", log_tail=tail(log_path))
+                proc.wait(10)
+                return 1
+            if proc.poll() is not None:
+                out(ok=False, error="server exited with code %s during start-up" % proc.returncode,
+                    log_tail=tail(log_path))
+                return 1
+            time.sleep(0.05)
+        stop_server(st, grace=5)
+        out(ok=False, error="server did not start within %.0f s" % P["timeout"], log_tail=tail(log_path))
+        return 1
+
+sys.exit(main(json.loads(PARAMS)))
+'''
 
 
-def resolve_base_url(base_url=None):
-    """The server's base URL: ``base_url``, else ``REMOTE_LAB_URL``; http(s) only."""
-    url = (os.fspath(base_url) if base_url else os.environ.get("REMOTE_LAB_URL", "")).strip()
+class LaunchError(RemoteLabError):
+    """Starting or reaching a server (locally or over SSH) failed."""
+
+
+def _proc_stat(pid):
+    """(state, start time) of a process from /proc, or None when it does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _proc_start_time(pid):
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _same_process(pid, start_time):
+    """True when ``pid`` runs (not a zombie) and is the process started at ``start_time``."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if not os.path.isdir("/proc/self"):  # no procfs: the pid alone must do
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    return start_time is None or stat[1] == start_time
+
+
+def _healthz(url, timeout=2.0):
+    """True when ``GET /healthz`` at the (plain http) ``url`` answers 2xx."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        try:
+            conn.request("GET", parts.path.rstrip("/") + "/healthz")
+            return 200 <= conn.getresponse().status < 300
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException, ValueError):
+        return False
+
+
+def _launcher_dir(side):
+    path = os.path.join(os.path.expanduser("~"), LAUNCHER_DIR, side)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+@dataclass
+class SSHTarget:
+    """``[user@]host[:port]`` plus extra ssh options (shell words)."""
+    host: str
+    user: Optional[str] = None
+    port: Optional[int] = None
+    extra_args: Tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text, extra_args=()):
+        m = re.match(r"^(?:([^@/\s]+)@)?(\[[^\]]+\]|[^:/@\s]+)(?::(\d+))?$", text or "")
+        if not m:
+            raise LaunchError("bad SSH target %r (expected [USER@]HOST[:PORT])" % text)
+        return cls(m.group(2).strip("[]"), m.group(1), int(m.group(3)) if m.group(3) else None,
+                   tuple(extra_args))
+
+    def __str__(self):
+        return "%s%s%s" % (self.user + "@" if self.user else "", self.host,
+                           ":%d" % self.port if self.port else "")
+
+    def ssh_argv(self, connect_timeout):
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=%d" % max(1, int(connect_timeout))]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        argv += list(self.extra_args)
+        argv.append("%s@%s" % (self.user, self.host) if self.user else self.host)
+        return argv
+
+
+def launcher_key(target, workdir):
+    """The state-file key: from host and workdir, restricted to [A-Za-z0-9._-]."""
+    where = str(target) if target else "local"
+    raw = "%s--%s" % (where, workdir.strip("/").replace("/", "--"))
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", raw)[:80]
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return "remote-lab-%s-%s" % (safe, digest)
+
+
+def _server_source():
+    """The bytes of remote_lab.py to install on the lab host (next to this file, or on PATH)."""
+    path = find_local_server()
+    if not path:
+        raise LaunchError("cannot find remote_lab.py next to %s or on PATH to install on the lab "
+                          "host" % os.path.basename(__file__))
+    with open(path, "rb") as f:
+        return path, f.read()
+
+
+def find_local_server():
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_lab.py")
+    if os.path.isfile(here):
+        return here
+    found = shutil.which("remote_lab.py")
+    return found
+
+
+def _run_bootstrap(params, target, python, timeout, stream=False):
+    """Run the bootstrap program locally or over one ssh connection; return its JSON answer."""
+    program = "PARAMS = %r\n%s" % (json.dumps(params), _BOOTSTRAP)
+    if target is None:
+        argv = [python or sys.executable, "-"]
+    else:
+        argv = target.ssh_argv(min(timeout, 30)) + [python or "python3", "-"]
+    if stream:  # logs --follow: hand the terminal the output as it comes
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        try:
+            proc.communicate(program.encode())
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(5)
+        return {"ok": proc.returncode in (0, -15, None)}
+    try:
+        proc = subprocess.run(argv, input=program.encode(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout + 15)
+    except subprocess.TimeoutExpired:
+        raise LaunchError("%s did not answer within %.0f s" % (
+            "ssh %s" % target if target else "the local launcher", timeout + 15)) from None
+    except FileNotFoundError as e:
+        raise LaunchError("cannot run %s: %s" % (argv[0], e)) from None
+    stdout = proc.stdout.decode("utf-8", "replace")
+    stderr = proc.stderr.decode("utf-8", "replace").strip()
+    if target is not None and proc.returncode == 255:
+        raise LaunchError("ssh to %s failed: %s" % (target, _last_line(stderr) or "exit 255"))
+    if proc.returncode == 127 or "command not found" in stderr or "No such file" in stderr and not stdout:
+        raise LaunchError("%s not found on %s" % (python or "python3", target or "this machine"))
+    answer = None
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                answer = json.loads(line)
+                break
+            except ValueError:
+                pass
+    if answer is None:
+        raise LaunchError("launcher on %s gave no answer (exit %d): %s" % (
+            target or "this machine", proc.returncode, _last_line(stderr) or stdout[-300:]))
+    if not answer.get("ok"):
+        msg = answer.get("error") or "launch failed"
+        tail = [line.strip() for line in (answer.get("log_tail") or "").splitlines()
+                if line.strip() and line.strip() not in msg]  # the server's own error is in msg
+        if tail:
+            msg += " | server log: " + " / ".join(tail[-5:])
+        raise LaunchError(msg)
+    return answer
+
+
+def _last_line(text):
+    lines = [l for l in (text or "").splitlines() if l.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+class _FileLock:
+    """An exclusive flock held for a ``with`` block (serialises launchers of one key)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _read_json_file(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_private_json(path, data):
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _free_local_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _terminate(pid, start_time, grace=5.0):
+    if not _same_process(pid, start_time):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _same_process(pid, start_time):
+        time.sleep(0.05)
+    if _same_process(pid, start_time):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return True
+
+
+@dataclass
+class Launched:
+    """Where a launched (or reconnected) server answers."""
+    url: str
+    key: str
+    reused: bool
+    server_pid: Optional[int] = None
+    server_port: Optional[int] = None
+    target: Optional[str] = None
+    tunnel_pid: Optional[int] = None
+
+
+class Launcher:
+    """Start, reconnect to, stop and inspect one server: local (target None) or over SSH."""
+
+    def __init__(self, host=None, workdir=None, python=None, tunnel=None, server_args=None,
+                 ssh_args=None, timeout=DEFAULT_LAUNCH_TIMEOUT, port_range=DEFAULT_PORT_RANGE):
+        if ssh_args is None:
+            ssh_args = shlex.split(os.environ.get("REMOTE_LAB_SSH_ARGS", ""))
+        if server_args is None:
+            server_args = shlex.split(os.environ.get("REMOTE_LAB_SERVER_ARGS", ""))
+        self.target = SSHTarget.parse(host, ssh_args) if host else None
+        self.workdir = workdir or os.path.join("~", ".remote-lab")
+        if self.target is None:
+            self.workdir = os.path.abspath(os.path.expanduser(self.workdir))
+        self.python = python
+        self.tunnel = (self.target is not None) if tunnel is None else bool(tunnel)
+        if self.tunnel and self.target is None:
+            self.tunnel = False  # nothing to tunnel to on this machine
+        self.server_args = list(server_args)
+        self.timeout = float(timeout)
+        self.port_range = tuple(port_range)
+        self.key = launcher_key(self.target, self.workdir)
+        client_dir = _launcher_dir("client")
+        self.client_file = os.path.join(client_dir, self.key + ".json")
+        self.client_lock = os.path.join(client_dir, self.key + ".lock")
+
+    @property
+    def where(self):
+        return str(self.target) if self.target else "this machine"
+
+    def _params(self, action, **extra):
+        p = {"action": action, "key": self.key, "workdir": self.workdir, "timeout": self.timeout}
+        p.update(extra)
+        return p
+
+    def connection(self):
+        """The client file's record when its server (and tunnel) still answer, else None."""
+        conn = _read_json_file(self.client_file)
+        if not conn or "url" not in conn:
+            return None
+        if conn.get("tunnel_pid") and not _same_process(conn["tunnel_pid"], conn.get("tunnel_start_time")):
+            return None
+        return conn if _healthz(conn["url"]) else None
+
+    def launch(self):
+        with _FileLock(self.client_lock):
+            conn = self.connection()
+            if conn:
+                return Launched(conn["url"], self.key, True, conn.get("server_pid"),
+                                conn.get("tunneled-port") or conn.get("port"), conn.get("ssh"),
+                                conn.get("tunnel_pid"))
+            old = _read_json_file(self.client_file) or {}
+            if old.get("tunnel_pid"):
+                _terminate(old["tunnel_pid"], old.get("tunnel_start_time"))
+            bind = "127.0.0.1" if (self.target is None or self.tunnel) else "0.0.0.0"
+            extra = {"host": bind, "port_range": list(self.port_range),
+                     "server_args": self.server_args, "python": self.python}
+            if self.target is None:
+                extra["server_path"] = find_local_server()
+                if not extra["server_path"]:
+                    raise LaunchError("no remote_lab.py next to %s or on PATH to start a local "
+                                      "server" % os.path.abspath(__file__))
+            else:
+                _, blob = _server_source()
+                extra["server_b64"] = base64.b64encode(blob).decode()
+                extra["server_sha256"] = hashlib.sha256(blob).hexdigest()
+            answer = _run_bootstrap(self._params("launch", **extra), self.target, self.python,
+                                    self.timeout)
+            rport = int(answer["port"])
+            rhost = answer.get("host") or bind
+            conn = {"key": self.key, "ssh": str(self.target) if self.target else None,
+                    "workdir": self.workdir, "server_pid": answer.get("pid"),
+                    "server_start_time": answer.get("start_time")}
+            if self.tunnel:
+                lport, tpid, tstart = self._open_tunnel(rhost, rport)
+                conn.update({"hostname": "localhost", "port": lport,
+                             "tunneled-host": self.target.host, "tunneled-port": rport,
+                             "tunneled-network-interface": rhost,
+                             "tunnel_pid": tpid, "tunnel_start_time": tstart,
+                             "url": "http://127.0.0.1:%d" % lport})
+            else:
+                hostname = self.target.host if self.target else "127.0.0.1"
+                shown = "[%s]" % hostname if ":" in hostname else hostname
+                conn.update({"hostname": hostname, "port": rport,
+                             "url": "http://%s:%d" % (shown, rport)})
+            _write_private_json(self.client_file, conn)
+            return Launched(conn["url"], self.key, bool(answer.get("reused")), answer.get("pid"),
+                            rport, conn["ssh"], conn.get("tunnel_pid"))
+
+    def _open_tunnel(self, rhost, rport):
+        """ssh -N -L 127.0.0.1:LPORT:RHOST:RPORT; ready when /healthz answers through it."""
+        fwd = "127.0.0.1" if rhost in ("0.0.0.0", "::", "") else rhost
+        if ":" in fwd:
+            fwd = "[%s]" % fwd
+        log_path = os.path.join(os.path.dirname(self.client_file), self.key + ".tunnel.log")
+        deadline = time.monotonic() + self.timeout
+        last = ""
+        for _ in range(5):
+            lport = _free_local_port()
+            argv = self.target.ssh_argv(min(self.timeout, 30))
+            argv[1:1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
+                         "-L", "127.0.0.1:%d:%s:%d" % (lport, fwd, rport)]
+            with open(log_path, "wb") as errf:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=errf, start_new_session=True)
+            url = "http://127.0.0.1:%d" % lport
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    with open(log_path, errors="replace") as f:
+                        last = _last_line(f.read())
+                    break
+                if _healthz(url, 1.0):
+                    return lport, proc.pid, _proc_start_time(proc.pid)
+                time.sleep(0.05)
+            else:
+                proc.terminate()
+                raise LaunchError("ssh tunnel to %s did not come up within %.0f s"
+                                  % (self.target, self.timeout))
+            if "forward" not in last.lower() and "in use" not in last.lower():
+                break  # not a port clash: retrying will not help
+        raise LaunchError("ssh tunnel to %s failed: %s" % (self.target, last or "ssh exited"))
+
+    def stop(self):
+        """Stop the server and its tunnel; returns True when a server was stopped."""
+        with _FileLock(self.client_lock):
+            conn = _read_json_file(self.client_file) or {}
+            if conn.get("tunnel_pid"):
+                _terminate(conn["tunnel_pid"], conn.get("tunnel_start_time"))
+            answer = _run_bootstrap(self._params("stop"), self.target, self.python, self.timeout)
+            try:
+                os.unlink(self.client_file)
+            except FileNotFoundError:
+                pass
+            return bool(answer.get("stopped"))
+
+    def status(self):
+        return _run_bootstrap(self._params("status"), self.target, self.python, self.timeout)
+
+    def logs(self, follow=False, lines=50):
+        _run_bootstrap(self._params("logs", follow=follow, lines=lines), self.target, self.python,
+                       self.timeout, stream=True)
+
+
+def launch(host=None, **kwargs):
+    """Start or reconnect to a server (``host`` = ``[user@]host[:port]`` over SSH, None = local).
+
+    Returns a ``Launched`` whose ``url`` the client can use. Keyword arguments: workdir, python,
+    tunnel, server_args, ssh_args, timeout, port_range.
+    """
+    return Launcher(host, **kwargs).launch()
+
+
+def running_servers():
+    """What the state files say is running: client records and this machine's server files."""
+    rows = []
+    base = os.path.join(os.path.expanduser("~"), LAUNCHER_DIR)
+    for side in ("client", "server"):
+        folder = os.path.join(base, side)
+        try:
+            names = sorted(n for n in os.listdir(folder)
+                           if n.startswith("remote-lab-") and n.endswith(".json"))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            data = _read_json_file(os.path.join(folder, name)) or {}
+            if side == "client":
+                tunnel_ok = (not data.get("tunnel_pid")
+                             or _same_process(data["tunnel_pid"], data.get("tunnel_start_time")))
+                rows.append({"side": "client", "key": name[:-5], "where": data.get("ssh") or "local",
+                             "url": data.get("url"), "tunnel_pid": data.get("tunnel_pid"),
+                             "alive": bool(tunnel_ok and data.get("url") and _healthz(data["url"], 1.0))})
+            else:
+                alive = (data.get("status") == "running"
+                         and _same_process(data.get("pid"), data.get("start_time")))
+                rows.append({"side": "server", "key": name[:-5], "where": "local",
+                             "url": "http://127.0.0.1:%s" % data.get("port") if data.get("port") else None,
+                             "pid": data.get("pid"), "status": data.get("status"), "alive": alive})
+    return rows
+
+
+def parse_ssh_url(url):
+    """``ssh://[user@]host[:port][/workdir]`` → (target text, workdir or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "ssh" or not parts.hostname:
+        raise LaunchError("bad ssh URL %r (expected ssh://[user@]host[:port][/workdir])" % url)
+    target = parts.netloc
+    workdir = urllib.parse.unquote(parts.path) or None
+    if workdir and workdir.startswith("/~"):
+        workdir = workdir[1:]
+    return target, workdir
+
+
+def _source_url(base_url=None):
+    return (os.fspath(base_url) if base_url else os.environ.get("REMOTE_LAB_URL", "")).strip()
+
+
+def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT):
+    """The server's http(s) base URL, from ``base_url`` or ``REMOTE_LAB_URL``:
+
+    - ``http(s)://host:port`` (or ``host:port``): used as it is;
+    - ``ssh://[user@]host[:port][/workdir]``: launch or reconnect over SSH, then the tunnel's URL;
+    - unset: local mode, a server on this machine (``remote_lab.py`` next to this file or on
+      PATH) shared by every local test run; ``REMOTE_LAB_SERVER_ARGS`` adds server flags.
+    """
+    url = _source_url(base_url)
+    if url.startswith("ssh://"):
+        target, workdir = parse_ssh_url(url)
+        return launch(target, workdir=workdir, timeout=timeout).url
     if not url:
-        raise ConfigError(NO_URL_MESSAGE)
+        if not find_local_server():
+            raise ConfigError(NO_URL_MESSAGE)
+        try:
+            return launch(None, timeout=timeout).url
+        except LaunchError as e:
+            raise LaunchError("REMOTE_LAB_URL is not set and a local server could not be started: "
+                              "%s (set REMOTE_LAB_URL=http://HOST:PORT or ssh://[USER@]HOST to "
+                              "use a lab host; REMOTE_LAB_SERVER_ARGS=--simulate to try without "
+                              "netlab)" % e) from None
     if "://" not in url:
         url = "http://" + url
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise ConfigError("unsupported remote lab URL %r: only http:// and https:// are "
-                          "supported" % url)
+        raise ConfigError("unsupported remote lab URL %r: use http(s)://HOST:PORT or "
+                          "ssh://[USER@]HOST[:PORT][/WORKDIR]" % url)
     return url.rstrip("/")
+
+
+def _relauncher(base_url=None):
+    """For ssh:// and local mode: a callable that launches again (a dead tunnel is re-created,
+    a dead local server restarted) and returns the new URL; None for plain http(s) URLs."""
+    url = _source_url(base_url)
+    if url and not url.startswith("ssh://"):
+        return None
+    return lambda: resolve_base_url(base_url)
 
 
 # ============================================================================================
@@ -1264,8 +1982,6 @@ def _make_pytest_plugin():
         def remote_lab_client(self, request):
             """The session's RemoteLabClient (waits for our turn; closed at the end)."""
             load_dotenv()
-            if not os.environ.get("REMOTE_LAB_URL", "").strip():
-                pytest.fail(NO_URL_MESSAGE, pytrace=False)
             try:
                 client = RemoteLabClient(progress=_pytest_progress(request.config))
             except RemoteLabError as e:
@@ -1418,7 +2134,89 @@ def _build_parser():
                             "directory is kept)")
         a.add_argument("--no-reuse", action="store_true",
                        help="do not reuse a running lab with the same files: restart it")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--ssh", metavar="[USER@]HOST[:PORT]",
+                       help="the lab host (default: this machine, or the host of an ssh:// "
+                            "--url / REMOTE_LAB_URL)")
+    where.add_argument("--workdir", help="server directory on the host (default ~/.remote-lab)")
+    where.add_argument("--python", help="Python on the host (default python3)")
+    where.add_argument("--ssh-arg", action="append", default=None, metavar="ARG",
+                       help="extra ssh option, repeatable (shell words; also REMOTE_LAB_SSH_ARGS)")
+    where.add_argument("--timeout", type=float, default=DEFAULT_LAUNCH_TIMEOUT, metavar="S",
+                       help="overall deadline in seconds (default %.0f)" % DEFAULT_LAUNCH_TIMEOUT)
+    a = sub.add_parser("launch", parents=[common, where],
+                       help="start a server (here or over SSH) or reconnect to the running one")
+    a.add_argument("--tunnel", dest="tunnel", action="store_true", default=None,
+                   help="reach the server through an ssh tunnel (default with --ssh)")
+    a.add_argument("--no-tunnel", dest="tunnel", action="store_false",
+                   help="reach the server directly (it then listens on all interfaces)")
+    a.add_argument("--server-args", metavar="ARGS", default=None,
+                   help="extra server flags as one string, e.g. --server-args='--simulate' "
+                        "(default $REMOTE_LAB_SERVER_ARGS)")
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.add_parser("stop", parents=[common, where], help="stop a launched server and its tunnel")
+    a = sub.add_parser("ps", parents=[common], help="launched servers and tunnels, from the state files")
+    a.add_argument("--json", action="store_true", help="machine-readable JSON")
+    a = sub.add_parser("logs", parents=[common, where], help="show a launched server's log")
+    a.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    a.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
     return p
+
+
+def _launcher_from_args(args, **extra):
+    host = args.ssh
+    workdir = args.workdir
+    url = _source_url(getattr(args, "url", None))
+    if host is None and url.startswith("ssh://"):
+        host, url_workdir = parse_ssh_url(url)
+        workdir = workdir or url_workdir
+    ssh_args = None
+    if args.ssh_arg is not None:
+        ssh_args = shlex.split(os.environ.get("REMOTE_LAB_SSH_ARGS", ""))
+        for word in args.ssh_arg:
+            ssh_args += shlex.split(word)
+    return Launcher(host, workdir=workdir, python=args.python, ssh_args=ssh_args,
+                    timeout=args.timeout, **extra)
+
+
+def _cmd_launch(args, command):
+    server_args = None if args.server_args is None else shlex.split(args.server_args)
+    launcher = _launcher_from_args(args, tunnel=args.tunnel, server_args=server_args)
+    started = launcher.launch()
+    if args.json:
+        print(json.dumps(dataclasses_asdict(started)))
+    else:
+        print("%s (%s, server pid %s on %s)" % (
+            started.url, "reconnected" if started.reused else "started", started.server_pid,
+            launcher.where))
+    return 0
+
+
+def _cmd_stop(args, command):
+    launcher = _launcher_from_args(args)
+    stopped = launcher.stop()
+    print("stopped the server on %s" % launcher.where if stopped
+          else "no server was running on %s" % launcher.where)
+    return 0
+
+
+def _cmd_ps(args, command):
+    rows = running_servers()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("nothing launched")
+        return 0
+    for r in rows:
+        print("%-6s %-5s %-24s %-26s %s" % (
+            r["side"], "up" if r["alive"] else "down", r["where"], r.get("url") or "-", r["key"]))
+    return 0
+
+
+def _cmd_logs(args, command):
+    _launcher_from_args(args).logs(follow=args.follow, lines=args.lines)
+    return 0
 
 
 def _cli_client(args, start_session):
@@ -1623,7 +2421,8 @@ def _one_line(text):
 
 
 _COMMANDS = {"health": _cmd_health, "status": _cmd_status, "acquire": _cmd_acquire,
-             "run": _cmd_run}
+             "run": _cmd_run, "launch": _cmd_launch, "stop": _cmd_stop, "ps": _cmd_ps,
+             "logs": _cmd_logs}
 
 
 def main(argv=None):

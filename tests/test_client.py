@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -499,11 +500,21 @@ def test_environment_overrides_the_timeouts(monkeypatch):
         rlc.RemoteLabClient(start_session=False)
 
 
-def test_missing_url_is_a_clear_config_error():
-    with pytest.raises(rlc.ConfigError, match="REMOTE_LAB_URL"):
-        rlc.RemoteLabClient()
-    with pytest.raises(rlc.ConfigError, match="only http:// and https://"):
-        rlc.RemoteLabClient("ssh://lab-host")
+def test_missing_url_is_a_clear_config_error(tmp_path):
+    # a vendored copy with no remote_lab.py beside it or on PATH cannot fall back to local mode
+    vendored = tmp_path / "vendored"
+    vendored.mkdir()
+    shutil.copy(str(CLIENT), str(vendored / "remote_lab_client.py"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMOTE_LAB_")}
+    env["PATH"] = "/usr/bin:/bin"
+    code = ("import remote_lab_client as r\n"
+            "try:\n    r.RemoteLabClient()\n"
+            "except r.ConfigError as e:\n    print('CONFIG:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(vendored), env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert "CONFIG:" in out.stdout and "set REMOTE_LAB_URL=http://HOST:PORT" in out.stdout, out
+    with pytest.raises(rlc.ConfigError, match=r"use http\(s\)://HOST:PORT or ssh://"):
+        rlc.RemoteLabClient("ftp://lab-host")
 
 
 def test_unreachable_server_is_a_connection_error():
