@@ -1,0 +1,365 @@
+"""Launcher: the status-file protocol (server side) and launch/reconnect/stop locally and over SSH.
+
+Everything is real: server processes, the bootstrap program piped to python3, and a private sshd
+on loopback for the SSH part (tests/sshd_support.py).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import CLIENT, ROOT, SERVER, TOPOLOGIES, http
+from sshd_support import sshd  # noqa: F401  (fixture)
+
+sys.path.insert(0, str(ROOT))
+import remote_lab_client as rlc  # noqa: E402
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail("timed out waiting for " + what)
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The status-file protocol, server side
+# --------------------------------------------------------------------------------------------
+
+
+def start_with_status_file(tmp_path, *args):
+    status = tmp_path / "status.json"
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--simulate", "--state-dir",
+                             str(tmp_path / "state"), "--status-file", str(status)] + list(args),
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    return proc, status
+
+
+def launcher_record(pid):
+    # what remote-http-launcher writes after starting the service
+    return {"workdir": "/somewhere", "log": "/somewhere/x.log", "command": "remote_lab.py ...",
+            "uid": os.getuid(), "pid": pid, "status": "starting", "parameters": {"a": 1},
+            "meta": {"who": "test"}}
+
+
+def test_status_file_written_after_launcher_keeps_fields(tmp_path):
+    proc, status = start_with_status_file(tmp_path, "--port-range", "0", "0")
+    try:
+        time.sleep(0.5)  # the server binds first and waits for the launcher's file
+        assert not status.exists()
+        record = launcher_record(proc.pid)
+        tmp = tmp_path / "status.json.tmp"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, status)
+        data = wait_for(lambda: (read_json(status) or {}).get("status") == "running" and read_json(status),
+                        what="status running")
+        for key, value in record.items():
+            if key != "status":
+                assert data[key] == value, key  # every field kept
+        port = data["port"]
+        assert isinstance(port, int) and port > 0
+        status_code, body, _ = http("GET", "http://127.0.0.1:%d/" % port)
+        assert 200 <= status_code < 300  # the launcher's handshake
+        assert not list(tmp_path.glob(".status.json.*.tmp"))  # temp files renamed away
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert read_json(status)["status"] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_status_file_not_marked_stopped_when_it_names_another_pid(tmp_path):
+    proc, status = start_with_status_file(tmp_path, "--port", "0")
+    try:
+        status.write_text(json.dumps(launcher_record(proc.pid)))
+        wait_for(lambda: (read_json(status) or {}).get("status") == "running", what="running")
+        other = dict(read_json(status), pid=proc.pid + 100000, status="running")
+        status.write_text(json.dumps(other))  # a successor took the file over
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert read_json(status) == other
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_status_file_failed_when_port_range_exhausted(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        status = tmp_path / "status.json"
+        status.write_text(json.dumps(launcher_record(0)))
+        proc, _ = start_with_status_file(tmp_path, "--host", "127.0.0.1", "--port-range",
+                                         str(port), str(port))
+        assert proc.wait(30) == 1
+    data = read_json(status)
+    assert data["status"] == "failed"
+    assert str(port) in data["error"]
+    assert data["uid"] == os.getuid()  # fields kept on failure too
+
+
+def test_status_file_failed_when_netlab_missing(tmp_path):
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps(launcher_record(0)))
+    proc = subprocess.run([sys.executable, str(SERVER), "--netlab", "/nonexistent/netlab",
+                           "--state-dir", str(tmp_path / "state"), "--status-file", str(status)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    data = read_json(status)
+    assert data["status"] == "failed"
+    assert "netlab not found" in data["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Local launch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private HOME: the launcher's state files and the servers' workdirs land in tmp."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("HOME", str(h))
+    monkeypatch.delenv("REMOTE_LAB_URL", raising=False)
+    monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", "--simulate")
+    yield h
+    # never leave a server behind
+    for f in (h / ".remote-http-launcher" / "server").glob("*.json"):
+        data = read_json(f) or {}
+        if data.get("pid") and pid_alive(data["pid"]):
+            try:
+                os.killpg(data["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+    for f in (h / ".remote-http-launcher" / "client").glob("*.json"):
+        data = read_json(f) or {}
+        if data.get("tunnel_pid") and pid_alive(data["tunnel_pid"]):
+            os.kill(data["tunnel_pid"], signal.SIGKILL)
+
+
+def cli(*args, env=None, timeout=90):
+    return subprocess.run([sys.executable, str(CLIENT)] + list(args), capture_output=True,
+                          text=True, timeout=timeout, env=env or os.environ.copy())
+
+
+def test_local_launch_reconnect_stop(home):
+    first = rlc.launch()
+    assert first.reused is False
+    assert http("GET", first.url + "/healthz")[0] == 204
+    server_files = list((home / ".remote-http-launcher" / "server").glob("remote-lab-*.json"))
+    assert len(server_files) == 1
+    state = read_json(server_files[0])
+    assert state["status"] == "running" and state["pid"] == first.server_pid
+    client_file = home / ".remote-http-launcher" / "client" / (first.key + ".json")
+    assert oct(client_file.stat().st_mode & 0o777) == "0o600"
+    assert all(c.isalnum() or c in "._-" for c in first.key)
+
+    again = rlc.launch()
+    assert again.reused is True and again.url == first.url and again.server_pid == first.server_pid
+
+    # a second process reconnects too (the CLI), and `ps` shows the server
+    out = cli("launch")
+    assert out.returncode == 0, out.stderr
+    assert first.url in out.stdout
+    ps = cli("ps")
+    assert ps.returncode == 0 and first.key in ps.stdout
+
+    assert rlc.Launcher().stop() is True
+    wait_for(lambda: not pid_alive(first.server_pid), what="server exit")
+    assert read_json(server_files[0])["status"] == "stopped"
+    assert not client_file.exists()
+
+
+def test_two_concurrent_launches_make_one_server(home):
+    procs = [subprocess.Popen([sys.executable, str(CLIENT), "launch", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    answers = []
+    for p in procs:
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 0, err
+        answers.append(json.loads(out.strip().splitlines()[-1]))
+    assert len({a["url"] for a in answers}) == 1
+    assert len({a["server_pid"] for a in answers}) == 1
+    assert sorted(a["reused"] for a in answers) == [False, True, True]
+    rlc.Launcher().stop()
+
+
+def test_stale_state_relaunches(home):
+    first = rlc.launch()
+    rlc.Launcher().stop()
+    wait_for(lambda: not pid_alive(first.server_pid), what="server exit")
+    server_file = next((home / ".remote-http-launcher" / "server").glob("remote-lab-*.json"))
+
+    # dead pid marked running
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    data = dict(read_json(server_file), status="running", pid=dead.pid)
+    server_file.write_text(json.dumps(data))
+    second = rlc.launch()
+    assert second.reused is False and second.server_pid != dead.pid
+    rlc.Launcher().stop()
+    wait_for(lambda: not pid_alive(second.server_pid), what="server exit")
+
+    # a live pid that is some other process (pid reused: start time differs)
+    data = dict(read_json(server_file), status="running", pid=os.getpid(), start_time="1")
+    server_file.write_text(json.dumps(data))
+    third = rlc.launch()
+    assert third.reused is False and third.server_pid != os.getpid()
+    assert pid_alive(os.getpid())  # we were not signalled
+    rlc.Launcher().stop()
+
+
+def test_local_mode_client_when_url_unset(home):
+    with rlc.RemoteLabClient() as client:
+        devices = client.acquire(str(TOPOLOGIES / "simple.yml"))
+        assert sorted(d.name for d in devices) == ["r1", "r2"]
+        client.release()
+    rlc.Launcher().stop()
+
+
+def test_launch_failure_reports_server_error(home, monkeypatch):
+    monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", "--netlab /nonexistent/netlab")
+    with pytest.raises(rlc.LaunchError) as err:
+        rlc.launch(timeout=30)
+    assert "netlab not found" in str(err.value)
+    out = cli("launch", "--server-args=--netlab /nonexistent/netlab")
+    assert out.returncode != 0
+    assert "netlab not found" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Over SSH, through a private sshd
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ssh_env(home, sshd, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("REMOTE_LAB_SSH_ARGS", sshd.ssh_args)
+    yield sshd
+    # stop anything left on the "remote" side
+    for f in (sshd.remote_home / ".remote-http-launcher" / "server").glob("*.json"):
+        data = read_json(f) or {}
+        if data.get("pid") and data.get("status") == "running" and pid_alive(data["pid"]):
+            try:
+                os.killpg(data["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.mark.timeout(180)
+def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
+    sshd = ssh_env
+    first = rlc.launch(sshd.target)
+    assert first.reused is False and first.tunnel_pid
+    assert first.url.startswith("http://127.0.0.1:")
+    assert http("GET", first.url + "/healthz")[0] == 204
+    remote_files = list((sshd.remote_home / ".remote-http-launcher" / "server").glob("remote-lab-*.json"))
+    assert len(remote_files) == 1
+    remote_state = read_json(remote_files[0])
+    assert remote_state["status"] == "running" and remote_state["host"] == "127.0.0.1"
+    installed = sshd.remote_home / ".remote-lab" / "remote_lab.py"
+    assert installed.read_bytes() == SERVER.read_bytes()  # shipped and verified
+
+    # pytest in another process uses it through REMOTE_LAB_URL=ssh://... (reconnect, no new server)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_lab.py").write_text(
+        "from remote_lab_client import remote_lab_fixture\n"
+        "lab = remote_lab_fixture(%r)\n"
+        "def test_devices(lab):\n"
+        "    assert sorted(d.name for d in lab) == ['r1', 'r2']\n" % str(TOPOLOGIES / "simple.yml"))
+    env = dict(os.environ, REMOTE_LAB_URL="ssh://%s" % sshd.target,
+               PYTHONPATH=str(ROOT), HOME=str(home))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "remote_lab_client", str(suite)],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=str(suite))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed" in run.stdout
+    assert len(list((sshd.remote_home / ".remote-http-launcher" / "server").glob("remote-lab-*.json"))) == 1
+    assert read_json(remote_files[0])["pid"] == remote_state["pid"]
+
+    # a second launch reconnects without starting anything
+    again = rlc.launch(sshd.target)
+    assert again.reused is True and again.server_pid == remote_state["pid"]
+    assert again.url == first.url
+
+    # a killed tunnel is re-created, the server stays
+    os.kill(first.tunnel_pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(first.tunnel_pid), what="tunnel death")
+    third = rlc.launch(sshd.target)
+    assert third.tunnel_pid != first.tunnel_pid
+    assert third.server_pid == remote_state["pid"]
+    assert http("GET", third.url + "/healthz")[0] == 204
+
+    # stop leaves nothing behind
+    out = cli("stop", "--ssh", sshd.target)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: not pid_alive(remote_state["pid"]), what="remote server exit")
+    wait_for(lambda: not pid_alive(third.tunnel_pid), what="tunnel exit")
+    assert read_json(remote_files[0])["status"] == "stopped"
+
+
+@pytest.mark.timeout(120)
+def test_ssh_client_survives_killed_tunnel(ssh_env, home, monkeypatch):
+    sshd = ssh_env
+    monkeypatch.setenv("REMOTE_LAB_URL", "ssh://%s" % sshd.target)
+    with rlc.RemoteLabClient() as client:
+        devices = client.acquire(str(TOPOLOGIES / "simple.yml"))
+        assert len(devices) == 2
+        conn = read_json(next((home / ".remote-http-launcher" / "client").glob("remote-lab-*.json")))
+        os.kill(conn["tunnel_pid"], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(conn["tunnel_pid"]), what="tunnel death")
+        # the same session goes on through a re-created tunnel
+        assert [d.name for d in client.devices()] == [d.name for d in devices]
+        client.release()
+    rlc.Launcher(sshd.target).stop()
+
+
+@pytest.mark.timeout(120)
+def test_ssh_errors_are_one_clear_line(ssh_env, home):
+    sshd = ssh_env
+    # unreachable: nothing listens on that port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    out = cli("launch", "--ssh", "root@127.0.0.1:%d" % closed_port)
+    assert out.returncode != 0
+    assert "ssh to root@127.0.0.1:%d failed" % closed_port in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    # no such python on the host
+    out = cli("launch", "--ssh", sshd.target, "--python", "python3-nonexistent")
+    assert out.returncode != 0 and "python3-nonexistent" in out.stderr and "not found" in out.stderr
+    # netlab missing on the host: the server's own message comes back
+    out = cli("launch", "--ssh", sshd.target, "--server-args=")
+    assert out.returncode != 0 and "netlab not found" in out.stderr, out.stderr
