@@ -558,6 +558,11 @@ class LabInfo:
     last_error: Optional[str] = None
 
 
+NETLAB_SNAPSHOT = "netlab.snapshot.pickle"  # netlab's record of a lab, in the lab's dir
+UNCLEAN_RETRY_FIRST = 15.0  # seconds before retrying a failed teardown; doubles each time
+UNCLEAN_RETRY_MAX = 600.0
+
+
 class Lab:
     """The one lab of this host. Transitions happen under ``cond``; netlab runs outside it."""
 
@@ -569,6 +574,11 @@ class Lab:
         self.cond = threading.Condition()
         self.info = LabInfo()
         self.teardowns = []  # type: List[threading.Thread]
+        # lab dirs whose `netlab down` failed while netlab still knows the lab: kept (netlab
+        # can only clean a lab from its dir) and retried; dir -> (attempts, next retry time)
+        self.unclean = {}  # type: Dict[str, Tuple[int, float]]
+        # short timeouts (tests) shorten the first retry too, as they do the housekeeping cadence
+        self.retry_first = max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0))
 
     # -- queries --
     def snapshot(self) -> dict:
@@ -615,6 +625,7 @@ class Lab:
             with self.cond:
                 self.info.state = STARTING
                 self.cond.notify_all()
+        self.retry_unclean(ctx)  # a lab netlab still knows would make this `up` fail
         workdir = upload.workdir
         try:
             self.runner.up(workdir, upload.topology, ctx=ctx)
@@ -706,30 +717,81 @@ class Lab:
         self.teardowns = [x for x in self.teardowns if x.is_alive()] + [t]
         t.start()
 
-    def _teardown_dir(self, workdir: Optional[str], ctx: str, force: bool = False) -> None:
+    def _teardown_dir(self, workdir: Optional[str], ctx: str, force: bool = False) -> bool:
         """``netlab down --cleanup`` in the lab dir (retry with --force), then remove the dir.
 
-        A failure is logged, never raised: the queue must move on.
+        A failure is logged, never raised: the queue must move on. If netlab still knows the
+        lab (its snapshot is in the dir), the dir is kept and the teardown retried later
+        (``retry_unclean``): netlab can only clean a lab from its own dir, and a lab it still
+        counts as running makes every later ``up`` fail. Returns True when the dir is gone.
         """
         if not workdir:
-            return
+            return True
+        if not os.path.isdir(workdir):
+            self._forget_unclean(workdir)
+            return True
         try:
-            if os.path.isdir(workdir):
+            self.runner.down(workdir, force=force, ctx=ctx)
+            cleaned = True
+        except NetlabError as e:
+            cleaned = False
+            if force:
+                # after a failed `up` there may be nothing registered to take down
+                log.warning("netlab down --force failed: %s", e, extra={"ctx": ctx})
+            else:
+                log.warning("netlab down failed (%s); retrying with --force", e,
+                            extra={"ctx": ctx})
                 try:
-                    self.runner.down(workdir, force=force, ctx=ctx)
-                except NetlabError as e:
-                    if force:
-                        # after a failed `up` there may be nothing registered to take down
-                        log.warning("netlab down --force failed: %s", e, extra={"ctx": ctx})
-                    else:
-                        log.warning("netlab down failed (%s); retrying with --force", e,
-                                    extra={"ctx": ctx})
-                        try:
-                            self.runner.down(workdir, force=True, ctx=ctx)
-                        except NetlabError as e2:
-                            log.error("netlab down --force failed too: %s", e2, extra={"ctx": ctx})
-        finally:
+                    self.runner.down(workdir, force=True, ctx=ctx)
+                    cleaned = True
+                except NetlabError as e2:
+                    log.error("netlab down --force failed too: %s", e2, extra={"ctx": ctx})
+        if cleaned or not os.path.exists(os.path.join(workdir, NETLAB_SNAPSHOT)):
             shutil.rmtree(workdir, ignore_errors=True)
+            self._forget_unclean(workdir)
+            return True
+        with self.cond:
+            attempts = self.unclean.get(workdir, (0, 0.0))[0] + 1
+            delay = min(UNCLEAN_RETRY_MAX, self.retry_first * 2 ** (attempts - 1))
+            self.unclean[workdir] = (attempts, time.monotonic() + delay)
+        log.error("netlab still knows the lab in %s: keeping that dir, `netlab down --cleanup "
+                  "--force` will be retried before the next `up` and every %.0f s (attempt %d)",
+                  workdir, delay, attempts, extra={"ctx": ctx})
+        return False
+
+    def _forget_unclean(self, workdir: str) -> None:
+        with self.cond:
+            if self.unclean.pop(workdir, None) is not None:
+                log.info("lab dir %s finally cleaned", workdir, extra={"ctx": "-"})
+
+    def retry_unclean(self, ctx: str = "-", due_only: bool = False) -> None:
+        """Retry the teardown of kept dirs (all of them, or those whose retry time came)."""
+        with self.cond:
+            now = time.monotonic()
+            dirs = [d for d, (_, due) in self.unclean.items() if not due_only or due <= now]
+        for d in dirs:
+            self._teardown_dir(d, ctx, force=True)
+
+    def retry_unclean_due(self) -> None:
+        """Housekeeping: retry due kept dirs in the background while no lab is in use."""
+        with self.cond:
+            now = time.monotonic()
+            if self.info.state != STOPPED or not any(due <= now for _, due in self.unclean.values()):
+                return
+            self.info = LabInfo(state=STOPPING)  # a new `up` waits for this, as for any teardown
+
+        def work():
+            try:
+                self.retry_unclean(due_only=True)
+            finally:
+                with self.cond:
+                    if self.info.state == STOPPING:
+                        self.info.state = STOPPED
+                    self.cond.notify_all()
+
+        t = threading.Thread(target=work, name="lab-retry-teardown", daemon=True)
+        self.teardowns = [x for x in self.teardowns if x.is_alive()] + [t]
+        t.start()
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -751,6 +813,7 @@ class Lab:
             self.info = LabInfo(state=STOPPING if workdir else STOPPED)
         if workdir:
             self._teardown_dir(workdir, log_context(None, None))
+        self.retry_unclean()  # what still fails stays for the next start's clean-up
         with self.cond:
             self.info = LabInfo()
 
@@ -1437,6 +1500,7 @@ class App(OpsMixin):
             if was_active:
                 self.lab.session_ended(sid)
         self.lab.expire_warm()
+        self.lab.retry_unclean_due()
 
     def cadence(self) -> float:
         """~5 s busy, ~15 s one active session, ~30 s idle; shorter for short timeouts."""
@@ -3066,7 +3130,7 @@ A session id returned by <code>POST /session</code> fills the empty session fiel
 # ============================================================================================
 
 SIMULATED_NETLAB_FLAG = "--simulated-netlab"
-SIM_SNAPSHOT = "netlab.snapshot.pickle"
+SIM_SNAPSHOT = NETLAB_SNAPSHOT
 SIM_GENERATED = (SIM_SNAPSHOT, "netlab.lock", "clab.yml", "hosts.yml")
 
 

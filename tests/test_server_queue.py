@@ -109,14 +109,47 @@ def test_failed_teardown_does_not_stall_the_queue(start_server):
     downs = calls_of(srv, "down", n)
     assert downs and all(d["cwd"] == old_dir for d in downs)
     assert ["--force" in d["argv"] for d in downs][-1] is True
-    assert not os.path.exists(old_dir)
-    assert lab_dirs(srv) == []
     assert "fake failure of 'netlab down'" in srv.log()
+    # netlab still knows that lab (its snapshot is there): the dir is kept, not deleted, since
+    # netlab can only clean a lab from its own dir; the error says so
+    assert lab_dirs(srv) == [os.path.basename(old_dir)]
+    assert "netlab still knows the lab in %s" % old_dir in srv.log()
     # the queue goes on
     assert api.delete_session(b) == 204
     assert api.session(c)[1]["status"] == "active"
-    assert api.req("DELETE", "/lab?force=true", c)[0] == 204  # no lab left behind
+    assert api.req("DELETE", "/lab?force=true", c)[0] == 204  # no lab running
     assert api.lab(c)[1]["running"] is False
+    # once netlab works again, the next acquire first cleans the kept dir, then starts
+    srv.switch("down_fail", on=False)
+    srv.switch("down_delay", on=False)
+    m = len(srv.calls())
+    assert api.post_lab(c)[0] == 200
+    verbs = [(call["argv"][0], call["cwd"]) for call in srv.calls()[m:]]
+    assert verbs[0] == ("down", old_dir) and verbs[1][0] == "up"
+    assert not os.path.exists(old_dir)
+    assert len(lab_dirs(srv)) == 1
+
+
+def test_kept_lab_dir_is_cleaned_by_housekeeping_once_netlab_works(start_server):
+    # a teardown that failed while netlab still knows the lab is retried in the background,
+    # with no request needed; short timeouts make the first retry come within a second
+    srv, api = start_server("--active-timeout", "2")
+    a = api.new_session()
+    assert api.post_lab(a, SINGLE, "single.yml")[0] == 200
+    workdir = up_dirs(srv)[0]
+    srv.switch("down_fail")
+    assert api.delete_session(a) == 204
+    wait_until(lambda: "netlab still knows the lab" in srv.log(), 10, what="the kept dir")
+    assert lab_dirs(srv) == [os.path.basename(workdir)]
+    tries = len(calls_of(srv, "down"))
+    wait_until(lambda: len(calls_of(srv, "down")) > tries, 10, what="a retry")
+    assert lab_dirs(srv) == [os.path.basename(workdir)]  # still failing: still kept
+    srv.switch("down_fail", on=False)
+    wait_until(lambda: lab_dirs(srv) == [], 15, what="the kept dir cleaned")
+    last = calls_of(srv, "down")[-1]
+    assert last["cwd"] == workdir and "--force" in last["argv"]
+    assert json.loads((srv.fake_dir / "status.json").read_text()) == {}
+    assert "finally cleaned" in srv.log()
 
 
 def test_session_deleted_while_its_up_runs(api, srv):
