@@ -8,19 +8,8 @@ Standard library only, Python >= 3.8, one file: copy it to the lab host and run
 ``python3 remote_lab.py --port 8000`` (``--simulate`` to try it without netlab).
 """
 
-import sys
-
-# Run as a script, the server speaks plain HTTP and makes no HTTP client calls: keep http.client
-# from loading ssl + OpenSSL during the imports below (~4 MiB of RSS, ~10 ms of start-up).
-# `import ssl` works as usual afterwards; only http.client.HTTPSConnection (and urllib's https)
-# is missing in this process. Not with --log-config: a logging handler might post over HTTPS.
-_SKIP_SSL = (__name__ == "__main__" and "ssl" not in sys.modules
-             and not any(a.startswith("--log-c") for a in sys.argv[1:]))
-if _SKIP_SSL:
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` -> ImportError
-
-import argparse  # noqa: E402
-import bisect  # noqa: E402
+import argparse
+import bisect
 import collections
 import dataclasses
 import email.parser
@@ -37,13 +26,11 @@ import shutil
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 import urllib.parse
 from typing import Callable, Dict, List, Optional, Tuple
-
-if _SKIP_SSL:
-    del sys.modules["ssl"]
 
 # Imported where used, not here: ast, concurrent.futures, hashlib, logging.config, subprocess,
 # uuid (with platform) -- they are most of the start-up time and of a simulated netlab call.
@@ -1433,10 +1420,11 @@ class OpsMixin:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, headers=()):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = tuple(headers)  # extra response headers, e.g. Allow on 405
 
 
 _request_context = threading.local()
@@ -1703,8 +1691,9 @@ class App(OpsMixin):
                     return getattr(self, name), m
                 allowed.append(rmethod)
         if allowed:
+            methods = ", ".join(sorted(set(allowed)))
             raise HTTPError(405, "method %s not allowed on %s (allowed: %s)"
-                            % (method, path, ", ".join(sorted(set(allowed)))))
+                            % (method, path, methods), headers=[("Allow", methods)])
         raise HTTPError(404, "no such endpoint: %s %s" % (method, path))
 
 
@@ -1945,6 +1934,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             status, body = e.status, {"detail": str(e)}
         except HTTPError as e:
             status, body = e.status, {"detail": e.detail}
+            if e.headers:
+                body = RawResponse(json.dumps(body).encode(), "application/json", e.headers)
             if status >= 500:
                 log.error("%s %s -> %d: %s", self.command, self.path, status,
                           e.detail.splitlines()[0] if e.detail else "")
@@ -2733,16 +2724,21 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
     ("get_session", ("GET", "/session/{session_id}", {
         "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
         "description": "Counts as a sign of life. With `wait` the answer is held until the "
-                       "status or position changes or `wait` seconds pass.",
+                       "status or position changes or `wait` seconds pass; it comes at once "
+                       "when the session is active, or when `position` (the position the "
+                       "caller last saw) differs from the current one.",
         "parameters": [_SID_PATH, {"name": "wait", "in": "query", "required": False,
                                    "schema": {"type": "number", "minimum": 0, "maximum": 60},
-                                   "description": "Seconds to wait for a change (0-60)."}],
+                                   "description": "Seconds to wait for a change (0-60)."},
+                       {"name": "position", "in": "query", "required": False,
+                        "schema": {"type": "integer"},
+                        "description": "With `wait`: the position the caller last saw."}],
         "responses": {
             "200": _json_response("Session state.", _ref("SessionState"),
                                   {"session_id": _SESSION_EXAMPLE, "status": "waiting",
                                    "position": 2}),
-            "400": _error("`wait` is not a number between 0 and 60.",
-                          "wait must be a number of seconds (0-60)"),
+            "400": _error("`wait` is not a number between 0 and 60, or `position` is not "
+                          "an integer.", "wait must be a number of seconds (0-60)"),
             "404": _SID_ERRORS["404"]}})),
     ("delete_session", ("DELETE", "/session/{session_id}", {
         "tags": ["sessions"], "summary": "Leave the queue",

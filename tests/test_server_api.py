@@ -132,6 +132,27 @@ def test_long_poll_wait_60_is_accepted(api):
     assert out["r"][0] == 200 and out["r"][1]["status"] == "active"
 
 
+def test_long_poll_answers_at_once_for_an_active_session_or_a_stale_position(api):
+    a = api.new_session()
+    b = api.new_session()
+    # active: nothing left to wait for
+    t0 = time.monotonic()
+    assert api.session(a, wait=20) == (200, {"session_id": a, "status": "active", "position": 0})
+    assert time.monotonic() - t0 < 2
+    # the caller last saw position 2, it is 1 now: the change already happened, answer at once
+    t0 = time.monotonic()
+    status, body, _ = api.req("GET", "/session/%s?wait=20&position=2" % b)
+    assert (status, body["position"]) == (200, 1)
+    assert time.monotonic() - t0 < 2
+    # the position it knows is the current one: held until wait runs out
+    t0 = time.monotonic()
+    status, body, _ = api.req("GET", "/session/%s?wait=0.6&position=1" % b)
+    assert (status, body["position"]) == (200, 1)
+    assert time.monotonic() - t0 >= 0.5
+    status, body, _ = api.req("GET", "/session/%s?wait=1&position=first" % b)
+    assert status == 400 and "position" in body["detail"]
+
+
 def test_delete_session_204_then_404_and_next_promoted(api):
     a = api.new_session()
     b = api.new_session()
@@ -242,6 +263,8 @@ def test_wrong_method_405_json(api, method, path):
     assert status == 405
     assert headers["Content-Type"] == "application/json"
     assert_detail(body)
+    allowed = {m.strip() for m in headers["Allow"].split(",")}  # RFC 9110: 405 names them
+    assert allowed and method not in allowed and allowed <= {"GET", "POST", "DELETE"}
 
 
 @pytest.mark.parametrize("case", ["waiting-423", "unknown-404", "no-header-400", "route-404",
