@@ -910,7 +910,8 @@ class RemoteLabClient:
                 wait = min(LONG_POLL_SECONDS, remaining)
                 if progress.mode == "tty":
                     wait = min(wait, 1.0)  # refresh the time shown once a second
-                query = {"wait": "%.3f" % wait} if long_poll else None
+                # position: what we saw last, so a change between two polls answers at once
+                query = {"wait": "%.3f" % wait, "position": self.position} if long_poll else None
                 t0 = time.monotonic()
                 resp = self._http.request("GET", path, query=query,
                                           timeout=self.request_timeout + wait)
