@@ -691,16 +691,20 @@ class Lab:
         self.info = LabInfo(state=STOPPING)
         self.cond.notify_all()
 
-        def work():
+        self._stop_in_background("lab-teardown", lambda: self._teardown_dir(workdir, ctx))
+
+    def _stop_in_background(self, name: str, work: Callable[[], object]) -> None:
+        """Run ``work`` (netlab down ...) in a thread, then leave STOPPING for STOPPED."""
+        def run():
             try:
-                self._teardown_dir(workdir, ctx)
+                work()
             finally:
                 with self.cond:
                     if self.info.state == STOPPING:
                         self.info.state = STOPPED
                     self.cond.notify_all()
 
-        t = threading.Thread(target=work, name="lab-teardown", daemon=True)
+        t = threading.Thread(target=run, name=name, daemon=True)
         self.teardowns = [x for x in self.teardowns if x.is_alive()] + [t]
         t.start()
 
@@ -766,19 +770,7 @@ class Lab:
             if self.info.state != STOPPED or not any(due <= now for _, due in self.unclean.values()):
                 return
             self.info = LabInfo(state=STOPPING)  # a new `up` waits for this, as for any teardown
-
-        def work():
-            try:
-                self.retry_unclean(due_only=True)
-            finally:
-                with self.cond:
-                    if self.info.state == STOPPING:
-                        self.info.state = STOPPED
-                    self.cond.notify_all()
-
-        t = threading.Thread(target=work, name="lab-retry-teardown", daemon=True)
-        self.teardowns = [x for x in self.teardowns if x.is_alive()] + [t]
-        t.start()
+        self._stop_in_background("lab-retry-teardown", lambda: self.retry_unclean(due_only=True))
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -822,19 +814,12 @@ class Lab:
             self.info = LabInfo(state=STOPPING)
 
         def work():
-            try:
-                for d in leftovers:
-                    log.warning("cleaning up lab dir left from a previous run: %s", d,
-                                extra={"ctx": "-"})
-                    self._teardown_dir(d, "-", force=True)
-            finally:
-                with self.cond:
-                    self.info = LabInfo()
-                    self.cond.notify_all()
+            for d in leftovers:
+                log.warning("cleaning up lab dir left from a previous run: %s", d,
+                            extra={"ctx": "-"})
+                self._teardown_dir(d, "-", force=True)
 
-        t = threading.Thread(target=work, name="startup-cleanup", daemon=True)
-        self.teardowns.append(t)
-        t.start()
+        self._stop_in_background("startup-cleanup", work)
 
 
 # ============================================================================================

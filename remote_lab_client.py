@@ -1175,38 +1175,6 @@ LAUNCHER_DIR = ".remote-http-launcher"
 _BOOTSTRAP = r'''
 import base64, fcntl, hashlib, json, os, signal, subprocess, sys, time, urllib.request
 
-def proc_stat(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], fields[19]
-    except (OSError, IndexError, ValueError):
-        return None
-
-def proc_start(pid):
-    """The process's start time (clock ticks since boot), to tell a reused pid apart."""
-    stat = proc_stat(pid)
-    return stat[1] if stat else None
-
-def pid_alive(pid):
-    if os.path.isdir("/proc/self"):
-        stat = proc_stat(pid)
-        return stat is not None and stat[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-def same_process(st):
-    pid = st.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
-        return False
-    want = st.get("start_time")
-    return want is None or proc_start(pid) in (None, want)
-
 def healthy(st, timeout=2.0):
     host = st.get("host") or "127.0.0.1"
     if host in ("0.0.0.0", "", "::"):
@@ -1218,14 +1186,6 @@ def healthy(st, timeout=2.0):
             return 200 <= r.status < 300
     except Exception:
         return False
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 def write_json(path, data):
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), int(time.time() * 1e6))
@@ -1248,20 +1208,20 @@ def out(**obj):
 
 def stop_server(st, grace=60.0):
     pid = st.get("pid")
-    if not same_process(st):
+    if not _same_process(pid, st.get("start_time")):
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
     except OSError:
         os.kill(pid, signal.SIGTERM)
     deadline = time.time() + grace
-    while time.time() < deadline and pid_alive(pid) and proc_start(pid) == st.get("start_time"):
+    while time.time() < deadline and _same_process(pid, st.get("start_time")):
         time.sleep(0.1)
         try:
             os.waitpid(pid, os.WNOHANG)
         except OSError:
             pass
-    if pid_alive(pid) and proc_start(pid) == st.get("start_time"):
+    if _same_process(pid, st.get("start_time")):
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
@@ -1295,15 +1255,15 @@ def main(P):
         return 0
     with open(os.path.join(sdir, key + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        st = read_json(status_path) or {}
-        running = st.get("status") in ("running", "starting") and same_process(st)
+        st = _read_json_file(status_path) or {}
+        running = st.get("status") in ("running", "starting") and _same_process(st.get("pid"), st.get("start_time"))
         if action == "status":
             out(ok=True, running=running and healthy(st), status_file=status_path, log=log_path, **st)
             return 0
         if action == "stop":
             stopped = stop_server(st) if running else False
             if stopped:
-                fresh = read_json(status_path) or st
+                fresh = _read_json_file(status_path) or st
                 if fresh.get("status") != "stopped":
                     fresh["status"] = "stopped"
                     write_json(status_path, fresh)
@@ -1315,10 +1275,10 @@ def main(P):
                 if st.get("status") == "running" and healthy(st):
                     out(ok=True, reused=True, **st)
                     return 0
-                if not same_process(st):
+                if not _same_process(st.get("pid"), st.get("start_time")):
                     break
                 time.sleep(0.1)
-                st = read_json(status_path) or st
+                st = _read_json_file(status_path) or st
             else:
                 out(ok=False, error="a server (pid %s) is running but does not answer on port %s"
                     % (st.get("pid"), st.get("port")), log_tail=tail(log_path))
@@ -1355,11 +1315,11 @@ def main(P):
             return 1
         logf.close()
         st = {"workdir": workdir, "log": log_path, "command": command, "uid": os.getuid(),
-              "pid": proc.pid, "start_time": proc_start(proc.pid), "status": "starting",
+              "pid": proc.pid, "start_time": _proc_start_time(proc.pid), "status": "starting",
               "key": key, "network_interface": P["host"]}
         write_json(status_path, st)
         while time.time() < deadline:
-            cur = read_json(status_path) or st
+            cur = _read_json_file(status_path) or st
             if cur.get("status") == "running" and healthy(cur):
                 out(ok=True, reused=False, **cur)
                 return 0
@@ -1493,9 +1453,16 @@ def find_local_server():
     return found
 
 
+def _bootstrap_helpers():
+    """The source of the helpers the bootstrap shares with this module (written once, here)."""
+    import inspect
+    return "\n\n".join(inspect.getsource(f) for f in
+                        (_proc_stat, _proc_start_time, _same_process, _read_json_file))
+
+
 def _run_bootstrap(params, target, python, timeout, stream=False):
     """Run the bootstrap program locally or over one ssh connection; return its JSON answer."""
-    program = "PARAMS = %r\n%s" % (json.dumps(params), _BOOTSTRAP)
+    program = "PARAMS = %r\n%s\n%s" % (json.dumps(params), _bootstrap_helpers(), _BOOTSTRAP)
     if target is None:
         argv = [python or sys.executable, "-"]
     else:

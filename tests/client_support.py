@@ -11,12 +11,11 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import CLIENT, ROOT, TOPOLOGIES, ServerProcess, http
+from helpers import CLIENT, ROOT, TOPOLOGIES, ServerProcess, http, wait_until  # noqa: F401
 
 if str(ROOT) not in sys.path:  # `pytest` (not `python3 -m pytest`) does not add the repo root
     sys.path.insert(0, str(ROOT))
@@ -31,17 +30,6 @@ def clean_client_env(monkeypatch, tmp_path):
         if key.startswith("REMOTE_LAB_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-
-
-def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 class Servers:

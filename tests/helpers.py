@@ -138,16 +138,46 @@ def http(method, url, body=None, headers=None, timeout=10):
         return status, raw.decode(errors="replace"), rh
 
 
-def multipart(fields, files):
-    """Build a multipart/form-data body: fields {name: value}, files [(field, filename, bytes)]."""
+def multipart(fields, files, escape=True):
+    """multipart/form-data body: fields {name: value}, files [(field, filename, bytes)].
+
+    With ``escape`` the file names are quoted the way remote_lab_client, requests and curl do it
+    (backslash and double quote escaped); without it they go on the wire as they are (browsers).
+    """
     boundary = "----remotelabtest%d" % int(time.time() * 1e6)
     out = []
     for name, value in fields.items():
         out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
                     % (boundary, name, value)).encode())
     for field, filename, content in files:
+        if escape:
+            filename = filename.replace("\\", "\\\\").replace('"', '\\"')
         out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
-                    "Content-Type: application/octet-stream\r\n\r\n" % (boundary, field, filename)).encode())
+                    "Content-Type: application/octet-stream\r\n\r\n"
+                    % (boundary, field, filename)).encode("utf-8", "surrogateescape"))
         out.append(content + b"\r\n")
     out.append(("--%s--\r\n" % boundary).encode())
     return b"".join(out), "multipart/form-data; boundary=%s" % boundary
+
+
+def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
+    """Poll ``pred`` until it returns a truthy value; return it, or fail the test on timeout."""
+    import pytest
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def pid_alive(pid):
+    """True when ``pid`` is a live (non-zombie) process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

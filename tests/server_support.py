@@ -5,61 +5,17 @@ Everything talks to a real server process over HTTP; nothing of the server is mo
 """
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import TOPOLOGIES, ServerProcess, http
+from helpers import TOPOLOGIES, ServerProcess, http, pid_alive, wait_until  # noqa: F401
+from helpers import multipart as build_multipart  # noqa: F401
 
 SIMPLE = (TOPOLOGIES / "simple.yml").read_bytes()
 MAPPING = (TOPOLOGIES / "mapping.yml").read_bytes()
 # a third topology, different from both above (one node)
 SINGLE = b"provider: external\ndefaults.device: frr\nnodes: [solo]\n"
-
-
-def build_multipart(fields, files, escape=True):
-    """multipart/form-data body: fields {name: value}, files [(field, filename, bytes)].
-
-    With ``escape`` the file names are quoted the way remote_lab_client, requests and curl do it
-    (backslash and double quote escaped); without it they go on the wire as they are (browsers).
-    """
-    boundary = "----remotelabtest%d" % int(time.time() * 1e6)
-    out = []
-    for name, value in fields.items():
-        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
-                    % (boundary, name, value)).encode())
-    for field, filename, content in files:
-        if escape:
-            filename = filename.replace("\\", "\\\\").replace('"', '\\"')
-        out.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
-                    "Content-Type: application/octet-stream\r\n\r\n"
-                    % (boundary, field, filename)).encode("utf-8", "surrogateescape"))
-        out.append(content + b"\r\n")
-    out.append(("--%s--\r\n" % boundary).encode())
-    return b"".join(out), "multipart/form-data; boundary=%s" % boundary
-
-
-def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
-    """Poll ``pred`` until it returns a truthy value; return it, or fail the test on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def pid_alive(pid):
-    """True when ``pid`` is a live (non-zombie) process."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 class Api:
@@ -203,3 +159,29 @@ def drain_server(srv, api, timeout=15):
     registry = srv.fake_dir / "status.json"
     if registry.exists():  # no netlab instance left registered either
         assert json.loads(registry.read_text()) == {}
+
+
+def shared_server(name, *args):
+    """A module-scoped fixture ``shared``: one server for a test module, (srv, Api).
+
+    Use with the ``srv``/``api`` fixtures below, which drain it between tests.
+    """
+    @pytest.fixture(scope="module")
+    def shared(tmp_path_factory):
+        srv = ServerProcess(tmp_path_factory.mktemp(name), *args).start()
+        yield srv, Api(srv)
+        assert srv.stop() == 0
+    return shared
+
+
+@pytest.fixture
+def srv(shared):
+    srv, api = shared
+    drain_server(srv, api)
+    yield srv
+    drain_server(srv, api)
+
+
+@pytest.fixture
+def api(shared, srv):
+    return shared[1]

@@ -9,35 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import CLIENT, ROOT, SERVER, TOPOLOGIES, http
+from helpers import CLIENT, ROOT, SERVER, TOPOLOGIES, http, pid_alive, wait_until
 from sshd_support import sshd  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab_client as rlc  # noqa: E402
-
-
-def pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail("timed out waiting for " + what)
 
 
 def read_json(path):
@@ -78,7 +59,7 @@ def test_status_file_written_after_launcher_keeps_fields(tmp_path):
         tmp = tmp_path / "status.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, status)
-        data = wait_for(lambda: (read_json(status) or {}).get("status") == "running" and read_json(status),
+        data = wait_until(lambda: (read_json(status) or {}).get("status") == "running" and read_json(status),
                         what="status running")
         for key, value in record.items():
             if key != "status":
@@ -100,7 +81,7 @@ def test_status_file_not_marked_stopped_when_it_names_another_pid(tmp_path):
     proc, status = start_with_status_file(tmp_path, "--port", "0")
     try:
         status.write_text(json.dumps(launcher_record(proc.pid)))
-        wait_for(lambda: (read_json(status) or {}).get("status") == "running", what="running")
+        wait_until(lambda: (read_json(status) or {}).get("status") == "running", what="running")
         other = dict(read_json(status), pid=proc.pid + 100000, status="running")
         status.write_text(json.dumps(other))  # a successor took the file over
         proc.send_signal(signal.SIGTERM)
@@ -195,7 +176,7 @@ def test_local_launch_reconnect_stop(home):
     assert ps.returncode == 0 and first.key in ps.stdout
 
     assert rlc.Launcher().stop() is True
-    wait_for(lambda: not pid_alive(first.server_pid), what="server exit")
+    wait_until(lambda: not pid_alive(first.server_pid), what="server exit")
     assert read_json(server_files[0])["status"] == "stopped"
     assert not client_file.exists()
 
@@ -218,7 +199,7 @@ def test_two_concurrent_launches_make_one_server(home):
 def test_stale_state_relaunches(home):
     first = rlc.launch()
     rlc.Launcher().stop()
-    wait_for(lambda: not pid_alive(first.server_pid), what="server exit")
+    wait_until(lambda: not pid_alive(first.server_pid), what="server exit")
     server_file = next((home / ".remote-http-launcher" / "server").glob("remote-lab-*.json"))
 
     # dead pid marked running
@@ -229,7 +210,7 @@ def test_stale_state_relaunches(home):
     second = rlc.launch()
     assert second.reused is False and second.server_pid != dead.pid
     rlc.Launcher().stop()
-    wait_for(lambda: not pid_alive(second.server_pid), what="server exit")
+    wait_until(lambda: not pid_alive(second.server_pid), what="server exit")
 
     # a live pid that is some other process (pid reused: start time differs)
     data = dict(read_json(server_file), status="running", pid=os.getpid(), start_time="1")
@@ -316,7 +297,7 @@ def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
 
     # a killed tunnel is re-created, the server stays
     os.kill(first.tunnel_pid, signal.SIGKILL)
-    wait_for(lambda: not pid_alive(first.tunnel_pid), what="tunnel death")
+    wait_until(lambda: not pid_alive(first.tunnel_pid), what="tunnel death")
     third = rlc.launch(sshd.target)
     assert third.tunnel_pid != first.tunnel_pid
     assert third.server_pid == remote_state["pid"]
@@ -325,8 +306,8 @@ def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
     # stop leaves nothing behind
     out = cli("stop", "--ssh", sshd.target)
     assert out.returncode == 0, out.stderr
-    wait_for(lambda: not pid_alive(remote_state["pid"]), what="remote server exit")
-    wait_for(lambda: not pid_alive(third.tunnel_pid), what="tunnel exit")
+    wait_until(lambda: not pid_alive(remote_state["pid"]), what="remote server exit")
+    wait_until(lambda: not pid_alive(third.tunnel_pid), what="tunnel exit")
     assert read_json(remote_files[0])["status"] == "stopped"
 
 
@@ -339,7 +320,7 @@ def test_ssh_client_survives_killed_tunnel(ssh_env, home, monkeypatch):
         assert len(devices) == 2
         conn = read_json(next((home / ".remote-http-launcher" / "client").glob("remote-lab-*.json")))
         os.kill(conn["tunnel_pid"], signal.SIGKILL)
-        wait_for(lambda: not pid_alive(conn["tunnel_pid"]), what="tunnel death")
+        wait_until(lambda: not pid_alive(conn["tunnel_pid"]), what="tunnel death")
         # the same session goes on through a re-created tunnel
         assert [d.name for d in client.devices()] == [d.name for d in devices]
         client.release()

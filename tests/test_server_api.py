@@ -11,29 +11,12 @@ import time
 
 import pytest
 
-from helpers import ServerProcess
-from server_support import (MAPPING, SIMPLE, SINGLE, Api, build_multipart, calls_of,
-                            drain_server, lab_dirs, up_dirs, wait_until)
+from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
+                            MAPPING, SIMPLE, SINGLE, build_multipart, calls_of,
+                            lab_dirs, up_dirs, wait_until)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("api")).start()
-    yield srv, Api(srv)
-    assert srv.stop() == 0
-
-
-@pytest.fixture
-def srv(shared):
-    srv, api = shared
-    drain_server(srv, api)
-    yield srv
-    drain_server(srv, api)
-
-
-@pytest.fixture
-def api(shared, srv):
-    return shared[1]
+shared = shared_server("api")
 
 
 def mark(srv):

@@ -7,29 +7,13 @@ import time
 
 import pytest
 
-from helpers import FAKE_NETLAB, ServerProcess
-from server_support import (MAPPING, Api, calls_of, drain_server, lab_dirs, pid_alive,
+from helpers import FAKE_NETLAB
+from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
+                            MAPPING, calls_of, lab_dirs, pid_alive,
                             start_server, up_dirs, wait_until)  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("lab")).start()
-    yield srv, Api(srv)
-    assert srv.stop() == 0
-
-
-@pytest.fixture
-def srv(shared):
-    srv, api = shared
-    drain_server(srv, api)
-    yield srv
-    drain_server(srv, api)
-
-
-@pytest.fixture
-def api(shared, srv):
-    return shared[1]
+shared = shared_server("lab")
 
 
 def registry(srv):

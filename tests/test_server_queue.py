@@ -9,29 +9,12 @@ import time
 
 import pytest
 
-from helpers import ServerProcess
-from server_support import (MAPPING, SIMPLE, SINGLE, Api, calls_of, drain_server, lab_dirs,
+from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
+                            MAPPING, SIMPLE, SINGLE, calls_of, lab_dirs,
                             start_server, up_dirs, wait_until)  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("queue"), "--socket-timeout", "1.5").start()
-    yield srv, Api(srv)
-    assert srv.stop() == 0
-
-
-@pytest.fixture
-def srv(shared):
-    srv, api = shared
-    drain_server(srv, api)
-    yield srv
-    drain_server(srv, api)
-
-
-@pytest.fixture
-def api(shared, srv):
-    return shared[1]
+shared = shared_server("queue", "--socket-timeout", "1.5")
 
 
 class Poller(threading.Thread):

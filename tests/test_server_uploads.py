@@ -7,33 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerProcess
-from server_support import (SIMPLE, Api, drain_server, lab_dirs, parse_raw_response, raw_http,
+from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
+                            SIMPLE, lab_dirs, parse_raw_response, raw_http,
                             up_dirs)
 
 MAX_MB = 0.3
 MAX_BYTES = int(MAX_MB * 1024 * 1024)
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    base = tmp_path_factory.mktemp("uploads")
-    srv = ServerProcess(base, "--max-upload-mb", MAX_MB).start()
-    yield srv, Api(srv)
-    assert srv.stop() == 0
-
-
-@pytest.fixture
-def srv(shared):
-    srv, api = shared
-    drain_server(srv, api)
-    yield srv
-    drain_server(srv, api)
-
-
-@pytest.fixture
-def api(shared, srv):
-    return shared[1]
+shared = shared_server("uploads", "--max-upload-mb", MAX_MB)
 
 
 def tree(root):
