@@ -1410,6 +1410,9 @@ class SSHTarget:
         m = re.match(r"^(?:([^@/\s]+)@)?(\[[^\]]+\]|[^:/@\s]+)(?::(\d+))?$", text or "")
         if not m:
             raise LaunchError("bad SSH target %r (expected [USER@]HOST[:PORT])" % text)
+        if any(part and part.startswith("-") for part in m.group(1, 2)):
+            # ssh would take "-oProxyCommand=..." as an option: a URL must never run commands
+            raise LaunchError("bad SSH target %r: user and host must not start with '-'" % text)
         return cls(m.group(2).strip("[]"), m.group(1), int(m.group(3)) if m.group(3) else None,
                    tuple(extra_args))
 

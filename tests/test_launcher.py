@@ -240,6 +240,20 @@ def test_launch_failure_reports_server_error(home, monkeypatch):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_ssh_target_cannot_smuggle_ssh_options(home, tmp_path):
+    # a host or user starting with '-' would be an ssh option (-oProxyCommand=... runs a command)
+    for bad in ("-oProxyCommand=touch${IFS}pwned", "-oProxyCommand=touch${IFS}pwned@host"):
+        with pytest.raises(rlc.LaunchError, match="must not start with '-'"):
+            rlc.SSHTarget.parse(bad)
+    env = dict(os.environ, REMOTE_LAB_URL="ssh://-oProxyCommand=touch${IFS}pwned")
+    for args in (["health"], ["launch", "--ssh=-oProxyCommand=touch${IFS}pwned@labhost"]):
+        out = subprocess.run([sys.executable, str(CLIENT)] + args, capture_output=True,
+                             text=True, timeout=60, env=env, cwd=str(tmp_path))
+        assert out.returncode == 1
+        assert "must not start with '-'" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Over SSH, through a private sshd
 # --------------------------------------------------------------------------------------------
