@@ -1238,7 +1238,7 @@ def main(P):
     action = P["action"]
     if action == "logs":
         if not os.path.exists(log_path):
-            out(ok=False, error="no log file %s" % log_path)
+            sys.stderr.write("no server log %s (nothing launched there)\n" % log_path)
             return 1
         with open(log_path, "rb") as f:
             data = f.read()
@@ -1471,13 +1471,18 @@ def _run_bootstrap(params, target, python, timeout, stream=False):
     else:
         argv = target.ssh_argv(min(timeout, 30)) + [python or "python3", "-"]
     if stream:  # logs --follow: hand the terminal the output as it comes
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            proc.communicate(program.encode())
+            _, err = proc.communicate(program.encode())
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait(5)
-        return {"ok": proc.returncode in (0, -15, None)}
+            return {"ok": True}
+        if proc.returncode != 0:
+            err = err.decode("utf-8", "replace")
+            raise _failed_run(target, python, proc.returncode, err) or LaunchError(
+                _last_line(err) or "the launcher failed (exit %d)" % proc.returncode)
+        return {"ok": True}
     try:
         proc = subprocess.run(argv, input=program.encode(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout + 15)
@@ -1511,6 +1516,15 @@ def _run_bootstrap(params, target, python, timeout, stream=False):
             msg += " | server log: " + " / ".join(tail[-5:])
         raise LaunchError(msg)
     return answer
+
+
+def _failed_run(target, python, returncode, stderr):
+    """The LaunchError when ssh or the host's shell could not run the bootstrap, else None."""
+    if target is not None and returncode == 255:
+        return LaunchError("ssh to %s failed: %s" % (target, _last_line(stderr) or "exit 255"))
+    if returncode == 127:
+        return LaunchError("%s not found on %s" % (python or "python3", target or "this machine"))
+    return None
 
 
 def _last_line(text):

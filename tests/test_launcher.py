@@ -154,6 +154,9 @@ def cli(*args, env=None, timeout=90):
 
 
 def test_local_launch_reconnect_stop(home):
+    out = cli("logs")  # nothing launched yet: a one-line error, not a JSON line on stdout
+    assert out.returncode == 1 and out.stdout == ""
+    assert "no server log" in out.stderr and len(out.stderr.splitlines()) == 1
     first = rlc.launch()
     assert first.reused is False
     assert http("GET", first.url + "/healthz")[0] == 204
@@ -174,6 +177,9 @@ def test_local_launch_reconnect_stop(home):
     assert first.url in out.stdout
     ps = cli("ps")
     assert ps.returncode == 0 and first.key in ps.stdout
+    logs = cli("logs")
+    assert logs.returncode == 0, logs.stderr
+    assert "Listening on %s" % first.url in logs.stdout
 
     assert rlc.Launcher().stop() is True
     wait_until(lambda: not pid_alive(first.server_pid), what="server exit")
@@ -352,6 +358,9 @@ def test_ssh_errors_are_one_clear_line(ssh_env, home):
     assert out.returncode != 0
     assert "ssh to root@127.0.0.1:%d failed" % closed_port in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    out = cli("logs", "--ssh", "root@127.0.0.1:%d" % closed_port)
+    assert out.returncode == 1 and "ssh to root@127.0.0.1:%d failed" % closed_port in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
     # no such python on the host
     out = cli("launch", "--ssh", sshd.target, "--python", "python3-nonexistent")
     assert out.returncode != 0 and "python3-nonexistent" in out.stderr and "not found" in out.stderr
