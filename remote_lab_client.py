@@ -1493,10 +1493,9 @@ def _run_bootstrap(params, target, python, timeout, stream=False):
         raise LaunchError("cannot run %s: %s" % (argv[0], e)) from None
     stdout = proc.stdout.decode("utf-8", "replace")
     stderr = proc.stderr.decode("utf-8", "replace").strip()
-    if target is not None and proc.returncode == 255:
-        raise LaunchError("ssh to %s failed: %s" % (target, _last_line(stderr) or "exit 255"))
-    if proc.returncode == 127 or "command not found" in stderr or "No such file" in stderr and not stdout:
-        raise LaunchError("%s not found on %s" % (python or "python3", target or "this machine"))
+    error = _failed_run(target, python, proc.returncode, stderr)
+    if error is not None:  # (stderr alone proves nothing: a noisy .bashrc writes there too)
+        raise error
     answer = None
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):

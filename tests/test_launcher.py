@@ -235,6 +235,18 @@ def test_local_mode_client_when_url_unset(home):
     rlc.Launcher().stop()
 
 
+def test_shell_noise_on_stderr_does_not_hide_the_launch_answer(home, tmp_path):
+    # like a lab host whose shell start-up files complain on every ssh command
+    python = tmp_path / "noisy-python"
+    python.write_text("#!/bin/sh\necho 'bash: pyenv: command not found' >&2\n"
+                      "echo 'bash: /etc/x: No such file or directory' >&2\nexec %s \"$@\"\n"
+                      % sys.executable)
+    python.chmod(0o755)
+    started = rlc.launch(python=str(python))
+    assert started.reused is False and http("GET", started.url + "/healthz")[0] == 204
+    assert rlc.Launcher().stop() is True
+
+
 def test_launch_failure_reports_server_error(home, monkeypatch):
     monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", "--netlab /nonexistent/netlab")
     with pytest.raises(rlc.LaunchError) as err:
