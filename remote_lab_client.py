@@ -1702,22 +1702,28 @@ class Launcher:
             argv = self.target.ssh_argv(min(self.timeout, 30))
             argv[1:1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
                          "-L", "127.0.0.1:%d:%s:%d" % (lport, fwd, rport)]
-            with open(log_path, "wb") as errf:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with open(fd, "wb") as errf:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=errf, start_new_session=True)
             url = "http://127.0.0.1:%d" % lport
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    with open(log_path, errors="replace") as f:
-                        last = _last_line(f.read())
-                    break
-                if _healthz(url, 1.0):
-                    return lport, proc.pid, _proc_start_time(proc.pid)
-                time.sleep(0.05)
-            else:
-                proc.terminate()
-                raise LaunchError("ssh tunnel to %s did not come up within %.0f s"
-                                  % (self.target, self.timeout))
+            try:
+                while time.monotonic() < deadline:
+                    if proc.poll() is not None:
+                        with open(log_path, errors="replace") as f:
+                            last = _last_line(f.read())
+                        break
+                    if _healthz(url, 1.0):
+                        return lport, proc.pid, _proc_start_time(proc.pid)
+                    time.sleep(0.05)
+                else:
+                    raise LaunchError("ssh tunnel to %s did not come up within %.0f s"
+                                      % (self.target, self.timeout))
+            except BaseException:  # timeout, Ctrl-C: no tunnel nobody knows about stays behind
+                proc.kill()
+                proc.wait()
+                raise
             if "forward" not in last.lower() and "in use" not in last.lower():
                 break  # not a port clash: retrying will not help
         raise LaunchError("ssh tunnel to %s failed: %s" % (self.target, last or "ssh exited"))

@@ -304,6 +304,8 @@ def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
     assert remote_state["status"] == "running" and remote_state["host"] == "127.0.0.1"
     installed = sshd.remote_home / ".remote-lab" / "remote_lab.py"
     assert installed.read_bytes() == SERVER.read_bytes()  # shipped and verified
+    tunnel_log = home / ".remote-http-launcher" / "client" / (first.key + ".tunnel.log")
+    assert oct(tunnel_log.stat().st_mode & 0o777) == "0o600"
 
     # pytest in another process uses it through REMOTE_LAB_URL=ssh://... (reconnect, no new server)
     suite = tmp_path / "suite"
@@ -341,6 +343,37 @@ def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
     wait_until(lambda: not pid_alive(remote_state["pid"]), what="remote server exit")
     wait_until(lambda: not pid_alive(third.tunnel_pid), what="tunnel exit")
     assert read_json(remote_files[0])["status"] == "stopped"
+
+
+def ssh_forwarding(lport):
+    """Pids of live processes whose command line forwards local port ``lport``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-L" in argv and b"127.0.0.1:%d:" % lport in b" ".join(argv) and pid_alive(int(pid)):
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_interrupted_tunnel_start_leaves_no_ssh_behind(ssh_env, monkeypatch):
+    sshd = ssh_env
+    tried = []
+
+    def interrupted(url, timeout=2.0):  # Ctrl-C while waiting for the tunnel to answer
+        tried.append(url)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rlc, "_healthz", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            rlc.launch(sshd.target)
+    assert len(tried) == 1
+    assert ssh_forwarding(int(tried[0].rsplit(":", 1)[1])) == []
+    assert rlc.Launcher(sshd.target).stop() is True  # the server itself was started
 
 
 @pytest.mark.timeout(120)

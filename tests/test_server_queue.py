@@ -160,6 +160,32 @@ def test_session_deleted_while_its_up_runs(api, srv):
     assert (status, body["reused"]) == (200, False)
 
 
+def test_next_session_waiting_for_a_late_up_does_not_see_it_busy(api, srv):
+    """The head leaves mid-`up` while the next one's acquires wait for that `up`: the late lab
+    is nobody's, so they replace it (no 423 "busy"). A race: three rounds, three waiters each."""
+    for _ in range(3):
+        a = api.new_session()
+        b = api.new_session()
+        n = len(srv.calls())
+        srv.switch("up_delay", value="0.6")
+        late = threading.Thread(target=api.post_lab, args=(a,), daemon=True)
+        late.start()
+        wait_until(lambda: calls_of(srv, "up", n), 5, what="up started")
+        assert api.delete_session(a) == 204
+        srv.switch("up_delay", on=False)
+        results = []
+        waiters = [threading.Thread(target=lambda: results.append(
+            api.post_lab(b, MAPPING, "mapping.yml")), daemon=True) for _ in range(3)]
+        for t in waiters:
+            t.start()
+        for t in waiters + [late]:
+            t.join(20)
+        assert sorted((status, body.get("reused")) for status, body in results) == \
+            [(200, False), (200, True), (200, True)], results
+        assert api.delete_session(b) == 204
+        api.wait_lab_state("stopped")
+
+
 # ------------------------------------------------------------------------------------------
 # long-poll latency
 # ------------------------------------------------------------------------------------------
