@@ -990,7 +990,7 @@ class RemoteLabClient:
             _log.warning("ending session %s: %s", sid, e)
 
     def _abandon(self):
-        self._stop.set()
+        # (no self._stop.set(): heartbeats start last, and a later start_session() needs them)
         if not self._lost:
             self._delete_session()
         self.session_id = None

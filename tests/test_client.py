@@ -238,6 +238,20 @@ def test_session_timeout_raises_timeout_error_naming_the_position(srv, monkeypat
 # ------------------------------------------------------------------------------------------
 
 
+def test_a_session_started_after_a_queue_timeout_still_sends_heartbeats(srv):
+    a = client(srv.url)
+    c = client(srv.url, start_session=False, session_timeout=0.5, heartbeat_interval=0.2)
+    with pytest.raises(rlc.QueueTimeout):
+        c.acquire(SIMPLE)  # lazily starts a session, which times out in the queue
+    a.close()
+    c.acquire(SIMPLE)  # a new session, active at once
+    time.sleep(1.0)
+    (mine,) = sessions(srv)
+    assert mine["session_id"] == c.session_id and mine["idle"] < 0.6, mine
+    c.close()
+    assert not c._heartbeat_thread.is_alive()  # close() stops the heartbeats
+
+
 @pytest.mark.timeout(60)
 def test_heartbeats_keep_an_idle_active_session_alive(servers):
     srv = servers.start("--active-timeout", "2")
