@@ -1642,6 +1642,9 @@ class Launcher:
             return None
         if conn.get("tunnel_pid") and not _same_process(conn["tunnel_pid"], conn.get("tunnel_start_time")):
             return None
+        if self.target is None and not _same_process(conn.get("server_pid"),
+                                                     conn.get("server_start_time")):
+            return None  # our server died: whatever answers on its port now is not it
         return conn if _healthz(conn["url"]) else None
 
     def launch(self):
@@ -1774,6 +1777,9 @@ def running_servers():
             if side == "client":
                 tunnel_ok = (not data.get("tunnel_pid")
                              or _same_process(data["tunnel_pid"], data.get("tunnel_start_time")))
+                if not data.get("ssh"):  # local: our own server must still run
+                    tunnel_ok = tunnel_ok and _same_process(data.get("server_pid"),
+                                                            data.get("server_start_time"))
                 rows.append({"side": "client", "key": name[:-5], "where": data.get("ssh") or "local",
                              "url": data.get("url"), "tunnel_pid": data.get("tunnel_pid"),
                              "alive": bool(tunnel_ok and data.get("url") and _healthz(data["url"], 1.0))})

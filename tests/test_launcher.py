@@ -227,6 +227,42 @@ def test_stale_state_relaunches(home):
     rlc.Launcher().stop()
 
 
+def test_stale_client_file_is_not_trusted_on_healthz_alone(home):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    first = rlc.launch()
+    os.killpg(first.server_pid, signal.SIGKILL)  # died without a word
+    wait_until(lambda: not pid_alive(first.server_pid), what="server death")
+    # something else now answers /healthz on the recorded port
+    def bind():
+        try:
+            return HTTPServer(("127.0.0.1", first.server_port), Healthz)
+        except OSError:  # the killed server's threads may still hold it for a moment
+            return None
+
+    other = wait_until(bind, what="the port to be free")
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        assert [r["alive"] for r in rlc.running_servers() if r["side"] == "client"] == [False]
+        second = rlc.launch()
+        assert second.reused is False and second.server_pid != first.server_pid
+        assert second.url != first.url
+        assert http("GET", second.url + "/debug/health")[0] == 200  # a real remote-lab server
+    finally:
+        other.shutdown()
+        other.server_close()
+    rlc.Launcher().stop()
+
+
 def test_local_mode_client_when_url_unset(home):
     with rlc.RemoteLabClient() as client:
         devices = client.acquire(str(TOPOLOGIES / "simple.yml"))
