@@ -635,9 +635,11 @@ class Lab:
                                 fingerprint=upload.fingerprint, ref_count=1, devices=devices,
                                 holder=sid, reusable=reuse, started_at=time.monotonic())
             self.cond.notify_all()
+            # the session ended while netlab was working: drop its reference before an acquire
+            # waiting for this `up` sees the lab (held by nobody, it would still look busy)
+            if not self.is_active(sid):
+                self.session_ended(sid)
         log.info("lab up with %d devices", len(devices), extra={"ctx": ctx})
-        if not self.is_active(sid):  # the session ended while netlab was working
-            self.session_ended(sid)
         return False, devices
 
     def release(self, sid: str) -> int:
