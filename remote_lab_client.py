@@ -686,10 +686,10 @@ def _clean_upload_name(name):
 def _locate(path, topo_dir):
     """An existing file for ``path``: absolute, else relative to the cwd, else the topology dir."""
     path = os.fspath(path)
-    if os.path.isabs(path) or os.path.exists(path):
+    if os.path.exists(path):
         return os.path.abspath(path)
     candidate = os.path.join(topo_dir, path)
-    if os.path.exists(candidate):
+    if not os.path.isabs(path) and os.path.exists(candidate):
         return os.path.abspath(candidate)
     raise FileNotFoundError("extra file not found: %s (looked in %s and %s)"
                             % (path, os.getcwd(), topo_dir))
@@ -1060,8 +1060,8 @@ class RemoteLabClient:
         A busy lab (423) is retried until ``lab_acquisition_timeout`` (then AcquireTimeout);
         a netlab failure raises LabFailed with netlab's output in ``detail``.
         """
+        files = collect_upload(topology, extra_files)  # a missing file fails before any wait
         self._require_session()
-        files = collect_upload(topology, extra_files)
         fields = [("reuse", "true" if reuse else "false")]
         name = os.path.basename(os.fspath(topology))
         deadline = time.monotonic() + self.lab_acquisition_timeout
@@ -2325,7 +2325,7 @@ def _devices_json(devices):
 def _cmd_acquire(args, command):
     old = _install_handlers(_raise_signalled)
     try:
-        client = _cli_client(args, True)
+        client = _cli_client(args, False)  # acquire() checks the files, then joins the queue
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
                                      extra_files=args.extra)
@@ -2351,7 +2351,7 @@ def _cmd_run(args, command):
     old = _install_handlers(_raise_signalled)
     path = None
     try:
-        client = _cli_client(args, True)
+        client = _cli_client(args, False)  # acquire() checks the files, then joins the queue
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
                                      extra_files=args.extra)

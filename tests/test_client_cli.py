@@ -197,6 +197,23 @@ def test_sigint_while_waiting_in_the_queue_ends_the_session(srv, tmp_path):
     assert sessions(srv) == []
 
 
+def test_a_missing_file_fails_at_once_without_waiting_in_the_queue(srv, tmp_path):
+    holder = rlc.RemoteLabClient(srv.url, progress=False)  # the CLI would have to wait
+    try:
+        env = client_env(REMOTE_LAB_SESSION_TIMEOUT=5)
+        t0 = time.monotonic()
+        for args, error in ((["run", tmp_path / "nope.yml", "--", "true"], "topology file not found"),
+                            (["acquire", SIMPLE, "--extra", tmp_path / "gone.yml"],
+                             "extra file not found")):
+            proc = cli("--url", srv.url, *args, env=env)
+            assert proc.returncode == 1
+            assert error in one_error_line(proc)
+        assert time.monotonic() - t0 < 4
+        assert [s["session_id"] for s in sessions(srv)] == [holder.session_id]
+    finally:
+        holder.close()
+
+
 # ------------------------------------------------------------------------------------------
 # acquire
 # ------------------------------------------------------------------------------------------
