@@ -590,6 +590,9 @@ class Lab:
         with self.cond:
             while self.info.state in (STARTING, STOPPING):  # a new up waits for a teardown
                 self.cond.wait()
+            if not self.is_active(sid):  # it ended while we waited: no lab for nobody
+                upload.discard()
+                raise LabBusy("session %s is no longer active" % sid)
             i = self.info
             if i.state == RUNNING:
                 if i.fingerprint == upload.fingerprint and reuse:

@@ -186,6 +186,31 @@ def test_next_session_waiting_for_a_late_up_does_not_see_it_busy(api, srv):
         api.wait_lab_state("stopped")
 
 
+def test_acquire_waiting_for_a_teardown_is_dropped_when_its_session_ends(api, srv):
+    """An acquire waits for a teardown; meanwhile its session ends: no `up` for nobody (the
+    next session would wait for it), 423 instead."""
+    a = api.new_session()
+    b = api.new_session()
+    assert api.post_lab(a)[0] == 200
+    n = len(srv.calls())
+    srv.switch("down_delay", value="1")
+    assert api.req("DELETE", "/lab?force=true", a)[0] == 202
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=api.post_lab(a, MAPPING, "mapping.yml")),
+                         daemon=True)
+    t.start()
+    time.sleep(0.4)  # the upload is in, the acquire waits for the teardown
+    assert api.delete_session(a) == 204
+    t.join(10)
+    status, body = result["r"]
+    assert status == 423 and "no longer active" in body["detail"], body
+    assert calls_of(srv, "up", n) == []
+    srv.switch("down_delay", on=False)
+    api.wait_lab_state("stopped")
+    assert lab_dirs(srv) == []
+    assert api.post_lab(b)[0] == 200
+
+
 # ------------------------------------------------------------------------------------------
 # long-poll latency
 # ------------------------------------------------------------------------------------------
