@@ -448,3 +448,11 @@ def test_ssh_errors_are_one_clear_line(ssh_env, home):
     # netlab missing on the host: the server's own message comes back
     out = cli("launch", "--ssh", sshd.target, "--server-args=")
     assert out.returncode != 0 and "netlab not found" in out.stderr, out.stderr
+    # the same through --ssh-arg alone (repeatable, shell words): without them ssh cannot log in
+    env = {k: v for k, v in os.environ.items() if k != "REMOTE_LAB_SSH_ARGS"}
+    key, options = sshd.ssh_args.split(" ", 2)[1], sshd.ssh_args.split(" ", 2)[2]
+    out = cli("launch", "--ssh", sshd.target, "--server-args=", env=env)
+    assert out.returncode == 1 and "ssh to %s failed" % sshd.target in out.stderr, out.stderr
+    out = cli("launch", "--ssh", sshd.target, "--server-args=", "--ssh-arg=-i %s" % key,
+              "--ssh-arg", options, env=env)
+    assert out.returncode == 1 and "netlab not found" in out.stderr, out.stderr
