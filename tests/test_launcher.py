@@ -292,6 +292,23 @@ def test_launch_failure_reports_server_error(home, monkeypatch):
     assert out.returncode != 0
     assert "netlab not found" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # a crash at start-up: the exit code and the last lines of the server log
+    with pytest.raises(rlc.LaunchError) as err:
+        rlc.launch(server_args=["--no-such-flag"], timeout=30)
+    assert "exited with code 2 during start-up" in str(err.value)
+    assert "server log: " in str(err.value) and "unrecognized arguments: --no-such-flag" in str(err.value)
+
+
+def test_launch_deadline_stops_a_server_that_never_comes_up(home, tmp_path):
+    python = tmp_path / "slow-python"  # the bootstrap runs; the "server" just hangs
+    python.write_text('#!/bin/sh\n[ "$1" = - ] || exec sleep 60\nexec %s "$@"\n' % sys.executable)
+    python.chmod(0o755)
+    t0 = time.monotonic()
+    with pytest.raises(rlc.LaunchError, match="did not start within 1 s"):
+        rlc.launch(python=str(python), timeout=1)
+    assert time.monotonic() - t0 < 10
+    state = read_json(next((home / ".remote-http-launcher" / "server").glob("remote-lab-*.json")))
+    wait_until(lambda: not pid_alive(state["pid"]), what="the hung server to be stopped")
 
 
 def test_ssh_target_cannot_smuggle_ssh_options(home, tmp_path):
@@ -330,6 +347,9 @@ def ssh_env(home, sshd, monkeypatch):  # noqa: F811
 @pytest.mark.timeout(180)
 def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
     sshd = ssh_env
+    installed = sshd.remote_home / ".remote-lab" / "remote_lab.py"
+    installed.parent.mkdir(exist_ok=True)
+    installed.write_text("# an older remote_lab.py\n")  # replaced: it differs from ours
     first = rlc.launch(sshd.target)
     assert first.reused is False and first.tunnel_pid
     assert first.url.startswith("http://127.0.0.1:")
@@ -338,7 +358,6 @@ def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
     assert len(remote_files) == 1
     remote_state = read_json(remote_files[0])
     assert remote_state["status"] == "running" and remote_state["host"] == "127.0.0.1"
-    installed = sshd.remote_home / ".remote-lab" / "remote_lab.py"
     assert installed.read_bytes() == SERVER.read_bytes()  # shipped and verified
     tunnel_log = home / ".remote-http-launcher" / "client" / (first.key + ".tunnel.log")
     assert oct(tunnel_log.stat().st_mode & 0o777) == "0o600"
