@@ -1649,6 +1649,7 @@ class Launcher:
 
     def launch(self):
         with _FileLock(self.client_lock):
+            deadline = time.monotonic() + self.timeout  # for all of it: bootstrap and tunnel
             conn = self.connection()
             if conn:
                 return Launched(conn["url"], self.key, True, conn.get("server_pid"),
@@ -1677,7 +1678,7 @@ class Launcher:
                     "workdir": self.workdir, "server_pid": answer.get("pid"),
                     "server_start_time": answer.get("start_time")}
             if self.tunnel:
-                lport, tpid, tstart = self._open_tunnel(rhost, rport)
+                lport, tpid, tstart = self._open_tunnel(rhost, rport, deadline)
                 conn.update({"hostname": "localhost", "port": lport,
                              "tunneled-host": self.target.host, "tunneled-port": rport,
                              "tunneled-network-interface": rhost,
@@ -1692,17 +1693,16 @@ class Launcher:
             return Launched(conn["url"], self.key, bool(answer.get("reused")), answer.get("pid"),
                             rport, conn["ssh"], conn.get("tunnel_pid"))
 
-    def _open_tunnel(self, rhost, rport):
+    def _open_tunnel(self, rhost, rport, deadline):
         """ssh -N -L 127.0.0.1:LPORT:RHOST:RPORT; ready when /healthz answers through it."""
         fwd = "127.0.0.1" if rhost in ("0.0.0.0", "::", "") else rhost
         if ":" in fwd:
             fwd = "[%s]" % fwd
         log_path = os.path.join(os.path.dirname(self.client_file), self.key + ".tunnel.log")
-        deadline = time.monotonic() + self.timeout
         last = ""
         for _ in range(5):
             lport = _free_local_port()
-            argv = self.target.ssh_argv(min(self.timeout, 30))
+            argv = self.target.ssh_argv(min(deadline - time.monotonic(), 30))
             argv[1:1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
                          "-L", "127.0.0.1:%d:%s:%d" % (lport, fwd, rport)]
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -400,21 +400,21 @@ def test_ssh_launch_tunnel_reconnect_and_stop(ssh_env, home, tmp_path):
     assert read_json(remote_files[0])["status"] == "stopped"
 
 
-def ssh_forwarding(lport):
-    """Pids of live processes whose command line forwards local port ``lport``."""
+def ssh_tunnels(needle):
+    """Pids of live ssh tunnel processes (-N -L) whose command line contains ``needle``."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"-L" in argv and b"127.0.0.1:%d:" % lport in b" ".join(argv) and pid_alive(int(pid)):
+        if b"-N" in argv and b"-L" in argv and needle in b" ".join(argv) and pid_alive(int(pid)):
             found.append(int(pid))
     return found
 
 
 @pytest.mark.timeout(120)
-def test_interrupted_tunnel_start_leaves_no_ssh_behind(ssh_env, monkeypatch):
+def test_interrupted_or_late_tunnel_start_leaves_no_ssh_behind(ssh_env, monkeypatch):
     sshd = ssh_env
     tried = []
 
@@ -427,7 +427,21 @@ def test_interrupted_tunnel_start_leaves_no_ssh_behind(ssh_env, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             rlc.launch(sshd.target)
     assert len(tried) == 1
-    assert ssh_forwarding(int(tried[0].rsplit(":", 1)[1])) == []
+    assert ssh_tunnels(b"127.0.0.1:%d:" % int(tried[0].rsplit(":", 1)[1])) == []
+
+    # one deadline for the whole launch: a slow bootstrap leaves the tunnel no time
+    real = rlc._run_bootstrap
+
+    def slow(*args, **kw):
+        answer = real(*args, **kw)  # reconnects to the server started above
+        time.sleep(2)
+        return answer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rlc, "_run_bootstrap", slow)
+        with pytest.raises(rlc.LaunchError, match="did not come up within 2 s"):
+            rlc.launch(sshd.target, timeout=2)
+    assert ssh_tunnels(b"-p %d " % sshd.port) == []
     assert rlc.Launcher(sshd.target).stop() is True  # the server itself was started
 
 
