@@ -2440,6 +2440,7 @@ def main(argv=None):
             return e.code or 0
         _log.setLevel(logging.DEBUG if args.verbose else
                       logging.WARNING if args.quiet else logging.INFO)
+        load_dotenv()  # every command, launch/stop/logs too, sees the .env settings
         if command is not None and args.command != "run":
             raise _CliError("unexpected arguments after --")
         return _COMMANDS[args.command](args, command)

@@ -271,6 +271,18 @@ def test_local_mode_client_when_url_unset(home):
     rlc.Launcher().stop()
 
 
+def test_launcher_commands_read_the_dotenv_file(home, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    (tmp_path / ".env").write_text("REMOTE_LAB_URL=ssh://root@127.0.0.1:%d\n" % closed_port)
+    for command in ("stop", "launch"):  # they act on the ssh host named there, not locally
+        out = subprocess.run([sys.executable, str(CLIENT), command], capture_output=True,
+                             text=True, timeout=60, cwd=str(tmp_path))
+        assert out.returncode == 1, out
+        assert "ssh to root@127.0.0.1:%d failed" % closed_port in out.stderr
+
+
 def test_shell_noise_on_stderr_does_not_hide_the_launch_answer(home, tmp_path):
     # like a lab host whose shell start-up files complain on every ssh command
     python = tmp_path / "noisy-python"
