@@ -1283,6 +1283,9 @@ def main(P):
                 out(ok=False, error="a server (pid %s) is running but does not answer on port %s"
                     % (st.get("pid"), st.get("port")), log_tail=tail(log_path))
                 return 1
+        if P.get("reuse_only"):
+            out(ok=False, error="no server is running (it was stopped or died)")
+            return 1
         workdir = os.path.abspath(os.path.expanduser(P["workdir"]))
         os.makedirs(workdir, exist_ok=True)
         server = P.get("server_path")
@@ -1647,7 +1650,8 @@ class Launcher:
             return None  # our server died: whatever answers on its port now is not it
         return conn if _healthz(conn["url"]) else None
 
-    def launch(self):
+    def launch(self, start=True):
+        """Reconnect to the running server, else (``start``) start one: a ``Launched``."""
         with _FileLock(self.client_lock):
             deadline = time.monotonic() + self.timeout  # for all of it: bootstrap and tunnel
             conn = self.connection()
@@ -1670,8 +1674,8 @@ class Launcher:
                 _, blob = _server_source()
                 extra["server_b64"] = base64.b64encode(blob).decode()
                 extra["server_sha256"] = hashlib.sha256(blob).hexdigest()
-            answer = _run_bootstrap(self._params("launch", **extra), self.target, self.python,
-                                    self.timeout)
+            answer = _run_bootstrap(self._params("launch", reuse_only=not start, **extra),
+                                    self.target, self.python, self.timeout)
             rport = int(answer["port"])
             rhost = answer.get("host") or bind
             conn = {"key": self.key, "ssh": str(self.target) if self.target else None,
@@ -1752,13 +1756,13 @@ class Launcher:
                        self.timeout, stream=True)
 
 
-def launch(host=None, **kwargs):
+def launch(host=None, start=True, **kwargs):
     """Start or reconnect to a server (``host`` = ``[user@]host[:port]`` over SSH, None = local).
 
-    Returns a ``Launched`` whose ``url`` the client can use. Keyword arguments: workdir, python,
-    tunnel, server_args, ssh_args, timeout, port_range.
+    Returns a ``Launched`` whose ``url`` the client can use (``start=False``: reconnect only).
+    Keyword arguments: workdir, python, tunnel, server_args, ssh_args, timeout, port_range.
     """
-    return Launcher(host, **kwargs).launch()
+    return Launcher(host, **kwargs).launch(start)
 
 
 def running_servers():
@@ -1808,7 +1812,7 @@ def _source_url(base_url=None):
     return (os.fspath(base_url) if base_url else os.environ.get("REMOTE_LAB_URL", "")).strip()
 
 
-def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT):
+def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT, start=True):
     """The server's http(s) base URL, from ``base_url`` or ``REMOTE_LAB_URL``:
 
     - ``http(s)://host:port`` (or ``host:port``): used as it is;
@@ -1819,13 +1823,15 @@ def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT):
     url = _source_url(base_url)
     if url.startswith("ssh://"):
         target, workdir = parse_ssh_url(url)
-        return launch(target, workdir=workdir, timeout=timeout).url
+        return launch(target, start, workdir=workdir, timeout=timeout).url
     if not url:
         if not find_local_server():
             raise ConfigError(NO_URL_MESSAGE)
         try:
-            return launch(None, timeout=timeout).url
+            return launch(None, start, timeout=timeout).url
         except LaunchError as e:
+            if not start:
+                raise
             raise LaunchError("REMOTE_LAB_URL is not set and a local server could not be started: "
                               "%s (set REMOTE_LAB_URL=http://HOST:PORT or ssh://[USER@]HOST to "
                               "use a lab host; REMOTE_LAB_SERVER_ARGS=--simulate to try without "
@@ -1840,12 +1846,13 @@ def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT):
 
 
 def _relauncher(base_url=None):
-    """For ssh:// and local mode: a callable that launches again (a dead tunnel is re-created,
-    a dead local server restarted) and returns the new URL; None for plain http(s) URLs."""
+    """For ssh:// and local mode: a callable that reconnects (a dead tunnel is re-created) and
+    returns the new URL; None for plain http(s) URLs. It never starts a server: one that was
+    stopped or died does not know our session anyway."""
     url = _source_url(base_url)
     if url and not url.startswith("ssh://"):
         return None
-    return lambda: resolve_base_url(base_url)
+    return lambda: resolve_base_url(base_url, start=False)
 
 
 # ============================================================================================

@@ -295,6 +295,21 @@ def test_shell_noise_on_stderr_does_not_hide_the_launch_answer(home, tmp_path):
     assert rlc.Launcher().stop() is True
 
 
+def test_a_live_client_does_not_bring_a_stopped_server_back(home):
+    def live_servers():
+        return [r["pid"] for r in rlc.running_servers() if r["side"] == "server" and r["alive"]]
+
+    client = rlc.RemoteLabClient(progress=False, heartbeat_interval=0.2, retries=1)
+    assert len(live_servers()) == 1
+    assert rlc.Launcher().stop() is True
+    time.sleep(1.0)  # heartbeats fail meanwhile
+    assert live_servers() == []
+    with pytest.raises(rlc.ConnectionFailed):
+        client.devices()
+    client.close()
+    assert live_servers() == []
+
+
 def test_launch_failure_reports_server_error(home, monkeypatch):
     monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", "--netlab /nonexistent/netlab")
     with pytest.raises(rlc.LaunchError) as err:
