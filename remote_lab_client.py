@@ -978,7 +978,7 @@ class RemoteLabClient:
             self.start_session()
 
     def _delete_session(self):
-        sid, self.session_id = self.session_id, None
+        sid = self.session_id
         if sid is None:
             return
         try:
@@ -988,6 +988,8 @@ class RemoteLabClient:
                 _log.warning("ending session %s: %s (HTTP %d)", sid, resp.detail, resp.status)
         except RemoteLabError as e:
             _log.warning("ending session %s: %s", sid, e)
+        # only now: interrupted (a second Ctrl-C), close() - or atexit - tries again
+        self.session_id = None
 
     def _abandon(self):
         # (no self._stop.set(): heartbeats start last, and a later start_session() needs them)

@@ -151,6 +151,27 @@ def test_close_releases_what_it_holds_and_ends_the_session(srv):
         c.devices()
 
 
+def test_a_second_ctrl_c_while_leaving_the_queue_does_not_orphan_the_session(srv):
+    holder = client(srv.url)
+    c = client(srv.url, start_session=False)
+    real = c._http.request
+    interrupts = {"GET": 1, "DELETE": 1}  # Ctrl-C while waiting, again while ending the session
+
+    def request(method, *args, **kw):
+        if interrupts.get(method):
+            interrupts[method] -= 1
+            raise KeyboardInterrupt
+        return real(method, *args, **kw)
+
+    c._http.request = request
+    with pytest.raises(KeyboardInterrupt):
+        c.acquire(SIMPLE)
+    assert len(sessions(srv)) == 2 and interrupts == {"GET": 0, "DELETE": 0}
+    c.close()  # what the CLI (signals held off) and atexit do next
+    assert [s["session_id"] for s in sessions(srv)] == [holder.session_id]
+    holder.close()
+
+
 def test_close_runs_at_interpreter_exit(srv):
     script = ("import remote_lab_client as r\n"
               "c = r.RemoteLabClient(%r, progress=False)\n"
