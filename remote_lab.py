@@ -420,7 +420,10 @@ class NetlabRunner:
         timed_out = False
         with self._running_lock:
             self._running[proc.pid] = (verb, proc)
+            missed = self.closing and verb in ("up", "inspect")  # abort() ran since the check
         try:
+            if missed:
+                kill_process_group(proc)
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -129,6 +130,26 @@ def test_sigterm_during_a_hung_up_kills_it_cleans_and_exits_0(start_server):
     assert lab_dirs(srv) == []
     t.join(5)
     assert result["r"][0] >= 500  # the acquire failed (no hang until the client gives up)
+
+
+def test_shutdown_abort_racing_with_the_start_of_an_up_kills_it(monkeypatch, tmp_path):
+    """The stop signal lands between the runner's `closing` check and the new `up` being
+    tracked: abort() cannot see that process, the runner must kill it itself."""
+    runner = remote_lab.NetlabRunner([sys.executable, "-c", "import time; time.sleep(60)"],
+                                     up_timeout=10, timeout=10, stream=False)
+    real_popen = subprocess.Popen
+
+    def popen_then_abort(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        runner.abort()
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_abort)
+    t0 = time.monotonic()
+    with pytest.raises(remote_lab.NetlabError) as err:
+        runner.run(["up", "topology.yml"], str(tmp_path), runner.up_timeout)
+    assert time.monotonic() - t0 < 5, "the up ran until its timeout"
+    assert not err.value.timed_out
 
 
 def test_startup_cleans_lab_dirs_left_by_a_crash(tmp_path):
