@@ -1464,8 +1464,12 @@ def find_local_server():
 def _bootstrap_helpers():
     """The source of the helpers the bootstrap shares with this module (written once, here)."""
     import inspect
-    return "\n\n".join(inspect.getsource(f) for f in
-                        (_proc_stat, _proc_start_time, _same_process, _read_json_file))
+    try:
+        return "\n\n".join(inspect.getsource(f) for f in
+                            (_proc_stat, _proc_start_time, _same_process, _read_json_file))
+    except (OSError, TypeError) as e:  # e.g. run from bytecode only, without the .py file
+        raise LaunchError("cannot read the launcher's own source (%s): run remote_lab_client.py "
+                          "from its .py file" % e) from None
 
 
 def _run_bootstrap(params, target, python, timeout, stream=False):

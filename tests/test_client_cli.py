@@ -83,9 +83,13 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert "cannot connect to the remote lab at http://127.0.0.1:9" in one_error_line(proc)
 
-    proc = cli("status", cwd=str(tmp_path))
+    # no URL: local mode tries to start a server; one that cannot start (no netlab here, made
+    # sure of whatever this machine has) is one line naming what to set
+    proc = cli("status", cwd=str(tmp_path),
+               env=client_env(REMOTE_LAB_SERVER_ARGS="--netlab /nonexistent/netlab"))
     assert proc.returncode == 1
-    assert "set REMOTE_LAB_URL" in one_error_line(proc)
+    line = one_error_line(proc)
+    assert "set REMOTE_LAB_URL" in line and "netlab not found" in line
 
     proc = cli("frobnicate")
     assert proc.returncode == 2
