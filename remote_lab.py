@@ -351,6 +351,19 @@ class NetlabError(Exception):
 OUTPUT_TAIL_LINES = 30
 
 
+class Counts(collections.Counter):
+    """A Counter for statistics bumped from many threads: ``c[k] += 1`` is not atomic (it loses
+    increments under contention on Python < 3.10), ``c.add(k)`` is."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def add(self, key, n=1) -> None:
+        with self._lock:
+            self[key] += n
+
+
 class NetlabRunner:
     """Runs netlab commands: stdin closed, own process group, timeouts, output to the log."""
 
@@ -359,8 +372,8 @@ class NetlabRunner:
         self.up_timeout = up_timeout
         self.timeout = timeout
         self.stream = stream
-        self.calls = collections.Counter()  # verb -> count (for stats)
-        self.failures = collections.Counter()
+        self.calls = Counts()  # verb -> count (for stats)
+        self.failures = Counts()
         self.closing = False  # server shutdown: no new `up`
         self._running = {}  # type: Dict[int, Tuple[str, "subprocess.Popen"]]  # pid -> (verb, proc)
         self._running_lock = threading.Lock()
@@ -383,20 +396,20 @@ class NetlabRunner:
         """
         import subprocess
         verb = args[0] if args else "?"
-        self.calls[verb] += 1
+        self.calls.add(verb)
         argv = self.command + list(args)
         shown = "netlab " + " ".join(shlex.quote(a) for a in args)
         log.info("running %s (in %s)", shown, cwd, extra={"ctx": ctx})
         started = time.monotonic()
         if self.closing and verb == "up":
-            self.failures[verb] += 1
+            self.failures.add(verb)
             raise NetlabError("%s refused: the server is shutting down" % shown)
         try:
             proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
         except OSError as e:
-            self.failures[verb] += 1
+            self.failures.add(verb)
             raise NetlabError("cannot run %s: %s" % (shown, e)) from None
         tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
         stdout_chunks = []
@@ -437,7 +450,7 @@ class NetlabRunner:
         with tail_lock:
             output = "\n".join(tail)
         if timed_out:
-            self.failures[verb] += 1
+            self.failures.add(verb)
             log.error("%s timed out after %.0f s; process group killed", shown, timeout,
                       extra={"ctx": ctx})
             raise NetlabError("%s timed out after %.0f s" % (shown, timeout), output, True)
@@ -448,7 +461,7 @@ class NetlabRunner:
             if not self.stream and output:
                 log.warning("netlab output:\n%s", output, extra={"ctx": ctx})
             if check:
-                self.failures[verb] += 1
+                self.failures.add(verb)
                 raise NetlabError("%s failed (exit %d)" % (shown, proc.returncode), output)
         return proc.returncode, b"".join(stdout_chunks).decode("utf-8", "replace")
 
@@ -1186,7 +1199,7 @@ class OpsMixin:
         self.events_lock = threading.Lock()
         self.event_seq = 0
         self._ops_pending = []  # promotions seen by the queue hook, listed after their cause
-        self.http_requests = collections.Counter()  # (route name, status) -> requests
+        self.http_requests = Counts()  # (route name, status) -> requests
         self.netlab_seconds = {"up": Histogram(NETLAB_BUCKETS), "down": Histogram(NETLAB_BUCKETS)}
         self.queue_wait_seconds = Histogram(QUEUE_WAIT_BUCKETS)
         self.status_watchers = 0
@@ -1456,14 +1469,14 @@ class App(OpsMixin):
         self.runner = ObservedNetlabRunner(settings.netlab_command(), settings.up_timeout,
                                            settings.netlab_timeout, settings.debug)
         self.lab = Lab(self.runner, settings, self.queue.is_active)
-        self.counters = collections.Counter()
+        self.counters = Counts()
         self.stopping = threading.Event()
         self._ops_init()  # events, metrics, sd_notify (section 6a)
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
         was_active, promoted = self.queue.remove(sid)
-        self.counters["sessions_ended"] += 1
+        self.counters.add("sessions_ended")
         self.ops_session_gone(sid, was_active, why)
         log.info("session ended (%s)%s", why, " [was active]" if was_active else "",
                  extra={"ctx": log_context(sid, None)})
@@ -1474,7 +1487,7 @@ class App(OpsMixin):
 
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
-            self.counters["sessions_expired"] += 1
+            self.counters.add("sessions_expired")
             self.ops_session_gone(sid, was_active, "no sign of life", expired=True)
             log.warning("session expired (no sign of life)%s", " [was active]" if was_active else "",
                         extra={"ctx": log_context(sid, None)})
@@ -1533,7 +1546,7 @@ class App(OpsMixin):
             sid, pos = self.queue.create()
         except QueueFull as e:
             raise HTTPError(429, str(e)) from None
-        self.counters["sessions_created"] += 1
+        self.counters.add("sessions_created")
         log.info("created session (position %d)", pos, extra={"ctx": log_context(sid, None)})
         return 201, {"session_id": sid, "position": pos,
                      "status": "active" if pos == 0 else "waiting"}
@@ -1598,7 +1611,7 @@ class App(OpsMixin):
             except BadRequest as e:
                 h.close_connection = True  # the rest of the body is unread
                 raise HTTPError(e.status, str(e)) from None
-            self.counters["upload_bytes"] += upload.size
+            self.counters.add("upload_bytes", upload.size)
             h.set_context(sid, upload.topology)
             try:
                 reuse = parse_bool(upload.fields.get("reuse", reuse_q or "true"), "reuse")
@@ -1935,7 +1948,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception as e:  # a bug: answer 500 and keep serving
             log.exception("unhandled error in %s %s", self.command, self.path)
             status, body = 500, {"detail": "internal server error: %s" % e}
-        app.http_requests[(route, status)] += 1  # no formatting here: /metrics labels it
+        app.http_requests.add((route, status))  # no formatting here: /metrics labels it
         if status >= 400 and (self.headers.get("Transfer-Encoding")
                               or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
             # an error may leave the body unread (POST /lab refused before its upload, 404/405):
