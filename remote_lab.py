@@ -745,7 +745,7 @@ class Lab:
         try:
             self.runner.down(workdir, force=force, ctx=ctx)
             cleaned = True
-        except NetlabError as e:
+        except Exception as e:  # NetlabError, or no thread/process could be started for it
             cleaned = False
             if force:
                 # after a failed `up` there may be nothing registered to take down
@@ -756,7 +756,7 @@ class Lab:
                 try:
                     self.runner.down(workdir, force=True, ctx=ctx)
                     cleaned = True
-                except NetlabError as e2:
+                except Exception as e2:
                     log.error("netlab down --force failed too: %s", e2, extra={"ctx": ctx})
         if cleaned or not os.path.exists(os.path.join(workdir, NETLAB_SNAPSHOT)):
             shutil.rmtree(workdir, ignore_errors=True)

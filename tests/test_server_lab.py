@@ -1,5 +1,6 @@
 """Lab control against the fake netlab: failed up/inspect (502), up timeout (504, group killed),
 keep-warm reuse across sessions."""
+import io
 import json
 import os
 import sys
@@ -7,9 +8,9 @@ import time
 
 import pytest
 
-from helpers import FAKE_NETLAB
+from helpers import FAKE_NETLAB, ROOT
 from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
-                            MAPPING, calls_of, lab_dirs, pid_alive,
+                            MAPPING, build_multipart, calls_of, lab_dirs, pid_alive,
                             start_server, up_dirs, wait_until)  # noqa: F401 (fixture)
 
 
@@ -224,3 +225,42 @@ def test_keep_warm_lab_not_expired_while_the_next_session_uses_it(start_server):
     assert calls_of(srv, "down") == []
     lab = api.lab(b)[1]
     assert (lab["running"], lab["ref_count"]) == (True, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# a teardown that raises (not a netlab failure) must not leave the lab stuck
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_teardown_that_cannot_even_run_leaves_no_lab_stuck(tmp_path, monkeypatch):
+    """`netlab down` that raises something else than NetlabError (here what starting its output
+    reader threads raises when no thread can be had) must be logged like a failed down; it left
+    an acquire's lab in "stopping" for good (every later acquire waited forever)."""
+    sys.path.insert(0, str(ROOT))
+    import remote_lab
+
+    class NoThreadForDown(remote_lab.NetlabRunner):
+        def run(self, args, cwd, timeout, check=True, ctx="-"):
+            if args[0] == "down":
+                raise RuntimeError("can't start new thread")
+            return super().run(args, cwd, timeout, check, ctx)
+
+    monkeypatch.setenv("FAKE_NETLAB_DIR", str(tmp_path / "fake"))
+    settings = remote_lab.Settings(state_dir=str(tmp_path / "state"))
+    runner = NoThreadForDown([sys.executable, str(FAKE_NETLAB)], 30, 30, False)
+    lab = remote_lab.Lab(runner, settings, lambda sid: True)
+    old = tmp_path / "state" / "labs" / "lab-old"
+    old.mkdir(parents=True)
+    lab.info = remote_lab.LabInfo(state=remote_lab.RUNNING, workdir=str(old), topology="old.yml",
+                                  fingerprint="old", ref_count=0)
+    body, ctype = build_multipart({}, [("topology", "mapping.yml", MAPPING)])
+    upload = remote_lab.receive_upload(io.BytesIO(body), {"Content-Type": ctype,
+                                                          "Content-Length": str(len(body))},
+                                       settings.labs_dir, 1 << 20)
+    reused, devices = lab.acquire("s1", upload, True)  # tears the idle old lab down first
+    assert reused is False and len(devices) == 3
+    assert lab.snapshot()["state"] == remote_lab.RUNNING
+    assert not old.exists()  # netlab never knew it (no snapshot): removed
+    lab.session_ended("s1")
+    assert lab.wait_idle(10) and lab.snapshot()["state"] == remote_lab.STOPPED
+    assert list(lab.unclean) == [upload.workdir]  # netlab still knows it: kept for a retry
