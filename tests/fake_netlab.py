@@ -10,8 +10,10 @@ $FAKE_NETLAB_DIR switch failures on:
   up_delay      `up` sleeps N seconds (file content) before working
   down_fail     `down` fails, rc 1
   inspect_fail  `inspect` fails, rc 1
+  inspect_delay `inspect` sleeps N seconds (file content) before working
 
-Every call is appended to $FAKE_NETLAB_DIR/calls.jsonl as {"argv", "cwd", "pid", "time"}.
+Every call is appended to $FAKE_NETLAB_DIR/calls.jsonl as {"argv", "cwd", "pid", "time",
+"pgid", "stdin"} (stdin: what fd 0 is, e.g. /dev/null).
 The registry lives in $FAKE_NETLAB_DIR too (REMOTE_LAB_SIM_HOME), so each test is isolated.
 """
 import json
@@ -28,9 +30,13 @@ def main(argv):
     control = os.environ.get("FAKE_NETLAB_DIR") or os.getcwd()
     os.makedirs(control, exist_ok=True)
     os.environ["REMOTE_LAB_SIM_HOME"] = control
+    try:
+        stdin = os.readlink("/proc/self/fd/0")
+    except OSError:
+        stdin = None  # closed
     with open(os.path.join(control, "calls.jsonl"), "a") as f:
         f.write(json.dumps({"argv": argv, "cwd": os.getcwd(), "pid": os.getpid(),
-                            "time": time.time()}) + "\n")
+                            "time": time.time(), "pgid": os.getpgid(0), "stdin": stdin}) + "\n")
 
     def switch(name):
         path = os.path.join(control, name)
@@ -62,6 +68,8 @@ def main(argv):
             print("Fatal error in netlab: fake failure of 'netlab down' (switch down_fail)",
                   file=sys.stderr)
             return 1
+    if verb == "inspect" and switch("inspect_delay"):
+        time.sleep(float(switch("inspect_delay")))
     if verb == "inspect" and switch("inspect_fail"):
         print("FatalError in inspect: fake failure (switch inspect_fail)", file=sys.stderr)
         return 1

@@ -30,7 +30,8 @@ class ServerProcess:
     `calls.jsonl` to see the commands it got (see tests/fake_netlab.py).
     """
 
-    def __init__(self, tmp_path, *args, simulate=False, env=None, netlab=None):
+    def __init__(self, tmp_path, *args, simulate=False, env=None, netlab=None,
+                 stdin=subprocess.DEVNULL):
         self.tmp = Path(tmp_path)
         self.state_dir = self.tmp / "state"
         self.fake_dir = self.tmp / "fake-netlab"
@@ -49,12 +50,13 @@ class ServerProcess:
         self.env["PYTHONUNBUFFERED"] = "1"
         if env:
             self.env.update(env)
+        self.stdin = stdin  # the server's own stdin (netlab must never get it)
         self.proc = None
         self.port = None
 
     def start(self, timeout=15):
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+        self.proc = subprocess.Popen(self.cmd, stdin=self.stdin, stdout=self._log,
                                      stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -103,6 +105,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.proc.stdin:
+            self.proc.stdin.close()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers of the group (netlab children)
         except OSError:

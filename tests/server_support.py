@@ -144,7 +144,8 @@ def start_server(tmp_path):
 
 def drain_server(srv, api, timeout=15):
     """Bring a shared server back to a clean state; fail if a work dir leaked."""
-    for name in ("up_fail", "up_hang", "up_delay", "down_fail", "down_delay", "inspect_fail"):
+    for name in ("up_fail", "up_hang", "up_delay", "down_fail", "down_delay", "inspect_fail",
+                 "inspect_delay"):
         srv.switch(name, on=False)
     for s in api.health()["sessions"]:
         api.delete_session(s["session_id"])

@@ -372,3 +372,19 @@ def test_concurrent_creates_give_distinct_positions():
     assert len({s for s, _ in results}) == 100
     assert [s["status"] for s in q.snapshot()].count("active") == 1
 
+
+
+@pytest.mark.parametrize("flags, cadences", [
+    ([], (30, 15, 5, 5)),  # idle, one active session, sessions waiting
+    (["--active-timeout", "20"], (5, 5, 5, 5)),  # a quarter of the shortest timeout
+    (["--waiting-timeout", "2", "--active-timeout", "1"], (0.25, 0.25, 0.25, 0.25)),
+    (["--keep-warm", "8"], (2, 2, 2, 2)),  # a warm lab's expiry is a deadline too
+])
+def test_housekeeping_cadence_adapts_to_the_queue_and_the_timeouts(tmp_path, flags, cadences):
+    from remote_lab import App, settings_from_args
+    app = App(settings_from_args(flags + ["--state-dir", str(tmp_path)]))
+    seen = []
+    for _ in range(4):
+        seen.append(app.cadence())
+        app.queue.create()
+    assert tuple(seen) == cadences

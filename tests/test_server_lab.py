@@ -3,6 +3,7 @@ keep-warm reuse across sessions."""
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -92,6 +93,40 @@ def test_inspect_fail_502_cleans_and_a_retry_succeeds(api, srv):
     srv.switch("inspect_fail", on=False)
     status, body = api.post_lab(sid)
     assert (status, body["reused"]) == (200, False)
+
+
+def test_netlab_runs_without_stdin_in_its_own_group_and_node_inspects_run_at_once(api, srv):
+    sid = api.new_session()
+    n = len(srv.calls())
+    srv.switch("inspect_delay", value="0.8")
+    status, body = api.post_lab(sid, MAPPING, "mapping.yml")
+    assert status == 200, body
+    calls = srv.calls()[n:]
+    assert [c["pgid"] for c in calls] == [c["pid"] for c in calls]  # its own process group
+    nodes = [c for c in calls if c["argv"][:1] == ["inspect"] and "--node" in c["argv"]]
+    assert sorted(c["argv"][c["argv"].index("--node") + 1] for c in nodes) == \
+        ["leaf1", "leaf2", "spine"]
+    # one round: every node inspect started before the first could end (0.8 s each)
+    starts = [c["time"] for c in nodes]
+    assert max(starts) - min(starts) < 0.6, starts
+
+
+def test_inspect_timeout_504_kills_it_and_cleans(start_server):
+    # the server's stdin is an open pipe here: netlab must get /dev/null instead (its prompts
+    # would wait on the pipe forever)
+    srv, api = start_server("--netlab-timeout", "2", stdin=subprocess.PIPE)
+    sid = api.new_session()
+    srv.switch("inspect_delay", value="60")
+    t0 = time.monotonic()
+    status, body = api.post_lab(sid)
+    assert status == 504 and "timed out after 2 s" in body["detail"], body
+    assert time.monotonic() - t0 < 10
+    inspect = calls_of(srv, "inspect")[0]
+    wait_until(lambda: not pid_alive(inspect["pid"]), 5, what="hung inspect killed")
+    assert [(d["argv"], d["cwd"]) for d in calls_of(srv, "down")] == \
+        [(["down", "--cleanup", "--force"], inspect["cwd"])]
+    assert lab_dirs(srv) == [] and registry(srv) == {}
+    assert {c["stdin"] for c in srv.calls()} == {"/dev/null"}
 
 
 # ------------------------------------------------------------------------------------------
