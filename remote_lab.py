@@ -629,8 +629,12 @@ class Lab:
             log.info("tearing down idle lab: %s", reason, extra={"ctx": ctx})
             self._teardown_dir(old_workdir, ctx)
             with self.cond:
-                self.info.state = STARTING
+                gone = not self.is_active(sid)  # it ended during that teardown
+                self.info.state = STOPPED if gone else STARTING
                 self.cond.notify_all()
+            if gone:
+                upload.discard()
+                raise LabBusy("session %s is no longer active" % sid)
         self.retry_unclean(ctx)  # a lab netlab still knows would make this `up` fail
         workdir = upload.workdir
         try:

@@ -186,15 +186,20 @@ def test_next_session_waiting_for_a_late_up_does_not_see_it_busy(api, srv):
         api.wait_lab_state("stopped")
 
 
-def test_acquire_waiting_for_a_teardown_is_dropped_when_its_session_ends(api, srv):
-    """An acquire waits for a teardown; meanwhile its session ends: no `up` for nobody (the
-    next session would wait for it), 423 instead."""
+@pytest.mark.parametrize("teardown", ["destroy", "replace"])
+def test_acquire_waiting_for_a_teardown_is_dropped_when_its_session_ends(api, srv, teardown):
+    """An acquire waits for a teardown (a background one, or its own of the idle lab it
+    replaces); meanwhile its session ends: no `up` for nobody (the next session would wait for
+    it), 423 instead."""
     a = api.new_session()
     b = api.new_session()
     assert api.post_lab(a)[0] == 200
     n = len(srv.calls())
     srv.switch("down_delay", value="1")
-    assert api.req("DELETE", "/lab?force=true", a)[0] == 202
+    if teardown == "destroy":
+        assert api.req("DELETE", "/lab?force=true", a)[0] == 202
+    else:
+        assert api.req("POST", "/lab/release", a)[0] == 204
     result = {}
     t = threading.Thread(target=lambda: result.update(r=api.post_lab(a, MAPPING, "mapping.yml")),
                          daemon=True)
