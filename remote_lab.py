@@ -860,6 +860,14 @@ class TooLarge(BadRequest):
     status = 413
 
 
+class NoRoom(BadRequest):
+    """The lab host's disk (or quota) is full: not the client's fault, but a clear answer."""
+    status = 507
+
+
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 _TOPOLOGY_RE = re.compile(r"\.ya?ml$", re.IGNORECASE)
 
 
@@ -1077,6 +1085,8 @@ class MultipartParser:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
                          0o644)
         except OSError as e:
+            if e.errno in _NO_ROOM_ERRNOS:
+                raise
             raise BadRequest("cannot store %r: %s" % (name, e.strerror)) from None
         import hashlib
         digest = hashlib.sha256()
@@ -1118,8 +1128,10 @@ def receive_upload(rfile, headers, labs_dir: str, max_bytes: int) -> Upload:
     try:
         MultipartParser(rfile, length, m.group(1).encode("latin-1"), upload).parse()
         upload.finish()
-    except BaseException:
+    except BaseException as e:
         upload.discard()
+        if isinstance(e, OSError) and e.errno in _NO_ROOM_ERRNOS:
+            raise NoRoom("no room to store the upload in %s: %s" % (labs_dir, e.strerror)) from None
         raise
     return upload
 
@@ -2797,6 +2809,9 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
                           "(--max-upload-mb)"),
             "423": _error("The session is not active (or no longer), or the lab is busy with "
                           "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
+            "507": _error("The lab host has no room left to store the upload (disk or quota "
+                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
+                          "No space left on device"),
             "502": _error("netlab failed; the detail carries the tail of its output.",
                           "netlab up topology.yml failed (exit 1)\n--- netlab output (last "
                           "lines) ---\n..."),

@@ -185,3 +185,21 @@ def pid_alive(pid):
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+class file_size_limit:
+    """``with file_size_limit(n): start a server``: processes started inside inherit
+    RLIMIT_FSIZE = n bytes (a full disk in miniature: a bigger write fails with EFBIG)."""
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def __enter__(self):
+        import resource
+        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.nbytes, self.saved[1]))
+        return self
+
+    def __exit__(self, *exc):
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, file_size_limit
 from server_support import SIMPLE, build_multipart, start_server, wait_until  # noqa: F401
 
 sys.path.insert(0, str(ROOT))
@@ -544,6 +544,15 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     status, _, _ = fsrv_api.req("POST", "/session")
     assert status == 429
     seen["post_session"].add("429")
+
+    with file_size_limit(64 * 1024):  # a full disk
+        small, small_api = start_server(sub="small-disk")
+    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE),
+                                       ("extra_files", "big.bin", b"x" * 100000)])
+    status, _, _ = small_api.req("POST", "/lab", small_api.new_session(), body,
+                                 {"Content-Type": ctype})
+    assert status == 507
+    seen["post_lab"].add("507")
 
     for handler, codes in seen.items():
         assert codes <= documented[handler], \

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
+from helpers import file_size_limit
+from server_support import (api, shared_server, srv, start_server,  # noqa: F401 (fixtures)
                             SIMPLE, lab_dirs, parse_raw_response, raw_http,
                             up_dirs)
 
@@ -259,6 +260,20 @@ def test_real_too_large_upload_413(api, srv):
     _assert_nothing_written(srv, before)
     assert len(srv.calls()) == n_calls
     assert api.session(sid)[1]["status"] == "active"
+
+
+def test_disk_full_507_with_a_clear_detail_and_nothing_kept(start_server):
+    with file_size_limit(128 * 1024):  # the server's files cannot grow past 128 KiB
+        srv, api = start_server(sub="small-disk")
+    sid = api.new_session()
+    status, body = api.post_lab(sid, extras=[("big.bin", os.urandom(256 * 1024))])
+    assert status == 507, body
+    assert body["detail"].startswith("no room to store the upload"), body
+    assert "File too large" in body["detail"]  # the system's own words (EFBIG here)
+    assert lab_dirs(srv) == []
+    assert "Traceback" not in srv.log()  # an expected condition, not a server bug
+    status, body = api.post_lab(sid)  # what fits is still accepted
+    assert (status, body["reused"]) == (200, False), body
 
 
 # ------------------------------------------------------------------------------------------
