@@ -1619,7 +1619,10 @@ class App(OpsMixin):
     def post_lab(self, h, m):
         sid = self.require_active(h)
         reuse_q = h.query.get("reuse")
-        self.queue.pin(sid)  # a long upload or netlab up must not expire the session
+        try:
+            self.queue.pin(sid)  # a long upload or netlab up must not expire the session
+        except UnknownSession:  # it ended right after the check
+            raise HTTPError(404, "unknown session %s" % sid) from None
         try:
             try:
                 upload = receive_upload(h.rfile, h.headers, self.settings.labs_dir,

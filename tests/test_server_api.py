@@ -302,6 +302,36 @@ def test_lab_endpoints_unknown_session_404(api, srv):
     assert lab_dirs(srv) == []
 
 
+def test_post_lab_for_a_session_ending_right_after_its_check_404(tmp_path):
+    """The session ends (DELETE from another thread, expiry) between POST /lab's active check and
+    the pin that keeps it alive during the upload: 404, not a 500 from the KeyError."""
+    import sys
+    from helpers import ROOT
+    sys.path.insert(0, str(ROOT))
+    import remote_lab
+
+    app = remote_lab.App(remote_lab.Settings(simulate=True, state_dir=str(tmp_path)))
+    sid, _ = app.queue.create()
+    checked = app.require_active
+
+    def check_then_end(handler):
+        checked(handler)
+        app.end_session(sid, "deleted by client")
+        return sid
+
+    app.require_active = check_then_end
+
+    class Handler:
+        query = {}
+
+        def session_header(self, required=False):
+            return sid
+
+    with pytest.raises(remote_lab.HTTPError) as err:
+        app.post_lab(Handler(), None)
+    assert err.value.status == 404
+
+
 def test_lab_endpoints_waiting_session_423(api, srv):
     api.new_session()
     waiting = api.new_session()
