@@ -316,15 +316,6 @@ class SessionQueue:
                      "age": round(now - s.created, 3), "idle": round(now - s.last_seen, 3)}
                     for i, s in enumerate(self._sessions.values())]
 
-    def next_deadline(self) -> Optional[float]:
-        """Seconds until the earliest possible expiry (for the housekeeping cadence)."""
-        with self.lock:
-            soonest = None
-            for i, s in enumerate(self._sessions.values()):
-                limit = self.active_timeout if i == 0 else self.waiting_timeout
-                left = s.last_seen + limit - self.clock()
-                soonest = left if soonest is None else min(soonest, left)
-            return soonest
 
 
 # ============================================================================================
@@ -861,8 +852,9 @@ class TooLarge(BadRequest):
 
 
 class NoRoom(BadRequest):
-    """The lab host's disk (or quota) is full: not the client's fault, but a clear answer."""
-    status = 507
+    """The lab host's disk (or quota) is full: not the client's fault, but a clear answer
+    (503: the project's convention keeps new failure modes to 413/429/502/503/504)."""
+    status = 503
 
 
 _NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -2812,12 +2804,12 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
                           "(--max-upload-mb)"),
             "423": _error("The session is not active (or no longer), or the lab is busy with "
                           "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
-            "507": _error("The lab host has no room left to store the upload (disk or quota "
-                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
-                          "No space left on device"),
             "502": _error("netlab failed; the detail carries the tail of its output.",
                           "netlab up topology.yml failed (exit 1)\n--- netlab output (last "
                           "lines) ---\n..."),
+            "503": _error("The lab host has no room left to store the upload (disk or quota "
+                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
+                          "No space left on device"),
             "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
                           "netlab up topology.yml timed out after 1800 s")}})),
     ("get_lab", ("GET", "/lab", {
@@ -3518,8 +3510,10 @@ def main(argv=None) -> int:
         log.warning("status file %s did not appear within %.0f s; wrote it myself",
                     status_file.path, StatusFile.WAIT_FOR_FILE)
     shown_host = "[%s]" % host if ":" in host else host
-    log.info("remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
-             port, "simulated" if settings.simulate else settings.netlab)
+    # where we listen is worth a line even at --log-level WARNING (with --port 0 it is news)
+    log.log(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING,
+            "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
+            port, "simulated" if settings.simulate else settings.netlab)
     app.lab.startup_cleanup()
     app.ops_ready()  # READY=1, then STATUS= on changes (section 6a)
 

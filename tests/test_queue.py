@@ -196,15 +196,6 @@ def test_version_bumps_on_every_change(q):
     assert q.version == v0 + 3
 
 
-def test_next_deadline(clock):
-    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
-    assert q.next_deadline() is None
-    q.create()
-    q.create()
-    clock.advance(100)
-    assert q.next_deadline() == pytest.approx(200)
-
-
 # -- long-poll: wait_change, woken from another thread (real time, bounded small) --
 
 

@@ -209,6 +209,18 @@ def test_log_line_format_and_debug_streaming(start_server):
     assert streamed and streamed[0].group(2, 3) == ("DEBUG", "sid=%s topo=simple.yml" % short)
 
 
+def test_log_level_warning_keeps_quiet_but_says_where_it_listens(start_server):
+    srv, api = start_server("--log-level", "WARNING")  # the harness finds the port in the log
+    sid = api.new_session()
+    assert api.post_lab(sid)[0] == 200
+    api.delete_session(sid)
+    api.wait_lab_state("stopped")
+    lines = [ln for ln in srv.log().splitlines() if re.match(r"^\d{4}-", ln)]
+    levels = [LINE_RE.match(ln).group(2) for ln in lines]
+    assert "INFO" not in levels and "DEBUG" not in levels, lines
+    assert [ln for ln in lines if "Listening on http://127.0.0.1:%d" % srv.port in ln]
+
+
 def test_log_config_json(start_server, tmp_path):
     logfile = tmp_path / "custom.log"
     config = {

@@ -262,12 +262,12 @@ def test_real_too_large_upload_413(api, srv):
     assert api.session(sid)[1]["status"] == "active"
 
 
-def test_disk_full_507_with_a_clear_detail_and_nothing_kept(start_server):
+def test_disk_full_503_with_a_clear_detail_and_nothing_kept(start_server):
     with file_size_limit(128 * 1024):  # the server's files cannot grow past 128 KiB
         srv, api = start_server(sub="small-disk")
     sid = api.new_session()
     status, body = api.post_lab(sid, extras=[("big.bin", os.urandom(256 * 1024))])
-    assert status == 507, body
+    assert status == 503, body
     assert body["detail"].startswith("no room to store the upload"), body
     assert "File too large" in body["detail"]  # the system's own words (EFBIG here)
     assert lab_dirs(srv) == []
