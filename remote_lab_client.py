@@ -1081,6 +1081,8 @@ class RemoteLabClient:
                 with self._state_lock:
                     self._held += 1
                 return devices
+            if resp.status == 503:  # the lab host cannot take the upload (disk full)
+                raise _error_for(resp, "the lab host refused the upload of %s" % name, ServerError)
             if resp.status >= 500:
                 raise _error_for(resp, "netlab failed to start %s" % name, LabFailed)
             remaining = deadline - time.monotonic()

@@ -20,7 +20,7 @@ import pytest
 from client_support import (MAPPING, SIMPLE, Servers, TcpForwarder, active_session,
                             clean_client_env, client_env, find_python38, free_port, health,
                             make_cert, session_state, sessions, tls_server_context, wait_until)
-from helpers import CLIENT
+from helpers import CLIENT, file_size_limit
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -426,6 +426,20 @@ def test_upload_larger_than_the_server_limit_raises_upload_too_large(servers, tm
         c.acquire(SIMPLE, extra_files=[("big.bin", big)])
     assert info.value.status == 413 and "limit" in info.value.detail
     assert names(c.acquire(SIMPLE)) == ["r1", "r2"]  # the client recovers its connection
+    c.close()
+
+
+def test_full_disk_on_the_lab_host_is_a_server_error_not_a_netlab_failure(servers, tmp_path):
+    with file_size_limit(128 * 1024):  # the server's files cannot grow past 128 KiB
+        srv = servers.start()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(256 * 1024))
+    c = client(srv.url)
+    with pytest.raises(rlc.ServerError) as info:
+        c.acquire(SIMPLE, extra_files=[("big.bin", big)])
+    assert not isinstance(info.value, rlc.LabFailed)
+    assert info.value.status == 503 and "no room to store the upload" in info.value.detail
+    assert names(c.acquire(SIMPLE)) == ["r1", "r2"]  # what fits is still accepted
     c.close()
 
 
