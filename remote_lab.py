@@ -181,7 +181,7 @@ class SessionQueue:
         self.changed = threading.Condition(self.lock)
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
         self.version = 0
-        self.on_activate = None  # type: Optional[Callable[[Session], None]]  # ops hook (6a)
+        self.on_activate = None  # type: Optional[Callable[[Session], None]]  # ops hook (section 6)
 
     # -- helpers (lock held) --
     def _bump(self):
@@ -1138,8 +1138,8 @@ def parse_bool(value: str, what: str) -> bool:
 
 
 # ============================================================================================
-# 6a. Operations (issue 5): App's side of systemd, the status page, API docs and metrics
-#     (rendering, the OpenAPI document and the systemd helpers live in section 9)
+# 6. Operations state: App's side of systemd, the status page, API docs and metrics
+#    (rendering, the OpenAPI document and the systemd helpers live in section 9)
 # ============================================================================================
 
 EVENT_LIMIT = 200  # events kept in memory for the status page
@@ -1199,7 +1199,7 @@ def _peer_closed(conn) -> bool:
 
 
 class OpsMixin:
-    """Events, status snapshot, long-poll, the ops endpoints, sd_notify hooks (issue 5)."""
+    """Events, status snapshot, long-poll, the ops endpoints, sd_notify hooks."""
 
     def _ops_init(self) -> None:
         self.notifier = SystemdNotifier()  # disabled; main() sets it from the environment
@@ -1429,7 +1429,7 @@ class OpsMixin:
 
 
 # ============================================================================================
-# 6. HTTP: one route table, JSON in/out, errors as {"detail": ...}
+# 7. HTTP: one route table, JSON in/out, errors as {"detail": ...}
 # ============================================================================================
 
 
@@ -1479,7 +1479,7 @@ class App(OpsMixin):
         self.lab = Lab(self.runner, settings, self.queue.is_active)
         self.counters = Counts()
         self.stopping = threading.Event()
-        self._ops_init()  # events, metrics, sd_notify (section 6a)
+        self._ops_init()  # events, metrics, sd_notify (section 6)
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
@@ -1525,7 +1525,7 @@ class App(OpsMixin):
         return sid
 
     def get_root(self, h, m):
-        if "text/html" in (h.headers.get("Accept") or ""):  # a browser: the status page (6a)
+        if "text/html" in (h.headers.get("Accept") or ""):  # a browser: the status page (section 6)
             return self.get_status_page(h, m)
         return 200, {"service": "remote-lab", "version": __version__,
                      "uptime": round(time.monotonic() - self.started_mono, 3),
@@ -1690,7 +1690,7 @@ class App(OpsMixin):
         ("DELETE", r"/lab", "delete_lab"),
         ("GET", r"/lab/devices", "get_lab_devices"),
         ("POST", r"/lab/release", "post_lab_release"),
-        # operations (section 6a)
+        # operations (section 6)
         ("GET", r"/status", "get_status"),
         ("GET", r"/openapi\.json", "get_openapi"),
         ("GET", r"/docs", "get_docs"),
@@ -1796,7 +1796,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         JSON and empty answers: the bytes of send_response() + send_header()s + end_headers(),
         built in one go (those helpers cost more than the rest of a poll).
         """
-        if type(body) is RawResponse and status != 204:  # HTML / metrics text of the ops endpoints (6a)
+        if type(body) is RawResponse and status != 204:  # HTML / metrics text of the ops endpoints (section 6)
             data = body.data
             self.send_response(status)
             self.send_header("Content-Type", body.content_type)
@@ -1924,7 +1924,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.set_context(None)
         started = time.monotonic()
         status = 500
-        route = "unmatched"  # the metrics label for 404/405 (section 6a)
+        route = "unmatched"  # the metrics label for 404/405 (section 6)
         try:
             path = self.path
             if path[:1] == "/" and path[:2] != "//" and "?" not in path and "#" not in path:
@@ -2048,7 +2048,7 @@ def bind_server(settings: Settings, app: App,
 
 
 # ============================================================================================
-# 7. Housekeeping thread
+# 8. Housekeeping thread
 # ============================================================================================
 
 
@@ -2058,13 +2058,13 @@ def housekeeping_loop(app: App) -> None:
             app.housekeeping_once()
         except Exception:
             log.exception("housekeeping failed")
-        app.ops_housekeeping_tick()  # WATCHDOG=1 (section 6a)
+        app.ops_housekeeping_tick()  # WATCHDOG=1 (section 6)
         app.stopping.wait(app.ops_cadence())  # at most half the watchdog interval
 
 
 # ============================================================================================
-# 9. Operations (issue 5): systemd integration, metrics, status page, OpenAPI document, API docs
-#    (the App side is OpsMixin in section 6a; nothing here runs on the request hot path)
+# 9. Operations: systemd integration, metrics, status page, OpenAPI document, API docs
+#    (the App side is OpsMixin in section 6; nothing here runs on the request hot path)
 # ============================================================================================
 
 # -- 9.1 systemd: sd_notify(3) and socket activation, with the stdlib socket module ------------
@@ -3142,7 +3142,7 @@ A session id returned by <code>POST /session</code> fills the empty session fiel
 
 
 # ============================================================================================
-# Simulated netlab (--simulate): the same runner code paths, netlab played by this file
+# 10. Simulated netlab (--simulate): the same runner code paths, netlab played by this file
 # ============================================================================================
 
 SIMULATED_NETLAB_FLAG = "--simulated-netlab"
@@ -3332,7 +3332,7 @@ def simulated_netlab_main(argv: List[str]) -> int:
 
 
 # ============================================================================================
-# 8. main(): CLI, logging, single-instance lock, status file, signals
+# 11. main(): CLI, logging, single-instance lock, status file, signals
 # ============================================================================================
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(ctx)s | %(message)s"
@@ -3515,7 +3515,7 @@ def main(argv=None) -> int:
             "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
             port, "simulated" if settings.simulate else settings.netlab)
     app.lab.startup_cleanup()
-    app.ops_ready()  # READY=1, then STATUS= on changes (section 6a)
+    app.ops_ready()  # READY=1, then STATUS= on changes (section 6)
 
     keeper = threading.Thread(target=housekeeping_loop, args=(app,), name="housekeeping",
                               daemon=True)
