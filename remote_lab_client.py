@@ -892,7 +892,7 @@ class RemoteLabClient:
         deadline = started + self.session_timeout
         status = "active" if self.position == 0 else "waiting"
         progress = _Progress(self._progress_mode)
-        path = "/session/" + urllib.parse.quote(self.session_id, safe="")
+        path = self._session_path()
         long_poll = True
         try:
             while status != "active":
@@ -966,6 +966,9 @@ class RemoteLabClient:
             if resp.status >= 400:
                 _log.warning("heartbeat: %s (HTTP %d)", resp.detail, resp.status)
 
+    def _session_path(self):
+        return "/session/" + urllib.parse.quote(self.session_id, safe="")
+
     def _check(self):
         if self._closed:
             raise RemoteLabError("this RemoteLabClient is closed")
@@ -982,8 +985,7 @@ class RemoteLabClient:
         if sid is None:
             return
         try:
-            resp = self._http.request("DELETE", "/session/" + urllib.parse.quote(sid, safe=""),
-                                      retries=1)
+            resp = self._http.request("DELETE", self._session_path(), retries=1)
             if resp.status not in (200, 204, 404):
                 _log.warning("ending session %s: %s (HTTP %d)", sid, resp.detail, resp.status)
         except RemoteLabError as e:
@@ -1045,8 +1047,7 @@ class RemoteLabClient:
     def _raise_404(self, resp, what):
         """404 from a /lab endpoint: our session is gone, or there is no lab."""
         try:
-            check = self._http.request(
-                "GET", "/session/" + urllib.parse.quote(self.session_id, safe=""), retries=1)
+            check = self._http.request("GET", self._session_path(), retries=1)
             gone = check.status == 404
         except RemoteLabError:
             gone = False
@@ -1126,8 +1127,7 @@ class RemoteLabClient:
     def session_status(self):
         """Our session's ``{"status", "position"}``."""
         self._require_session()
-        resp = self._http.request("GET", "/session/" + urllib.parse.quote(self.session_id,
-                                                                           safe=""))
+        resp = self._http.request("GET", self._session_path())
         if resp.status == 404:
             self._lost = "the remote lab server no longer knows session %s" % self.session_id
             raise SessionLost(self._lost, 404, resp.detail)
