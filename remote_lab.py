@@ -1386,12 +1386,7 @@ class OpsMixin:
         since = h.query.get("since")
         wait = h.query.get("wait")
         if wait is not None:
-            try:
-                seconds = float(wait)
-            except ValueError:
-                raise HTTPError(400, "wait must be a number of seconds (0-60)") from None
-            if not 0 <= seconds <= 60:
-                raise HTTPError(400, "wait must be between 0 and 60 seconds")
+            seconds = wait_seconds(wait)
             if since is not None and seconds > 0:
                 self._ops_wait_change(since, seconds, getattr(h, "connection", None))
         return 200, self.ops_status(h.query.get("sid"))
@@ -1439,6 +1434,17 @@ class HTTPError(Exception):
         self.status = status
         self.detail = detail
         self.headers = tuple(headers)  # extra response headers, e.g. Allow on 405
+
+
+def wait_seconds(value: str) -> float:
+    """The ``wait`` query parameter of the long-polls: seconds, 0-60 (HTTPError 400 if not)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise HTTPError(400, "wait must be a number of seconds (0-60)") from None
+    if not 0 <= seconds <= 60:
+        raise HTTPError(400, "wait must be between 0 and 60 seconds")
+    return seconds
 
 
 _request_context = threading.local()
@@ -1566,12 +1572,7 @@ class App(OpsMixin):
             if wait is None:
                 status, pos = self.queue.state(sid)
             else:
-                try:
-                    seconds = float(wait)
-                except ValueError:
-                    raise HTTPError(400, "wait must be a number of seconds (0-60)") from None
-                if not 0 <= seconds <= 60:
-                    raise HTTPError(400, "wait must be between 0 and 60 seconds")
+                seconds = wait_seconds(wait)
                 known = h.query.get("position")
                 try:
                     known = None if known is None else int(known)
