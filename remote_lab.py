@@ -1252,13 +1252,9 @@ class OpsMixin:
                                       "detail": None})
 
     def ops_session_gone(self, sid: str, was_active: bool, why: str, expired: bool = False):
-        role = "active" if was_active else "waiting"
-        if expired:
-            self.record_event("expired", "%s session %s expired (%s)" % (role, sid[:SHORT_ID], why),
-                              cause=True)
-        else:
-            self.record_event("ended", "%s session %s ended (%s)" % (role, sid[:SHORT_ID], why),
-                              cause=True)
+        kind = "expired" if expired else "ended"
+        self.record_event(kind, "%s session %s %s (%s)" % ("active" if was_active else "waiting",
+                                                           sid[:SHORT_ID], kind, why), cause=True)
 
     def _ops_netlab_observed(self, verb, args, seconds, error, ctx) -> None:
         if verb in self.netlab_seconds:  # failed runs too: a slow failure is worth seeing
@@ -1490,23 +1486,24 @@ class App(OpsMixin):
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
         was_active, promoted = self.queue.remove(sid)
-        self.counters.add("sessions_ended")
-        self.ops_session_gone(sid, was_active, why)
-        log.info("session ended (%s)%s", why, " [was active]" if was_active else "",
-                 extra={"ctx": log_context(sid, None)})
-        if was_active:
-            self.lab.session_ended(sid)
+        self._session_gone(sid, was_active, why)
         if promoted:
             log.info("promoted to active", extra={"ctx": log_context(promoted, None)})
 
+    def _session_gone(self, sid: str, was_active: bool, why: str, expired: bool = False) -> None:
+        """After the queue dropped ``sid`` (ended or expired): count, record and log it; an
+        active session's lab is released (torn down or kept warm)."""
+        kind = "expired" if expired else "ended"
+        self.counters.add("sessions_" + kind)
+        self.ops_session_gone(sid, was_active, why, expired)
+        log.log(logging.WARNING if expired else logging.INFO, "session %s (%s)%s", kind, why,
+                " [was active]" if was_active else "", extra={"ctx": log_context(sid, None)})
+        if was_active:
+            self.lab.session_ended(sid)
+
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
-            self.counters.add("sessions_expired")
-            self.ops_session_gone(sid, was_active, "no sign of life", expired=True)
-            log.warning("session expired (no sign of life)%s", " [was active]" if was_active else "",
-                        extra={"ctx": log_context(sid, None)})
-            if was_active:
-                self.lab.session_ended(sid)
+            self._session_gone(sid, was_active, "no sign of life", expired=True)
         self.lab.expire_warm()
         self.lab.retry_unclean_due()
 
