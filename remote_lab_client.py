@@ -1872,15 +1872,14 @@ _lab_specs = []  # every remote_lab_fixture() in definition order
 
 
 class _LabSpec:
-    __slots__ = ("index", "topology", "extra_files", "reuse", "name", "error")
+    __slots__ = ("index", "topology", "extra_files", "reuse", "error")
 
-    def __init__(self, index, topology, extra_files, reuse, name, error=None):
-        self.error = error
+    def __init__(self, index, topology, extra_files, reuse, error=None):
         self.index = index
         self.topology = topology
         self.extra_files = extra_files
         self.reuse = reuse
-        self.name = name
+        self.error = error
 
 
 def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
@@ -1932,7 +1931,7 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
             error = "%s: %s" % (label, e)
     # an error is reported as a collection error of the tests using the fixture (raising here
     # would show a traceback for a conftest, and break runs that do not use this fixture)
-    spec = _LabSpec(len(_lab_specs), topo, tuple(extras), bool(reuse_lab), name, error)
+    spec = _LabSpec(len(_lab_specs), topo, tuple(extras), bool(reuse_lab), error)
     _lab_specs.append(spec)
 
     def remote_lab(remote_lab_client):
