@@ -1991,7 +1991,6 @@ def _make_pytest_plugin():
         @pytest.fixture(scope="session")
         def remote_lab_client(self, request):
             """The session's RemoteLabClient (waits for our turn; closed at the end)."""
-            load_dotenv()
             try:
                 client = RemoteLabClient(progress=_pytest_progress(request.config))
             except RemoteLabError as e:
