@@ -2228,12 +2228,12 @@ def _cmd_logs(args, command):
     return 0
 
 
-def _cli_client(args, start_session):
-    return RemoteLabClient(getattr(args, "url", None), start_session=start_session)
+def _cli_client(args):
+    return RemoteLabClient(getattr(args, "url", None), start_session=False)
 
 
 def _cmd_health(args, command):
-    client = _cli_client(args, False)
+    client = _cli_client(args)
     try:
         client.health()
         info = ""
@@ -2251,7 +2251,7 @@ def _cmd_health(args, command):
 
 
 def _cmd_status(args, command):
-    client = _cli_client(args, False)
+    client = _cli_client(args)
     try:
         data = client.server_status()
     finally:
@@ -2338,7 +2338,7 @@ def _devices_json(devices):
 def _cmd_acquire(args, command):
     old = _install_handlers(_raise_signalled)
     try:
-        client = _cli_client(args, False)  # acquire() checks the files, then joins the queue
+        client = _cli_client(args)  # acquire() checks the files, then joins the queue
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
                                      extra_files=args.extra)
@@ -2364,7 +2364,7 @@ def _cmd_run(args, command):
     old = _install_handlers(_raise_signalled)
     path = None
     try:
-        client = _cli_client(args, False)  # acquire() checks the files, then joins the queue
+        client = _cli_client(args)  # acquire() checks the files, then joins the queue
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
                                      extra_files=args.extra)
