@@ -500,11 +500,11 @@ class HttpTransport:
         if content_type:
             hdrs["Content-Type"] = content_type
         hdrs.update(headers or {})
-        url = self.url(path, query)
-        what = "%s %s%s" % (method, self.base_url, path)
         attempt = 0
         relocated = False
         while True:
+            url = self.url(path, query)  # (again after a relocation)
+            what = "%s %s%s" % (method, self.base_url, path)
             try:
                 resp = self._send_once(method, url, hdrs, body, timeout, lock_timeout)
             except _NotSent as e:
@@ -512,8 +512,6 @@ class HttpTransport:
                 if self.relocate is not None and not relocated:
                     relocated = True  # once per request: launch again, then retry at once
                     if self._relocated():
-                        url = self.url(path, query)
-                        what = "%s %s%s" % (method, self.base_url, path)
                         continue
                 if attempt >= retries:
                     raise ConnectionFailed("cannot connect to the remote lab at %s: %s"
