@@ -1598,6 +1598,15 @@ def _terminate(pid, start_time, grace=5.0):
     return True
 
 
+def _processes_alive(conn, local):
+    """True when a client record's tunnel (if any) and, ``local``, its server still run."""
+    if conn.get("tunnel_pid") and not _same_process(conn["tunnel_pid"],
+                                                    conn.get("tunnel_start_time")):
+        return False
+    # a local server that died: whatever answers on its port now is not it
+    return not local or _same_process(conn.get("server_pid"), conn.get("server_start_time"))
+
+
 @dataclass
 class Launched:
     """Where a launched (or reconnected) server answers."""
@@ -1647,13 +1656,8 @@ class Launcher:
     def connection(self):
         """The client file's record when its server (and tunnel) still answer, else None."""
         conn = _read_json_file(self.client_file)
-        if not conn or "url" not in conn:
+        if not conn or "url" not in conn or not _processes_alive(conn, self.target is None):
             return None
-        if conn.get("tunnel_pid") and not _same_process(conn["tunnel_pid"], conn.get("tunnel_start_time")):
-            return None
-        if self.target is None and not _same_process(conn.get("server_pid"),
-                                                     conn.get("server_start_time")):
-            return None  # our server died: whatever answers on its port now is not it
         return conn if _healthz(conn["url"]) else None
 
     def launch(self, start=True):
@@ -1785,14 +1789,11 @@ def running_servers():
         for name in names:
             data = _read_json_file(os.path.join(folder, name)) or {}
             if side == "client":
-                tunnel_ok = (not data.get("tunnel_pid")
-                             or _same_process(data["tunnel_pid"], data.get("tunnel_start_time")))
-                if not data.get("ssh"):  # local: our own server must still run
-                    tunnel_ok = tunnel_ok and _same_process(data.get("server_pid"),
-                                                            data.get("server_start_time"))
+                alive = (_processes_alive(data, not data.get("ssh")) and data.get("url")
+                         and _healthz(data["url"], 1.0))
                 rows.append({"side": "client", "key": name[:-5], "where": data.get("ssh") or "local",
                              "url": data.get("url"), "tunnel_pid": data.get("tunnel_pid"),
-                             "alive": bool(tunnel_ok and data.get("url") and _healthz(data["url"], 1.0))})
+                             "alive": bool(alive)})
             else:
                 alive = (data.get("status") == "running"
                          and _same_process(data.get("pid"), data.get("start_time")))
