@@ -548,7 +548,6 @@ class LabInfo:
     holder: Optional[str] = None  # session that started / last acquired it
     reusable: bool = False  # the last acquire used reuse=true
     warm_until: Optional[float] = None  # keep-warm deadline (monotonic)
-    started_at: Optional[float] = None
     last_error: Optional[str] = None
 
 
@@ -647,7 +646,7 @@ class Lab:
         with self.cond:
             self.info = LabInfo(state=RUNNING, workdir=workdir, topology=upload.topology,
                                 fingerprint=upload.fingerprint, ref_count=1, devices=devices,
-                                holder=sid, reusable=reuse, started_at=time.monotonic())
+                                holder=sid, reusable=reuse)
             self.cond.notify_all()
             # the session ended while netlab was working: drop its reference before an acquire
             # waiting for this `up` sees the lab (held by nobody, it would still look busy)
@@ -1261,7 +1260,7 @@ class OpsMixin:
             self.netlab_seconds[verb].observe(seconds)
         where = "" if ctx in ("-", "", None) else " [%s]" % ctx
         if error:
-            first = error.splitlines()[0] if error else ""
+            first = error.splitlines()[0]
             self.record_event("failure", "netlab %s failed after %s: %s%s"
                               % (verb, fmt_duration(seconds), first, where), error)
         elif verb in ("up", "down"):
