@@ -1749,6 +1749,76 @@ def read_headers(rfile, message_class=http.client.HTTPMessage):
     return msg
 
 
+_DIGITS = re.compile(r"[0-9]+\Z").match
+
+
+def body_framing_problem(headers) -> Optional[str]:
+    """Why the length of this request's body is ambiguous (RFC 9112 6.1-6.3), or None.
+
+    A proxy in front of us may read such a head differently, and the rest of the body would
+    then be taken for the next request (request smuggling).
+    """
+    index = getattr(headers, "fast_index", None)
+    # the usual case, cheaply: no header name given twice (the index has one entry per name)
+    if index is not None and len(index) == len(headers) and "transfer-encoding" not in index:
+        length = index.get("content-length")
+        if length is None or _DIGITS(length.strip(" \t")):
+            return None
+        return "invalid Content-Length %r: digits only" % length
+    lengths = headers.get_all("Content-Length") or []
+    codings = headers.get_all("Transfer-Encoding") or []
+    if lengths and codings:
+        return "Content-Length and Transfer-Encoding together are not allowed"
+    if len(lengths) > 1:
+        return "more than one Content-Length header"
+    if lengths and not _DIGITS(lengths[0].strip(" \t")):
+        return "invalid Content-Length %r: digits only" % lengths[0]
+    if codings and ",".join(codings).rsplit(",", 1)[-1].strip(" \t").lower() != "chunked":
+        return "unsupported Transfer-Encoding %r" % ", ".join(codings)
+    return None
+
+
+class ContinueBeforeBody:
+    """The handler's rfile while a ``100 Continue`` is owed: sent just before the body is first
+    read, so a request refused before that (unknown session, too large, ...) never gets one."""
+
+    def __init__(self, raw, handler):
+        self.raw = raw
+        self.handler = handler
+
+    def disarm(self):
+        """The plain rfile back (the answer is decided: no 100 Continue any more)."""
+        self.handler = None
+        return self.raw
+
+    def _continue(self):
+        handler = self.handler
+        if handler.rfile is self:
+            handler.rfile = self.raw
+        self.handler = None
+        handler.handle_expect_100()
+
+    def read(self, *args):
+        if self.handler is not None:
+            self._continue()
+        return self.raw.read(*args)
+
+    def readline(self, *args):
+        if self.handler is not None:
+            self._continue()
+        return self.raw.readline(*args)
+
+    def readinto(self, buffer):
+        if self.handler is not None:
+            self._continue()
+        return self.raw.readinto(buffer)
+
+    def __getattr__(self, name):  # anything else (peek, read1, closed, ...) as the raw file
+        if self.handler is not None and name in ("peek", "read1", "readinto1", "readlines"):
+            self._continue()
+        return getattr(self.raw, name)
+
+
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "remote-lab/" + __version__
@@ -1826,7 +1896,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _discard_body(self) -> None:
         length = self.header("Content-Length")
-        if self.header("Transfer-Encoding", "").lower() == "chunked":
+        if self.header("Transfer-Encoding") is not None:  # chunked (see body_framing_problem)
             self.close_connection = True
             return
         if not length:
@@ -1882,11 +1952,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(400, "Bad request syntax (%r)" % requestline)
             return False
         command, path = words[:2]
-        if len(words) == 2:
-            self.close_connection = True
-            if command != "GET":
-                self.send_error(400, "Bad HTTP/0.9 request type (%r)" % command)
-                return False
+        if len(words) == 2:  # HTTP/0.9: refused at once (not after waiting for headers)
+            self.request_version = "HTTP/1.0"  # a status line and headers on the answer
+            self.send_error(400, "HTTP/0.9 requests are not supported (%r): send '%s %s HTTP/1.1'"
+                            % (requestline, command, path))
+            return False
         self.command, self.path = command, path
         if self.path.startswith("//"):  # gh-87389: no open redirects via //host paths
             self.path = "/" + self.path.lstrip("/")
@@ -1898,6 +1968,13 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except http.client.HTTPException as err:
             self.send_error(431, "Too many headers", str(err))
             return False
+        index = getattr(self.headers, "fast_index", None)
+        if index is None or "content-length" in index or "transfer-encoding" in index:
+            problem = body_framing_problem(self.headers)
+            if problem:  # request smuggling: refuse, and never read on after this head
+                self.send_error(400, problem)
+                self._linger()
+                return False
         conntype = self.header("Connection", "").lower()
         if conntype == "close":
             self.close_connection = True
@@ -1906,8 +1983,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         expect = self.header("Expect", "")
         if (expect.lower() == "100-continue" and self.protocol_version >= "HTTP/1.1"
                 and self.request_version >= "HTTP/1.1"):
-            if not self.handle_expect_100():
-                return False
+            # not now: only once the handler reads the body, so a refused request gets its
+            # final status alone (RFC 9110 10.1.1)
+            self.rfile = ContinueBeforeBody(self.rfile, self)
         return True
 
     def handle_one_request(self):
@@ -1956,6 +2034,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception as e:  # a bug: answer 500 and keep serving
             log.exception("unhandled error in %s %s", self.command, self.path)
             status, body = 500, {"detail": "internal server error: %s" % e}
+        if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue (issue 8.5)
+            self.rfile = self.rfile.disarm()
         app.http_requests.add((route, status))  # no formatting here: /metrics labels it
         if status >= 400 and (self.headers.get("Transfer-Encoding")
                               or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
@@ -2002,9 +2082,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # http.server's own access/error lines
         log.debug("http: " + fmt, *args)
 
+    def handle_expect_100(self):
+        """``100 Continue``, sent by ContinueBeforeBody when the handler starts on the body."""
+        self.wfile.write(self.protocol_version.encode("latin-1") + b" 100 Continue\r\n\r\n")
+        return True
+
     def send_error(self, code, message=None, explain=None):
         """Protocol-level errors (bad request line, too-long headers) as JSON too."""
         self.close_connection = True
+        if type(self.rfile) is ContinueBeforeBody:  # e.g. 501: no 100 Continue after it
+            self.rfile = self.rfile.disarm()
         try:
             self.send_json(code, {"detail": message or explain or "bad request"})
         except OSError:
@@ -2024,24 +2111,54 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
+class LabHTTPServer6(LabHTTPServer):
+    """LabHTTPServer on an IPv6 address; on ``::`` it takes IPv4 too (mapped addresses)."""
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        try:  # dual-stack whatever net.ipv6.bindv6only says; some systems refuse it
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except (AttributeError, OSError) as e:
+            log.info("IPv6 socket without IPv4 (IPV6_V6ONLY cannot be cleared: %s)", e)
+        super().server_bind()
+
+
+def address_family(host: str) -> int:
+    """AF_INET6 for an IPv6 address, or a name with IPv6 addresses only; AF_INET otherwise
+    (as before: a name with both, like localhost, still listens on IPv4)."""
+    if ":" in host:
+        return socket.AF_INET6
+    if not host:
+        return socket.AF_INET
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.getaddrinfo(host, None, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+            return family
+        except (socket.gaierror, UnicodeError):
+            pass
+    return socket.AF_INET  # let bind() report the name
+
+
 def bind_server(settings: Settings, app: App,
                 listen_socket: Optional[socket.socket] = None) -> LabHTTPServer:
     handler = type("BoundRequestHandler", (RequestHandler,),
                    {"app": app, "timeout": settings.socket_timeout})
     if listen_socket is not None:  # socket activation (section 9)
         return server_from_socket(listen_socket, handler)
+    server_class = (LabHTTPServer6 if address_family(settings.host) == socket.AF_INET6
+                    else LabHTTPServer)
     if settings.port_range:
         start, end = settings.port_range
         last_error = None
         for port in range(start, end + 1):
             try:
-                return LabHTTPServer((settings.host, port), handler)
+                return server_class((settings.host, port), handler)
             except OSError as e:
                 if e.errno not in (errno.EADDRINUSE, errno.EACCES):
                     raise
                 last_error = e
         raise OSError(errno.EADDRINUSE, "no free port in %d-%d (%s)" % (start, end, last_error))
-    return LabHTTPServer((settings.host, settings.port), handler)
+    return server_class((settings.host, settings.port), handler)
 
 
 # ============================================================================================
