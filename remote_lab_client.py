@@ -197,9 +197,8 @@ def _not_remote_lab(resp):
     method, base_url, path = resp.request
     answered = "%s %s answered %d %s" % (method, path, resp.status, (
         resp.headers.get("Content-Type") or "without a content type").split(";")[0].strip())
-    if resp.status == 413 or resp.status >= 500:
-        return "%s%s: %s, not remote-lab's JSON (a proxy in front of it?)" % (base_url, path,
-                                                                            answered)
+    if resp.status in (413, 502, 503, 504):  # what a proxy answers for the server behind it
+        return "%s: %s, not remote-lab's JSON (a proxy in front of it?)" % (base_url, answered)
     return "%s is not a remote-lab server (%s)" % (base_url, answered)
 
 
@@ -709,8 +708,17 @@ def _locate(path, topo_dir):
     candidate = os.path.join(topo_dir, path)
     if not os.path.isabs(path) and os.path.exists(candidate):
         return os.path.abspath(candidate)
-    raise FileNotFoundError("extra file not found: %s (looked in %s and %s)"
-                            % (path, os.getcwd(), topo_dir))
+    raise FileNotFoundError("extra file not found: %s (looked in %s)"
+                            % (path, _places(os.getcwd(), topo_dir)))
+
+
+def _places(*dirs):
+    """"A and B", naming each directory once."""
+    unique = []
+    for d in dirs:
+        if os.path.abspath(d) not in unique:
+            unique.append(os.path.abspath(d))
+    return " and ".join(unique)
 
 
 def _name_in(path, topo_dir):
@@ -728,8 +736,13 @@ def collect_upload(topology, extra_files=()):
     ``(name, path)`` pairs.
     """
     topo = os.path.abspath(os.fspath(topology))
+    if os.path.isdir(topo):
+        raise IsADirectoryError("topology %s is a directory, not a netlab topology file"
+                                % os.fspath(topology))
     if not os.path.isfile(topo):
         raise FileNotFoundError("topology file not found: %s" % os.fspath(topology))
+    if not topo.lower().endswith((".yml", ".yaml")):  # the server would refuse it (400)
+        raise ValueError("topology %s is not a .yml/.yaml file" % os.fspath(topology))
     topo_dir = os.path.dirname(topo)
     files = [("topology", os.path.basename(topo), topo)]
     seen = {os.path.basename(topo): topo}
@@ -2123,7 +2136,7 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
     error = None
     topo = find(topology)
     if topo is None or not os.path.isfile(topo):
-        error = "%s: topology file not found (looked in %s and %s)" % (label, base, os.getcwd())
+        error = "%s: topology file not found (looked in %s)" % (label, _places(base, os.getcwd()))
         topo = os.path.abspath(os.fspath(topology))
     if isinstance(extra_files, (str, bytes, os.PathLike)):
         extra_files = [extra_files]
@@ -2206,10 +2219,13 @@ def _make_pytest_plugin():
         @pytest.fixture(scope="session")
         def remote_lab_client(self, request):
             """The session's RemoteLabClient (waits for our turn; closed at the end)."""
+            error = None
             try:
                 client = RemoteLabClient(progress=_pytest_progress(request.config))
             except RemoteLabError as e:
-                pytest.fail("remote lab: %s" % e, pytrace=False)
+                error = "remote lab: %s" % e
+            if error:  # failed outside the except: once, no "During handling of the above ..."
+                pytest.fail(error, pytrace=False)
             try:
                 yield client
             finally:
@@ -2343,6 +2359,10 @@ class _CliError(Exception):
     pass
 
 
+class _CommandError(Exception):
+    """``run``'s command cannot be run: the message and the shell's exit code (127, 126)."""
+
+
 class _Signalled(KeyboardInterrupt):
     """SIGTERM/SIGHUP turned into an exception, so cleanup runs."""
 
@@ -2356,12 +2376,15 @@ def _build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help="server URL (default: $REMOTE_LAB_URL, also read from .env)")
+    # before or after the subcommand alike (SUPPRESS: a subcommand does not reset them)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only errors on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug output on stderr")
     p = _Parser(prog="remote-lab-client",
                 description="Talk to a remote-lab server: check it, show its queue and lab, "
                             "hold a lab, or run a command while holding one.",
                 parents=[common])
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
     p.add_argument("--version", action="version", version="remote-lab-client " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -2373,7 +2396,7 @@ def _build_parser():
         a = sub.add_parser(name, parents=[common], help=text,
                            usage="%%(prog)s [--url URL] TOPOLOGY [--extra FILE ...] [--no-reuse]%s"
                            % (" -- CMD [ARGS ...]" if name == "run" else ""))
-        a.add_argument("topology", help="netlab topology file (.yml)")
+        a.add_argument("topology", nargs="?", help="netlab topology file (.yml)")
         a.add_argument("--extra", action="extend", nargs="+", default=[], metavar="FILE",
                        help="extra file or directory to upload (path relative to the topology's "
                             "directory is kept)")
@@ -2593,7 +2616,21 @@ def _devices_json(devices):
     return json.dumps([d.to_dict() for d in devices], indent=2)
 
 
+def _check_before_queueing(args, command=None):
+    """Fail at once, not after waiting for the lab: the files, and the command of ``run``."""
+    collect_upload(args.topology, args.extra)
+    if not command:
+        return
+    name = command[0]
+    path = shutil.which(name) if os.sep not in name else name
+    if path is None or not os.path.exists(path):
+        raise _CommandError("cannot run %s: command not found" % name, 127)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise _CommandError("cannot run %s: not executable" % name, 126)
+
+
 def _cmd_acquire(args, command):
+    _check_before_queueing(args)
     old = _install_handlers(_raise_signalled)
     try:
         client = _cli_client(args)  # acquire() checks the files, then joins the queue
@@ -2619,6 +2656,7 @@ def _cmd_acquire(args, command):
 def _cmd_run(args, command):
     if not command:
         raise _CliError("run needs a command after --, e.g. run topo.yml -- pytest tests/")
+    _check_before_queueing(args, command)
     old = _install_handlers(_raise_signalled)
     path = None
     try:
@@ -2709,11 +2747,16 @@ def main(argv=None):
             args = _build_parser().parse_args(argv)
         except SystemExit as e:  # --help / --version
             return e.code or 0
-        _log.setLevel(logging.DEBUG if args.verbose else
-                      logging.WARNING if args.quiet else logging.INFO)
+        _log.setLevel(logging.DEBUG if getattr(args, "verbose", False) else
+                      logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
         load_dotenv()  # every command, launch/stop/logs too, sees the .env settings
         if command is not None and args.command != "run":
             raise _CliError("unexpected arguments after --")
+        if args.command in ("acquire", "run") and args.topology is None:
+            if not args.extra:  # `--extra F TOPO`: --extra took the topology too
+                raise _CliError("%s needs a TOPOLOGY (see remote-lab-client %s --help)"
+                                % (args.command, args.command))
+            args.topology = args.extra.pop()
         return _COMMANDS[args.command](args, command)
     except _Signalled as e:
         print("remote-lab-client: stopped by signal %s" % e.args[0], file=sys.stderr)
@@ -2724,6 +2767,9 @@ def main(argv=None):
     except _CliError as e:
         print("remote-lab-client: error: %s" % e, file=sys.stderr)
         return 2
+    except _CommandError as e:
+        print("remote-lab-client: %s" % e.args[0], file=sys.stderr)
+        return e.args[1]
     except (RemoteLabError, OSError, ValueError) as e:
         _log.debug("full error:\n%s", e)
         print("remote-lab-client: error: %s" % _one_line(str(e)), file=sys.stderr)
