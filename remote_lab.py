@@ -1532,7 +1532,11 @@ class App(OpsMixin):
         return 200, {"service": "remote-lab", "version": __version__,
                      "uptime": round(time.monotonic() - self.started_mono, 3),
                      "queue_length": len(self.queue), "active_session": self.queue.active_id(),
-                     "lab": self.lab_summary(), "docs": "/docs"}
+                     "lab": self.lab_summary(), "docs": "/docs",
+                     # which server this is: clients show it, and local mode compares it
+                     "pid": os.getpid(), "simulated": self.settings.simulate,
+                     "netlab": "simulated (built into remote_lab.py)"
+                     if self.settings.simulate else self.settings.netlab}
 
     def lab_summary(self):
         s = self.lab.snapshot()
@@ -2801,7 +2805,8 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
                 "service": "remote-lab", "version": __version__, "uptime": 12.5,
                 "queue_length": 1, "active_session": _SESSION_EXAMPLE,
                 "lab": {"state": "running", "topology": "topology.yml", "ref_count": 1,
-                        "devices": ["r1", "r2"]}, "docs": "/docs"}},
+                        "devices": ["r1", "r2"]}, "docs": "/docs", "pid": 4242,
+                "simulated": False, "netlab": "/usr/local/bin/netlab"}},
             "text/html": {"schema": {"type": "string"}}}}}})),
     ("get_healthz", ("GET", "/healthz", {
         "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})),
@@ -2993,7 +2998,10 @@ OPENAPI_SCHEMAS = {
     "Summary": {"type": "object", "properties": {
         "service": {"type": "string", "const": "remote-lab"}, "version": {"type": "string"},
         "uptime": {"type": "number"}, "queue_length": {"type": "integer"},
-        "active_session": _NULLABLE_STR, "lab": _ref("LabSummary"), "docs": {"type": "string"}}},
+        "active_session": _NULLABLE_STR, "lab": _ref("LabSummary"), "docs": {"type": "string"},
+        "pid": {"type": "integer"}, "simulated": {"type": "boolean"},
+        "netlab": {"type": "string", "description": "the netlab command (absolute path), or "
+                                                   "the built-in simulator's name"}}},
     "DebugHealth": {"type": "object", "required": ["status", "timestamp", "uptime", "sessions",
                                                    "queue_length"], "properties": {
         "status": {"type": "string", "const": "ok"}, "timestamp": {"type": "number"},

@@ -178,11 +178,28 @@ _STATUS_ERRORS = {400: BadRequest, 404: NotFound, 409: LabInUse, 413: UploadTooL
 
 def _error_for(resp, what, cls=None):
     """The exception for an unexpected response ``resp`` to request ``what``."""
+    stranger = _not_remote_lab(resp)
+    if stranger:
+        return ConfigError(stranger, resp.status, resp.detail)
     if cls is None:
         cls = _STATUS_ERRORS.get(resp.status)
         if cls is None:
             cls = ServerError if resp.status >= 500 else RemoteLabError
     return cls("%s: %s (HTTP %d)" % (what, resp.detail, resp.status), resp.status, resp.detail)
+
+
+def _not_remote_lab(resp):
+    """The message when ``resp`` cannot come from remote-lab (which answers JSON, errors with a
+    ``detail``), else None; a proxy's 413 or 5xx page is named as such."""
+    if resp.request is None or (isinstance(resp.data, dict)
+                                and (resp.status < 400 or "detail" in resp.data)):
+        return None
+    method, base_url, path = resp.request
+    answered = "%s %s answered %d %s" % (method, path, resp.status, (
+        resp.headers.get("Content-Type") or "without a content type").split(";")[0].strip())
+    if resp.status in (413, 502, 503, 504):  # what a proxy answers for the server behind it
+        return "%s: %s, not remote-lab's JSON (a proxy in front of it?)" % (base_url, answered)
+    return "%s is not a remote-lab server (%s)" % (base_url, answered)
 
 
 # ============================================================================================
@@ -285,9 +302,10 @@ def _env_flag(name):
 class Response:
     """A complete HTTP response: ``status``, ``headers``, ``body`` (bytes), ``data`` (JSON)."""
 
-    __slots__ = ("status", "reason", "headers", "body", "data")
+    __slots__ = ("status", "reason", "headers", "body", "data", "request")
 
     def __init__(self, status, reason, headers, body):
+        self.request = None  # (method, base URL, path), set by HttpTransport.request
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -507,6 +525,7 @@ class HttpTransport:
             what = "%s %s%s" % (method, self.base_url, path)
             try:
                 resp = self._send_once(method, url, hdrs, body, timeout, lock_timeout)
+                resp.request = (method, self.base_url, path)
             except _NotSent as e:
                 error = e.args[0]
                 if self.relocate is not None and not relocated:
@@ -689,8 +708,17 @@ def _locate(path, topo_dir):
     candidate = os.path.join(topo_dir, path)
     if not os.path.isabs(path) and os.path.exists(candidate):
         return os.path.abspath(candidate)
-    raise FileNotFoundError("extra file not found: %s (looked in %s and %s)"
-                            % (path, os.getcwd(), topo_dir))
+    raise FileNotFoundError("extra file not found: %s (looked in %s)"
+                            % (path, _places(os.getcwd(), topo_dir)))
+
+
+def _places(*dirs):
+    """"A and B", naming each directory once."""
+    unique = []
+    for d in dirs:
+        if os.path.abspath(d) not in unique:
+            unique.append(os.path.abspath(d))
+    return " and ".join(unique)
 
 
 def _name_in(path, topo_dir):
@@ -708,8 +736,13 @@ def collect_upload(topology, extra_files=()):
     ``(name, path)`` pairs.
     """
     topo = os.path.abspath(os.fspath(topology))
+    if os.path.isdir(topo):
+        raise IsADirectoryError("topology %s is a directory, not a netlab topology file"
+                                % os.fspath(topology))
     if not os.path.isfile(topo):
         raise FileNotFoundError("topology file not found: %s" % os.fspath(topology))
+    if not topo.lower().endswith((".yml", ".yaml")):  # the server would refuse it (400)
+        raise ValueError("topology %s is not a .yml/.yaml file" % os.fspath(topology))
     topo_dir = os.path.dirname(topo)
     files = [("topology", os.path.basename(topo), topo)]
     seen = {os.path.basename(topo): topo}
@@ -1151,6 +1184,14 @@ class RemoteLabClient:
             return root.data
         raise _error_for(resp, "getting the server status")
 
+    def server_info(self):
+        """The server's ``GET /`` summary: version, uptime, queue_length, pid, simulated, ..."""
+        resp = self._http.request("GET", "/")
+        if resp.status == 200 and isinstance(resp.data, dict) \
+                and resp.data.get("service") == "remote-lab":
+            return resp.data
+        raise _error_for(resp, "getting the server summary")
+
 
 def _isatty(stream):
     try:
@@ -1175,19 +1216,131 @@ DEFAULT_LAUNCH_TIMEOUT = 60.0
 LAUNCHER_DIR = ".remote-http-launcher"
 
 _BOOTSTRAP = r'''
-import base64, fcntl, hashlib, json, os, signal, subprocess, sys, time, urllib.request
+import base64, fcntl, hashlib, json, os, shutil, signal, subprocess, sys, time, urllib.request
 
-def healthy(st, timeout=2.0):
+def base_url(st):
     host = st.get("host") or "127.0.0.1"
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     if ":" in host:
         host = "[%s]" % host
+    return "http://%s:%s" % (host, st.get("port"))
+
+def healthy(st, timeout=2.0):
     try:
-        with urllib.request.urlopen("http://%s:%s/healthz" % (host, st.get("port")), timeout=timeout) as r:
+        with urllib.request.urlopen(base_url(st) + "/healthz", timeout=timeout) as r:
             return 200 <= r.status < 300
     except Exception:
         return False
+
+def root_info(st, timeout=2.0):
+    """The server's GET / summary, or None when it does not answer as remote-lab."""
+    req = urllib.request.Request(base_url(st) + "/", headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = json.loads(r.read(1 << 20).decode("utf-8"))
+    except Exception:
+        return None
+    return data if isinstance(data, dict) and data.get("service") == "remote-lab" else None
+
+def flags(args):
+    return "flags '%s'" % " ".join(args) if args else "no extra flags"
+
+def own_difference(st, command, sha, args):
+    """Why the server we started is not the one asked for now, or None when it is."""
+    if st.get("server_sha256") != sha:
+        return ("remote_lab.py changed since it started" if st.get("server_sha256")
+                else "it was started by an older launcher")
+    if st.get("server_args") != args:
+        return "it runs with %s, and %s were asked" % (flags(st.get("server_args")), flags(args))
+    if st.get("command") != command:
+        return "it was started with another command line (python, address or state dir)"
+    return None
+
+def busy_with(st):
+    """How many sessions the server has (None when it does not say)."""
+    root = root_info(st)
+    n = root.get("queue_length") if root else None
+    return n if isinstance(n, int) else None
+
+def flag_value(args, name):
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a[len(name) + 1:]
+    return None
+
+def external_server(state_dir, deadline):
+    """The server holding state_dir's instance lock (one started by hand): its lock record
+    ({pid, port, host}) plus "root", its GET / (None if it never answered); None if no server."""
+    path = os.path.join(state_dir, "server.lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # nobody holds it
+            except OSError:
+                pass
+            try:
+                info = json.loads(os.read(fd, 4096).decode() or "{}")
+            except ValueError:
+                info = {}
+        finally:
+            os.close(fd)
+        root = root_info(info) if isinstance(info, dict) and info.get("port") else None
+        if root and root.get("pid", info.get("pid")) == info.get("pid"):
+            return dict(info, root=root)
+        if time.time() >= deadline:
+            return dict(info if isinstance(info, dict) else {}, root=None)
+        time.sleep(0.1)
+
+def external_difference(root, args):
+    """Why a server we did not start is not the one asked for, or None (also: cannot tell)."""
+    if "simulated" not in root:
+        return None  # an older server does not say
+    simulate = "--simulate" in args
+    if bool(root["simulated"]) != simulate:
+        return ("--simulate was asked" if simulate
+                else "real netlab was asked (no --simulate in the server flags)")
+    netlab = flag_value(args, "--netlab")
+    found = shutil.which(netlab) if netlab and not simulate else None
+    if found and os.path.abspath(found) != root.get("netlab"):
+        return "--netlab %s was asked" % netlab
+    return None
+
+def use_external(other, P, state_dir):
+    root = other["root"]
+    where = "pid %s, %s" % (other.get("pid", "?"), base_url(other))
+    if root is None:
+        out(ok=False, error="a server (%s) holds the lock of %s but does not answer as remote-lab"
+            % (where, state_dir))
+        return 1
+    kind = "simulated" if root.get("simulated") else "netlab %s" % root.get("netlab", "?")
+    differs = external_difference(root, P["server_args"])
+    if differs:
+        out(ok=False, error="a remote-lab server not started by the launcher runs for %s (%s, %s), "
+            "but %s: stop that server, or set REMOTE_LAB_URL=%s to use it as it is"
+            % (state_dir, where, kind, differs, base_url(other)))
+        return 1
+    out(ok=True, reused=True, external=True, pid=other.get("pid"), port=other.get("port"),
+        host=other.get("host"), start_time=_proc_start_time(other.get("pid") or 0))
+    return 0
+
+def replace_idle(st, why, P):
+    """Stop our idle server that differs from what is asked; an error message if it is busy."""
+    n = busy_with(st)
+    if n != 0:
+        return ("the server on this host (pid %s, port %s) differs from what is asked (%s), but it "
+                "is busy (%s): wait until its sessions end, or stop it (%s)"
+                % (st.get("pid"), st.get("port"), why, "%d session%s" % (n, "" if n == 1 else "s")
+                   if n is not None else "it does not say with what", P.get("stop_command")))
+    stop_server(st)
+    return None
 
 def write_json(path, data):
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), int(time.time() * 1e6))
@@ -1269,14 +1422,32 @@ def main(P):
                 if fresh.get("status") != "stopped":
                     fresh["status"] = "stopped"
                     write_json(status_path, fresh)
-            out(ok=True, stopped=stopped, pid=st.get("pid"))
+            other = None if stopped else external_server(
+                os.path.abspath(os.path.expanduser(P["workdir"])), time.time())
+            out(ok=True, stopped=stopped, pid=st.get("pid"),
+                external_pid=other.get("pid") if other else None)
             return 0
         deadline = time.time() + P["timeout"]
+        workdir = os.path.abspath(os.path.expanduser(P["workdir"]))
+        server = P.get("server_path") or os.path.join(workdir, "remote_lab.py")
+        command = [P.get("python") or sys.executable, server,
+                   "--status-file", status_path,
+                   "--port-range", str(P["port_range"][0]), str(P["port_range"][1]),
+                   "--host", P["host"], "--state-dir", workdir] + P["server_args"]
+        replaced = None
         if running:
             while time.time() < deadline:
                 if st.get("status") == "running" and healthy(st):
-                    out(ok=True, reused=True, **st)
-                    return 0
+                    replaced = None if P.get("reuse_only") else own_difference(
+                        st, command, P.get("server_sha256"), P["server_args"])
+                    if replaced is None:
+                        out(ok=True, reused=True, **st)
+                        return 0
+                    refused = replace_idle(st, replaced, P)
+                    if refused:
+                        out(ok=False, error=refused)
+                        return 1
+                    break
                 if not _same_process(st.get("pid"), st.get("start_time")):
                     break
                 time.sleep(0.1)
@@ -1285,18 +1456,18 @@ def main(P):
                 out(ok=False, error="a server (pid %s) is running but does not answer on port %s"
                     % (st.get("pid"), st.get("port")), log_tail=tail(log_path))
                 return 1
+        other = external_server(workdir, deadline)  # one server per state dir, and so per host
+        if other is not None:
+            return use_external(other, P, workdir)
         if P.get("reuse_only"):
             out(ok=False, error="no server is running (it was stopped or died)")
             return 1
-        workdir = os.path.abspath(os.path.expanduser(P["workdir"]))
         os.makedirs(workdir, exist_ok=True)
-        server = P.get("server_path")
         if P.get("server_b64"):
             blob = base64.b64decode(P["server_b64"])
             if hashlib.sha256(blob).hexdigest() != P["server_sha256"]:
                 out(ok=False, error="server file corrupted in transit (SHA-256 mismatch)")
                 return 1
-            server = os.path.join(workdir, "remote_lab.py")
             current = None
             if os.path.exists(server):
                 with open(server, "rb") as f:
@@ -1307,10 +1478,6 @@ def main(P):
                     f.write(blob)
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, server)
-        command = [P.get("python") or sys.executable, server,
-                   "--status-file", status_path,
-                   "--port-range", str(P["port_range"][0]), str(P["port_range"][1]),
-                   "--host", P["host"], "--state-dir", os.path.join(workdir, "state")] + P["server_args"]
         logf = open(log_path, "wb")
         try:
             proc = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=logf,
@@ -1321,12 +1488,13 @@ def main(P):
         logf.close()
         st = {"workdir": workdir, "log": log_path, "command": command, "uid": os.getuid(),
               "pid": proc.pid, "start_time": _proc_start_time(proc.pid), "status": "starting",
-              "key": key, "network_interface": P["host"]}
+              "key": key, "network_interface": P["host"], "server_args": P["server_args"],
+              "server_sha256": P.get("server_sha256")}
         write_json(status_path, st)
         while time.time() < deadline:
             cur = _read_json_file(status_path) or st
             if cur.get("status") == "running" and healthy(cur):
-                out(ok=True, reused=False, **cur)
+                out(ok=True, reused=False, replaced=replaced, **cur)
                 return 0
             if cur.get("status") == "failed":
                 out(ok=False, error=cur.get("error") or "server start-up failed", log_tail=tail(log_path))
@@ -1394,6 +1562,32 @@ def _healthz(url, timeout=2.0):
             conn.close()
     except (OSError, http.client.HTTPException, ValueError):
         return False
+
+
+def _root_json(url, timeout=2.0):
+    """The ``GET /`` summary of the remote-lab server at ``url``, or None (no answer, not one)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname, parts.port, timeout=timeout)
+        try:
+            conn.request("GET", parts.path.rstrip("/") + "/", headers={"Accept": "application/json"})
+            data = json.loads(conn.getresponse().read(1 << 20).decode("utf-8"))
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("service") == "remote-lab" else None
+
+
+def _server_facts(info):
+    """["remote-lab 0.1.0", "pid 123", "simulated"]: what a GET / summary says of its server."""
+    facts = ["remote-lab %s" % info.get("version", "?")]
+    if isinstance(info.get("pid"), int):
+        facts.append("pid %d" % info["pid"])
+    if info.get("simulated"):
+        facts.append("simulated")
+    return facts
 
 
 def _launcher_dir(side):
@@ -1617,6 +1811,10 @@ class Launched:
     server_port: Optional[int] = None
     target: Optional[str] = None
     tunnel_pid: Optional[int] = None
+    version: Optional[str] = None  # the server's, from its GET /
+    simulated: Optional[bool] = None
+    external: bool = False  # a server the launcher did not start (by hand, same state dir)
+    replaced: Optional[str] = None  # why an idle server that differed was stopped first
 
 
 class Launcher:
@@ -1643,6 +1841,7 @@ class Launcher:
         client_dir = _launcher_dir("client")
         self.client_file = os.path.join(client_dir, self.key + ".json")
         self.client_lock = os.path.join(client_dir, self.key + ".lock")
+        self.external_pid = None  # after stop(): the server there that the launcher did not start
 
     @property
     def where(self):
@@ -1660,37 +1859,67 @@ class Launcher:
             return None
         return conn if _healthz(conn["url"]) else None
 
+    def _server_file(self):
+        """(path, bytes) of the remote_lab.py to run, (None, None) when there is none."""
+        path = find_local_server()
+        if not path:
+            return None, None
+        with open(path, "rb") as f:
+            return path, f.read()
+
+    def _launched(self, conn, reused, answer=None):
+        info = _root_json(conn["url"]) or {}
+        answer = answer or {}
+        return Launched(conn["url"], self.key, reused, conn.get("server_pid"),
+                        conn.get("tunneled-port") or conn.get("port"), conn.get("ssh"),
+                        conn.get("tunnel_pid"), info.get("version"), info.get("simulated"),
+                        bool(conn.get("external")), answer.get("replaced"))
+
     def launch(self, start=True):
-        """Reconnect to the running server, else (``start``) start one: a ``Launched``."""
+        """Reconnect to the running server, else (``start``) start one: a ``Launched``.
+
+        A server this launcher started whose flags or remote_lab.py (SHA-256) differ from what
+        is asked now is restarted when idle, refused (LaunchError) when busy; a server started
+        by hand on the same state dir is used when it is of the kind asked (simulated or not).
+        """
         with _FileLock(self.client_lock):
             deadline = time.monotonic() + self.timeout  # for all of it: bootstrap and tunnel
+            server_path, blob = self._server_file()
+            asked = {"server_args": self.server_args,
+                     "server_sha256": hashlib.sha256(blob).hexdigest() if blob else None}
             conn = self.connection()
-            if conn:
-                return Launched(conn["url"], self.key, True, conn.get("server_pid"),
-                                conn.get("tunneled-port") or conn.get("port"), conn.get("ssh"),
-                                conn.get("tunnel_pid"))
+            if conn and (not start or all(conn.get(k) == v for k, v in asked.items())):
+                return self._launched(conn, True)
             old = _read_json_file(self.client_file) or {}
             if old.get("tunnel_pid"):
                 _terminate(old["tunnel_pid"], old.get("tunnel_start_time"))
             bind = "127.0.0.1" if (self.target is None or self.tunnel) else "0.0.0.0"
             extra = {"host": bind, "port_range": list(self.port_range),
-                     "server_args": self.server_args, "python": self.python}
+                     "server_args": self.server_args, "python": self.python,
+                     "server_sha256": asked["server_sha256"],
+                     "stop_command": "remote-lab-client stop" + (
+                         " --ssh %s" % self.target if self.target else "")}
             if self.target is None:
-                extra["server_path"] = find_local_server()
+                extra["server_path"] = server_path
                 if not extra["server_path"]:
                     raise LaunchError("no remote_lab.py next to %s or on PATH to start a local "
                                       "server" % os.path.abspath(__file__))
             else:
-                _, blob = _server_source()
+                if not blob:
+                    _server_source()  # raises: nothing to install
                 extra["server_b64"] = base64.b64encode(blob).decode()
-                extra["server_sha256"] = hashlib.sha256(blob).hexdigest()
             answer = _run_bootstrap(self._params("launch", reuse_only=not start, **extra),
                                     self.target, self.python, self.timeout)
             rport = int(answer["port"])
             rhost = answer.get("host") or bind
+            if answer.get("replaced"):
+                _log.info("stopped the idle server on %s: %s; started a new one", self.where,
+                          answer["replaced"])
             conn = {"key": self.key, "ssh": str(self.target) if self.target else None,
                     "workdir": self.workdir, "server_pid": answer.get("pid"),
-                    "server_start_time": answer.get("start_time")}
+                    "server_start_time": answer.get("start_time"),
+                    "external": bool(answer.get("external"))}
+            conn.update(asked)
             if self.tunnel:
                 lport, tpid, tstart = self._open_tunnel(rhost, rport, deadline)
                 conn.update({"hostname": "localhost", "port": lport,
@@ -1704,8 +1933,7 @@ class Launcher:
                 conn.update({"hostname": hostname, "port": rport,
                              "url": "http://%s:%d" % (shown, rport)})
             _write_private_json(self.client_file, conn)
-            return Launched(conn["url"], self.key, bool(answer.get("reused")), answer.get("pid"),
-                            rport, conn["ssh"], conn.get("tunnel_pid"))
+            return self._launched(conn, bool(answer.get("reused")), answer)
 
     def _open_tunnel(self, rhost, rport, deadline):
         """ssh -N -L 127.0.0.1:LPORT:RHOST:RPORT; ready when /healthz answers through it."""
@@ -1756,6 +1984,7 @@ class Launcher:
                 os.unlink(self.client_file)
             except FileNotFoundError:
                 pass
+            self.external_pid = answer.get("external_pid")  # a server it must leave alone
             return bool(answer.get("stopped"))
 
     def status(self):
@@ -1907,7 +2136,7 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
     error = None
     topo = find(topology)
     if topo is None or not os.path.isfile(topo):
-        error = "%s: topology file not found (looked in %s and %s)" % (label, base, os.getcwd())
+        error = "%s: topology file not found (looked in %s)" % (label, _places(base, os.getcwd()))
         topo = os.path.abspath(os.fspath(topology))
     if isinstance(extra_files, (str, bytes, os.PathLike)):
         extra_files = [extra_files]
@@ -1990,10 +2219,13 @@ def _make_pytest_plugin():
         @pytest.fixture(scope="session")
         def remote_lab_client(self, request):
             """The session's RemoteLabClient (waits for our turn; closed at the end)."""
+            error = None
             try:
                 client = RemoteLabClient(progress=_pytest_progress(request.config))
             except RemoteLabError as e:
-                pytest.fail("remote lab: %s" % e, pytrace=False)
+                error = "remote lab: %s" % e
+            if error:  # failed outside the except: once, no "During handling of the above ..."
+                pytest.fail(error, pytrace=False)
             try:
                 yield client
             finally:
@@ -2067,9 +2299,30 @@ def _make_pytest_plugin():
                         url = parse_dotenv(f.read()).get("REMOTE_LAB_URL", "").strip()
                 except (OSError, UnicodeDecodeError):
                     pass
-            return "remote lab: %s" % (url or "REMOTE_LAB_URL not set")
+            return "remote lab: %s" % _header_server(url)
 
     return RemoteLabPlugin()
+
+
+def _header_server(url):
+    """The pytest header's words for the server: its URL and, when it answers, what it is
+    (version, pid, simulated). Nothing is started or launched for this."""
+    if not url or url.startswith("ssh://"):
+        try:
+            target, workdir = parse_ssh_url(url) if url else (None, None)
+            conn = Launcher(target, workdir=workdir).connection()  # state files, no ssh
+        except (RemoteLabError, OSError, ValueError):
+            conn = None
+        if conn is None:
+            return ("%s (launched on first use)" % url if url else
+                    "REMOTE_LAB_URL not set (local mode: a server on this machine, started on "
+                    "first use)")
+        where, url = ("%s via " % url if url else "local mode, "), conn["url"]
+    else:
+        where, url = "", url if "://" in url else "http://" + url
+    info = _root_json(url)
+    return "%s%s (%s)" % (where, url, ", ".join(_server_facts(info)) if info
+                          else "not answering as remote-lab")
 
 
 def _pytest_progress(config):
@@ -2106,6 +2359,10 @@ class _CliError(Exception):
     pass
 
 
+class _CommandError(Exception):
+    """``run``'s command cannot be run: the message and the shell's exit code (127, 126)."""
+
+
 class _Signalled(KeyboardInterrupt):
     """SIGTERM/SIGHUP turned into an exception, so cleanup runs."""
 
@@ -2119,12 +2376,15 @@ def _build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help="server URL (default: $REMOTE_LAB_URL, also read from .env)")
+    # before or after the subcommand alike (SUPPRESS: a subcommand does not reset them)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only errors on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug output on stderr")
     p = _Parser(prog="remote-lab-client",
                 description="Talk to a remote-lab server: check it, show its queue and lab, "
                             "hold a lab, or run a command while holding one.",
                 parents=[common])
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
     p.add_argument("--version", action="version", version="remote-lab-client " + __version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -2136,7 +2396,7 @@ def _build_parser():
         a = sub.add_parser(name, parents=[common], help=text,
                            usage="%%(prog)s [--url URL] TOPOLOGY [--extra FILE ...] [--no-reuse]%s"
                            % (" -- CMD [ARGS ...]" if name == "run" else ""))
-        a.add_argument("topology", help="netlab topology file (.yml)")
+        a.add_argument("topology", nargs="?", help="netlab topology file (.yml)")
         a.add_argument("--extra", action="extend", nargs="+", default=[], metavar="FILE",
                        help="extra file or directory to upload (path relative to the topology's "
                             "directory is kept)")
@@ -2194,15 +2454,21 @@ def _cmd_launch(args, command):
     if args.json:
         print(json.dumps(dataclasses_asdict(started)))
     else:
-        print("%s (%s, server pid %s on %s)" % (
-            started.url, "reconnected" if started.reused else "started", started.server_pid,
-            launcher.where))
+        how = ("in use, not started by the launcher" if started.external
+               else "reconnected" if started.reused else "started")
+        facts = _server_facts({"version": started.version, "pid": started.server_pid,
+                               "simulated": started.simulated})
+        print("%s (%s on %s: %s)" % (started.url, how, launcher.where, ", ".join(facts)))
     return 0
 
 
 def _cmd_stop(args, command):
     launcher = _launcher_from_args(args)
     stopped = launcher.stop()
+    if launcher.external_pid:
+        print("left the server on %s alone (pid %s): it was not started by the launcher; stop "
+              "it where it was started" % (launcher.where, launcher.external_pid))
+        return 0
     print("stopped the server on %s" % launcher.where if stopped
           else "no server was running on %s" % launcher.where)
     return 0
@@ -2233,15 +2499,24 @@ def _cli_client(args):
 
 def _cmd_health(args, command):
     client = _cli_client(args)
+    # a server that accepts but never answers: say what we wait for, not just hang
+    waiting = threading.Timer(1.0, _log.info, ("waiting for %s to answer GET /healthz (giving up "
+                                               "after %s)", client.base_url,
+                                               _duration(client.request_timeout)))
+    waiting.daemon = True
+    waiting.start()
     try:
-        client.health()
+        try:
+            client.health()
+        finally:
+            waiting.cancel()
         info = ""
         try:
-            data = client.server_status()
-            info = " (remote-lab %s, up %s, %s session(s))" % (
-                data.get("version", "?"), _duration(float(data.get("uptime", 0))),
+            data = client.server_info()
+            info = " (%s, up %s, %s session(s))" % (
+                ", ".join(_server_facts(data)), _duration(float(data.get("uptime", 0))),
                 data.get("queue_length", "?"))
-        except RemoteLabError:
+        except (RemoteLabError, TypeError, ValueError):
             pass
         print("%s: ok%s" % (client.base_url, info))
         return 0
@@ -2253,6 +2528,10 @@ def _cmd_status(args, command):
     client = _cli_client(args)
     try:
         data = client.server_status()
+        try:
+            info = client.server_info()  # pid, simulated (not in /debug/health)
+        except RemoteLabError:
+            info = {}
     finally:
         client.close()
     sessions = data.get("sessions")
@@ -2266,10 +2545,13 @@ def _cmd_status(args, command):
         print(json.dumps({"url": client.base_url, "version": data.get("version"),
                           "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
                           "sessions": sessions if isinstance(sessions, list) else [],
-                          "active_session": active, "lab": lab}, indent=2, sort_keys=True))
+                          "active_session": active, "lab": lab, "pid": info.get("pid"),
+                          "simulated": info.get("simulated"), "netlab": info.get("netlab")},
+                         indent=2, sort_keys=True))
         return 0
-    out = ["server   %s (remote-lab %s, up %s)" % (client.base_url, data.get("version", "?"),
-                                                   _duration(float(data.get("uptime") or 0)))]
+    facts = _server_facts(dict(info, version=data.get("version", info.get("version", "?"))))
+    out = ["server   %s (%s, up %s)" % (client.base_url, ", ".join(facts),
+                                        _duration(float(data.get("uptime") or 0)))]
     if isinstance(sessions, list):
         out.append("queue    %d session%s" % (len(sessions), "" if len(sessions) == 1 else "s"))
         if sessions:
@@ -2334,7 +2616,21 @@ def _devices_json(devices):
     return json.dumps([d.to_dict() for d in devices], indent=2)
 
 
+def _check_before_queueing(args, command=None):
+    """Fail at once, not after waiting for the lab: the files, and the command of ``run``."""
+    collect_upload(args.topology, args.extra)
+    if not command:
+        return
+    name = command[0]
+    path = shutil.which(name) if os.sep not in name else name
+    if path is None or not os.path.exists(path):
+        raise _CommandError("cannot run %s: command not found" % name, 127)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise _CommandError("cannot run %s: not executable" % name, 126)
+
+
 def _cmd_acquire(args, command):
+    _check_before_queueing(args)
     old = _install_handlers(_raise_signalled)
     try:
         client = _cli_client(args)  # acquire() checks the files, then joins the queue
@@ -2360,6 +2656,7 @@ def _cmd_acquire(args, command):
 def _cmd_run(args, command):
     if not command:
         raise _CliError("run needs a command after --, e.g. run topo.yml -- pytest tests/")
+    _check_before_queueing(args, command)
     old = _install_handlers(_raise_signalled)
     path = None
     try:
@@ -2450,11 +2747,16 @@ def main(argv=None):
             args = _build_parser().parse_args(argv)
         except SystemExit as e:  # --help / --version
             return e.code or 0
-        _log.setLevel(logging.DEBUG if args.verbose else
-                      logging.WARNING if args.quiet else logging.INFO)
+        _log.setLevel(logging.DEBUG if getattr(args, "verbose", False) else
+                      logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
         load_dotenv()  # every command, launch/stop/logs too, sees the .env settings
         if command is not None and args.command != "run":
             raise _CliError("unexpected arguments after --")
+        if args.command in ("acquire", "run") and args.topology is None:
+            if not args.extra:  # `--extra F TOPO`: --extra took the topology too
+                raise _CliError("%s needs a TOPOLOGY (see remote-lab-client %s --help)"
+                                % (args.command, args.command))
+            args.topology = args.extra.pop()
         return _COMMANDS[args.command](args, command)
     except _Signalled as e:
         print("remote-lab-client: stopped by signal %s" % e.args[0], file=sys.stderr)
@@ -2465,6 +2767,9 @@ def main(argv=None):
     except _CliError as e:
         print("remote-lab-client: error: %s" % e, file=sys.stderr)
         return 2
+    except _CommandError as e:
+        print("remote-lab-client: %s" % e.args[0], file=sys.stderr)
+        return e.args[1]
     except (RemoteLabError, OSError, ValueError) as e:
         _log.debug("full error:\n%s", e)
         print("remote-lab-client: error: %s" % _one_line(str(e)), file=sys.stderr)
