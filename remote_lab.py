@@ -48,6 +48,8 @@ log = logging.getLogger(LOGGER_NAME)
 @dataclasses.dataclass
 class Settings:
     host: str = "127.0.0.1"
+    allow_hosts: Tuple[str, ...] = ()  # Host names accepted besides loopback (section 7)
+    allow_origins: Tuple[str, ...] = ()  # browser origins allowed to POST/DELETE (section 7)
     port: int = 8000
     port_range: Optional[Tuple[int, int]] = None
     netlab: str = "netlab"
@@ -90,11 +92,33 @@ def _positive(kind):
     return convert
 
 
+def _host_arg(text):
+    value = text.strip().lower()
+    if not HOST_HEADER_RE.match(value):
+        raise argparse.ArgumentTypeError("not a host name, NAME:PORT or [IPv6]: %r" % text)
+    return value
+
+
+def _origin_arg(text):
+    value = normalize_origin(text.strip().lower().rstrip("/"))
+    scheme, _, rest = value.partition("://")
+    if scheme not in ("http", "https") or not HOST_HEADER_RE.match(rest):
+        raise argparse.ArgumentTypeError(
+            "not an origin (scheme://host[:port], e.g. http://ui.example:3000): %r" % text)
+    return value
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="remote-lab",
         description="Share one Netlab lab host between many test runs (REST API, FIFO queue).")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--allow-host", action="append", default=[], type=_host_arg, metavar="HOST",
+                   help="also answer requests whose Host header is HOST (NAME or NAME:PORT); "
+                        "bound to loopback only loopback names are answered (repeatable)")
+    p.add_argument("--allow-origin", action="append", default=[], type=_origin_arg,
+                   metavar="ORIGIN", help="let web pages of ORIGIN (scheme://host[:port]) "
+                   "POST/DELETE; other sites' pages are refused (repeatable)")
     p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free port (default 8000)")
     p.add_argument("--port-range", type=int, nargs=2, metavar=("START", "END"),
                    help="listen on the first free port in START..END (overrides --port)")
@@ -133,7 +157,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def settings_from_args(argv=None) -> Settings:
     a = build_arg_parser().parse_args(argv)
     return Settings(
-        host=a.host, port=a.port, port_range=tuple(a.port_range) if a.port_range else None,
+        host=a.host, allow_hosts=tuple(a.allow_host), allow_origins=tuple(a.allow_origin),
+        port=a.port, port_range=tuple(a.port_range) if a.port_range else None,
         netlab=a.netlab, simulate=a.simulate,
         state_dir=os.path.abspath(os.path.expanduser(a.state_dir)),
         waiting_timeout=a.waiting_timeout, active_timeout=a.active_timeout,
@@ -1465,12 +1490,115 @@ class ContextFilter(logging.Filter):
 
 MAX_JSON_BODY = 1024 * 1024
 
+# -- 7.1 what a web page may make a browser send: Host (DNS rebinding) and Origin checks --------
+
+HOST_HEADER_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([0-9]{1,5}))?\Z")
+_LOOPBACK_V4_RE = re.compile(r"127(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}\Z")
+_DEFAULT_PORTS = (("http://", ":80"), ("https://", ":443"))
+
+
+def normalize_origin(origin: str) -> str:
+    """``origin`` (lower case) without its scheme's default port, as browsers send it."""
+    for scheme, port in _DEFAULT_PORTS:
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[:-len(port)]
+    return origin
+
+
+def is_loopback_name(name: str) -> bool:
+    """localhost, 127.x.y.z or [::1] (lower case, IPv6 in brackets, no port)."""
+    return name in ("localhost", "[::1]") or bool(_LOOPBACK_V4_RE.match(name))
+
+
+def is_ip_literal(name: str) -> bool:
+    """An address, not a name: DNS cannot rebind it to another host."""
+    family, text = (socket.AF_INET6, name[1:-1]) if name[:1] == "[" else (socket.AF_INET, name)
+    try:
+        socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class RequestGuard:
+    """Refuses what another site's web page can make a browser send (403 JSON).
+
+    * Bound to loopback: only loopback Host names (and ``--allow-host``) are answered, so a
+      DNS-rebound name (evil.example -> 127.0.0.1) reads and changes nothing.
+    * POST/DELETE (any method but GET/HEAD) with an ``Origin`` header: only the server's own
+      origin (the one the Host header names, if that name is one we trust) and
+      ``--allow-origin``. Browsers send Origin on every non-GET request, even ``no-cors`` fetches
+      and form posts; curl and remote_lab_client.py send none and are not affected.
+    Cheap on the hot path: a dict lookup of the Host value, Origin looked at only for non-GETs.
+    """
+    SAFE_METHODS = frozenset(("GET", "HEAD"))
+    CACHE_LIMIT = 256  # Host values seen to pass (attackers' values are never cached)
+
+    def __init__(self, allow_hosts=(), allow_origins=()):
+        self.allow_names = {h for h in allow_hosts if not HOST_HEADER_RE.match(h).group(2)}
+        self.allow_host_ports = set(allow_hosts) - self.allow_names
+        self.allow_origins = frozenset(allow_origins)
+        # names of this machine a browser may use on a non-loopback address (no DNS lookup)
+        hostname = socket.gethostname().lower()
+        self.own_names = {hostname, hostname.split(".")[0]}
+        self.loopback = None  # type: Optional[bool]  # decided at the first request
+        self._good_hosts = {}  # type: Dict[str, bool]
+
+    @staticmethod
+    def bound_to_loopback(address) -> bool:
+        host = address[0] if isinstance(address, tuple) else ""
+        return host == "::1" or bool(_LOOPBACK_V4_RE.match(host))
+
+    def check(self, handler) -> None:
+        """Raise HTTPError(403) for a request a foreign web page may have sent."""
+        host = handler.header("Host")
+        if self.loopback is None:  # the real socket's address (socket activation, --port-range)
+            self.loopback = self.bound_to_loopback(handler.server.server_address)
+        if self.loopback and host and host not in self._good_hosts:
+            if not self.known_host(host.lower()):
+                raise HTTPError(403, "Host %r refused: this server listens on a loopback address "
+                                "and answers only localhost, 127.x.y.z and [::1] (or a name "
+                                "given with --allow-host)" % host)
+            if len(self._good_hosts) < self.CACHE_LIMIT:
+                self._good_hosts[host] = True
+        if handler.command not in self.SAFE_METHODS:
+            origin = handler.header("Origin")
+            if origin is not None and not self.origin_allowed(origin, host):
+                raise HTTPError(403, "cross-origin request refused: Origin %r is not this "
+                                "server's own origin (a page of another site; allow it with "
+                                "--allow-origin)" % origin)
+
+    def known_host(self, host: str) -> bool:
+        """``host`` (a lower-case Host value) names this server: loopback or --allow-host."""
+        m = HOST_HEADER_RE.match(host)
+        return bool(m) and (is_loopback_name(m.group(1)) or m.group(1) in self.allow_names
+                            or host in self.allow_host_ports)
+
+    def origin_allowed(self, origin: str, host: Optional[str]) -> bool:
+        origin = normalize_origin(origin.strip().lower())  # "null" stays foreign
+        if origin in self.allow_origins:
+            return True
+        host = (host or "").lower()
+        m = HOST_HEADER_RE.match(host)
+        # the page's own origin is the one its Host names; https too (a TLS-terminating proxy)
+        if not m or origin not in (normalize_origin("http://" + host),
+                                   normalize_origin("https://" + host)):
+            return False
+        # ... and that name must be ours. Bound to loopback the Host check above passed; on
+        # other addresses any Host reads, but a name we do not know may be a rebound one (the
+        # attacker's page is then "same-origin"): only --allow-host, loopback names, IP
+        # literals and this machine's own name may change things
+        name = m.group(1)
+        return (self.loopback or self.known_host(host) or is_ip_literal(name)
+                or name in self.own_names)
+
 
 class App(OpsMixin):
     """The server's state and request logic; the handler only speaks HTTP."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.request_guard = RequestGuard(settings.allow_hosts, settings.allow_origins)
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
@@ -2014,6 +2142,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 path = parsed.path
             func, m = app.route(self.command, path)
             route = func.__name__
+            app.request_guard.check(self)  # 403: a foreign web page's request (section 7.1)
             sid = self.session_header()
             path_sid = m.group(1) if m.groups() and func.__name__.endswith("_session") else None
             self.set_context(path_sid or sid)
@@ -2784,6 +2913,11 @@ _SID_ERRORS = {
     "423": _error("The session is not the active one (still waiting in the queue).",
                   "session 3f2b9c4e-... is not active (still waiting in the queue)"),
 }
+_ORIGIN_ERROR = {"403": _error(
+    "A browser request from another site's page: the `Origin` header is neither the server's "
+    "own origin nor one given with `--allow-origin` (`null` included).",
+    "cross-origin request refused: Origin 'http://evil.example' is not this server's own "
+    "origin (a page of another site; allow it with --allow-origin)")}
 _SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
 _SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
 _SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
@@ -2852,11 +2986,13 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
             "201": _json_response("Session created.", _ref("SessionCreated"),
                                   {"session_id": _SESSION_EXAMPLE, "position": 0,
                                    "status": "active"}),
-            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)")}})),
+            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)"),
+            **_ORIGIN_ERROR}})),
     ("post_heartbeat", ("POST", "/session/heartbeat", {
         "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
         "parameters": [_SID_HEADER],
-        "responses": {"204": _NO_CONTENT, "400": _SID_ERRORS["400"], "404": _SID_ERRORS["404"]}})),
+        "responses": {"204": _NO_CONTENT, "400": _SID_ERRORS["400"], "404": _SID_ERRORS["404"],
+                      **_ORIGIN_ERROR}})),
     ("get_session", ("GET", "/session/{session_id}", {
         "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
         "description": "Counts as a sign of life. With `wait` the answer is held until the "
@@ -2881,7 +3017,7 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
         "description": "If the session was active its lab is torn down (or kept warm) and the "
                        "next session promoted.",
         "parameters": [_SID_PATH],
-        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"]}})),
+        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"], **_ORIGIN_ERROR}})),
     ("get_active_session", ("GET", "/active-session", {
         "tags": ["sessions"], "summary": "The active session",
         "responses": {
@@ -2930,7 +3066,8 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
                           "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
                           "No space left on device"),
             "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
-                          "netlab up topology.yml timed out after 1800 s")}})),
+                          "netlab up topology.yml timed out after 1800 s"),
+            **_ORIGIN_ERROR}})),
     ("get_lab", ("GET", "/lab", {
         "tags": ["lab"], "summary": "The lab's state",
         "parameters": [_SID_HEADER],
@@ -2947,7 +3084,7 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
             "204": {"description": "There was no lab."},
             "409": _error("`force=false` while the ref count is above 0.",
                           "lab is in use (ref count 1); use force=true")},
-            **dict(_SID_ERRORS, **{"400": _error(
+            **dict(_SID_ERRORS, **_ORIGIN_ERROR, **{"400": _error(
                 "Missing `X-Session-ID`, or `force` is not true/false.",
                 "force must be true or false, not 'maybe'")}))})),
     ("get_lab_devices", ("GET", "/lab/devices", {
@@ -2960,7 +3097,7 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
     ("post_lab_release", ("POST", "/lab/release", {
         "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
         "parameters": [_SID_HEADER],
-        "responses": dict(_SID_ERRORS, **{
+        "responses": dict(_SID_ERRORS, **_ORIGIN_ERROR, **{
             "204": _NO_CONTENT,
             "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
 ])
@@ -3078,8 +3215,10 @@ def openapi_document() -> dict:
                                 "schema": {"type": "string"}, "description": "A session id."}},
             "responses": {"GenericError": _error(
                 "Errors of any endpoint: 404 unknown path, 405 method not allowed on the path, "
-                "400 invalid Content-Length, 413 a body over 1 MiB (except POST /lab), 500 "
-                "internal error.", "no such endpoint: GET /nope")}},
+                "400 invalid Content-Length, 413 a body over 1 MiB (except POST /lab), 403 a "
+                "Host header that is not a loopback name while the server listens on loopback "
+                "(DNS rebinding; see `--allow-host`), 500 internal error.",
+                "no such endpoint: GET /nope")}},
     }
     _openapi_cache.append(doc)
     return doc

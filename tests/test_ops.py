@@ -168,7 +168,7 @@ def test_a_closed_page_stops_watching(start_server):
         return metric_value(api.req("GET", "/metrics")[1], "remote_lab_status_page_watchers")
 
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    s.sendall(b"GET /status?wait=30&since=" + token.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /status?wait=30&since=" + token.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     wait_until(lambda: watchers() == 1, what="the long-poll to wait")
     s.close()
     t0 = time.monotonic()
@@ -536,6 +536,11 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     srv.switch("up_hang")
     upload(a, expect=504, timeout=30)
     srv.switch("up_hang", on=False)
+    evil = {"Origin": "http://evil.example"}  # another site's page (403 before anything else)
+    for method, path in (("POST", "/session"), ("POST", "/session/heartbeat"),
+                         ("DELETE", "/session/%s" % b), ("POST", "/lab"), ("DELETE", "/lab"),
+                         ("POST", "/lab/release")):
+        call(method, path, a, headers=evil, expect=403)
     call("DELETE", "/session/%s" % a, expect=204)
     call("DELETE", "/session/%s" % b, expect=204)
 

@@ -78,8 +78,8 @@ def test_ambiguous_body_framing_400_and_close(api, srv, lines):
     after the head is ever taken for the next request."""
     s, f = connect(srv.port)
     with s, f:
-        head = "POST /session HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % "\r\n".join(lines)
-        smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        head = "POST /session HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n\r\n" % "\r\n".join(lines)
+        smuggled = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         s.sendall(head.encode() + b"0\r\n\r\n" + smuggled)
         status, headers, body = read_response(f)
         assert status == 400, body
@@ -94,7 +94,7 @@ def test_plain_content_length_keeps_the_connection(api, srv):
     s, f = connect(srv.port)
     with s, f:
         for _ in range(2):
-            s.sendall(b"POST /session HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            s.sendall(b"POST /session HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
                       b"Content-Type: application/json\r\n\r\n{}")
             status, headers, body = read_response(f)
             assert status == 201, body
@@ -126,7 +126,7 @@ def upload_body():
 
 def expect_request(path, sid=None, length=None, extra=()):
     body, ctype = upload_body()
-    lines = ["POST %s HTTP/1.1" % path, "Host: x", "Expect: 100-continue",
+    lines = ["POST %s HTTP/1.1" % path, "Host: 127.0.0.1", "Expect: 100-continue",
              "Content-Type: %s" % ctype, "Content-Length: %d" % (len(body) if length is None
                                                                  else length)]
     if sid:
@@ -193,7 +193,7 @@ def test_expect_100_accepted_upload_gets_continue_before_the_body(api, srv):
         assert status == 200, answer
         assert sorted(d["name"] for d in answer["devices"]) == ["r1", "r2"]
         # and the connection goes on serving
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(f)[0] == 204
 
 
@@ -202,7 +202,7 @@ def test_expect_100_small_json_body_continues(api, srv):
     sid = api.new_session()
     s, f = connect(srv.port)
     with s, f:
-        s.sendall(("POST /session/heartbeat HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\n"
+        s.sendall(("POST /session/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\n"
                    "Expect: 100-continue\r\nContent-Length: 2\r\n\r\n" % sid).encode())
         assert f.readline() == b"HTTP/1.1 100 Continue\r\n"
         assert f.readline() == b"\r\n"

@@ -303,12 +303,12 @@ def test_stalled_raw_sockets_do_not_block_other_clients(api, srv):
     hold(b"")  # connected, silent
     hold(b"GET /healthz HTTP/1.1\r\nHo")  # half the headers
     hold(b"GET /sess")  # half a request line
-    hold(b"POST /session/heartbeat HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\n"
+    hold(b"POST /session/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\n"
          b"Content-Length: 100\r\n\r\n{\"x\"" % a.encode())  # half a body
     # an upload from the active session, stalled half-way
     body = (b"--B\r\nContent-Disposition: form-data; name=\"topology\"; filename=\"t.yml\"\r\n"
             b"\r\n" + SIMPLE)
-    hold(b"POST /lab HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\nContent-Type: multipart/form-data;"
+    hold(b"POST /lab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\nContent-Type: multipart/form-data;"
          b" boundary=B\r\nContent-Length: %d\r\n\r\n" % (a.encode(), len(body) + 1000) + body)
     time.sleep(0.2)
     t0 = time.monotonic()

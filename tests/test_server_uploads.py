@@ -195,7 +195,7 @@ def test_malformed_multipart_400(api, srv, case):
 def test_body_shorter_than_content_length_400(api, srv):
     sid = api.new_session()
     body = GOOD_TOPO + END
-    head = ("POST /lab HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
+    head = ("POST /lab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
             "Content-Length: %d\r\n\r\n" % (sid, CT, len(body) + 5000)).encode()
     raw = raw_http(srv.port, head + body)  # then half-close: the body ends early
     status, resp = parse_raw_response(raw)
@@ -206,7 +206,7 @@ def test_body_shorter_than_content_length_400(api, srv):
 def test_chunked_upload_without_content_length_400(api, srv):
     sid = api.new_session()
     body = GOOD_TOPO + END
-    head = ("POST /lab HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
+    head = ("POST /lab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
             "Transfer-Encoding: chunked\r\n\r\n" % (sid, CT)).encode()
     chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
     status, resp = parse_raw_response(raw_http(srv.port, head + chunked))
@@ -216,7 +216,7 @@ def test_chunked_upload_without_content_length_400(api, srv):
 
 def test_invalid_content_length_400(api, srv):
     sid = api.new_session()
-    head = ("POST /lab HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
+    head = ("POST /lab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
             "Content-Length: -5\r\n\r\n" % (sid, CT)).encode()
     status, resp = parse_raw_response(raw_http(srv.port, head))
     assert status == 400, resp
@@ -230,7 +230,7 @@ def test_invalid_content_length_400(api, srv):
 
 def test_declared_too_large_413_without_reading_the_body(api, srv):
     sid = api.new_session()
-    head = ("POST /lab HTTP/1.1\r\nHost: x\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
+    head = ("POST /lab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
             "Content-Length: %d\r\n\r\n" % (sid, CT, 10 * 1024 ** 3)).encode()
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     try:

@@ -327,7 +327,7 @@ def test_socket_activation_with_an_inherited_fd(tmp_path):
     high = spare_fd(listener)
     # a client that connects before the server even runs: queued in the backlog, then served
     early = socket.create_connection(("127.0.0.1", port), timeout=20)
-    early.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    early.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     # --port 1 is ignored: the inherited socket wins
     srv = ServerProcess(tmp_path, "--port", "1", netlab=recording_netlab(tmp_path))
     script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&%d %d<&-' % (high, high)  # bash
