@@ -465,6 +465,7 @@ class HttpTransport:
     def __init__(self, base_url, timeout=30.0, token=None, ca_file=None, insecure=False,
                  retries=4, backoff=0.25, relocate=None):
         self.reconnect_timeout = 0.0
+        self.server_gone = False  # relocate() found no server (stopped or died)
         self._target(base_url)
         self.relocate = relocate  # () -> new base URL, when the server may move (ssh tunnel)
         self.timeout = float(timeout)
@@ -501,6 +502,9 @@ class HttpTransport:
             new_url = self.relocate()
         except RemoteLabError as e:
             _log.warning("cannot reach the server again: %s", e)
+            # (the launcher's words for a server that was stopped or died: it never comes back,
+            # relocate() starts none, so reconnecting is pointless)
+            self.server_gone = self.server_gone or "no server is running" in str(e)
             return False
         if new_url.rstrip("/") == self.base_url:
             return False
@@ -552,13 +556,15 @@ class HttpTransport:
 
     # -- requests --
     def request(self, method, path, query=None, headers=None, body=None, content_type=None,
-                timeout=None, idempotent=None, retries=None, lock_timeout=None, reconnect=None):
+                timeout=None, idempotent=None, retries=None, lock_timeout=None, reconnect=None,
+                stop=None):
         """Send a request and read the whole response; returns a :class:`Response`.
 
         ``body``: bytes, a JSON-able dict/list, or a :class:`MultipartBody`. ``timeout`` bounds
         each attempt as a whole (connect, send, answer); ``reconnect`` (default
-        ``reconnect_timeout``) how long connection failures are retried. Raises ConnectionFailed
-        / RequestTimeout / ProtocolError; HTTP error statuses are returned, not raised.
+        ``reconnect_timeout``) how long connection failures are retried, unless the Event
+        ``stop`` is set. Raises ConnectionFailed / RequestTimeout / ProtocolError; HTTP error
+        statuses are returned, not raised.
         """
         timeout = self.timeout if timeout is None else float(timeout)
         reconnect = self.reconnect_timeout if reconnect is None else float(reconnect)
@@ -613,16 +619,22 @@ class HttpTransport:
                     return resp
             if failure is not None:
                 now = time.monotonic()
+                if self.server_gone:
+                    reconnect = 0.0
                 if outage is None:
                     outage = now
                     if reconnect > 0 and safe:
                         _log.info("%s; retrying for up to %s", failure, _duration(reconnect))
-                if not safe or not ((counted and attempt < retries) or now - outage < reconnect):
+                if not safe or not ((counted and attempt < retries) or now - outage < reconnect) \
+                        or (stop is not None and stop.is_set()):
                     raise failure from None
             delay = min(2.0, self.backoff * 2 ** min(attempt, 8)) * (0.8 + 0.4 * random.random())
             attempt += 1
             _log.debug("%s: retry %d in %.2f s", what, attempt, delay)
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
 
     def _send_once(self, method, url, headers, body, timeout, lock_timeout):
         if lock_timeout is None:
@@ -1100,7 +1112,7 @@ class RemoteLabClient:
                 resp = self._http.request(
                     "POST", "/session/heartbeat", headers=headers, idempotent=True, retries=1,
                     timeout=min(self.request_timeout, max(5.0, interval)),
-                    lock_timeout=min(0.25, interval / 4.0))
+                    lock_timeout=min(0.25, interval / 4.0), stop=self._stop)
             except (ConnectionFailed, RequestTimeout) as e:  # retried for reconnect_timeout
                 unreachable_since = unreachable_since or started
                 if time.monotonic() - unreachable_since >= self.reconnect_timeout \
