@@ -680,3 +680,39 @@ def test_heartbeats_give_up_after_the_reconnect_timeout_and_run_stops(srv, gates
             p.wait()
     assert p.returncode == 75, err
     assert "could not be reached" in err.strip().splitlines()[-1], err
+
+
+@pytest.mark.timeout(60)
+def test_on_a_terminal_the_command_gets_the_foreground_in_a_process_group_of_its_own(srv,
+                                                                                   tmp_path):
+    import pty
+    import select
+    out = tmp_path / "groups.json"
+    script = ("import json, os, sys; json.dump([os.getpgrp() == os.getpid(), "
+              "os.tcgetpgrp(0) == os.getpgrp()], open(sys.argv[1], 'w'))")
+    argv = [sys.executable, str(CLIENT), "-q", "--url", srv.url, "run", str(SIMPLE), "--",
+            sys.executable, "-c", script, str(out)]
+    pid, master = pty.fork()  # the client leads a session whose terminal is the pty
+    if pid == 0:
+        os.execve(argv[0], argv, client_env())
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    if not os.read(master, 65536):
+                        break
+                except OSError:
+                    break
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            pytest.fail("the client did not finish")
+        if not done:
+            _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    # the command leads its own process group, and that group had the terminal
+    assert json.loads(out.read_text()) == [True, True]
