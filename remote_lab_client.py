@@ -32,6 +32,7 @@ import atexit
 import base64
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -61,7 +62,7 @@ __all__ = [
     "parse_dotenv", "main",
     "RemoteLabError", "ConfigError", "ConnectionFailed", "RequestTimeout", "BadRequest",
     "NotFound", "SessionLost", "NoLab", "NotActive", "LabBusy", "AcquireTimeout", "LabInUse",
-    "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed",
+    "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed", "ProtocolError",
     "launch", "Launcher", "Launched", "LaunchError", "running_servers", "resolve_base_url",
 ]
 
@@ -70,6 +71,10 @@ _log = logging.getLogger("remote_lab_client")
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # the server's default active timeout is 300 s
 LONG_POLL_SECONDS = 20.0  # per GET /session/{id}?wait=S (the server allows S <= 60)
 FALLBACK_POLL_SECONDS = 0.5  # polling cadence against a server that ignores ?wait=
+DEFAULT_RECONNECT_TIMEOUT = 60.0  # riding through a server restart (systemd: RestartSec=5s)
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # an answer above this is refused unread
+EXIT_LAB_LOST = 75  # `run` / `acquire`: the session ended under us (EX_TEMPFAIL: try again)
+STOP_GRACE_SECONDS = 5.0  # `run`: SIGTERM, then SIGKILL after this, when the lab is lost
 UPLOAD_CHUNK = 64 * 1024
 NO_URL_MESSAGE = ("no remote lab server configured: set REMOTE_LAB_URL=http://HOST:PORT or "
                   "ssh://[USER@]HOST (in the environment or a .env file in the working "
@@ -168,6 +173,10 @@ class ServerError(RemoteLabError):
     """5xx."""
 
 
+class ProtocolError(RemoteLabError):
+    """The server's answer breaks the protocol: too large, or a value of the wrong type."""
+
+
 class LabFailed(ServerError):
     """5xx from POST /lab: netlab failed (502) or timed out (504); ``detail`` has its output."""
 
@@ -255,7 +264,8 @@ def parse_dotenv(text):
 
 
 def load_dotenv(path=None, override=False):
-    """Load ``path`` (default: ``.env`` in the working directory) into ``os.environ``.
+    """Load the ``REMOTE_LAB_*`` variables of ``path`` (default: ``.env`` in the working
+    directory) into ``os.environ``; other keys are ignored (no ``LD_PRELOAD`` from a file).
 
     Variables already set in the environment win unless ``override``. A missing file is fine.
     Returns the variables that were set.
@@ -270,6 +280,8 @@ def load_dotenv(path=None, override=False):
         return {}
     applied = {}
     for key, value in parse_dotenv(text).items():
+        if not key.startswith("REMOTE_LAB_"):
+            continue
         if override or key not in os.environ:
             os.environ[key] = value
             applied[key] = value
@@ -314,7 +326,7 @@ class Response:
         if body:
             try:
                 self.data = json.loads(body.decode("utf-8"))
-            except ValueError:
+            except (ValueError, RecursionError):  # (deeply nested JSON: not an answer of ours)
                 pass
 
     @property
@@ -388,6 +400,66 @@ class MultipartBody:
                     yield chunk
 
 
+class _DeadlineSocket:
+    """A connected socket whose blocking calls all end by ``deadline`` (a time.monotonic()
+    value), so a timeout bounds a whole exchange, also against a server trickling bytes."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.deadline = None
+
+    def _arm(self):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            self._sock.settimeout(left)
+
+    def recv_into(self, *args):
+        self._arm()
+        return self._sock.recv_into(*args)
+
+    def recv(self, *args):
+        self._arm()
+        return self._sock.recv(*args)
+
+    def sendall(self, *args):
+        self._arm()
+        return self._sock.sendall(*args)
+
+    def send(self, *args):
+        self._arm()
+        return self._sock.send(*args)
+
+    def makefile(self, mode="rb", *args, **kwargs):  # http.client reads answers through this
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def _decref_socketios(self):  # (SocketIO.close(): the socket itself is closed separately)
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _read_body(resp, what):
+    """The body of ``resp``: ProtocolError when it is over MAX_RESPONSE_BYTES (a Content-Length
+    above it is refused before reading anything)."""
+    too_large = "%s: the answer is too large (%%s bytes; the limit is %d MiB)" % (
+        what, MAX_RESPONSE_BYTES // (1024 * 1024))
+    if resp.length is not None and resp.length > MAX_RESPONSE_BYTES:
+        raise ProtocolError(too_large % resp.length)
+    parts = []
+    size = 0
+    while True:
+        chunk = resp.read(UPLOAD_CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise ProtocolError(too_large % ("over %d" % MAX_RESPONSE_BYTES))
+        parts.append(chunk)
+
+
 def _connection_dropped(sock):
     """True if an idle keep-alive socket was closed by the peer (it is readable: EOF)."""
     try:
@@ -404,10 +476,14 @@ class HttpTransport:
     ``lock_timeout`` (the heartbeat thread while a long request runs) uses a one-off connection.
     Connection failures before anything was sent are retried for every request; after that,
     and for 502/503/504, only idempotent requests are retried (with exponential backoff).
+    With ``reconnect_timeout`` (the client sets it once it has a session) connection failures
+    are retried for that many seconds, idempotent requests' timeouts too: a restart is waited for.
     """
 
     def __init__(self, base_url, timeout=30.0, token=None, ca_file=None, insecure=False,
                  retries=4, backoff=0.25, relocate=None):
+        self.reconnect_timeout = 0.0
+        self.server_gone = False  # relocate() found no server (stopped or died)
         self._target(base_url)
         self.relocate = relocate  # () -> new base URL, when the server may move (ssh tunnel)
         self.timeout = float(timeout)
@@ -421,7 +497,10 @@ class HttpTransport:
         self._ssl_context = None
 
     def _target(self, base_url):
-        parts = urllib.parse.urlsplit(base_url)
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+        except ValueError as e:
+            raise ConfigError("bad URL %r: %s" % (base_url, e)) from None
         self.scheme = parts.scheme.lower()
         if self.scheme not in ("http", "https"):
             raise ConfigError("unsupported URL %r: use http:// or https://" % base_url)
@@ -441,6 +520,9 @@ class HttpTransport:
             new_url = self.relocate()
         except RemoteLabError as e:
             _log.warning("cannot reach the server again: %s", e)
+            # (the launcher's words for a server that was stopped or died: it never comes back,
+            # relocate() starts none, so reconnecting is pointless)
+            self.server_gone = self.server_gone or "no server is running" in str(e)
             return False
         if new_url.rstrip("/") == self.base_url:
             return False
@@ -492,13 +574,18 @@ class HttpTransport:
 
     # -- requests --
     def request(self, method, path, query=None, headers=None, body=None, content_type=None,
-                timeout=None, idempotent=None, retries=None, lock_timeout=None):
+                timeout=None, idempotent=None, retries=None, lock_timeout=None, reconnect=None,
+                stop=None):
         """Send a request and read the whole response; returns a :class:`Response`.
 
-        ``body``: bytes, a JSON-able dict/list, or a :class:`MultipartBody`. Raises
-        ConnectionFailed / RequestTimeout; HTTP error statuses are returned, not raised.
+        ``body``: bytes, a JSON-able dict/list, or a :class:`MultipartBody`. ``timeout`` bounds
+        each attempt as a whole (connect, send, answer); ``reconnect`` (default
+        ``reconnect_timeout``) how long connection failures are retried, unless the Event
+        ``stop`` is set. Raises ConnectionFailed / RequestTimeout / ProtocolError; HTTP error
+        statuses are returned, not raised.
         """
         timeout = self.timeout if timeout is None else float(timeout)
+        reconnect = self.reconnect_timeout if reconnect is None else float(reconnect)
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
         retries = self.retries if retries is None else retries
@@ -520,34 +607,53 @@ class HttpTransport:
         hdrs.update(headers or {})
         attempt = 0
         relocated = False
+        outage = None  # when the connection failures of this request began
         while True:
             url = self.url(path, query)  # (again after a relocation)
             what = "%s %s%s" % (method, self.base_url, path)
+            failure = None
+            safe = True  # to send again: nothing reached the server, or the request is idempotent
+            counted = True  # retried `retries` times at least (timeouts: only while reconnecting)
             try:
                 resp = self._send_once(method, url, hdrs, body, timeout, lock_timeout)
                 resp.request = (method, self.base_url, path)
             except _NotSent as e:
-                error = e.args[0]
                 if self.relocate is not None and not relocated:
                     relocated = True  # once per request: launch again, then retry at once
                     if self._relocated():
                         continue
-                if attempt >= retries:
-                    raise ConnectionFailed("cannot connect to the remote lab at %s: %s"
-                                           % (self.base_url, _describe(error))) from None
+                failure = ConnectionFailed("cannot connect to the remote lab at %s: %s"
+                                           % (self.base_url, _describe(e.args[0])))
             except _Broken as e:
-                error = e.args[0]
-                if not idempotent or attempt >= retries:
-                    raise ConnectionFailed("%s failed: %s" % (what, _describe(error))) from None
+                failure = ConnectionFailed("%s failed: %s" % (what, _describe(e.args[0])))
+                safe = idempotent
+            except RequestTimeout as e:
+                failure = e
+                safe = idempotent
+                counted = False
             else:
                 if resp.status in (502, 503, 504) and idempotent and attempt < retries:
                     _log.debug("%s -> %d, retrying", what, resp.status)
                 else:
                     return resp
-            delay = min(2.0, self.backoff * (2 ** attempt)) * (0.8 + 0.4 * random.random())
+            if failure is not None:
+                now = time.monotonic()
+                if self.server_gone:
+                    reconnect = 0.0
+                if outage is None:
+                    outage = now
+                    if reconnect > 0 and safe:
+                        _log.info("%s; retrying for up to %s", failure, _duration(reconnect))
+                if not safe or not ((counted and attempt < retries) or now - outage < reconnect) \
+                        or (stop is not None and stop.is_set()):
+                    raise failure from None
+            delay = min(2.0, self.backoff * 2 ** min(attempt, 8)) * (0.8 + 0.4 * random.random())
             attempt += 1
             _log.debug("%s: retry %d in %.2f s", what, attempt, delay)
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
 
     def _send_once(self, method, url, headers, body, timeout, lock_timeout):
         if lock_timeout is None:
@@ -572,10 +678,15 @@ class HttpTransport:
                 self._lock.release()
 
     def _exchange(self, conn, method, url, headers, body, timeout):
+        deadline = time.monotonic() + timeout  # for all of it: connect, send, answer
+        what = "%s %s%s" % (method, self.base_url, url[len(self.prefix):])
         try:
             if conn.sock is None:
+                conn.timeout = timeout
                 conn.connect()
-            conn.sock.settimeout(timeout)
+            if not isinstance(conn.sock, _DeadlineSocket):
+                conn.sock = _DeadlineSocket(conn.sock)
+            conn.sock.deadline = deadline
         except ssl.SSLError as e:  # certificate problems are not worth retrying
             raise ConnectionFailed(
                 "TLS with %s:%s failed: %s (for a private CA set REMOTE_LAB_CA_FILE=PEM; "
@@ -592,16 +703,18 @@ class HttpTransport:
                 # The server may have answered early and closed (413 for a too large upload,
                 # before reading the body): read that answer if it got through.
                 try:
-                    conn.sock.settimeout(min(timeout, 5.0))
+                    conn.sock.deadline = min(deadline, time.monotonic() + 5.0)
                     resp = conn.getresponse()
-                    return Response(resp.status, resp.reason, resp.headers, resp.read())
+                    return Response(resp.status, resp.reason, resp.headers,
+                                    _read_body(resp, what))
+                except ProtocolError:
+                    raise
                 except Exception:
                     raise _Broken(e) from None
             resp = conn.getresponse()
-            data = resp.read()
+            data = _read_body(resp, what)
         except socket.timeout:
-            raise RequestTimeout("%s %s%s: no answer within %.0f s" % (
-                method, self.base_url, url[len(self.prefix):], timeout)) from None
+            raise RequestTimeout("%s: no answer within %.0f s" % (what, timeout)) from None
         except (OSError, http.client.HTTPException) as e:
             raise _Broken(e) from None
         return Response(resp.status, resp.reason, resp.headers, data)
@@ -683,9 +796,22 @@ class DeviceList(list):
 
 
 def _parse_devices(data, reused=None):
+    if data is not None and not isinstance(data, list):
+        raise ProtocolError("the server's devices are not a list: %.100r" % (data,))
     devices = DeviceList(Device.from_json(d) for d in (data or []))
     devices.reused = reused
     return devices
+
+
+def _whole_number(data, key, default, what):
+    """``data[key]`` as an int (a JSON number that is whole); ProtocolError for anything else."""
+    value = data.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("%s: the server answered %s=%.100r, not a whole number"
+                            % (what, key, value))
+    return value
 
 
 def _clean_upload_name(name):
@@ -830,13 +956,16 @@ class RemoteLabClient:
     (``REMOTE_LAB_HEARTBEAT_INTERVAL``, default 30 s, 0 = none), ``token``
     (``REMOTE_LAB_TOKEN``), ``ca_file`` (``REMOTE_LAB_CA_FILE``), ``insecure``
     (``REMOTE_LAB_INSECURE=1``), ``progress`` (None = status line on a TTY else log lines,
-    False, or a callable(position, waited)) and ``start_session`` (False: create the session
-    lazily, on first use).
+    False, or a callable(position, waited)), ``start_session`` (False: create the session
+    lazily, on first use) and ``reconnect_timeout`` (``REMOTE_LAB_RECONNECT_TIMEOUT``, default
+    60 s: how long a server that cannot be reached is waited for once we have a session;
+    heartbeats that fail that long lose the session).
     """
 
     def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
                  lab_acquisition_timeout=600, *, heartbeat_interval=None, token=None,
-                 ca_file=None, insecure=None, progress=None, retries=4, start_session=True):
+                 ca_file=None, insecure=None, progress=None, retries=4, start_session=True,
+                 reconnect_timeout=None):
         load_dotenv()
         url = resolve_base_url(base_url)
         self.request_timeout = _env_seconds("REMOTE_LAB_REQUEST_TIMEOUT", request_timeout)
@@ -850,6 +979,10 @@ class RemoteLabClient:
             heartbeat_interval = _env_seconds("REMOTE_LAB_HEARTBEAT_INTERVAL",
                                               DEFAULT_HEARTBEAT_INTERVAL)
         self.heartbeat_interval = float(heartbeat_interval)
+        if reconnect_timeout is None:
+            reconnect_timeout = _env_seconds("REMOTE_LAB_RECONNECT_TIMEOUT",
+                                             DEFAULT_RECONNECT_TIMEOUT)
+        self.reconnect_timeout = float(reconnect_timeout)
         token = os.environ.get("REMOTE_LAB_TOKEN") if token is None else token
         ca_file = os.environ.get("REMOTE_LAB_CA_FILE") or None if ca_file is None else ca_file
         insecure = _env_flag("REMOTE_LAB_INSECURE") if insecure is None else insecure
@@ -868,6 +1001,8 @@ class RemoteLabClient:
         self.reused = None  # of the last acquire
         self._held = 0  # acquisitions not yet released
         self._lost = None  # message when the server forgot our session
+        self._lost_unreachable = False  # ... or could not be reached for reconnect_timeout
+        self._on_lost = None  # called (heartbeat thread) with the message instead of a warning
         self._closed = False
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
@@ -879,6 +1014,11 @@ class RemoteLabClient:
     def base_url(self):
         """The server's http(s) URL (for ssh:// and local mode: where it answers now)."""
         return self._http.base_url
+
+    @property
+    def lost(self):
+        """None, or why the session is gone (the heartbeat thread sets it when it notices)."""
+        return self._lost
 
     def __repr__(self):
         return "<RemoteLabClient %s session=%s%s>" % (
@@ -913,9 +1053,14 @@ class RemoteLabClient:
         if resp.status not in (200, 201) or not isinstance(resp.data, dict) \
                 or "session_id" not in resp.data:
             raise _error_for(resp, "cannot create a remote lab session")
+        if not isinstance(resp.data["session_id"], (str, int)) \
+                or isinstance(resp.data["session_id"], bool):
+            raise ProtocolError("cannot create a remote lab session: the server answered "
+                                "session_id=%.100r" % (resp.data["session_id"],))
         self.session_id = str(resp.data["session_id"])
-        self.position = int(resp.data.get("position", 0))
-        atexit.register(self.close)
+        atexit.register(self.close)  # (before any check that may fail: the session exists)
+        self.position = _whole_number(resp.data, "position", 0, "creating the session")
+        self._http.reconnect_timeout = self.reconnect_timeout  # from now on: ride restarts
         _log.debug("session %s created at position %d", self.session_id, self.position)
 
     def _wait_until_active(self):
@@ -944,8 +1089,17 @@ class RemoteLabClient:
                 # position: what we saw last, so a change between two polls answers at once
                 query = {"wait": "%.3f" % wait, "position": self.position} if long_poll else None
                 t0 = time.monotonic()
-                resp = self._http.request("GET", path, query=query,
-                                          timeout=self.request_timeout + wait)
+                # the last poll ends with session_timeout (a second more for the answer to come)
+                timeout = min(self.request_timeout + wait,
+                              remaining + min(self.request_timeout, 1.0))
+                try:
+                    resp = self._http.request(
+                        "GET", path, query=query, timeout=timeout,
+                        reconnect=max(0.0, min(self.reconnect_timeout, remaining - timeout)))
+                except RequestTimeout:
+                    if time.monotonic() < deadline:
+                        raise
+                    continue  # the time is up: QueueTimeout above
                 if resp.status == 400 and long_poll:
                     long_poll = False  # a server that rejects ?wait=: plain polling
                     continue
@@ -957,7 +1111,11 @@ class RemoteLabClient:
                     raise _error_for(resp, "cannot poll the remote lab session")
                 before = (status, self.position)
                 status = resp.data.get("status", status)
-                self.position = int(resp.data.get("position", self.position))
+                if status not in ("waiting", "active"):
+                    raise ProtocolError("polling the remote lab session: the server answered "
+                                        "status=%.100r" % (status,))
+                self.position = _whole_number(resp.data, "position", self.position,
+                                              "polling the remote lab session")
                 if (status, self.position) == before and status != "active" \
                         and time.monotonic() - t0 < min(wait / 2.0, 1.0):
                     # answered at once without a change: the server ignores ?wait=
@@ -980,22 +1138,45 @@ class RemoteLabClient:
     def _heartbeat_loop(self):
         headers = {"X-Session-ID": self.session_id}
         interval = self.heartbeat_interval
+        unreachable_since = None
         while not self._stop.wait(interval):
+            started = time.monotonic()
             try:
                 resp = self._http.request(
                     "POST", "/session/heartbeat", headers=headers, idempotent=True, retries=1,
                     timeout=min(self.request_timeout, max(5.0, interval)),
-                    lock_timeout=min(0.25, interval / 4.0))
-            except Exception as e:  # the server may be restarting: keep trying
+                    lock_timeout=min(0.25, interval / 4.0), stop=self._stop)
+            except (ConnectionFailed, RequestTimeout) as e:  # retried for reconnect_timeout
+                unreachable_since = unreachable_since or started
+                if time.monotonic() - unreachable_since >= self.reconnect_timeout \
+                        and not self._stop.is_set():
+                    self._lost_unreachable = True
+                    self._session_lost(
+                        "the remote lab server could not be reached for %s (session %s): %s"
+                        % (_duration(time.monotonic() - unreachable_since), self.session_id, e))
+                    return
                 _log.debug("heartbeat failed: %s", e)
                 continue
+            except Exception as e:  # (a bad answer: the next one may be fine)
+                _log.debug("heartbeat failed: %s", e)
+                continue
+            unreachable_since = None
             if resp.status == 404:
-                self._lost = ("the remote lab server no longer knows session %s (it expired or "
-                              "the server restarted): %s" % (self.session_id, resp.detail))
-                _log.warning("%s", self._lost)
+                self._session_lost("the remote lab server no longer knows session %s (it "
+                                   "expired or the server restarted): %s"
+                                   % (self.session_id, resp.detail))
                 return
             if resp.status >= 400:
                 _log.warning("heartbeat: %s (HTTP %d)", resp.detail, resp.status)
+
+    def _session_lost(self, message):
+        """The heartbeat thread found the session gone: tell ``_on_lost`` (else log it)."""
+        self._lost = message
+        on_lost = self._on_lost
+        if on_lost is not None:
+            on_lost(message)
+        else:
+            _log.warning("%s", message)
 
     def _session_path(self):
         return "/session/" + urllib.parse.quote(self.session_id, safe="")
@@ -1016,7 +1197,7 @@ class RemoteLabClient:
         if sid is None:
             return
         try:
-            resp = self._http.request("DELETE", self._session_path(), retries=1)
+            resp = self._http.request("DELETE", self._session_path(), retries=1, reconnect=0)
             if resp.status not in (200, 204, 404):
                 _log.warning("ending session %s: %s (HTTP %d)", sid, resp.detail, resp.status)
         except RemoteLabError as e:
@@ -1029,6 +1210,7 @@ class RemoteLabClient:
         if not self._lost:
             self._delete_session()
         self.session_id = None
+        self._http.reconnect_timeout = 0.0  # no session to go on with
         self._http.close()
         atexit.unregister(self.close)
 
@@ -1044,13 +1226,13 @@ class RemoteLabClient:
         if t is not None and t is not threading.current_thread():
             t.join(min(5.0, self.request_timeout))
         try:
-            if self.session_id is not None and not self._lost:
+            if self.session_id is not None and (not self._lost or self._lost_unreachable):
                 headers = {"X-Session-ID": self.session_id}
                 while self._held > 0:
                     self._held -= 1
                     try:
                         resp = self._http.request("POST", "/lab/release", headers=headers,
-                                                  retries=1)
+                                                  retries=1, reconnect=0)
                     except RemoteLabError as e:
                         _log.warning("releasing the lab: %s", e)
                         break
@@ -1107,7 +1289,10 @@ class RemoteLabClient:
                 "POST", "/lab", "acquiring the lab for %s" % name, ok=(200, 423, 502, 503, 504),
                 body=body, idempotent=False, timeout=max(self.request_timeout, remaining))
             if resp.status == 200:
-                data = resp.data if isinstance(resp.data, dict) else {}
+                if not isinstance(resp.data, dict):
+                    raise ProtocolError("acquiring the lab for %s: the answer is not a JSON "
+                                        "object: %.100r" % (name, resp.body))
+                data = resp.data
                 devices = _parse_devices(data.get("devices"), data.get("reused"))
                 self.reused = devices.reused
                 with self._state_lock:
@@ -1169,7 +1354,7 @@ class RemoteLabClient:
     # -- session-less requests --
     def health(self):
         """True if the server answers ``GET /healthz``; raises otherwise."""
-        resp = self._http.request("GET", "/healthz", retries=1)
+        resp = self._http.request("GET", "/healthz", retries=1, reconnect=0)
         if resp.status in (200, 204):
             return True
         raise _error_for(resp, "health check")
@@ -1609,11 +1794,12 @@ class SSHTarget:
         m = re.match(r"^(?:([^@/\s]+)@)?(\[[^\]]+\]|[^:/@\s]+)(?::(\d+))?$", text or "")
         if not m:
             raise LaunchError("bad SSH target %r (expected [USER@]HOST[:PORT])" % text)
-        if any(part and part.startswith("-") for part in m.group(1, 2)):
+        user, host = m.group(1), m.group(2).strip("[]")
+        if any(part and part.lstrip("[").startswith("-") for part in (user, host)):
             # ssh would take "-oProxyCommand=..." as an option: a URL must never run commands
+            # (checked without the brackets: "[-oProxyCommand=...]" is no IPv6 address)
             raise LaunchError("bad SSH target %r: user and host must not start with '-'" % text)
-        return cls(m.group(2).strip("[]"), m.group(1), int(m.group(3)) if m.group(3) else None,
-                   tuple(extra_args))
+        return cls(host, user, int(m.group(3)) if m.group(3) else None, tuple(extra_args))
 
     def __str__(self):
         return "%s%s%s" % (self.user + "@" if self.user else "", self.host,
@@ -1624,7 +1810,8 @@ class SSHTarget:
         if self.port:
             argv += ["-p", str(self.port)]
         argv += list(self.extra_args)
-        argv.append("%s@%s" % (self.user, self.host) if self.user else self.host)
+        # "--": whatever the destination looks like, ssh takes no option from it
+        argv += ["--", "%s@%s" % (self.user, self.host) if self.user else self.host]
         return argv
 
 
@@ -2034,7 +2221,12 @@ def running_servers():
 
 def parse_ssh_url(url):
     """``ssh://[user@]host[:port][/workdir]`` → (target text, workdir or None)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = (parts.hostname, parts.port)  # (on 3.8 urllib checks these only when asked)
+    except ValueError as e:
+        raise ConfigError("bad ssh URL %r (expected ssh://[user@]host[:port][/workdir]): %s"
+                          % (url, e)) from None
     if parts.scheme != "ssh" or not parts.hostname:
         raise LaunchError("bad ssh URL %r (expected ssh://[user@]host[:port][/workdir])" % url)
     target = parts.netloc
@@ -2074,7 +2266,10 @@ def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT, start=True):
                               "netlab)" % e) from None
     if "://" not in url:
         url = "http://" + url
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as e:
+        raise ConfigError("bad remote lab URL %r: %s" % (url, e)) from None
     if scheme not in ("http", "https"):
         raise ConfigError("unsupported remote lab URL %r: use http(s)://HOST:PORT or "
                           "ssh://[USER@]HOST[:PORT][/WORKDIR]" % url)
@@ -2174,6 +2369,9 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
                 remote_lab_client.release()
             except NoLab:
                 pass  # the test destroyed the lab itself
+            except SessionLost:
+                if not getattr(remote_lab_client, "_lost_reported", False):
+                    raise  # (else the test failed with it already)
 
     remote_lab._remote_lab_spec = spec
     if name:
@@ -2210,6 +2408,53 @@ def _lab_fixtures_of(item):
     return sorted(found.values(), key=lambda pair: pair[1].index)
 
 
+class _LostInterrupt:
+    """While a test runs: when the heartbeat thread finds the session gone, interrupt the main
+    thread (SIGUSR1, when nobody else handles it) so the test fails at once with SessionLost."""
+
+    SIGNAL = getattr(signal, "SIGUSR1", None)
+
+    def __init__(self, client):
+        self.client = client
+        self.lock = threading.Lock()
+        self.armed = self.sent = self.delivered = False
+        self.old = None
+
+    def __enter__(self):
+        if self.SIGNAL is None or threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(self.SIGNAL) != signal.SIG_DFL or self.client.lost:
+            return self
+        self.old = signal.signal(self.SIGNAL, self._handler)
+        self.main = threading.main_thread().ident
+        self.armed = True
+        self.client._on_lost = self._notify
+        return self
+
+    def _notify(self, message):  # (heartbeat thread)
+        _log.warning("%s", message)
+        with self.lock:
+            if self.armed:
+                self.sent = True
+                signal.pthread_kill(self.main, self.SIGNAL)
+
+    def _handler(self, signum, frame):
+        self.delivered = True
+        if self.armed:
+            self.client._lost_reported = True
+            raise SessionLost(self.client.lost, 404)
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            return
+        self.client._on_lost = None
+        with self.lock:
+            self.armed = False
+        deadline = time.monotonic() + 2.0
+        while self.sent and not self.delivered and time.monotonic() < deadline:
+            time.sleep(0.01)  # a signal on its way must find our handler, not SIG_DFL
+        signal.signal(self.SIGNAL, self.old)
+
+
 def _make_pytest_plugin():
     import pytest
 
@@ -2230,6 +2475,15 @@ def _make_pytest_plugin():
                 yield client
             finally:
                 client.close()
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_call(self, item):
+            client = (getattr(item, "funcargs", None) or {}).get("remote_lab_client")
+            if not isinstance(client, RemoteLabClient):
+                yield
+                return
+            with _LostInterrupt(client):
+                yield
 
         @pytest.hookimpl(hookwrapper=True)
         def pytest_make_collect_report(self, collector):
@@ -2634,6 +2888,7 @@ def _cmd_acquire(args, command):
     old = _install_handlers(_raise_signalled)
     try:
         client = _cli_client(args)  # acquire() checks the files, then joins the queue
+        client._on_lost = _ignore  # main() reports the SessionLost below, in one line
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
                                      extra_files=args.extra)
@@ -2659,8 +2914,10 @@ def _cmd_run(args, command):
     _check_before_queueing(args, command)
     old = _install_handlers(_raise_signalled)
     path = None
+    lost = None
     try:
         client = _cli_client(args)  # acquire() checks the files, then joins the queue
+        client._on_lost = _ignore  # reported below (or by main()), in one line
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
                                      extra_files=args.extra)
@@ -2669,12 +2926,17 @@ def _cmd_run(args, command):
                 f.write(_devices_json(devices) + "\n")
             env = dict(os.environ, REMOTE_LAB_DEVICES=path, REMOTE_LAB_SESSION=client.session_id)
             try:
-                proc = subprocess.Popen(command, env=env)
+                proc, tty = _start_command(command, env)
             except OSError as e:
                 print("remote-lab-client: cannot run %s: %s" % (command[0], e.strerror or e),
                       file=sys.stderr)
                 return 127 if isinstance(e, FileNotFoundError) else 126
-            return _wait_forwarding(proc)
+            rc = _wait_forwarding(proc, tty, lambda: client.lost)
+            if rc is None:  # the lab is gone: the command was stopped
+                lost = "lab lost: %s; stopped %s (exit %d)" % (client.lost, command[0],
+                                                              EXIT_LAB_LOST)
+                return EXIT_LAB_LOST
+            return rc
         finally:
             _close_quietly(client)
             if path:
@@ -2682,8 +2944,91 @@ def _cmd_run(args, command):
                     os.unlink(path)
                 except OSError:
                     pass
+            if lost:
+                print("remote-lab-client: %s" % lost, file=sys.stderr)
     finally:
         _restore_handlers(old)
+
+
+def _ignore(*args):
+    pass
+
+
+def _own_process_group():  # (preexec_fn before Python 3.11's process_group=0)
+    os.setpgid(0, 0)
+
+
+def _start_command(command, env):
+    """Start CMD in a process group of its own, so a lost lab stops it with everything it
+    started; on a terminal that group gets the foreground (Ctrl-C, Ctrl-Z, input).
+    Returns (Popen, the terminal's fd or None)."""
+    tty = sys.stdin.fileno() if _in_terminal_foreground() else None
+    if sys.version_info >= (3, 11):
+        proc = subprocess.Popen(command, env=env, process_group=0)
+    else:
+        proc = subprocess.Popen(command, env=env, preexec_fn=_own_process_group)
+    if tty is not None:
+        _give_terminal(tty, proc.pid)
+        _signal_group(proc, signal.SIGCONT)  # in case it touched the terminal before that
+    return proc, tty
+
+
+def _give_terminal(fd, pgrp):
+    """Make ``pgrp`` the terminal's foreground group (we may be in the background: no SIGTTOU)."""
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(fd, pgrp)
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, old)
+
+
+def _signal_group(proc, signum):
+    try:
+        os.killpg(proc.pid, signum)
+    except OSError:  # the group is gone
+        pass
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _stop_group(proc):
+    """SIGTERM to ``proc``'s process group, SIGKILL to what is left of it after the grace."""
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    _signal_group(proc, signal.SIGTERM)
+    _signal_group(proc, signal.SIGCONT)  # a stopped process acts on SIGTERM once it runs
+    try:
+        proc.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.05)
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _follow_suspend(proc, tty):
+    """Ctrl-Z stopped the command (it has the terminal): stop too, so the shell gets its job
+    back; when continued, give the command the terminal again (if we have it) and continue it."""
+    stat = _proc_stat(proc.pid)
+    if not stat or stat[0] != "T":
+        return
+    _give_terminal(tty, os.getpgrp())
+    os.kill(os.getpid(), signal.SIGSTOP)
+    try:
+        foreground = os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        foreground = False
+    if foreground:
+        _give_terminal(tty, proc.pid)
+    _signal_group(proc, signal.SIGCONT)
 
 
 def _in_terminal_foreground():
@@ -2693,26 +3038,30 @@ def _in_terminal_foreground():
         return False
 
 
-def _wait_forwarding(proc):
-    """Wait for ``proc``, forwarding signals to it; its exit code (128+N if killed by N)."""
-    terminal = _in_terminal_foreground()
-    seen = []
-
-    def forward(signum, frame):
-        seen.append(signum)
-        # a Ctrl-C typed in the terminal reached the child too; a kill(1) did not
-        if signum == signal.SIGINT and terminal and seen.count(signal.SIGINT) == 1:
-            return
-        try:
-            proc.send_signal(signum)
-        except OSError:
-            pass
+def _wait_forwarding(proc, tty=None, lost=None):
+    """Wait for ``proc`` (a process group leader), forwarding signals to its group: its exit
+    code (128+N if killed by N), or None when ``lost()`` said the lab is gone: then the group
+    is stopped (SIGTERM, SIGKILL after STOP_GRACE_SECONDS). ``tty``: the terminal it has."""
+    def forward(signum, frame):  # (a Ctrl-C typed in the terminal reached the command only)
+        _signal_group(proc, signum)
 
     old = _install_handlers(forward)
     try:
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if lost is not None and lost():
+                _stop_group(proc)
+                return None
+            if tty is not None:
+                _follow_suspend(proc, tty)
     finally:
         _restore_handlers(old)
+        if tty is not None:
+            _give_terminal(tty, os.getpgrp())
     return rc if rc >= 0 else 128 - rc
 
 
@@ -2770,6 +3119,9 @@ def main(argv=None):
     except _CommandError as e:
         print("remote-lab-client: %s" % e.args[0], file=sys.stderr)
         return e.args[1]
+    except SessionLost as e:  # the session ended under us (run, acquire): try again later
+        print("remote-lab-client: lab lost: %s" % _one_line(str(e)), file=sys.stderr)
+        return EXIT_LAB_LOST
     except (RemoteLabError, OSError, ValueError) as e:
         _log.debug("full error:\n%s", e)
         print("remote-lab-client: error: %s" % _one_line(str(e)), file=sys.stderr)
