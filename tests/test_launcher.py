@@ -135,16 +135,17 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", "--simulate")
     yield h
     # never leave a server behind
+    # (pid AND start time: a state file naming a reused or made-up pid kills nothing)
     for f in (h / ".remote-http-launcher" / "server").glob("*.json"):
         data = read_json(f) or {}
-        if data.get("pid") and pid_alive(data["pid"]):
+        if rlc._same_process(data.get("pid"), data.get("start_time")):
             try:
                 os.killpg(data["pid"], signal.SIGKILL)
             except OSError:
                 pass
     for f in (h / ".remote-http-launcher" / "client").glob("*.json"):
         data = read_json(f) or {}
-        if data.get("tunnel_pid") and pid_alive(data["tunnel_pid"]):
+        if rlc._same_process(data.get("tunnel_pid"), data.get("tunnel_start_time")):
             os.kill(data["tunnel_pid"], signal.SIGKILL)
 
 
@@ -364,7 +365,8 @@ def ssh_env(home, sshd, monkeypatch):  # noqa: F811
     # stop anything left on the "remote" side
     for f in (sshd.remote_home / ".remote-http-launcher" / "server").glob("*.json"):
         data = read_json(f) or {}
-        if data.get("pid") and data.get("status") == "running" and pid_alive(data["pid"]):
+        if data.get("status") == "running" and rlc._same_process(data.get("pid"),
+                                                                  data.get("start_time")):
             try:
                 os.killpg(data["pid"], signal.SIGKILL)
             except OSError:
