@@ -1982,22 +1982,31 @@ def _lab_fixtures_of(item):
 
 
 def _make_pytest_plugin():
+    """(hooks, fixtures): two plugin objects, registered by pytest_configure."""
+    import types
+
     import pytest
 
-    class RemoteLabPlugin:
-        """Fixtures and hooks, registered by pytest_configure (so importing needs no pytest)."""
+    @pytest.fixture(scope="session")
+    def remote_lab_client(request):
+        """The session's RemoteLabClient (waits for our turn; closed at the end)."""
+        try:
+            client = RemoteLabClient(_plugin_url(request.config)[0],
+                                     progress=_pytest_progress(request.config))
+        except RemoteLabError as e:
+            pytest.fail("remote lab: %s" % e, pytrace=False)
+        try:
+            yield client
+        finally:
+            client.close()
 
-        @pytest.fixture(scope="session")
-        def remote_lab_client(self, request):
-            """The session's RemoteLabClient (waits for our turn; closed at the end)."""
-            try:
-                client = RemoteLabClient(progress=_pytest_progress(request.config))
-            except RemoteLabError as e:
-                pytest.fail("remote lab: %s" % e, pytrace=False)
-            try:
-                yield client
-            finally:
-                client.close()
+    # the fixtures live in a module, as plain functions: pytest >= 9.2 deprecates session
+    # fixtures that are instance methods (PytestRemovedIn10Warning)
+    fixtures = types.ModuleType("remote_lab_client_fixtures")
+    fixtures.remote_lab_client = remote_lab_client
+
+    class RemoteLabPlugin:
+        """Hooks, registered by pytest_configure (so importing needs no pytest)."""
 
         @pytest.hookimpl(hookwrapper=True)
         def pytest_make_collect_report(self, collector):
@@ -2060,16 +2069,33 @@ def _make_pytest_plugin():
                         reporter.write_line("       %s" % nodeid)
 
         def pytest_report_header(self, config):
-            url = os.environ.get("REMOTE_LAB_URL", "").strip()
+            url, source = _plugin_url(config)
             if not url:  # what the fixture will see once it loads .env (not loaded yet)
                 try:
                     with open(".env", encoding="utf-8") as f:
                         url = parse_dotenv(f.read()).get("REMOTE_LAB_URL", "").strip()
+                        source = ".env"
                 except (OSError, UnicodeDecodeError):
                     pass
-            return "remote lab: %s" % (url or "REMOTE_LAB_URL not set")
+            return "remote lab: %s" % ("%s (%s)" % (url, source) if url
+                                       else "REMOTE_LAB_URL not set")
 
-    return RemoteLabPlugin()
+    return RemoteLabPlugin(), fixtures
+
+
+def _plugin_url(config):
+    """(URL, where it came from): --remote-lab-url > REMOTE_LAB_URL > ini remote_lab_url;
+    (None, None) leaves it to RemoteLabClient (.env, else local mode)."""
+    option = (config.getoption("remote_lab_url", None) or "").strip()
+    if option:
+        return option, "--remote-lab-url"
+    env = os.environ.get("REMOTE_LAB_URL", "").strip()
+    if env:
+        return env, "REMOTE_LAB_URL"
+    ini = (config.getini("remote_lab_url") or "").strip()
+    if ini:
+        return ini, "ini remote_lab_url"
+    return None, None
 
 
 def _pytest_progress(config):
@@ -2089,12 +2115,25 @@ def _pytest_progress(config):
     return report
 
 
+def pytest_addoption(parser):
+    """pytest hook: ``--remote-lab-url`` and the ``remote_lab_url`` ini key (own --help group)."""
+    group = parser.getgroup("remote-lab", "remote lab (remote_lab_client)")
+    group.addoption("--remote-lab-url", dest="remote_lab_url", metavar="URL", default=None,
+                    help="the remote-lab server: http(s)://HOST:PORT or "
+                         "ssh://[USER@]HOST[:PORT][/WORKDIR]; wins over REMOTE_LAB_URL, the "
+                         "remote_lab_url ini key and .env (none: local mode)")
+    parser.addini("remote_lab_url", "the remote-lab server URL when neither --remote-lab-url "
+                  "nor REMOTE_LAB_URL is given (wins over .env)", default="")
+
+
 def pytest_configure(config):
     """pytest hook (entry point ``pytest11`` or ``pytest_plugins = ["remote_lab_client"]``)."""
     config.addinivalue_line(
         "markers", "remote_lab: the test uses a remote netlab lab (set on lab fixture users)")
     if config.pluginmanager.get_plugin(_PLUGIN_NAME) is None:
-        config.pluginmanager.register(_make_pytest_plugin(), _PLUGIN_NAME)
+        hooks, fixtures = _make_pytest_plugin()
+        config.pluginmanager.register(hooks, _PLUGIN_NAME)
+        config.pluginmanager.register(fixtures, _PLUGIN_NAME + "-fixtures")
 
 
 # ============================================================================================
