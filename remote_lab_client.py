@@ -2255,8 +2255,10 @@ def _cmd_ps(args, command):
     if not rows:
         print("nothing launched")
         return 0
+    line = "%-6s %-5s %-24s %-26s %s"
+    print(line % ("SIDE", "STATE", "WHERE", "URL", "KEY"))
     for r in rows:
-        print("%-6s %-5s %-24s %-26s %s" % (
+        print(line % (
             r["side"], "up" if r["alive"] else "down", r["where"], r.get("url") or "-", r["key"]))
     return 0
 
