@@ -745,19 +745,35 @@ def collect_upload(topology, extra_files=()):
     return files
 
 
-class _Progress:
-    """Shows the queue position while waiting: a status line on a TTY, else log lines."""
+class _LineProgress:
+    """``progress=`` that is handed the whole line per position change (the pytest plugin)."""
 
-    def __init__(self, mode, stream=None):
-        self.mode = mode  # "tty", "log", "off" or a callable(position, waited)
+    def __init__(self, write):
+        self.write = write
+
+
+class _Progress:
+    """Shows the queue position while waiting: a status line on a TTY, else a log line per
+    change, written to stderr when nobody configured logging (a CI job must not look hung)."""
+
+    def __init__(self, mode, stream=None, page=None):
+        self.mode = mode  # "tty", "log", "off", a _LineProgress or a callable(position, waited)
         self.stream = stream or sys.stderr
+        self.page = page  # the status page URL, shown with each line
         self.last = None
         self.shown = False
+
+    def line(self, position, waited):
+        return "remote lab: waiting in the queue at position %d (waited %s), status page %s" % (
+            position, _duration(waited), self.page)
 
     def update(self, position, waited):
         changed = position != self.last
         self.last = position
-        if callable(self.mode):
+        if isinstance(self.mode, _LineProgress):
+            if changed:
+                self.mode.write(self.line(position, waited))
+        elif callable(self.mode):
             if changed:
                 self.mode(position, waited)
         elif self.mode == "tty":
@@ -766,8 +782,12 @@ class _Progress:
             self.stream.flush()
             self.shown = True
         elif changed and self.mode == "log":
-            _log.info("waiting for the remote lab: queue position %d (%s)",
-                      position, _duration(waited))
+            if _log.hasHandlers():  # this logger's or an ancestor's (root) handler
+                _log.info("waiting for the remote lab: queue position %d (%s), status page %s",
+                          position, _duration(waited), self.page)
+            else:  # logging.lastResort would drop an INFO line
+                self.stream.write(self.line(position, waited) + "\n")
+                self.stream.flush()
 
     def done(self):
         if self.shown:
@@ -889,7 +909,8 @@ class RemoteLabClient:
         started = time.monotonic()
         deadline = started + self.session_timeout
         status = "active" if self.position == 0 else "waiting"
-        progress = _Progress(self._progress_mode)
+        progress = _Progress(self._progress_mode,
+                             page="%s/?sid=%s" % (self.base_url, self.session_id))
         path = self._session_path()
         long_poll = True
         try:
@@ -2099,11 +2120,9 @@ def _plugin_url(config):
 
 
 def _pytest_progress(config):
-    def report(position, waited):
+    def report(message):
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         capman = config.pluginmanager.get_plugin("capturemanager")
-        message = "remote lab: waiting in the queue at position %d (%s)" % (position,
-                                                                            _duration(waited))
         _log.info("%s", message)
         if reporter is None:
             return
@@ -2112,7 +2131,7 @@ def _pytest_progress(config):
                 reporter.write_line(message)
         else:
             reporter.write_line(message)
-    return report
+    return _LineProgress(report)
 
 
 def pytest_addoption(parser):
