@@ -103,6 +103,25 @@ def test_quick_start_fits_one_screen_and_its_client_command_works_as_pasted(quic
     assert syntax.returncode == 0, syntax.stderr
 
 
+def test_from_python_example_runs_with_the_files_it_says_how_to_make(quick_server, env,
+                                                                     tmp_path):
+    text = section("From Python")
+    prepare, = sh_blocks(text)
+    example = re.search(r"^```python\n(.*?)^```$", text, re.M | re.S).group(1)
+    work = tmp_path / "work"  # a copy of what the commands read from the repository
+    shutil.copytree(str(ROOT / "tests" / "topologies"), str(work / "tests" / "topologies"))
+    out = subprocess.run(["/bin/sh", "-e", "-c", prepare], cwd=str(work), env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    env = dict(env, REMOTE_LAB_URL=quick_server.url, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", example], cwd=str(work), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["r1", "192.168.121.101", "192.168.121.101",
+                                  "r2", "192.168.121.102", "192.168.121.102"], out.stdout
+    assert sessions(quick_server) == []
+
+
 def curl_script(url):
     (block,) = sh_blocks(section("A session with curl"))
     assert "[[" not in block
