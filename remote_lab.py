@@ -3271,6 +3271,7 @@ form.try label{display:flex;flex-direction:column;font-size:.85em;color:var(--mu
 form.try input,form.try select{font:inherit;padding:3px 6px;min-width:12em}
 form.try pre{flex-basis:100%}
 button{font:inherit;padding:4px 14px;cursor:pointer}
+td.status,td.status code{white-space:nowrap;word-break:normal}
 """
 
 
@@ -3310,20 +3311,27 @@ def schema_text(doc: dict, schema: dict, depth: int = 0) -> str:
     return kind
 
 
+def _md(text: str) -> str:
+    """Escaped HTML of a description, its Markdown inline code (`...`) as <code>."""
+    parts = re.split(r"`([^`\n]+)`", text)
+    return "".join("<code>%s</code>" % _h(part) if i % 2 else _h(part)
+                   for i, part in enumerate(parts))
+
+
 def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
     params = [_resolve(doc, p) for p in op.get("parameters", ())]
     out = ['<section class="card op" id="op-%s"><h2><span class="m m-%s">%s</span><code>%s</code>'
            '<span>%s</span></h2>' % (_h(op["operationId"]), method, method.upper(), _h(path),
-                                     _h(op.get("summary", "")))]
+                                     _md(op.get("summary", "")))]
     if op.get("description"):
-        out.append("<p>%s</p>" % _h(op["description"]))
+        out.append("<p>%s</p>" % _md(op["description"]))
     if params:
         out.append('<div class="scroll"><table><thead><tr><th>parameter</th><th>in</th><th>type'
                    "</th><th>description</th></tr></thead><tbody>")
         for p in params:
             out.append("<tr><td><code>%s</code>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>"
                        % (_h(p["name"]), " (required)" if p.get("required") else "", _h(p["in"]),
-                          _h(schema_text(doc, p.get("schema", {}))), _h(p.get("description", ""))))
+                          _h(schema_text(doc, p.get("schema", {}))), _md(p.get("description", ""))))
         out.append("</tbody></table></div>")
     body = op.get("requestBody")
     fields = {}
@@ -3335,7 +3343,7 @@ def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
             for k, v in fields.items():
                 out.append("<li><code>%s</code>%s: %s. %s</li>"
                            % (_h(k), " (required)" if k in schema.get("required", ()) else "",
-                              _h(schema_text(doc, v)), _h(v.get("description", ""))))
+                              _h(schema_text(doc, v)), _md(v.get("description", ""))))
             out.append("</ul>")
     out.append('<div class="scroll"><table><thead><tr><th>status</th><th>meaning</th><th>body'
                "</th></tr></thead><tbody>")
@@ -3349,8 +3357,8 @@ def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
                 text += "\nexample: " + (example if isinstance(example, str)
                                          else json.dumps(example, indent=1))
             bodies.append(text)
-        out.append("<tr><td><code>%s</code></td><td>%s</td><td>%s</td></tr>"
-                   % (_h(code), _h(resp.get("description", "")),
+        out.append('<tr><td class="status"><code>%s</code></td><td>%s</td><td>%s</td></tr>'
+                   % (_h(code), _md(resp.get("description", "")),
                       "<pre>%s</pre>" % _h("\n".join(bodies)) if bodies else "-"))
     out.append("</tbody></table></div>")
     # the "try it" form
@@ -3382,7 +3390,7 @@ def render_docs_page(doc: dict) -> bytes:
         for method, op in item.items():
             ops.append((method, path, op))
     nav = "".join('<li><a href="#op-%s"><code>%s %s</code></a> %s</li>'
-                  % (_h(op["operationId"]), method.upper(), _h(path), _h(op.get("summary", "")))
+                  % (_h(op["operationId"]), method.upper(), _h(path), _md(op.get("summary", "")))
                   for method, path, op in ops)
     info = doc["info"]
     page = """<!doctype html>
@@ -3397,7 +3405,7 @@ def render_docs_page(doc: dict) -> bytes:
 A session id returned by <code>POST /session</code> fills the empty session fields.</footer>
 <script>%(js)s</script></body></html>
 """ % {"css": DOCS_CSS, "version": _h(info["version"]), "oas": _h(doc["openapi"]),
-       "description": _h(info["description"]), "nav": nav,
+       "description": _md(info["description"]), "nav": nav,
        "ops": "\n".join(_docs_operation(doc, m, p, o) for m, p, o in ops), "js": DOCS_JS}
     return page.encode("utf-8")
 

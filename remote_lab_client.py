@@ -904,19 +904,35 @@ def collect_upload(topology, extra_files=()):
     return files
 
 
-class _Progress:
-    """Shows the queue position while waiting: a status line on a TTY, else log lines."""
+class _LineProgress:
+    """``progress=`` that is handed the whole line per position change (the pytest plugin)."""
 
-    def __init__(self, mode, stream=None):
-        self.mode = mode  # "tty", "log", "off" or a callable(position, waited)
+    def __init__(self, write):
+        self.write = write
+
+
+class _Progress:
+    """Shows the queue position while waiting: a status line on a TTY, else a log line per
+    change, written to stderr when nobody configured logging (a CI job must not look hung)."""
+
+    def __init__(self, mode, stream=None, page=None):
+        self.mode = mode  # "tty", "log", "off", a _LineProgress or a callable(position, waited)
         self.stream = stream or sys.stderr
+        self.page = page  # the status page URL, shown with each line
         self.last = None
         self.shown = False
+
+    def line(self, position, waited):
+        return "remote lab: waiting in the queue at position %d (waited %s), status page %s" % (
+            position, _duration(waited), self.page)
 
     def update(self, position, waited):
         changed = position != self.last
         self.last = position
-        if callable(self.mode):
+        if isinstance(self.mode, _LineProgress):
+            if changed:
+                self.mode.write(self.line(position, waited))
+        elif callable(self.mode):
             if changed:
                 self.mode(position, waited)
         elif self.mode == "tty":
@@ -925,8 +941,12 @@ class _Progress:
             self.stream.flush()
             self.shown = True
         elif changed and self.mode == "log":
-            _log.info("waiting for the remote lab: queue position %d (%s)",
-                      position, _duration(waited))
+            if _log.hasHandlers():  # this logger's or an ancestor's (root) handler
+                _log.info("waiting for the remote lab: queue position %d (%s), status page %s",
+                          position, _duration(waited), self.page)
+            else:  # logging.lastResort would drop an INFO line
+                self.stream.write(self.line(position, waited) + "\n")
+                self.stream.flush()
 
     def done(self):
         if self.shown:
@@ -1067,7 +1087,8 @@ class RemoteLabClient:
         started = time.monotonic()
         deadline = started + self.session_timeout
         status = "active" if self.position == 0 else "waiting"
-        progress = _Progress(self._progress_mode)
+        progress = _Progress(self._progress_mode,
+                             page="%s/?sid=%s" % (self.base_url, self.session_id))
         path = self._session_path()
         long_poll = True
         try:
@@ -2456,25 +2477,34 @@ class _LostInterrupt:
 
 
 def _make_pytest_plugin():
+    """(hooks, fixtures): two plugin objects, registered by pytest_configure."""
+    import types
+
     import pytest
 
-    class RemoteLabPlugin:
-        """Fixtures and hooks, registered by pytest_configure (so importing needs no pytest)."""
+    @pytest.fixture(scope="session")
+    def remote_lab_client(request):
+        """The session's RemoteLabClient (waits for our turn; closed at the end)."""
+        error = None
+        try:
+            client = RemoteLabClient(_plugin_url(request.config)[0],
+                                     progress=_pytest_progress(request.config))
+        except RemoteLabError as e:
+            error = "remote lab: %s" % e
+        if error:  # failed outside the except: once, no "During handling of the above ..."
+            pytest.fail(error, pytrace=False)
+        try:
+            yield client
+        finally:
+            client.close()
 
-        @pytest.fixture(scope="session")
-        def remote_lab_client(self, request):
-            """The session's RemoteLabClient (waits for our turn; closed at the end)."""
-            error = None
-            try:
-                client = RemoteLabClient(progress=_pytest_progress(request.config))
-            except RemoteLabError as e:
-                error = "remote lab: %s" % e
-            if error:  # failed outside the except: once, no "During handling of the above ..."
-                pytest.fail(error, pytrace=False)
-            try:
-                yield client
-            finally:
-                client.close()
+    # the fixtures live in a module, as plain functions: pytest >= 9.2 deprecates session
+    # fixtures that are instance methods (PytestRemovedIn10Warning)
+    fixtures = types.ModuleType("remote_lab_client_fixtures")
+    fixtures.remote_lab_client = remote_lab_client
+
+    class RemoteLabPlugin:
+        """Hooks, registered by pytest_configure (so importing needs no pytest)."""
 
         @pytest.hookimpl(hookwrapper=True)
         def pytest_runtest_call(self, item):
@@ -2546,21 +2576,39 @@ def _make_pytest_plugin():
                         reporter.write_line("       %s" % nodeid)
 
         def pytest_report_header(self, config):
-            url = os.environ.get("REMOTE_LAB_URL", "").strip()
+            url, source = _plugin_url(config)
             if not url:  # what the fixture will see once it loads .env (not loaded yet)
                 try:
                     with open(".env", encoding="utf-8") as f:
                         url = parse_dotenv(f.read()).get("REMOTE_LAB_URL", "").strip()
+                        source = ".env"
                 except (OSError, UnicodeDecodeError):
                     pass
-            return "remote lab: %s" % _header_server(url)
+            return "remote lab: %s" % _header_server(url, source)
 
-    return RemoteLabPlugin()
+    return RemoteLabPlugin(), fixtures
 
 
-def _header_server(url):
-    """The pytest header's words for the server: its URL and, when it answers, what it is
-    (version, pid, simulated). Nothing is started or launched for this."""
+def _plugin_url(config):
+    """(URL, where it came from): --remote-lab-url > REMOTE_LAB_URL > ini remote_lab_url;
+    (None, None) leaves it to RemoteLabClient (.env, else local mode)."""
+    option = (config.getoption("remote_lab_url", None) or "").strip()
+    if option:
+        return option, "--remote-lab-url"
+    env = os.environ.get("REMOTE_LAB_URL", "").strip()
+    if env:
+        return env, "REMOTE_LAB_URL"
+    ini = (config.getini("remote_lab_url") or "").strip()
+    if ini:
+        return ini, "ini remote_lab_url"
+    return None, None
+
+
+def _header_server(url, source=None):
+    """The pytest header's words for the server: its URL, where the URL came from (``source``)
+    and, when it answers, what it is (version, pid, simulated). Nothing is started for this."""
+    def named(u):
+        return "%s (%s)" % (u, source) if source else u
     if not url or url.startswith("ssh://"):
         try:
             target, workdir = parse_ssh_url(url) if url else (None, None)
@@ -2568,23 +2616,21 @@ def _header_server(url):
         except (RemoteLabError, OSError, ValueError):
             conn = None
         if conn is None:
-            return ("%s (launched on first use)" % url if url else
+            return ("%s (launched on first use)" % named(url) if url else
                     "REMOTE_LAB_URL not set (local mode: a server on this machine, started on "
                     "first use)")
-        where, url = ("%s via " % url if url else "local mode, "), conn["url"]
+        where, url = ("%s via " % named(url) if url else "local mode, "), conn["url"]
     else:
         where, url = "", url if "://" in url else "http://" + url
     info = _root_json(url)
-    return "%s%s (%s)" % (where, url, ", ".join(_server_facts(info)) if info
-                          else "not answering as remote-lab")
+    return "%s%s (%s)" % (where, url if where else named(url),
+                          ", ".join(_server_facts(info)) if info else "not answering as remote-lab")
 
 
 def _pytest_progress(config):
-    def report(position, waited):
+    def report(message):
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         capman = config.pluginmanager.get_plugin("capturemanager")
-        message = "remote lab: waiting in the queue at position %d (%s)" % (position,
-                                                                            _duration(waited))
         _log.info("%s", message)
         if reporter is None:
             return
@@ -2593,7 +2639,18 @@ def _pytest_progress(config):
                 reporter.write_line(message)
         else:
             reporter.write_line(message)
-    return report
+    return _LineProgress(report)
+
+
+def pytest_addoption(parser):
+    """pytest hook: ``--remote-lab-url`` and the ``remote_lab_url`` ini key (own --help group)."""
+    group = parser.getgroup("remote-lab", "remote lab (remote_lab_client)")
+    group.addoption("--remote-lab-url", dest="remote_lab_url", metavar="URL", default=None,
+                    help="the remote-lab server: http(s)://HOST:PORT or "
+                         "ssh://[USER@]HOST[:PORT][/WORKDIR]; wins over REMOTE_LAB_URL, the "
+                         "remote_lab_url ini key and .env (none: local mode)")
+    parser.addini("remote_lab_url", "the remote-lab server URL when neither --remote-lab-url "
+                  "nor REMOTE_LAB_URL is given (wins over .env)", default="")
 
 
 def pytest_configure(config):
@@ -2601,7 +2658,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "remote_lab: the test uses a remote netlab lab (set on lab fixture users)")
     if config.pluginmanager.get_plugin(_PLUGIN_NAME) is None:
-        config.pluginmanager.register(_make_pytest_plugin(), _PLUGIN_NAME)
+        hooks, fixtures = _make_pytest_plugin()
+        config.pluginmanager.register(hooks, _PLUGIN_NAME)
+        config.pluginmanager.register(fixtures, _PLUGIN_NAME + "-fixtures")
 
 
 # ============================================================================================
@@ -2736,8 +2795,10 @@ def _cmd_ps(args, command):
     if not rows:
         print("nothing launched")
         return 0
+    line = "%-6s %-5s %-24s %-26s %s"
+    print(line % ("SIDE", "STATE", "WHERE", "URL", "KEY"))
     for r in rows:
-        print("%-6s %-5s %-24s %-26s %s" % (
+        print(line % (
             r["side"], "up" if r["alive"] else "down", r["where"], r.get("url") or "-", r["key"]))
     return 0
 

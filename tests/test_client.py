@@ -20,7 +20,7 @@ import pytest
 from client_support import (MAPPING, SIMPLE, Servers, TcpForwarder, active_session,
                             clean_client_env, client_env, find_python38, free_port, health,
                             make_cert, session_state, sessions, tls_server_context, wait_until)
-from helpers import CLIENT, file_size_limit
+from helpers import CLIENT, file_size_limit, http
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -590,6 +590,63 @@ def test_queue_position_changes_are_logged(srv, caplog):
     assert [line.split(" (")[0] for line in lines] == [
         "waiting for the remote lab: queue position 2",
         "waiting for the remote lab: queue position 1"]
+
+
+WAITER_SCRIPT = """
+import logging, sys
+import remote_lab_client as r
+if sys.argv[2] == "logging":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="LOG %(message)s")
+c = r.RemoteLabClient(sys.argv[1], heartbeat_interval=0)
+print("ACTIVE", c.session_id, flush=True)
+c.close()
+"""
+
+
+def waiting_script(srv, tmp_path, mode):
+    """A script behind two sessions, stderr a pipe (not a TTY): (its stdout, stderr lines)."""
+    a = client(srv.url)
+    b_thread, b = start_waiter(srv.url)
+    wait_until(lambda: len(sessions(srv)) == 2, what="the second session")
+    err_path = tmp_path / ("stderr-%s.txt" % mode)
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", WAITER_SCRIPT, srv.url, mode],
+                                stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=client_env())
+        try:
+            wait_until(lambda: "position 2" in err_path.read_text(), timeout=20,
+                       what="the first progress line")
+            a.close()
+            b_thread.join(10)
+            wait_until(lambda: "position 1" in err_path.read_text(), timeout=20,
+                       what="the position change")
+            b["client"].close()
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    assert proc.returncode == 0, err_path.read_text()
+    return out, err_path.read_text().splitlines()
+
+
+def test_progress_goes_to_stderr_when_nobody_configured_logging(srv, tmp_path):
+    out, lines = waiting_script(srv, tmp_path, "plain")
+    sid = out.split()[1]
+    page = "%s/?sid=%s" % (srv.url, sid)
+    assert lines == [
+        "remote lab: waiting in the queue at position 2 (waited 0 s), status page " + page,
+        "remote lab: waiting in the queue at position 1 (waited %s), status page %s"
+        % (lines[1].split("(waited ")[1].split(")")[0], page)], lines
+    assert http("GET", page, headers={"Accept": "text/html"})[0] == 200
+
+
+def test_progress_uses_logging_when_it_is_configured(srv, tmp_path):
+    out, lines = waiting_script(srv, tmp_path, "logging")
+    progress = [line for line in lines if "position" in line]
+    assert len(progress) == 2 and all(line.startswith("LOG waiting for the remote lab: queue "
+                                                      "position ") for line in progress), lines
+    assert "/?sid=%s" % out.split()[1] in progress[0]
 
 
 # ------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_pytest_header_shows_the_servers_pid_and_simulated(pytester, tmp_path, m
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p",
                                                "remote_lab_client", timeout=60)
         result.assert_outcomes(passed=1)
-        result.stdout.fnmatch_lines(["remote lab: %s (remote-lab *, pid %d, simulated)"
-                                     % (srv.url, srv.proc.pid)])
+        result.stdout.fnmatch_lines(["remote lab: %s (REMOTE_LAB_URL) (remote-lab *, pid %d, "
+                                      "simulated)" % (srv.url, srv.proc.pid)])
     finally:
         servers.stop_all()

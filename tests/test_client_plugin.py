@@ -261,4 +261,65 @@ def test_waiting_for_the_lab_is_shown_in_the_terminal(project, srv):
     finally:
         timer.join()
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["remote lab: waiting in the queue at position 1 (0 s)"])
+    result.stdout.fnmatch_lines(["remote lab: waiting in the queue at position 1 (waited 0 s), "
+                                 "status page %s/?sid=*" % srv.url])
+    assert result.stdout.str().count("waiting in the queue") == 1  # one line per change
+
+
+@pytest.mark.timeout(180)
+def test_newest_pytest_is_silent_about_the_fixtures(project, srv):
+    # pytest >= 9.2 deprecates session fixtures that are instance methods (PytestRemovedIn10Warning)
+    project.makepyfile(test_order=ORDER_TESTS)
+    result = run(project, "-W", "error::pytest.PytestDeprecationWarning")
+    result.assert_outcomes(passed=5, failed=1)
+    result = run(project, "-k", "test_c_simple or test_f_after_all")
+    result.assert_outcomes(passed=2)
+    assert "warning" not in result.stdout.str().lower(), result.stdout.str()
+
+
+def test_our_own_runs_fail_on_pytest_deprecation_warnings(pytestconfig):
+    assert "error::pytest.PytestDeprecationWarning" in pytestconfig.getini("filterwarnings")
+
+
+BAD_URL = "ftp://not-a-lab-server"  # refused at once ("unsupported remote lab URL")
+URL_TEST = "def test_url(lab_simple, remote_lab_client):\n    assert lab_simple\n"
+
+
+@pytest.mark.timeout(180)
+def test_url_option_wins_over_the_environment(project, srv, monkeypatch):
+    project.makepyfile(test_url=URL_TEST)
+    monkeypatch.setenv("REMOTE_LAB_URL", BAD_URL)
+    result = run(project, "--remote-lab-url", srv.url)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["remote lab: %s (--remote-lab-url)*" % srv.url])
+    # and without the option the environment is used (proof that the option made the difference)
+    result = run(project)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*unsupported remote lab URL 'ftp://not-a-lab-server'*"])
+
+
+@pytest.mark.timeout(180)
+def test_ini_key_below_the_environment_above_dotenv(project, srv, monkeypatch):
+    project.makepyfile(test_url=URL_TEST)
+    project.makeini("[pytest]\nremote_lab_url = %s\n" % srv.url)
+    (project.path / ".env").write_text("REMOTE_LAB_URL=%s\n" % BAD_URL)
+    monkeypatch.delenv("REMOTE_LAB_URL")
+    result = run(project)  # ini > .env
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["remote lab: %s (ini remote_lab_url)*" % srv.url])
+    project.makeini("[pytest]\nremote_lab_url = %s\n" % BAD_URL)
+    monkeypatch.setenv("REMOTE_LAB_URL", srv.url)
+    result = run(project)  # environment > ini
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["remote lab: %s (REMOTE_LAB_URL)*" % srv.url])
+
+
+@pytest.mark.timeout(120)
+def test_help_lists_the_option_and_ini_key_in_their_own_group(project):
+    result = run(project, "--help")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines([
+        "remote lab (remote_lab_client):",
+        "  --remote-lab-url=URL*",
+    ])
+    result.stdout.fnmatch_lines(["  remote_lab_url (string):*"])

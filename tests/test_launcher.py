@@ -154,6 +154,22 @@ def cli(*args, env=None, timeout=90):
                           text=True, timeout=timeout, env=env or os.environ.copy())
 
 
+def test_ps_prints_column_headers(home):
+    folder = home / ".remote-http-launcher" / "server"
+    folder.mkdir(parents=True)
+    # no pid: the home fixture's teardown kills the process group of any live pid it finds
+    (folder / "remote-lab-old.json").write_text(json.dumps({"status": "stopped", "port": 8701}))
+    out = cli("ps")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["SIDE", "STATE", "WHERE", "URL", "KEY"]
+    assert lines[1].split() == ["server", "down", "local", "http://127.0.0.1:8701",
+                                "remote-lab-old"]
+    # the headers stand over their columns
+    assert [lines[0].index(h) for h in ("WHERE", "URL", "KEY")] == \
+        [lines[1].index(v) for v in ("local", "http://", "remote-lab-old")]
+
+
 def test_local_launch_reconnect_stop(home):
     out = cli("logs")  # nothing launched yet: a one-line error, not a JSON line on stdout
     assert out.returncode == 1 and out.stdout == ""
