@@ -1543,9 +1543,13 @@ class App(OpsMixin):
         return 204, None
 
     def get_debug_health(self, h, m):
+        sessions = self.queue.snapshot()
+        # "sessions" is a count, as the seed's server answers (monitoring reads it); the list
+        # goes under its own key
         return 200, {"status": "ok", "timestamp": time.time(),
                      "uptime": round(time.monotonic() - self.started_mono, 3),
-                     "sessions": self.queue.snapshot(), "queue_length": len(self.queue),
+                     "sessions": len(sessions), "session_list": sessions,
+                     "queue_length": len(sessions),
                      "lab": self.lab.snapshot(), "version": __version__,
                      "netlab_calls": dict(self.runner.calls),
                      "netlab_failures": dict(self.runner.failures),
@@ -2690,6 +2694,9 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
         "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})),
     ("get_debug_health", ("GET", "/debug/health", {
         "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
+        "description": "`sessions` is the number of sessions in the queue (an integer, as the "
+                       "seed's server answers it); `session_list` lists them in queue order. "
+                       "Never counts as a session's sign of life.",
         "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})),
     ("get_status", ("GET", "/status", {
         "tags": ["operations"], "summary": "Status page data (long-poll)",
@@ -2881,7 +2888,10 @@ OPENAPI_SCHEMAS = {
                                                    "queue_length"], "properties": {
         "status": {"type": "string", "const": "ok"}, "timestamp": {"type": "number"},
         "uptime": {"type": "number"}, "queue_length": {"type": "integer"},
-        "sessions": {"type": "array", "items": {"type": "object", "properties": {
+        "sessions": {"type": "integer", "minimum": 0,
+                     "description": "How many sessions are queued (active and waiting), as the "
+                                    "seed's server answers; the sessions are in `session_list`."},
+        "session_list": {"type": "array", "items": {"type": "object", "properties": {
             "session_id": {"type": "string"}, "position": {"type": "integer"},
             "status": {"type": "string", "enum": ["active", "waiting"]},
             "age": {"type": "number"}, "idle": {"type": "number"}}}},
