@@ -458,7 +458,8 @@ class NetlabRunner:
 
     # -- the commands we use --
     def up(self, labdir: str, topology: str, ctx="-") -> None:
-        self.run(["up", topology], labdir, self.up_timeout, ctx=ctx)
+        # as ./NAME: a bare name starting with '-' (`--set=x.yml`) is an option to netlab
+        self.run(["up", "./" + topology], labdir, self.up_timeout, ctx=ctx)
 
     def node_names(self, labdir: str, ctx="-") -> List[str]:
         _, out = self.run(["inspect", "-q", "--format", "json", "list(nodes.keys())"], labdir,
@@ -884,6 +885,22 @@ def safe_relative_path(name: str) -> str:
     return name
 
 
+def netlab_topology_name(name: str) -> str:
+    """Refuse a topology file name netlab would misread even given as ./NAME; return it.
+
+    netlab reads any file name containing ``package:`` from its own package instead (measured
+    with netlab 26.10: ``./package:x.yml`` built ``x.yml``), and globs the name's stem to find
+    versioned topologies (``x.1.2.yml``), so glob characters match other files.
+    """
+    if "package:" in name:
+        raise BadRequest("topology %r: netlab reads a name containing 'package:' from its own "
+                         "package; rename the file" % name)
+    if any(c in name for c in "*?["):
+        raise BadRequest("topology %r: netlab treats '*', '?' and '[' in a topology name as a "
+                         "file pattern; rename the file" % name)
+    return name
+
+
 class Upload:
     """The files of one POST /lab, written into a fresh work dir as they stream in."""
 
@@ -1064,6 +1081,7 @@ class MultipartParser:
             name = safe_relative_path(filename).rsplit("/", 1)[-1]
             if not _TOPOLOGY_RE.search(name):
                 raise BadRequest("topology %r must be a .yml or .yaml file" % filename)
+            netlab_topology_name(name)
         else:
             name = safe_relative_path(filename)
         if name in up.files:
@@ -2800,7 +2818,8 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
                                   {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
             "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
                           "no Content-Length, malformed body, unexpected field, unsafe or "
-                          "duplicate file name, topology not .yml/.yaml, bad `reuse` value.",
+                          "duplicate file name, topology not .yml/.yaml or named so that netlab "
+                          "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
                           "topology 'lab.txt' must be a .yml or .yaml file"),
             "404": _SID_ERRORS["404"],
             "413": _error("The body exceeds `--max-upload-mb`.",
@@ -2809,13 +2828,13 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
             "423": _error("The session is not active (or no longer), or the lab is busy with "
                           "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
             "502": _error("netlab failed; the detail carries the tail of its output.",
-                          "netlab up topology.yml failed (exit 1)\n--- netlab output (last "
+                          "netlab up ./topology.yml failed (exit 1)\n--- netlab output (last "
                           "lines) ---\n..."),
             "503": _error("The lab host has no room left to store the upload (disk or quota "
                           "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
                           "No space left on device"),
             "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
-                          "netlab up topology.yml timed out after 1800 s")}})),
+                          "netlab up ./topology.yml timed out after 1800 s")}})),
     ("get_lab", ("GET", "/lab", {
         "tags": ["lab"], "summary": "The lab's state",
         "parameters": [_SID_HEADER],
