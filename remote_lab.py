@@ -182,6 +182,8 @@ class SessionQueue:
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
         self.version = 0
         self.on_activate = None  # type: Optional[Callable[[Session], None]]  # ops hook (section 6)
+        # a waiter found dead when its turn came, already dropped (lock held)
+        self.on_drop = None  # type: Optional[Callable[[Session], None]]
 
     # -- helpers (lock held) --
     def _bump(self):
@@ -201,14 +203,22 @@ class SessionQueue:
             raise UnknownSession(sid) from None
 
     def _activate_head(self):
-        if self._sessions:
+        """Promote the head if it is not active yet. A waiter already silent past the active
+        timeout is dropped instead (it would hold everyone up for that long again)."""
+        while self._sessions:
             head = next(iter(self._sessions.values()))
-            if head.activated is None:
-                head.activated = self.clock()
-                head.last_seen = head.activated  # the active timeout counts from promotion
-                if self.on_activate is not None:
-                    self.on_activate(head)
-                return head.id
+            if head.activated is not None:
+                return None
+            if head.pins == 0 and self.clock() - head.last_seen > self.active_timeout:
+                del self._sessions[head.id]
+                if self.on_drop is not None:
+                    self.on_drop(head)
+                continue
+            head.activated = self.clock()
+            head.last_seen = head.activated  # the active timeout counts from promotion
+            if self.on_activate is not None:
+                self.on_activate(head)
+            return head.id
         return None
 
     # -- API --
@@ -273,7 +283,8 @@ class SessionQueue:
                     return now
 
     def remove(self, sid: str) -> Tuple[bool, Optional[str]]:
-        """End a session. Returns (was_active, id of a newly promoted head or None)."""
+        """End a session. Returns (was_active, id of a newly promoted head or None); dead
+        waiters skipped on the way to that head went to ``on_drop``."""
         with self.lock:
             self._session(sid)
             was_active = next(iter(self._sessions)) == sid
@@ -1499,6 +1510,7 @@ class App(OpsMixin):
         self.counters = Counts()
         self.stopping = threading.Event()
         self._ops_init()  # events, metrics, sd_notify (section 6)
+        self.queue.on_drop = self._waiter_dropped
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
@@ -1517,6 +1529,19 @@ class App(OpsMixin):
                 " [was active]" if was_active else "", extra={"ctx": log_context(sid, None)})
         if was_active:
             self.lab.session_ended(sid)
+
+    def _waiter_dropped(self, session) -> None:
+        """SessionQueue hook (queue lock held): a waiter was silent past the active timeout when
+        its turn came, and was dropped. Counted, logged and listed as an expiry; the event waits
+        with the promotions so that the end/expiry that caused it is listed first."""
+        why = "no sign of life for %s when its turn came" % fmt_duration(
+            self.queue.clock() - session.last_seen)
+        self.counters.add("sessions_expired")
+        log.warning("session expired (%s)", why, extra={"ctx": log_context(session.id, None)})
+        text = "waiting session %s expired (%s)" % (session.id[:SHORT_ID], why)
+        with self.events_lock:
+            self._ops_pending.append({"time": time.time(), "kind": "expired", "text": text,
+                                      "detail": None})
 
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
@@ -1716,6 +1741,9 @@ class App(OpsMixin):
         ("GET", r"/metrics", "get_metrics"),
     ]
     COMPILED = [(method, re.compile(pattern + r"/?\Z"), name) for method, pattern, name in ROUTES]
+    # the routes where naming a session (X-Session-ID or the path) is its sign of life
+    LIVENESS_ROUTES = frozenset(["post_heartbeat", "get_session", "delete_session", "post_lab",
+                                 "get_lab", "delete_lab", "get_lab_devices", "post_lab_release"])
 
     def route(self, method: str, path: str):
         """(handler method name, match) or raise HTTPError 404/405."""
@@ -1959,8 +1987,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.set_context(path_sid or sid)
             if func.__name__ != "post_lab":
                 self._discard_body()
-            # any request naming a session is a sign of life
-            for named in {sid, path_sid} - {None}:
+            # a request naming a session on the session and lab endpoints is a sign of life;
+            # a monitor or a status page sending the header along keeps nobody alive
+            for named in ({sid, path_sid} - {None} if route in app.LIVENESS_ROUTES else ()):
                 try:
                     app.queue.touch(named)
                 except UnknownSession:
