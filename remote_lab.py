@@ -366,10 +366,126 @@ class Counts(collections.Counter):
             self[key] += n
 
 
+def process_stat(pid: int) -> Optional[Tuple[str, int, int]]:
+    """(state, process group, start time in clock ticks since boot) of ``pid`` from
+    /proc/PID/stat (fields 3, 5 and 22), or None when there is no such process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces
+        return fields[0], int(fields[2]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class NetlabProcessRecords:
+    """One small JSON file per running netlab command in ``directory`` (<state-dir>/netlab-procs):
+    its process group, pid and start time. A server killed with SIGKILL leaves its netlab
+    commands running (each in its own process group); the next server kills them before it
+    cleans their lab dirs. The start time tells a reused pid from ours."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def _path(self, pid: int) -> str:
+        return os.path.join(self.directory, "%d.json" % pid)
+
+    def add(self, proc: "subprocess.Popen", verb: str, cwd: str) -> None:
+        stat = process_stat(proc.pid)
+        record = {"pid": proc.pid, "pgid": proc.pid,  # start_new_session: it leads its group
+                  "start_time": stat[2] if stat else None, "verb": verb, "cwd": cwd,
+                  "server_pid": os.getpid()}
+        tmp = self._path(proc.pid) + ".tmp"
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self._path(proc.pid))  # atomic: a crash leaves no half record
+        except OSError as e:  # a full disk must not fail the command itself
+            log.warning("cannot record netlab process %d in %s: %s", proc.pid, self.directory, e)
+
+    def remove(self, pid: int) -> None:
+        self._unlink(self._path(pid))
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def leftovers(self) -> List[dict]:
+        """The records of earlier servers (this one's own commands excluded)."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return []
+        records = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                pid, pgid = int(record["pid"]), int(record["pgid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._unlink(path)  # half-written or unreadable: nothing to act on
+                continue
+            if record.get("server_pid") != os.getpid():
+                records.append(dict(record, pid=pid, pgid=pgid, path=path))
+        return records
+
+    @staticmethod
+    def _group_members(pgid: int) -> List[int]:
+        members = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = process_stat(int(entry))
+                if stat and stat[1] == pgid and stat[0] not in ("Z", "X"):
+                    members.append(int(entry))
+        return members
+
+    def _still_ours(self, record: dict) -> bool:
+        """The recorded group is alive and is the one we started (not a reused pid)."""
+        leader = process_stat(record["pid"])
+        if leader and leader[0] not in ("Z", "X"):
+            return leader[1] == record["pgid"] and leader[2] == record.get("start_time")
+        # the leader is gone; its children may live on in the group (a pid in use as a group
+        # id is never reused), all started after it
+        members = self._group_members(record["pgid"])
+        started = record.get("start_time") or 0
+        return bool(members) and all((process_stat(p) or ("", 0, -1))[2] >= started
+                                     for p in members)
+
+    def kill_leftovers(self, records: List[dict], grace: float = 3.0) -> None:
+        """SIGTERM each recorded group still alive, SIGKILL after ``grace``; drop the records."""
+        for record in records:
+            if self._still_ours(record):
+                log.warning("killing netlab %s left running by a previous server (pid %d, "
+                            "process group %d, in %s)", record.get("verb", "?"), record["pid"],
+                            record["pgid"], record.get("cwd", "?"), extra={"ctx": "-"})
+                self._kill_group(record["pgid"], grace)
+            self._unlink(record["path"])
+
+    def _kill_group(self, pgid: int, grace: float) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                return
+            deadline = time.monotonic() + wait
+            while self._group_members(pgid):  # not our children: no wait(), poll /proc
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+        log.error("netlab process group %d survived SIGKILL", pgid, extra={"ctx": "-"})
+
+
 class NetlabRunner:
     """Runs netlab commands: stdin closed, own process group, timeouts, output to the log."""
 
-    def __init__(self, command: List[str], up_timeout: float, timeout: float, stream: bool):
+    def __init__(self, command: List[str], up_timeout: float, timeout: float, stream: bool,
+                 records: Optional[NetlabProcessRecords] = None):
         self.command = list(command)
         self.up_timeout = up_timeout
         self.timeout = timeout
@@ -379,6 +495,7 @@ class NetlabRunner:
         self.closing = False  # server shutdown: no new `up`
         self._running = {}  # type: Dict[int, Tuple[str, "subprocess.Popen"]]  # pid -> (verb, proc)
         self._running_lock = threading.Lock()
+        self.records = records  # running commands on disk, for the next server after a crash
 
     def abort(self) -> None:
         """Server shutdown: refuse new `up`s, kill the `up`/`inspect` runs in flight (whole group)
@@ -433,6 +550,8 @@ class NetlabRunner:
         for t in readers:
             t.start()
         timed_out = False
+        if self.records is not None:
+            self.records.add(proc, verb, cwd)
         with self._running_lock:
             self._running[proc.pid] = (verb, proc)
             missed = self.closing and verb in ("up", "inspect")  # abort() ran since the check
@@ -446,6 +565,8 @@ class NetlabRunner:
         finally:
             with self._running_lock:
                 self._running.pop(proc.pid, None)
+            if self.records is not None:
+                self.records.remove(proc.pid)
         for t in readers:
             t.join(5)
         elapsed = time.monotonic() - started
@@ -826,6 +947,9 @@ class Lab:
     def startup_cleanup(self) -> None:
         """Lab dirs left by a crashed predecessor: ``down --cleanup --force`` each, then remove.
 
+        First the netlab commands it left running (NetlabProcessRecords) are killed, so none
+        works on in a dir being removed.
+
         netlab registers the ``default`` instance even when ``up`` fails; it must be cleaned in
         its directory before that directory is deleted, or the next ``up`` fails.
         """
@@ -833,14 +957,18 @@ class Lab:
         try:
             leftovers = [os.path.join(labs, d) for d in sorted(os.listdir(labs))]
         except FileNotFoundError:
-            return
+            leftovers = []
         leftovers = [d for d in leftovers if os.path.isdir(d)]
-        if not leftovers:
+        records = self.runner.records
+        orphans = records.leftovers() if records is not None else []
+        if not leftovers and not orphans:
             return
         with self.cond:
             self.info = LabInfo(state=STOPPING)
 
         def work():
+            if orphans:  # netlab still running in a dir must die before the dir goes
+                records.kill_leftovers(orphans)
             for d in leftovers:
                 log.warning("cleaning up lab dir left from a previous run: %s", d,
                             extra={"ctx": "-"})
@@ -1504,8 +1632,9 @@ class App(OpsMixin):
         self.started_mono = time.monotonic()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
                                   settings.max_queue)
-        self.runner = ObservedNetlabRunner(settings.netlab_command(), settings.up_timeout,
-                                           settings.netlab_timeout, settings.debug)
+        self.runner = ObservedNetlabRunner(
+            settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
+            settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")))
         self.lab = Lab(self.runner, settings, self.queue.is_active)
         self.counters = Counts()
         self.stopping = threading.Event()
