@@ -385,6 +385,8 @@ class NetlabProcessRecords:
 
     def __init__(self, directory: str):
         self.directory = directory
+        me = process_stat(os.getpid())
+        self.server = [os.getpid(), me[2] if me else None]  # pid and start time: who wrote it
 
     def _path(self, pid: int) -> str:
         return os.path.join(self.directory, "%d.json" % pid)
@@ -393,7 +395,7 @@ class NetlabProcessRecords:
         stat = process_stat(proc.pid)
         record = {"pid": proc.pid, "pgid": proc.pid,  # start_new_session: it leads its group
                   "start_time": stat[2] if stat else None, "verb": verb, "cwd": cwd,
-                  "server_pid": os.getpid()}
+                  "server": self.server}
         tmp = self._path(proc.pid) + ".tmp"
         try:
             os.makedirs(self.directory, exist_ok=True)
@@ -429,7 +431,7 @@ class NetlabProcessRecords:
             except (OSError, ValueError, KeyError, TypeError):
                 self._unlink(path)  # half-written or unreadable: nothing to act on
                 continue
-            if record.get("server_pid") != os.getpid():
+            if record.get("server") != self.server:  # pid and start time: a reused pid is not us
                 records.append(dict(record, pid=pid, pgid=pgid, path=path))
         return records
 
@@ -477,7 +479,7 @@ class NetlabProcessRecords:
                     break
                 time.sleep(0.05)
             else:
-                return
+                return  # the whole group is gone
         log.error("netlab process group %d survived SIGKILL", pgid, extra={"ctx": "-"})
 
 

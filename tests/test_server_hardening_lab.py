@@ -190,7 +190,7 @@ def test_a_recorded_pid_now_used_by_another_process_is_left_alone(tmp_path):
         records.mkdir(parents=True)
         (records / ("%d.json" % other.pid)).write_text(json.dumps(
             {"pid": other.pid, "pgid": other.pid, "start_time": 1, "verb": "up",
-             "cwd": str(tmp_path), "server_pid": 1}))
+             "cwd": str(tmp_path), "server": [1, 1]}))
         with srv:
             wait_until(lambda: not list(records.glob("*")), 5, what="the stale record removed")
             assert pid_alive(other.pid)
@@ -198,6 +198,35 @@ def test_a_recorded_pid_now_used_by_another_process_is_left_alone(tmp_path):
     finally:
         other.kill()
         other.wait(5)
+
+
+def test_the_children_of_a_dead_recorded_leader_are_killed_too(tmp_path):
+    # netlab (the group leader) gone, a child it started still running in its group
+    import subprocess
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE,
+                              start_new_session=True)
+    started = open("/proc/%d/stat" % leader.pid).read().rsplit(")", 1)[1].split()[19]
+    child = int(leader.stdout.readline())
+    leader.wait(5)
+    leader.stdout.close()
+    try:
+        assert pid_alive(child) and os.getpgid(child) == leader.pid
+        srv = ServerProcess(tmp_path)
+        records = srv.state_dir / "netlab-procs"
+        records.mkdir(parents=True)
+        (records / ("%d.json" % leader.pid)).write_text(json.dumps(
+            {"pid": leader.pid, "pgid": leader.pid, "start_time": int(started), "verb": "up",
+             "cwd": str(tmp_path), "server": [1, 1]}))
+        with srv:
+            wait_until(lambda: not pid_alive(child), 10, what="the orphaned child killed")
+            wait_until(lambda: not list(records.glob("*")), 5, what="the record removed")
+            assert "killing netlab up left running by a previous server (pid %d" % leader.pid \
+                in srv.log()
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------------------------------
