@@ -60,6 +60,9 @@ def test_topology_names_netlab_misreads_even_as_a_path_are_refused(start_server,
 # item 8: a waiter silent past the active timeout is dropped at promotion
 # ------------------------------------------------------------------------------------------
 
+# short enough for a test, long enough that the holder, alive between its requests, never
+# expires on a loaded machine
+ACTIVE_TIMEOUT = 2.5
 NOT_SIGNS_OF_LIFE = ["/healthz", "/", "/status", "/metrics", "/docs", "/openapi.json",
                      "/debug/health", "/active-session"]
 
@@ -79,14 +82,14 @@ def _events(api, kind):
 
 
 def test_a_dead_waiter_is_dropped_at_promotion_and_the_next_one_promoted(start_server):
-    srv, api = start_server("--active-timeout", "1.5")
+    srv, api = start_server("--active-timeout", ACTIVE_TIMEOUT)
     active, dead, alive = api.new_session(), api.new_session(), api.new_session()
     # `alive` long-polls (a pinned request is a sign of life); `dead` says nothing itself, and
     # requests to the server's other endpoints that carry its id do not count for it
     poll = {}
     poller = threading.Thread(target=lambda: poll.update(r=api.session(alive, wait=60, timeout=70)))
     poller.start()
-    holder, held = _hold_the_lab_while(api, srv, active, 3.5)
+    holder, held = _hold_the_lab_while(api, srv, active, 2 * ACTIVE_TIMEOUT)
     while holder.is_alive():
         for path in NOT_SIGNS_OF_LIFE:
             assert api.req("GET", path, dead)[0] in (200, 204), path
@@ -94,7 +97,7 @@ def test_a_dead_waiter_is_dropped_at_promotion_and_the_next_one_promoted(start_s
     assert held["r"][0] == 200, held
     # still queued (waiters expire after --waiting-timeout), silent all along
     queued = {s["session_id"]: s for s in api.health()["session_list"]}
-    assert dead in queued and queued[dead]["idle"] > 1.5, queued
+    assert dead in queued and queued[dead]["idle"] > ACTIVE_TIMEOUT, queued
     assert api.delete_session(active) == 204
     poller.join(30)
     assert poll["r"] == (200, {"session_id": alive, "status": "active", "position": 0})
@@ -109,9 +112,9 @@ def test_a_dead_waiter_is_dropped_at_promotion_and_the_next_one_promoted(start_s
 
 
 def test_a_waiter_that_asks_about_its_session_or_the_lab_is_promoted(start_server):
-    srv, api = start_server("--active-timeout", "1.5")
+    srv, api = start_server("--active-timeout", ACTIVE_TIMEOUT)
     active, waiter = api.new_session(), api.new_session()
-    holder, held = _hold_the_lab_while(api, srv, active, 3.5)
+    holder, held = _hold_the_lab_while(api, srv, active, 2 * ACTIVE_TIMEOUT)
     while holder.is_alive():
         # a waiting session's lab request is refused (423), but it is a sign of life
         assert api.req("GET", "/lab", waiter)[0] == 423
