@@ -207,6 +207,8 @@ class SessionQueue:
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
         self.version = 0
         self.on_activate = None  # type: Optional[Callable[[Session], None]]  # ops hook (section 6)
+        # a waiter found dead when its turn came, already dropped (lock held)
+        self.on_drop = None  # type: Optional[Callable[[Session], None]]
 
     # -- helpers (lock held) --
     def _bump(self):
@@ -226,14 +228,22 @@ class SessionQueue:
             raise UnknownSession(sid) from None
 
     def _activate_head(self):
-        if self._sessions:
+        """Promote the head if it is not active yet. A waiter already silent past the active
+        timeout is dropped instead (it would hold everyone up for that long again)."""
+        while self._sessions:
             head = next(iter(self._sessions.values()))
-            if head.activated is None:
-                head.activated = self.clock()
-                head.last_seen = head.activated  # the active timeout counts from promotion
-                if self.on_activate is not None:
-                    self.on_activate(head)
-                return head.id
+            if head.activated is not None:
+                return None
+            if head.pins == 0 and self.clock() - head.last_seen > self.active_timeout:
+                del self._sessions[head.id]
+                if self.on_drop is not None:
+                    self.on_drop(head)
+                continue
+            head.activated = self.clock()
+            head.last_seen = head.activated  # the active timeout counts from promotion
+            if self.on_activate is not None:
+                self.on_activate(head)
+            return head.id
         return None
 
     # -- API --
@@ -298,7 +308,8 @@ class SessionQueue:
                     return now
 
     def remove(self, sid: str) -> Tuple[bool, Optional[str]]:
-        """End a session. Returns (was_active, id of a newly promoted head or None)."""
+        """End a session. Returns (was_active, id of a newly promoted head or None); dead
+        waiters skipped on the way to that head went to ``on_drop``."""
         with self.lock:
             self._session(sid)
             was_active = next(iter(self._sessions)) == sid
@@ -380,10 +391,128 @@ class Counts(collections.Counter):
             self[key] += n
 
 
+def process_stat(pid: int) -> Optional[Tuple[str, int, int]]:
+    """(state, process group, start time in clock ticks since boot) of ``pid`` from
+    /proc/PID/stat (fields 3, 5 and 22), or None when there is no such process."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces
+        return fields[0], int(fields[2]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class NetlabProcessRecords:
+    """One small JSON file per running netlab command in ``directory`` (<state-dir>/netlab-procs):
+    its process group, pid and start time. A server killed with SIGKILL leaves its netlab
+    commands running (each in its own process group); the next server kills them before it
+    cleans their lab dirs. The start time tells a reused pid from ours."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        me = process_stat(os.getpid())
+        self.server = [os.getpid(), me[2] if me else None]  # pid and start time: who wrote it
+
+    def _path(self, pid: int) -> str:
+        return os.path.join(self.directory, "%d.json" % pid)
+
+    def add(self, proc: "subprocess.Popen", verb: str, cwd: str) -> None:
+        stat = process_stat(proc.pid)
+        record = {"pid": proc.pid, "pgid": proc.pid,  # start_new_session: it leads its group
+                  "start_time": stat[2] if stat else None, "verb": verb, "cwd": cwd,
+                  "server": self.server}
+        tmp = self._path(proc.pid) + ".tmp"
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, self._path(proc.pid))  # atomic: a crash leaves no half record
+        except OSError as e:  # a full disk must not fail the command itself
+            log.warning("cannot record netlab process %d in %s: %s", proc.pid, self.directory, e)
+
+    def remove(self, pid: int) -> None:
+        self._unlink(self._path(pid))
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def leftovers(self) -> List[dict]:
+        """The records of earlier servers (this one's own commands excluded)."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return []
+        records = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                pid, pgid = int(record["pid"]), int(record["pgid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._unlink(path)  # half-written or unreadable: nothing to act on
+                continue
+            if record.get("server") != self.server:  # pid and start time: a reused pid is not us
+                records.append(dict(record, pid=pid, pgid=pgid, path=path))
+        return records
+
+    @staticmethod
+    def _group_members(pgid: int) -> List[int]:
+        members = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                stat = process_stat(int(entry))
+                if stat and stat[1] == pgid and stat[0] not in ("Z", "X"):
+                    members.append(int(entry))
+        return members
+
+    def _still_ours(self, record: dict) -> bool:
+        """The recorded group is alive and is the one we started (not a reused pid)."""
+        leader = process_stat(record["pid"])
+        if leader and leader[0] not in ("Z", "X"):
+            return leader[1] == record["pgid"] and leader[2] == record.get("start_time")
+        # the leader is gone; its children may live on in the group (a pid in use as a group
+        # id is never reused), all started after it
+        members = self._group_members(record["pgid"])
+        started = record.get("start_time") or 0
+        return bool(members) and all((process_stat(p) or ("", 0, -1))[2] >= started
+                                     for p in members)
+
+    def kill_leftovers(self, records: List[dict], grace: float = 3.0) -> None:
+        """SIGTERM each recorded group still alive, SIGKILL after ``grace``; drop the records."""
+        for record in records:
+            if self._still_ours(record):
+                log.warning("killing netlab %s left running by a previous server (pid %d, "
+                            "process group %d, in %s)", record.get("verb", "?"), record["pid"],
+                            record["pgid"], record.get("cwd", "?"), extra={"ctx": "-"})
+                self._kill_group(record["pgid"], grace)
+            self._unlink(record["path"])
+
+    def _kill_group(self, pgid: int, grace: float) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                return
+            deadline = time.monotonic() + wait
+            while self._group_members(pgid):  # not our children: no wait(), poll /proc
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return  # the whole group is gone
+        log.error("netlab process group %d survived SIGKILL", pgid, extra={"ctx": "-"})
+
+
 class NetlabRunner:
     """Runs netlab commands: stdin closed, own process group, timeouts, output to the log."""
 
-    def __init__(self, command: List[str], up_timeout: float, timeout: float, stream: bool):
+    def __init__(self, command: List[str], up_timeout: float, timeout: float, stream: bool,
+                 records: Optional[NetlabProcessRecords] = None):
         self.command = list(command)
         self.up_timeout = up_timeout
         self.timeout = timeout
@@ -393,6 +522,7 @@ class NetlabRunner:
         self.closing = False  # server shutdown: no new `up`
         self._running = {}  # type: Dict[int, Tuple[str, "subprocess.Popen"]]  # pid -> (verb, proc)
         self._running_lock = threading.Lock()
+        self.records = records  # running commands on disk, for the next server after a crash
 
     def abort(self) -> None:
         """Server shutdown: refuse new `up`s, kill the `up`/`inspect` runs in flight (whole group)
@@ -447,6 +577,8 @@ class NetlabRunner:
         for t in readers:
             t.start()
         timed_out = False
+        if self.records is not None:
+            self.records.add(proc, verb, cwd)
         with self._running_lock:
             self._running[proc.pid] = (verb, proc)
             missed = self.closing and verb in ("up", "inspect")  # abort() ran since the check
@@ -460,6 +592,8 @@ class NetlabRunner:
         finally:
             with self._running_lock:
                 self._running.pop(proc.pid, None)
+            if self.records is not None:
+                self.records.remove(proc.pid)
         for t in readers:
             t.join(5)
         elapsed = time.monotonic() - started
@@ -483,7 +617,8 @@ class NetlabRunner:
 
     # -- the commands we use --
     def up(self, labdir: str, topology: str, ctx="-") -> None:
-        self.run(["up", topology], labdir, self.up_timeout, ctx=ctx)
+        # as ./NAME: a bare name starting with '-' (`--set=x.yml`) is an option to netlab
+        self.run(["up", "./" + topology], labdir, self.up_timeout, ctx=ctx)
 
     def node_names(self, labdir: str, ctx="-") -> List[str]:
         _, out = self.run(["inspect", "-q", "--format", "json", "list(nodes.keys())"], labdir,
@@ -839,6 +974,9 @@ class Lab:
     def startup_cleanup(self) -> None:
         """Lab dirs left by a crashed predecessor: ``down --cleanup --force`` each, then remove.
 
+        First the netlab commands it left running (NetlabProcessRecords) are killed, so none
+        works on in a dir being removed.
+
         netlab registers the ``default`` instance even when ``up`` fails; it must be cleaned in
         its directory before that directory is deleted, or the next ``up`` fails.
         """
@@ -846,14 +984,18 @@ class Lab:
         try:
             leftovers = [os.path.join(labs, d) for d in sorted(os.listdir(labs))]
         except FileNotFoundError:
-            return
+            leftovers = []
         leftovers = [d for d in leftovers if os.path.isdir(d)]
-        if not leftovers:
+        records = self.runner.records
+        orphans = records.leftovers() if records is not None else []
+        if not leftovers and not orphans:
             return
         with self.cond:
             self.info = LabInfo(state=STOPPING)
 
         def work():
+            if orphans:  # netlab still running in a dir must die before the dir goes
+                records.kill_leftovers(orphans)
             for d in leftovers:
                 log.warning("cleaning up lab dir left from a previous run: %s", d,
                             extra={"ctx": "-"})
@@ -906,6 +1048,22 @@ def safe_relative_path(name: str) -> str:
             raise BadRequest("file name %r: empty path segment" % name)
         if part in (".", ".."):
             raise BadRequest("file name %r: '.' and '..' are not allowed" % name)
+    return name
+
+
+def netlab_topology_name(name: str) -> str:
+    """Refuse a topology file name netlab would misread even given as ./NAME; return it.
+
+    netlab reads any file name containing ``package:`` from its own package instead (measured
+    with netlab 26.10: ``./package:x.yml`` built ``x.yml``), and globs the name's stem to find
+    versioned topologies (``x.1.2.yml``), so glob characters match other files.
+    """
+    if "package:" in name:
+        raise BadRequest("topology %r: netlab reads a name containing 'package:' from its own "
+                         "package; rename the file" % name)
+    if any(c in name for c in "*?["):
+        raise BadRequest("topology %r: netlab treats '*', '?' and '[' in a topology name as a "
+                         "file pattern; rename the file" % name)
     return name
 
 
@@ -1089,6 +1247,7 @@ class MultipartParser:
             name = safe_relative_path(filename).rsplit("/", 1)[-1]
             if not _TOPOLOGY_RE.search(name):
                 raise BadRequest("topology %r must be a .yml or .yaml file" % filename)
+            netlab_topology_name(name)
         else:
             name = safe_relative_path(filename)
         if name in up.files:
@@ -1603,12 +1762,14 @@ class App(OpsMixin):
         self.started_mono = time.monotonic()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
                                   settings.max_queue)
-        self.runner = ObservedNetlabRunner(settings.netlab_command(), settings.up_timeout,
-                                           settings.netlab_timeout, settings.debug)
+        self.runner = ObservedNetlabRunner(
+            settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
+            settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")))
         self.lab = Lab(self.runner, settings, self.queue.is_active)
         self.counters = Counts()
         self.stopping = threading.Event()
         self._ops_init()  # events, metrics, sd_notify (section 6)
+        self.queue.on_drop = self._waiter_dropped
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
@@ -1627,6 +1788,19 @@ class App(OpsMixin):
                 " [was active]" if was_active else "", extra={"ctx": log_context(sid, None)})
         if was_active:
             self.lab.session_ended(sid)
+
+    def _waiter_dropped(self, session) -> None:
+        """SessionQueue hook (queue lock held): a waiter was silent past the active timeout when
+        its turn came, and was dropped. Counted, logged and listed as an expiry; the event waits
+        with the promotions so that the end/expiry that caused it is listed first."""
+        why = "no sign of life for %s when its turn came" % fmt_duration(
+            self.queue.clock() - session.last_seen)
+        self.counters.add("sessions_expired")
+        log.warning("session expired (%s)", why, extra={"ctx": log_context(session.id, None)})
+        text = "waiting session %s expired (%s)" % (session.id[:SHORT_ID], why)
+        with self.events_lock:
+            self._ops_pending.append({"time": time.time(), "kind": "expired", "text": text,
+                                      "detail": None})
 
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
@@ -1675,9 +1849,13 @@ class App(OpsMixin):
         return 204, None
 
     def get_debug_health(self, h, m):
+        sessions = self.queue.snapshot()
+        # "sessions" is a count, as the seed's server answers (monitoring reads it); the list
+        # goes under its own key
         return 200, {"status": "ok", "timestamp": time.time(),
                      "uptime": round(time.monotonic() - self.started_mono, 3),
-                     "sessions": self.queue.snapshot(), "queue_length": len(self.queue),
+                     "sessions": len(sessions), "session_list": sessions,
+                     "queue_length": len(sessions),
                      "lab": self.lab.snapshot(), "version": __version__,
                      "netlab_calls": dict(self.runner.calls),
                      "netlab_failures": dict(self.runner.failures),
@@ -1826,6 +2004,9 @@ class App(OpsMixin):
         ("GET", r"/metrics", "get_metrics"),
     ]
     COMPILED = [(method, re.compile(pattern + r"/?\Z"), name) for method, pattern, name in ROUTES]
+    # the routes where naming a session (X-Session-ID or the path) is its sign of life
+    LIVENESS_ROUTES = frozenset(["post_heartbeat", "get_session", "delete_session", "post_lab",
+                                 "get_lab", "delete_lab", "get_lab_devices", "post_lab_release"])
 
     def route(self, method: str, path: str):
         """(handler method name, match) or raise HTTPError 404/405."""
@@ -2148,8 +2329,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.set_context(path_sid or sid)
             if func.__name__ != "post_lab":
                 self._discard_body()
-            # any request naming a session is a sign of life
-            for named in {sid, path_sid} - {None}:
+            # a request naming a session on the session and lab endpoints is a sign of life;
+            # a monitor or a status page sending the header along keeps nobody alive
+            for named in ({sid, path_sid} - {None} if route in app.LIVENESS_ROUTES else ()):
                 try:
                     app.queue.touch(named)
                 except UnknownSession:
@@ -2946,6 +3128,9 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
         "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})),
     ("get_debug_health", ("GET", "/debug/health", {
         "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
+        "description": "`sessions` is the number of sessions in the queue (an integer, as the "
+                       "seed's server answers it); `session_list` lists them in queue order. "
+                       "Never counts as a session's sign of life.",
         "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})),
     ("get_status", ("GET", "/status", {
         "tags": ["operations"], "summary": "Status page data (long-poll)",
@@ -3051,7 +3236,8 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
                                   {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
             "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
                           "no Content-Length, malformed body, unexpected field, unsafe or "
-                          "duplicate file name, topology not .yml/.yaml, bad `reuse` value.",
+                          "duplicate file name, topology not .yml/.yaml or named so that netlab "
+                          "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
                           "topology 'lab.txt' must be a .yml or .yaml file"),
             "404": _SID_ERRORS["404"],
             "413": _error("The body exceeds `--max-upload-mb`.",
@@ -3060,13 +3246,13 @@ OPENAPI_OPERATIONS = collections.OrderedDict([
             "423": _error("The session is not active (or no longer), or the lab is busy with "
                           "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
             "502": _error("netlab failed; the detail carries the tail of its output.",
-                          "netlab up topology.yml failed (exit 1)\n--- netlab output (last "
+                          "netlab up ./topology.yml failed (exit 1)\n--- netlab output (last "
                           "lines) ---\n..."),
             "503": _error("The lab host has no room left to store the upload (disk or quota "
                           "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
                           "No space left on device"),
             "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
-                          "netlab up topology.yml timed out after 1800 s"),
+                          "netlab up ./topology.yml timed out after 1800 s"),
             **_ORIGIN_ERROR}})),
     ("get_lab", ("GET", "/lab", {
         "tags": ["lab"], "summary": "The lab's state",
@@ -3143,7 +3329,10 @@ OPENAPI_SCHEMAS = {
                                                    "queue_length"], "properties": {
         "status": {"type": "string", "const": "ok"}, "timestamp": {"type": "number"},
         "uptime": {"type": "number"}, "queue_length": {"type": "integer"},
-        "sessions": {"type": "array", "items": {"type": "object", "properties": {
+        "sessions": {"type": "integer", "minimum": 0,
+                     "description": "How many sessions are queued (active and waiting), as the "
+                                    "seed's server answers; the sessions are in `session_list`."},
+        "session_list": {"type": "array", "items": {"type": "object", "properties": {
             "session_id": {"type": "string"}, "position": {"type": "integer"},
             "status": {"type": "string", "enum": ["active", "waiting"]},
             "age": {"type": "number"}, "idle": {"type": "number"}}}},

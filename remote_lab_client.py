@@ -2849,7 +2849,9 @@ def _cmd_status(args, command):
             info = {}
     finally:
         client.close()
-    sessions = data.get("sessions")
+    # /debug/health: "sessions" is a count (as the seed answers) and the list is "session_list";
+    # servers of this project before that answered the list as "sessions"
+    sessions = data.get("session_list", data.get("sessions"))
     lab = data.get("lab") or {}
     if args.json:
         active = None

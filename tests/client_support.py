@@ -56,7 +56,7 @@ def health(srv):
 
 
 def sessions(srv):
-    return health(srv)["sessions"]
+    return health(srv)["session_list"]
 
 
 def active_session(srv):

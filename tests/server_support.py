@@ -147,7 +147,7 @@ def drain_server(srv, api, timeout=15):
     for name in ("up_fail", "up_hang", "up_delay", "down_fail", "down_delay", "inspect_fail",
                  "inspect_delay"):
         srv.switch(name, on=False)
-    for s in api.health()["sessions"]:
+    for s in api.health()["session_list"]:
         api.delete_session(s["session_id"])
     api.wait_lab_state("stopped", "running", timeout=timeout)
     if api.lab_state() == "running":  # an idle lab left running by a test: destroy it

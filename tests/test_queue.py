@@ -120,11 +120,17 @@ def test_waiting_session_expires_after_waiting_timeout(clock):
 
 def test_waiting_timeout_longer_than_active_timeout_applies_to_waiters_only(clock):
     q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    dropped = []
+    q.on_drop = lambda s: dropped.append(s.id)
     a, _ = q.create()
     b, _ = q.create()
-    clock.advance(400)  # both silent: only the active one is past its (shorter) limit
+    c, _ = q.create()
+    clock.advance(400)  # all silent: only the active one is past its (shorter) limit
+    q.touch(c)
     assert q.expire() == [(a, True)]
-    assert q.state(b, touch=False) == ("active", 0)
+    # b waited 400 s silent: under the waiting limit, but past the active one when its turn came
+    assert dropped == [b]
+    assert q.state(c, touch=False) == ("active", 0)
 
 
 def test_active_timeout_counts_from_promotion_not_from_creation(clock):
@@ -133,10 +139,10 @@ def test_active_timeout_counts_from_promotion_not_from_creation(clock):
     b, _ = q.create()
     clock.advance(299)
     q.touch(a)
-    q.state(b, touch=False)
-    clock.advance(290)  # b: 589 s since its last sign of life, still under the waiting limit
+    q.touch(b)
+    clock.advance(290)  # b: 290 s since its last sign of life, alive when its turn comes
     q.remove(a)
-    clock.advance(250)  # b promoted 250 s ago: well inside the active timeout
+    clock.advance(250)  # b promoted 250 s ago (540 s after its last sign of life): inside
     assert q.expire() == []
     assert q.state(b, touch=False) == ("active", 0)
     clock.advance(51)
@@ -185,6 +191,100 @@ def test_nested_pins(clock):
     q.unpin(a)
     clock.advance(301)
     assert q.expire() == [(a, True)]
+
+
+# -- promotion skips dead waiters (issue 8 item 8) --
+
+
+def _dropped(q):
+    dropped = []
+    q.on_drop = lambda s: dropped.append(s.id)
+    return dropped
+
+
+def test_a_waiter_silent_past_the_active_timeout_is_dropped_at_promotion(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    dropped = _dropped(q)
+    a, _ = q.create()
+    b, _ = q.create()
+    c, _ = q.create()
+    clock.advance(301)  # b is silent, c heartbeats, a (the holder) is busy
+    q.touch(a)
+    q.touch(c)
+    assert q.expire() == []  # b is under the waiting limit: still queued
+    assert q.state(b, touch=False) == ("waiting", 1)
+    version = q.version
+    assert q.remove(a) == (True, c)
+    assert dropped == [b]
+    with pytest.raises(UnknownSession):
+        q.state(b)
+    assert q.state(c) == ("active", 0)
+    assert [s["session_id"] for s in q.snapshot()] == [c]
+    assert q.version > version
+
+
+def test_a_waiter_exactly_at_the_active_timeout_is_still_promoted(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    dropped = _dropped(q)
+    a, _ = q.create()
+    b, _ = q.create()
+    clock.advance(300)
+    q.touch(a)
+    assert q.remove(a) == (True, b)
+    assert dropped == []
+    assert q.state(b) == ("active", 0)
+
+
+def test_several_dead_waiters_are_dropped_until_a_live_one_is_promoted(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    dropped = _dropped(q)
+    a, _ = q.create()
+    dead1, _ = q.create()
+    dead2, _ = q.create()
+    live, _ = q.create()
+    last, _ = q.create()
+    clock.advance(400)
+    q.touch(live)
+    q.touch(last)
+    assert q.expire() == [(a, True)]  # the silent holder expires: dead1, dead2 are skipped
+    assert dropped == [dead1, dead2]
+    assert q.state(live) == ("active", 0) and q.state(last) == ("waiting", 1)
+
+
+def test_a_pinned_waiter_is_alive_however_long_it_was_silent(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    dropped = _dropped(q)
+    a, _ = q.create()
+    b, _ = q.create()
+    q.pin(b)  # a long-poll in flight
+    clock.advance(500)
+    q.touch(a)
+    assert q.remove(a) == (True, b)
+    assert dropped == []
+
+
+def test_when_every_waiter_is_dead_the_queue_empties(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    dropped = _dropped(q)
+    a, _ = q.create()
+    b, _ = q.create()
+    c, _ = q.create()
+    clock.advance(350)
+    q.touch(a)
+    assert q.remove(a) == (True, None)
+    assert dropped == [b, c] and len(q) == 0 and q.active_id() is None
+    d, pos = q.create()  # a newcomer into the emptied queue is active at once
+    assert pos == 0 and dropped == [b, c]
+
+
+def test_dropping_without_a_hook_still_drops(clock):
+    q = SessionQueue(waiting_timeout=600, active_timeout=300, max_length=10, clock=clock)
+    a, _ = q.create()
+    b, _ = q.create()
+    clock.advance(301)
+    q.touch(a)
+    assert q.remove(a) == (True, None)
+    assert len(q) == 0
 
 
 def test_version_bumps_on_every_change(q):

@@ -39,7 +39,7 @@ def test_up_fail_502_cleans_the_failed_dir_and_a_retry_succeeds(api, srv):
     assert "fake failure of 'netlab up' (switch up_fail)" in body["detail"]
     calls = srv.calls()[n:]
     failed_dir = calls[0]["cwd"]
-    assert calls[0]["argv"] == ["up", "simple.yml"]
+    assert calls[0]["argv"] == ["up", "./simple.yml"]
     # the stale `default` instance was cleaned in the failed dir before it was removed
     assert [c["argv"] for c in calls[1:]] == [["down", "--cleanup", "--force"]]
     assert calls[1]["cwd"] == failed_dir

@@ -196,10 +196,10 @@ def test_log_line_format_and_debug_streaming(start_server):
     for ln in lines:
         assert LINE_RE.match(ln), ln
     short = sid[:8]
-    up = [ln for ln in lines if "running netlab up simple.yml" in ln]
+    up = [ln for ln in lines if "running netlab up ./simple.yml" in ln]
     assert up and LINE_RE.match(up[0]).group(2, 3) == ("INFO", "sid=%s topo=simple.yml" % short)
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| INFO \| remote-lab-server \| "
-                     r"sid=%s topo=simple\.yml \| running netlab up simple\.yml" % short,
+                     r"sid=%s topo=simple\.yml \| running netlab up \./simple\.yml" % short,
                      text, re.M)
     created = [ln for ln in lines if "created session" in ln]
     assert LINE_RE.match(created[0]).group(3) == "sid=%s" % short
@@ -290,7 +290,7 @@ def test_simulate_full_cycle_mapping_and_list_topologies(start_server, tmp_path)
     assert (workdir / "mapping.yml").read_bytes() == MAPPING
     assert (workdir / "netlab.snapshot.pickle").exists()
     log = srv.log()
-    assert "running netlab up mapping.yml (in %s)" % workdir in log
+    assert "running netlab up ./mapping.yml (in %s)" % workdir in log
     assert "running netlab inspect -q --node spine --format json" in log
     assert api.post_lab(sid, MAPPING, "mapping.yml")[1]["reused"] is True
     assert api.req("POST", "/lab/release", sid)[0] == 204

@@ -280,12 +280,12 @@ def test_200_concurrent_session_creations(api, srv):
     assert len(set(sids)) == n
     health = api.health()
     assert health["queue_length"] == n
-    statuses = [s["status"] for s in health["sessions"]]
+    statuses = [s["status"] for s in health["session_list"]]
     assert statuses.count("active") == 1 and statuses[0] == "active"
     head = [r[1]["session_id"] for r in results if r[1]["position"] == 0][0]
     assert api.req("GET", "/active-session")[1]["session_id"] == head
     # every answer's position is where the session really is
-    by_pos = {s["session_id"]: s["position"] for s in health["sessions"]}
+    by_pos = {s["session_id"]: s["position"] for s in health["session_list"]}
     assert all(by_pos[r[1]["session_id"]] == r[1]["position"] for r in results)
 
 

@@ -310,8 +310,8 @@ def test_extra_files_keep_relative_dirs_and_bytes(api, srv):
         path = workdir.joinpath(*name.split("/"))
         assert path.is_file(), name
         assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest(), name
-    # netlab ran in that dir, with the topology's plain name
-    assert srv.calls()[n]["argv"] == ["up", "simple.yml"]
+    # netlab ran in that dir, with the topology's plain name as a relative path
+    assert srv.calls()[n]["argv"] == ["up", "./simple.yml"]
     # every inspect ran in the lab dir too
     assert {c["cwd"] for c in srv.calls()[n:]} == {str(workdir)}
     assert api.delete_session(sid) == 204

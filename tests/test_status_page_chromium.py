@@ -167,4 +167,4 @@ def test_docs_try_it_forms_in_headless_chromium(start_server, chromium, tmp_path
     assert out_of(dom, "get_healthz").startswith("204 No Content")
     got = out_of(dom, "get_session")
     assert got.startswith("200 OK") and '"status": "active"' in got and sid in got, got
-    assert [s["session_id"] for s in api.health()["sessions"]] == [sid]
+    assert [s["session_id"] for s in api.health()["session_list"]] == [sid]
