@@ -17,6 +17,7 @@ import errno
 import html
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -63,6 +64,8 @@ class Settings:
     max_upload_mb: float = 64.0
     max_queue: int = 1000
     socket_timeout: float = 60.0
+    header_timeout: float = 10.0  # request line + headers in total; a body's grace too
+    max_connections: int = 500
     log_level: str = "INFO"
     debug: bool = False
     log_config: Optional[str] = None
@@ -143,6 +146,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="most sessions at once; more get 429 (1000)")
     p.add_argument("--socket-timeout", type=_positive(float), default=60.0, metavar="S",
                    help="drop a connection that sends nothing for S seconds (60)")
+    p.add_argument("--header-timeout", type=_positive(float), default=10.0, metavar="S",
+                   help="drop a request whose line and headers take more than S seconds, or "
+                        "whose body arrives slower than 16 KiB/s after S seconds (10; 0 = off)")
+    p.add_argument("--max-connections", type=_positive(int), default=500, metavar="N",
+                   help="most open connections; more get 503, idle ones are closed first "
+                        "(500; lowered to fit the open-files limit; 0 = that limit only)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     p.add_argument("--debug", action="store_true",
@@ -164,6 +173,7 @@ def settings_from_args(argv=None) -> Settings:
         waiting_timeout=a.waiting_timeout, active_timeout=a.active_timeout,
         keep_warm=a.keep_warm, up_timeout=a.up_timeout, netlab_timeout=a.netlab_timeout,
         max_upload_mb=a.max_upload_mb, max_queue=a.max_queue, socket_timeout=a.socket_timeout,
+        header_timeout=a.header_timeout, max_connections=a.max_connections,
         log_level="DEBUG" if a.debug else a.log_level, debug=a.debug,
         log_config=a.log_config, status_file=a.status_file)
 
@@ -1140,8 +1150,9 @@ class MultipartParser:
             return False
         try:
             data = self.rfile.read(min(CHUNK, self.left))
-        except socket.timeout:
-            raise BadRequest("upload stalled (socket timeout)") from None
+        except socket.timeout as e:
+            raise BadRequest(str(e) if isinstance(e, DeadlineExceeded)
+                             else "upload stalled (socket timeout)") from None
         if not data:
             raise BadRequest("request body ended early (%d bytes missing)" % self.left)
         self.left -= len(data)
@@ -2027,25 +2038,40 @@ class App(OpsMixin):
 _HEADER_LINE_RE = re.compile(r"([!-9;-~]+):([^\r\n]*)(?:\r\n|\n|\r)?\Z")
 MAX_HEADER_LINE = 65536  # http.client's _MAXLINE
 MAX_HEADERS = 100  # http.client's _MAXHEADERS
+MAX_HEADER_BYTES = 64 * 1024  # all header lines of one request together
+
+
+class HeadersTooLarge(Exception):
+    """More than MAX_HEADER_BYTES of headers. Not an HTTPException: parse_request() lets it
+    through and handle_one_request() answers 431 with this detail."""
 
 
 def read_headers(rfile, message_class=http.client.HTTPMessage):
     """What ``http.client.parse_headers(rfile)`` returns, ~10x faster for plain header lines.
 
-    Same limits and exceptions. Plain ``Name: value`` lines are stored as the email parser
-    (compat32 policy) would store them; anything else (folded lines, bad names, a ``From `` line,
-    stray CRs) goes through the email parser, exactly as before.
+    Same limits and exceptions, plus MAX_HEADER_BYTES in total (HeadersTooLarge), checked while
+    reading: 100 lines of 64 KiB would otherwise all be read into memory first. Plain
+    ``Name: value`` lines are stored as the email parser (compat32 policy) would store them;
+    anything else (folded lines, bad names, a ``From `` line, stray CRs) goes through the email
+    parser, exactly as before.
     """
     lines = []
+    budget = MAX_HEADER_BYTES
     while True:
-        line = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(line) > MAX_HEADER_LINE:
+        # up to budget + 2 (the final blank line) + 1 (to notice a longer line)
+        line = rfile.readline(MAX_HEADER_LINE + 1 if budget >= MAX_HEADER_LINE else budget + 3)
+        size = len(line)
+        if size > MAX_HEADER_LINE:
             raise http.client.LineTooLong("header line")
         lines.append(line)
         if len(lines) > MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
         if line in (b"\r\n", b"\n", b""):
             break
+        budget -= size
+        if budget < 0:
+            raise HeadersTooLarge("request headers too large: more than %d bytes"
+                                  % MAX_HEADER_BYTES)
     msg = message_class()
     index = {}
     match = _HEADER_LINE_RE.match
@@ -2130,6 +2156,75 @@ class ContinueBeforeBody:
         if self.handler is not None and name in ("peek", "read1", "readinto1", "readlines"):
             self._continue()
         return getattr(self.raw, name)
+
+
+MIN_BODY_RATE = 16 * 1024  # bytes/s a request body must keep up, after a --header-timeout grace
+
+
+class DeadlineExceeded(socket.timeout):
+    """A request's line and headers, or its body, did not arrive in time (DeadlineSocketIO)."""
+
+
+class DeadlineSocketIO(socket.SocketIO):
+    """The raw reader under a handler's rfile: the reads of one request share a deadline.
+
+    ``--socket-timeout`` bounds each read only, so a byte every few seconds kept a worker
+    forever. Here a read is also bounded by ``deadline`` (the socket timeout is shortened to
+    what is left), and with a ``rate`` each byte read moves the deadline on by 1/rate s (a
+    body's minimum rate). A ``pending`` (seconds, message, rate) deadline starts at the first
+    read that has to wait for data: a request that arrived in one piece costs no syscall and
+    not even a clock reading. A shortened timeout is restored by the first read without a
+    deadline (or restore()).
+    """
+
+    def __init__(self, sock, idle_timeout: Optional[float]):
+        super().__init__(sock, "rb")
+        self.idle_timeout = idle_timeout  # the socket's own timeout (--socket-timeout)
+        self.shortened = False  # the socket timeout is a deadline's remaining time
+        self.deadline = None  # type: Optional[float]  # time.monotonic() value
+        self.pending = None  # type: Optional[Tuple[float, str, float]]
+        self.rate = 0.0
+        self.late = ""  # what DeadlineExceeded says
+
+    def start(self, seconds: float, late: str, rate: float = 0.0) -> None:
+        self.deadline = time.monotonic() + seconds if seconds else None
+        self.late, self.rate, self.pending = late, rate, None
+
+    def restore(self) -> None:
+        self._sock.settimeout(self.idle_timeout)
+        self.shortened = False
+
+    def readinto(self, b):
+        deadline = self.deadline
+        if deadline is None:
+            if self.pending is None:  # most reads: SocketIO.readinto inline, not one more call
+                if self.shortened:
+                    self.restore()
+                try:
+                    return self._sock.recv_into(b)
+                except BlockingIOError:  # a non-blocking socket (--socket-timeout 0)
+                    return None
+            self.start(*self.pending)
+            deadline = self.deadline
+            if deadline is None:
+                return socket.SocketIO.readinto(self, b)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(self.late)
+        if self.idle_timeout is None or left < self.idle_timeout:
+            self._sock.settimeout(left)
+            self.shortened = True
+        elif self.shortened:
+            self.restore()
+        try:
+            n = socket.SocketIO.readinto(self, b)
+        except socket.timeout:
+            if self.shortened:
+                raise DeadlineExceeded(self.late) from None
+            raise
+        if n and self.rate:
+            self.deadline = deadline + n / self.rate
+        return n
 
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
@@ -2222,7 +2317,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(413, "request body too large")
         while n > 0:
-            chunk = self.rfile.read(min(CHUNK, n))
+            try:
+                chunk = self.rfile.read(min(CHUNK, n))
+            except socket.timeout as e:  # not a bug (500): a client too slow or stalled
+                self.close_connection = True
+                raise HTTPError(400, str(e) if isinstance(e, DeadlineExceeded)
+                                else "request body stalled (socket timeout)") from None
             if not chunk:
                 break
             n -= len(chunk)
@@ -2301,11 +2401,93 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.rfile = ContinueBeforeBody(self.rfile, self)
         return True
 
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # makefile()'s reader: replaced by one with deadlines
+        self.reader = DeadlineSocketIO(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader, io.DEFAULT_BUFFER_SIZE)
+        seconds = self.app.settings.header_timeout
+        self.header_deadline = (seconds, "request line and headers not received within %g s "
+                                "(--header-timeout)" % seconds, 0.0)
+        self.body_deadline = (seconds, "request body too slow: less than %d bytes/s after %g s "
+                              "(--header-timeout)" % (MIN_BODY_RATE, seconds), MIN_BODY_RATE)
+        self.overflow = self.request in self.server.overflowing  # beyond --max-connections
+
+    def handle(self):
+        self.close_connection = True
+        reader = self.reader
+        reader.start(*self.header_deadline)  # a new connection has no reason to wait
+        self.handle_one_request()
+        while not self.close_connection:
+            reader.deadline = reader.pending = None  # between requests: --socket-timeout only
+            self.handle_one_request()
+
     def handle_one_request(self):
+        """BaseHTTPRequestHandler.handle_one_request, with the deadlines of DeadlineSocketIO:
+        the request line and headers within --header-timeout from their first byte, the body at
+        MIN_BODY_RATE after that grace. Past a deadline the connection is dropped."""
+        reader = self.reader
+        idle = self.server.idle_connections
         try:
-            super().handle_one_request()
-        except socket.timeout:
-            self.close_connection = True  # a stalled client loses its connection, not a worker
+            # wait for the request's first byte (peek: the read readline() would do), idle:
+            # the server may close this connection to make room (LabHTTPServer.make_room)
+            idle[self] = self.connection
+            try:
+                ready = self.rfile.peek(1)
+            finally:
+                mine = idle.pop(self, None) is not None  # atomic: the server may pop it first
+            if not (ready and mine):
+                self.close_connection = True
+                return
+            if reader.deadline is None:  # from the request's first byte
+                reader.pending = self.header_deadline
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(http.HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            try:
+                parsed = self.parse_request()
+            except HeadersTooLarge as e:  # the rest of the headers is unread
+                self.send_error(431, str(e))
+                self._linger()
+                return
+            if not parsed:
+                return
+            if reader.shortened:  # the answer is written with the usual timeout
+                reader.restore()
+            reader.deadline = None
+            reader.pending = self.body_deadline
+            if self.overflow and not self._serve_overflow():
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(http.HTTPStatus.NOT_IMPLEMENTED,
+                                "Unsupported method (%r)" % self.command)
+                return
+            method()
+            self.wfile.flush()
+        except socket.timeout as e:  # a stalled or slow client loses its connection, not a worker
+            log.debug("dropping the connection from %s: %s", self.client_address[0],
+                      e if isinstance(e, DeadlineExceeded)
+                      else "socket timeout (%g s, --socket-timeout)" % self.timeout)
+            self.close_connection = True
+
+    def _serve_overflow(self) -> bool:
+        """A connection beyond --max-connections: /healthz is answered, anything else gets 503."""
+        self.close_connection = True
+        if self.command == "GET" and self.path == "/healthz":
+            return True
+        detail = json.dumps({"detail": "too many connections (--max-connections %d): try again "
+                             "later" % self.server.connection_cap}).encode()
+        self.send_json(503, RawResponse(detail, "application/json", [("Retry-After", "1")]))
+        if self.header("Content-Length", "0").strip() not in ("", "0") or \
+                self.header("Transfer-Encoding"):
+            self._linger()
+        return False
 
     def dispatch(self):
         app = self.app
@@ -2413,10 +2595,136 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             pass
 
 
+FD_RESERVE = 64  # open files kept free of connections: lab files, netlab pipes, logs
+OVERFLOW_CONNECTIONS = 16  # beyond the cap, each read for a 503 (or /healthz) answer
+_ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+BURST_QUIET = 10.0  # s without the condition before its next WARNING
+
+
+def raise_open_files_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (a launched server inherits 1024 or less);
+    returns the soft limit now (0 when unknown)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 0
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
+    return 0 if soft == resource.RLIM_INFINITY else soft
+
+
 class LabHTTPServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that counts its connections: beyond the cap the oldest idle one is
+    closed to make room, else the new one gets 503 (/healthz still answers); EMFILE on accept
+    backs off instead of spinning."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 512
+    connection_cap = 0  # 0: no cap (limit_connections() sets it)
+
+    def __init__(self, *args, **kwargs):
+        self.connections_lock = threading.Lock()
+        self.open_connections = 0
+        self.idle_connections = {}  # handler -> its socket while it waits for a request, oldest first
+        self.overflowing = set()  # sockets accepted beyond the cap
+        self.accept_failures = 0  # EMFILE & co in a row
+        self.last_accept_failure = self.last_over_cap = -BURST_QUIET
+        super().__init__(*args, **kwargs)
+
+    def limit_connections(self, max_connections: int, open_files: int) -> None:
+        """The cap: --max-connections, lowered to what the open-files limit leaves."""
+        cap = max_connections
+        if open_files:
+            fit = max(1, open_files - FD_RESERVE - OVERFLOW_CONNECTIONS)
+            if cap > fit:
+                log.warning("the open files limit (%d, raise it with ulimit -n or LimitNOFILE=) "
+                            "leaves room for %d connections: --max-connections %d lowered to %d",
+                            open_files, fit, cap, fit)
+            cap = min(cap, fit) if cap else fit
+        self.connection_cap = cap
+
+    def get_request(self):
+        try:
+            request = self.socket.accept()
+        except OSError as e:
+            if e.errno in _ACCEPT_ERRNOS:
+                self._accept_failed(e)
+            raise  # _handle_request_noblock() ignores it
+        self.accept_failures = 0
+        return request
+
+    def _accept_failed(self, error: OSError) -> None:
+        """Out of file descriptors: the connection waits in the backlog and the listening socket
+        stays readable. Make room, back off, one WARNING per burst."""
+        now = time.monotonic()
+        if now - self.last_accept_failure > BURST_QUIET:
+            log.warning("cannot accept connections: %s (%d open); closing idle ones and backing "
+                        "off", error.strerror or error, self.open_connections)
+        self.last_accept_failure = now
+        self.accept_failures += 1
+        if self.make_room():
+            time.sleep(0.005)  # time for that handler to close its socket
+        else:
+            time.sleep(min(0.5, 0.01 * 2 ** min(self.accept_failures, 6)))
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            self.open_connections += 1
+            over = self.open_connections - self.connection_cap if self.connection_cap else 0
+        if over > 0:
+            now = time.monotonic()
+            if now - self.last_over_cap > BURST_QUIET:
+                log.warning("connection limit reached (%d, --max-connections): closing idle "
+                            "connections first, then answering 503", self.connection_cap)
+            self.last_over_cap = now
+            if not self.make_room():
+                if over > OVERFLOW_CONNECTIONS:  # no thread for it either
+                    self._refuse_at_once(request)
+                    return
+                self.overflowing.add(request)
+        super().process_request(request, client_address)
+
+    def make_room(self) -> bool:
+        """Close the connection that has waited longest for its next request (if any)."""
+        idle = self.idle_connections
+        with self.connections_lock:  # its handler cannot close the socket meanwhile
+            while True:
+                try:
+                    handler = next(iter(idle))
+                except StopIteration:
+                    return False
+                except RuntimeError:  # changed meanwhile: handlers come and go without the lock
+                    continue
+                sock = idle.pop(handler, None)
+                if sock is not None:
+                    break
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes its handler's read with EOF
+            except OSError:
+                pass
+        return True
+
+    def _refuse_at_once(self, request) -> None:
+        try:
+            request.setblocking(False)
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 34\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                         b'{"detail": "too many connections"}')
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request):
+        with self.connections_lock:  # not while make_room() shuts it down
+            super().shutdown_request(request)
+            self.open_connections -= 1
+            self.overflowing.discard(request)
 
     def server_bind(self):
         """HTTPServer.server_bind without socket.getfqdn(): a reverse DNS lookup (plus the idna
@@ -3922,6 +4230,7 @@ def main(argv=None) -> int:
         return simulated_netlab_main(argv[1:])
     settings = settings_from_args(argv)
     setup_logging(settings)
+    open_files = raise_open_files_limit()  # idle connections must not starve accept() of fds
     status_file = StatusFile(settings.status_file)
 
     def fail(message: str) -> int:
@@ -3951,6 +4260,7 @@ def main(argv=None) -> int:
         where = ("ports %d-%d" % settings.port_range if settings.port_range
                  else "port %d" % settings.port)
         return fail("remote-lab: cannot listen on %s %s: %s" % (settings.host, where, e))
+    server.limit_connections(settings.max_connections, open_files)
     host, port = server.server_address[:2]
     lock.record(port=port, host=host)
 
