@@ -432,10 +432,13 @@ class _DeadlineSocket:
         return self._sock.send(*args)
 
     def makefile(self, mode="rb", *args, **kwargs):  # http.client reads answers through this
+        # counted as socket.makefile() does: http.client closes the socket once the head of a
+        # "Connection: close" answer is read, and the fd must stay open for the body
+        self._sock._io_refs += 1
         return io.BufferedReader(socket.SocketIO(self, "rb"))
 
-    def _decref_socketios(self):  # (SocketIO.close(): the socket itself is closed separately)
-        pass
+    def _decref_socketios(self):  # SocketIO.close(): the socket closes once nothing reads it
+        self._sock._decref_socketios()
 
     def __getattr__(self, name):
         return getattr(self._sock, name)

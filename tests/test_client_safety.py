@@ -501,6 +501,21 @@ def test_the_request_timeout_bounds_a_whole_trickling_answer(raw):
 # ------------------------------------------------------------------------------------------
 
 
+def test_a_closing_answer_whose_body_comes_late_is_read_whole(raw):
+    """``Connection: close`` makes http.client close its socket once the head is read; the body
+    still on its way must be read from that socket, not fail with EBADF."""
+    body = json.dumps({"session_id": "s-late", "position": 0, "status": "active"}).encode()
+
+    def late_body(method, path, conn):
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        time.sleep(0.3)
+        conn.sendall(body)
+    peer = raw(late_body)
+    resp = rlc.HttpTransport(peer.url, 10).request("POST", "/session", retries=0)
+    assert (resp.status, resp.data) == (201, json.loads(body))
+
+
 def test_an_answer_over_the_size_cap_is_refused_before_its_body_is_read(raw):
     def huge(method, path, conn):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
