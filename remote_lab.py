@@ -2720,6 +2720,16 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
+    def wait_for_answers(self, timeout: float) -> bool:
+        """At exit: until every connection is idle (its answer written) or ``timeout`` passes;
+        worker threads are daemons and would otherwise die with an answer unsent."""
+        deadline = time.monotonic() + timeout
+        while self.open_connections > len(self.idle_connections):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def shutdown_request(self, request):
         with self.connections_lock:  # not while make_room() shuts it down
             super().shutdown_request(request)
@@ -4297,6 +4307,8 @@ def main(argv=None) -> int:
         log.info("tearing down the lab before exit")
         app.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
         app.lab.shutdown()
+        if not server.wait_for_answers(2.0):
+            log.warning("exiting with requests still unanswered")
         status_file.mark_stopped()
         log.info("stopped")
     return 0
