@@ -142,6 +142,17 @@ def http(method, url, body=None, headers=None, timeout=10):
         return status, raw.decode(errors="replace"), rh
 
 
+def parse_head(head):
+    """(first line, {lower-case header name: value}) of a raw HTTP head (bytes, without the
+    blank line that ends it)."""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
 def multipart(fields, files, escape=True):
     """multipart/form-data body: fields {name: value}, files [(field, filename, bytes)].
 
@@ -164,6 +175,20 @@ def multipart(fields, files, escape=True):
     return b"".join(out), "multipart/form-data; boundary=%s" % boundary
 
 
+def made_by(make, stop):
+    """The body of a factory fixture (``yield from made_by(make, stop)``): the test gets a
+    function that calls ``make(*args, **kw)``; at the end ``stop(thing)`` for each thing made."""
+    made = []
+
+    def make_one(*args, **kw):
+        made.append(make(*args, **kw))
+        return made[-1]
+
+    yield make_one
+    for thing in made:
+        stop(thing)
+
+
 def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
     """Poll ``pred`` until it returns a truthy value; return it, or fail the test on timeout."""
     import pytest
@@ -175,6 +200,37 @@ def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
         if time.monotonic() >= deadline:
             pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def read_json(path):
+    """The JSON in the file at ``path``, or None when it is missing or not JSON (yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_launched(home):
+    """SIGKILL what the launcher started under ``home`` and left running: each server's process
+    group and each SSH tunnel. A record counts only when its pid AND start time match a live
+    process, so a reused or made-up pid kills nothing."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from remote_lab_client import _same_process
+
+    state = Path(home) / ".remote-http-launcher"
+    for side, field, started in (("server", "pid", "start_time"),
+                                 ("client", "tunnel_pid", "tunnel_start_time")):
+        for path in sorted((state / side).glob("*.json")):
+            data = read_json(path)
+            data = data if isinstance(data, dict) else {}
+            pid = data.get(field)
+            if not _same_process(pid, data.get(started)):
+                continue
+            try:
+                os.killpg(pid, signal.SIGKILL) if side == "server" else os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def pid_alive(pid):

@@ -17,34 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from client_support import (MAPPING, SIMPLE, Servers, TcpForwarder, active_session,
-                            clean_client_env, client_env, find_python38, free_port, health,
-                            make_cert, session_state, sessions, tls_server_context, wait_until)
+from client_support import (MAPPING, SIMPLE, TcpForwarder, active_session, client, client_env,
+                            find_python38, free_port, health, make_cert, session_state, sessions,
+                            tls_server_context, wait_until)
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, file_size_limit, http
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path)
-    yield s
-    s.stop_all()
-
-
-@pytest.fixture
-def srv(servers):
-    return servers.start()
-
-
-def client(url, **kw):
-    kw.setdefault("progress", False)
-    return rlc.RemoteLabClient(url, **kw)
 
 
 def names(devices):

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from client_support import (MAPPING, SIMPLE, Servers, active_session, clean_client_env, cli,
-                            client_env, health, sessions, wait_until)
+from client_support import (MAPPING, SIMPLE, active_session, cli, client_env, health,
+                            one_error_line, sessions, wait_until)
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
@@ -31,26 +32,6 @@ os.rename(marker + ".tmp", marker)
 time.sleep(float(sys.argv[2]))
 sys.exit(int(sys.argv[3]))
 '''
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def srv(tmp_path):
-    servers = Servers(tmp_path / "servers")
-    yield servers.start()
-    servers.stop_all()
-
-
-def one_error_line(proc):
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("remote-lab-client: ")
-    return lines[0]
 
 
 def spawn(*args, env=None):

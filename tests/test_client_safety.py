@@ -18,35 +18,14 @@ import time
 
 import pytest
 
-from client_support import (SIMPLE, Servers, active_session, clean_client_env, cli, client_env,
-                            free_port, health, http, sessions, wait_until)
-from helpers import CLIENT, pid_alive
+from client_support import (SIMPLE, active_session, cli, client, client_env, free_port, health,
+                            http, one_error_line, pump, sessions, wait_until)
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
+from helpers import CLIENT, made_by, pid_alive
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path / "servers")
-    yield s
-    s.stop_all()
-
-
-@pytest.fixture
-def srv(servers):
-    return servers.start()
-
-
-def client(url, **kw):
-    kw.setdefault("progress", False)
-    return rlc.RemoteLabClient(url, **kw)
 
 
 def in_thread(func):
@@ -63,18 +42,6 @@ def in_thread(func):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, result
-
-
-def one_error_line(proc):
-    """The one error line on stderr (``health``'s "waiting for URL to answer" progress line,
-    written after a second without an answer, is not an error line)."""
-    lines = [line for line in proc.stderr.strip().splitlines()
-             if not (line.startswith("remote-lab-client: waiting for ")
-                     and "to answer GET /healthz" in line)]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("remote-lab-client: ")
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,14 +128,8 @@ NO_CONTENT = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
 @pytest.fixture
 def raw():
-    made = []
-
-    def make(answer):
-        made.append(RawServer(answer))
-        return made[-1]
-    yield make
-    for r in made:
-        r.close()
+    """Factory: raw(answer) -> a RawServer; all closed at the end."""
+    yield from made_by(RawServer, RawServer.close)
 
 
 class Gate:
@@ -210,6 +171,12 @@ class Gate:
             except OSError:
                 pass
 
+    def close(self):
+        try:
+            self.down()
+        except OSError:
+            pass
+
     def _accept(self, listener):
         while True:
             try:
@@ -224,39 +191,13 @@ class Gate:
             with self.lock:
                 self.socks += [conn, upstream]
             for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+                threading.Thread(target=pump, args=(src, dst), daemon=True).start()
 
 
 @pytest.fixture
 def gates():
-    made = []
-
-    def make(port):
-        made.append(Gate(port))
-        return made[-1]
-    yield make
-    for g in made:
-        try:
-            g.down()
-        except OSError:
-            pass
+    """Factory: gates(target_port) -> a Gate; all down at the end."""
+    yield from made_by(Gate, Gate.close)
 
 
 # ------------------------------------------------------------------------------------------
@@ -270,7 +211,7 @@ def test_a_bracketed_ssh_host_cannot_smuggle_an_ssh_option(tmp_path):
                timeout=30)
     assert not marker.exists(), "ssh ran the ProxyCommand"
     assert proc.returncode == 1, proc.stderr
-    assert "must not start with '-'" in one_error_line(proc)
+    assert "must not start with '-'" in one_error_line(proc, besides_waiting=True)
     with pytest.raises(rlc.LaunchError, match="must not start with '-'"):
         rlc.SSHTarget.parse("[-oProxyCommand=touch %s]" % marker)
     with pytest.raises(rlc.LaunchError, match="must not start with '-'"):
@@ -320,7 +261,7 @@ def test_an_ssh_url_that_cannot_be_parsed_is_a_config_error(tmp_path):
     proc = cli("health", env=client_env(REMOTE_LAB_URL="ssh://[-oProxyCommand=touch %s]"
                                         % marker))
     assert proc.returncode == 1
-    assert "bad ssh URL" in one_error_line(proc)
+    assert "bad ssh URL" in one_error_line(proc, besides_waiting=True)
     assert not marker.exists()
 
 
@@ -489,7 +430,7 @@ def test_the_request_timeout_bounds_a_whole_trickling_answer(raw):
                timeout=60)
     assert time.monotonic() - started < 20
     assert proc.returncode == 1
-    assert "no answer within 3 s" in one_error_line(proc)
+    assert "no answer within 3 s" in one_error_line(proc, besides_waiting=True)
     t, result = in_thread(lambda: client(slow.url, request_timeout=3))
     t.join(25)
     assert not t.is_alive(), "RemoteLabClient() kept reading a trickling answer"
