@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from chromium_support import chromium  # noqa: F401  (fixture)
 from helpers import ROOT
 from server_support import start_server  # noqa: F401
-from test_status_page_chromium import chromium  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402

@@ -18,6 +18,7 @@ import pytest
 
 from client_support import client_env, free_port, sessions
 from helpers import ROOT, SERVER, ServerProcess, http, wait_until
+from server_support import Api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,10 +148,7 @@ def finish(proc, timeout=60):
 
 
 def heartbeats(srv):
-    text = http("GET", srv.url + "/metrics")[1]
-    m = re.search(r'^remote_lab_http_requests_total\{route="post_heartbeat",status="204"\} (\S+)$',
-                  text, re.M)
-    return float(m.group(1)) if m else 0
+    return Api(srv).metric("remote_lab_http_requests_total", route="post_heartbeat", status=204)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import ServerProcess, http, wait_until
 from server_support import (api, shared_server, srv, start_server,  # noqa: F401 (fixtures)
-                            SIMPLE, build_multipart, lab_dirs)
+                            SIMPLE, assert_detail, build_multipart, lab_dirs)
 
 MAX_MB = 0.3
 shared = shared_server("http-edge", "--max-upload-mb", MAX_MB, "--socket-timeout", 40)
@@ -47,10 +47,6 @@ def closed_by_server(f):
         return True
     except socket.timeout:
         return False
-
-
-def assert_detail(body):
-    assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"], body
 
 
 # ------------------------------------------------------------------------------------------
