@@ -164,30 +164,23 @@ class TcpForwarder:
         self.connections = 0
         self.handshake_errors = []
         self.lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
+        self.listener = loopback_listener()
         self.port = self.listener.getsockname()[1]
         self.closed = False
         self.sockets = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=accept_each, args=(self.listener, self._serve, self.is_closed),
+                         daemon=True).start()
 
     @property
     def url(self):
         return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
 
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def is_closed(self):
+        return self.closed
 
     def _serve(self, conn):
+        with self.lock:
+            self.connections += 1
         try:
             if self.tls:
                 conn = self.tls.wrap_socket(conn, server_side=True)
@@ -233,6 +226,26 @@ class TcpForwarder:
         self.closed = True
         self.listener.close()
         close_quietly(*self.sockets)
+
+
+def loopback_listener(port=0, backlog=64):
+    """A listening TCP socket on 127.0.0.1:``port`` (0: any free port), SO_REUSEADDR set."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(backlog)
+    return s
+
+
+def accept_each(listener, serve, is_closed=lambda: False):
+    """``serve(conn)`` in a new daemon thread for each connection ``listener`` accepts, until
+    it is closed."""
+    while not is_closed():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
 def pump(src, dst, transform=None):

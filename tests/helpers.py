@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -189,6 +190,23 @@ def made_by(make, stop):
         stop(thing)
 
 
+def in_thread(func, result=None):
+    """Run ``func`` in a daemon thread: (thread, the ``result`` dict, which gets "value" or
+    "error", then "at": the monotonic time it ended)."""
+    result = {} if result is None else result
+
+    def run():
+        try:
+            result["value"] = func()
+        except BaseException as e:  # noqa: B902 - reported to the test
+            result["error"] = e
+        result["at"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, result
+
+
 def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
     """Poll ``pred`` until it returns a truthy value; return it, or fail the test on timeout."""
     import pytest
@@ -231,6 +249,13 @@ def stop_launched(home):
                 os.killpg(pid, signal.SIGKILL) if side == "server" else os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def kill_if_running(proc):
+    """SIGKILL a subprocess.Popen that is still running, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
 
 
 def pid_alive(pid):

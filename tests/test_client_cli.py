@@ -11,7 +11,7 @@ import pytest
 from client_support import (MAPPING, SIMPLE, active_session, cli, client_env, health,
                             one_error_line, sessions, wait_until)
 from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
-from helpers import CLIENT
+from helpers import CLIENT, kill_if_running
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -154,8 +154,7 @@ def test_run_forwards_sigint_then_releases_and_ends_the_session(srv, tmp_path):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert p.returncode == 5, err  # the command's own exit code after its SIGINT handler
     assert (tmp_path / "child.json.sigint").read_text() == "got SIGINT"
     assert "Traceback" not in err
@@ -173,8 +172,7 @@ def test_sigint_while_waiting_in_the_queue_ends_the_session(srv, tmp_path):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
         holder.close()
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "remote-lab-client: interrupted"
@@ -220,8 +218,7 @@ def test_acquire_prints_devices_and_holds_the_lab_until_ctrl_c(srv):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert p.returncode == 0, err
     assert "releasing the lab" in err and "Traceback" not in err
     assert sessions(srv) == []
@@ -237,8 +234,7 @@ def test_acquire_ends_cleanly_on_sigterm(srv):
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert p.returncode == 0, err
     assert sessions(srv) == []
 
@@ -271,8 +267,7 @@ def test_on_a_tty_waiting_shows_one_updating_status_line(srv):
                 break
             seen += chunk
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
         holder.close()
         os.close(master)
     text = seen.decode()

@@ -1,5 +1,5 @@
 """Safety of remote_lab_client against hostile input, lost sessions and servers that stall,
-trickle, lie or restart (issue 9, items 1-7).
+trickle, lie or restart.
 
 Real server processes where our server is involved; a raw-socket peer (RawServer) for answers
 our server never gives (slow, huge, malformed), and a TCP gate (Gate) on a fixed port that can
@@ -18,30 +18,15 @@ import time
 
 import pytest
 
-from client_support import (SIMPLE, active_session, cli, client, client_env, free_port, health,
-                            http, one_error_line, pump, sessions, wait_until)
+from client_support import (SIMPLE, accept_each, active_session, cli, client, client_env,
+                            free_port, health, http, loopback_listener, one_error_line, pump,
+                            sessions, wait_until)
 from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
-from helpers import CLIENT, made_by, pid_alive
+from helpers import CLIENT, in_thread, kill_if_running, made_by, parse_head, pid_alive
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 pytest_plugins = ["pytester"]
-
-
-def in_thread(func):
-    """Run ``func`` in a daemon thread: (thread, result dict with "value" or "error")."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = func()
-        except BaseException as e:  # noqa: B902 - reported to the test
-            result["error"] = e
-        result["at"] = time.monotonic()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, result
 
 
 # ------------------------------------------------------------------------------------------
@@ -58,27 +43,17 @@ class RawServer:
         self.requests = []
         self.closed = False
         self.conns = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
+        self.listener = loopback_listener(backlog=16)
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=accept_each, args=(self.listener, self._serve,
+                                                   lambda: self.closed), daemon=True).start()
 
     @property
     def url(self):
         return "http://127.0.0.1:%d" % self.port
 
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
     def _serve(self, conn):
+        self.conns.append(conn)
         data = b""
         try:
             while not self.closed:
@@ -88,12 +63,9 @@ class RawServer:
                         return
                     data += chunk
                 head, data = data.split(b"\r\n\r\n", 1)
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                length = 0
-                for line in lines[1:]:
-                    if line.lower().startswith("content-length:"):
-                        length = int(line.split(":", 1)[1])
+                request_line, headers = parse_head(head)
+                method, path, _ = request_line.split(" ", 2)
+                length = int(headers.get("content-length", "0"))
                 while len(data) < length:
                     data += conn.recv(65536)
                 data = data[length:]
@@ -149,12 +121,8 @@ class Gate:
         return "http://127.0.0.1:%d" % self.port
 
     def up(self):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        self.listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        self.listener = loopback_listener(self.port)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def down(self):
         try:  # (shutdown: a close() alone leaves the socket listening while accept() blocks)
@@ -201,7 +169,7 @@ def gates():
 
 
 # ------------------------------------------------------------------------------------------
-# 1. ssh option injection
+# ssh option injection
 # ------------------------------------------------------------------------------------------
 
 
@@ -266,7 +234,7 @@ def test_an_ssh_url_that_cannot_be_parsed_is_a_config_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# 2. .env: our variables only
+# .env: our variables only
 # ------------------------------------------------------------------------------------------
 
 
@@ -292,7 +260,7 @@ def test_dotenv_sets_only_remote_lab_variables(tmp_path, monkeypatch, srv):
 
 
 # ------------------------------------------------------------------------------------------
-# 3. a lost session stops run, acquire and the running pytest test
+# a lost session stops run, acquire and the running pytest test
 # ------------------------------------------------------------------------------------------
 
 RUN_CHILD = r'''
@@ -329,9 +297,7 @@ def test_run_stops_the_command_when_the_session_ends_under_it(srv, tmp_path):
         assert http("DELETE", srv.url + "/session/" + pids["session"])[0] == 204
         out, err = p.communicate(timeout=40)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == rlc.EXIT_LAB_LOST == 75, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -354,9 +320,7 @@ def test_acquire_exits_when_the_session_ends_under_it(srv):
         assert http("DELETE", srv.url + "/session/" + sid)[0] == 204
         out, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == 75, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "no longer knows session %s" % sid in lines[0], err
@@ -407,7 +371,7 @@ def test_the_running_pytest_test_fails_and_later_lab_tests_error_at_once(pyteste
 
 
 # ------------------------------------------------------------------------------------------
-# 4. whole-call deadlines
+# whole-call deadlines
 # ------------------------------------------------------------------------------------------
 
 
@@ -438,7 +402,7 @@ def test_the_request_timeout_bounds_a_whole_trickling_answer(raw):
 
 
 # ------------------------------------------------------------------------------------------
-# 5. response size cap
+# response size cap
 # ------------------------------------------------------------------------------------------
 
 
@@ -472,7 +436,7 @@ def test_a_chunked_answer_over_the_size_cap_is_refused(raw, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# 6. bad answers are RemoteLabErrors; the last long-poll ends with session_timeout
+# bad answers are RemoteLabErrors; the last long-poll ends with session_timeout
 # ------------------------------------------------------------------------------------------
 
 
@@ -533,7 +497,7 @@ def test_the_last_long_poll_ends_with_the_session_timeout(raw):
 
 
 # ------------------------------------------------------------------------------------------
-# 7. riding through a server restart
+# riding through a server restart
 # ------------------------------------------------------------------------------------------
 
 
@@ -620,9 +584,7 @@ def test_heartbeats_give_up_after_the_reconnect_timeout_and_run_stops(srv, gates
         gate.down()
         out, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == 75, err
     assert "could not be reached" in err.strip().splitlines()[-1], err
 

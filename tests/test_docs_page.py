@@ -1,5 +1,5 @@
-"""The /docs page (issue 9 item 15): Markdown inline code in the OpenAPI descriptions is shown as
-<code> (escaped), and the status column never wraps inside a status code.
+"""The /docs page: Markdown inline code in the OpenAPI descriptions is shown as <code>
+(escaped), and the status column never wraps inside a status code.
 
 Rendered in-process from the server's own OpenAPI document, served over HTTP by a real server,
 and laid out by headless Chromium (skipped without it) at phone width.

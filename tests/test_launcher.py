@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import client_support
-from helpers import (CLIENT, ROOT, SERVER, TOPOLOGIES, http, pid_alive, read_json, stop_launched,
-                     wait_until)
+from helpers import (CLIENT, ROOT, SERVER, TOPOLOGIES, http, kill_if_running, pid_alive, read_json,
+                     stop_launched, wait_until)
 from sshd_support import sshd  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
@@ -68,8 +68,7 @@ def test_status_file_written_after_launcher_keeps_fields(tmp_path):
         assert proc.wait(20) == 0
         assert read_json(status)["status"] == "stopped"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_if_running(proc)
 
 
 def test_status_file_not_marked_stopped_when_it_names_another_pid(tmp_path):
@@ -83,8 +82,7 @@ def test_status_file_not_marked_stopped_when_it_names_another_pid(tmp_path):
         assert proc.wait(20) == 0
         assert read_json(status) == other
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_if_running(proc)
 
 
 def test_status_file_failed_when_port_range_exhausted(tmp_path):

@@ -1,4 +1,4 @@
-"""Requests a web page could make a browser send (issue 8 item 11), as raw HTTP requests.
+"""Requests a web page could make a browser send, as raw HTTP requests.
 
 1. a state-changing request (POST, DELETE) with a foreign ``Origin`` -- another site, or ``null``
    (sandboxed iframes, file://) -- is refused with 403 and changes nothing; the server's own

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from chromium_support import chromium  # noqa: F401  (fixture)
-from helpers import ROOT
+from helpers import ROOT, kill_if_running
 from server_support import start_server, wait_until  # noqa: F401
 
 sys.path.insert(0, str(ROOT))
@@ -74,9 +74,7 @@ def test_status_page_in_headless_chromium(start_server, chromium, tmp_path):
         assert api.delete_session(a) == 204
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_if_running(proc)
     assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
     dom = out.decode(errors="replace")
     assert attr(dom, "data-holder") == b[:8], "the page did not follow the hand-over"
