@@ -3,6 +3,9 @@
 Everything runs against real server processes (tests/helpers.py ServerProcess, fake netlab); the
 only thing in between is an optional TCP forwarder (TLS termination, request recording, or a
 rewrite that makes the server ignore ``?wait=``) which works on bytes, not on our HTTP code.
+
+Fixtures (import them into a test module to use them): ``clean_env`` (autouse there: no
+REMOTE_LAB_* from outside, cwd = tmp_path), ``servers`` (a Servers for the test) and ``srv``.
 """
 import os
 import shutil
