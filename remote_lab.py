@@ -708,7 +708,7 @@ STOPPED, STARTING, RUNNING, STOPPING = "stopped", "starting", "running", "stoppi
 
 @dataclasses.dataclass
 class LabInfo:
-    """Plain data describing the lab (kept serialisable for a later persistence issue)."""
+    """Plain data describing the lab (kept serialisable, so that it can be persisted)."""
     state: str = STOPPED
     workdir: Optional[str] = None
     topology: Optional[str] = None
@@ -2531,7 +2531,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception as e:  # a bug: answer 500 and keep serving
             log.exception("unhandled error in %s %s", self.command, self.path)
             status, body = 500, {"detail": "internal server error: %s" % e}
-        if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue (issue 8.5)
+        if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue
             self.rfile = self.rfile.disarm()
         app.http_requests.add((route, status))  # no formatting here: /metrics labels it
         if status >= 400 and (self.headers.get("Transfer-Encoding")

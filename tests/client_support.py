@@ -3,6 +3,9 @@
 Everything runs against real server processes (tests/helpers.py ServerProcess, fake netlab); the
 only thing in between is an optional TCP forwarder (TLS termination, request recording, or a
 rewrite that makes the server ignore ``?wait=``) which works on bytes, not on our HTTP code.
+
+Fixtures (import them into a test module to use them): ``clean_env`` (autouse there: no
+REMOTE_LAB_* from outside, cwd = tmp_path), ``servers`` (a Servers for the test) and ``srv``.
 """
 import os
 import shutil
@@ -20,6 +23,8 @@ from helpers import CLIENT, ROOT, TOPOLOGIES, ServerProcess, http, wait_until  #
 if str(ROOT) not in sys.path:  # `pytest` (not `python3 -m pytest`) does not add the repo root
     sys.path.insert(0, str(ROOT))
 
+import remote_lab_client as rlc  # noqa: E402
+
 SIMPLE = TOPOLOGIES / "simple.yml"
 MAPPING = TOPOLOGIES / "mapping.yml"
 
@@ -30,6 +35,12 @@ def clean_client_env(monkeypatch, tmp_path):
         if key.startswith("REMOTE_LAB_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """Autouse in every module that imports it: clean_client_env for each test."""
+    clean_client_env(monkeypatch, tmp_path)
 
 
 class Servers:
@@ -47,6 +58,26 @@ class Servers:
     def stop_all(self):
         for srv in self.started:
             srv.stop()
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Servers for this test (under tmp_path/servers), all stopped at the end."""
+    s = Servers(tmp_path / "servers")
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture
+def srv(servers):
+    """One fresh server (fake netlab) for this test."""
+    return servers.start()
+
+
+def client(url, **kw):
+    """A RemoteLabClient for ``url`` without progress lines (unless ``progress`` is given)."""
+    kw.setdefault("progress", False)
+    return rlc.RemoteLabClient(url, **kw)
 
 
 def health(srv):
@@ -91,6 +122,21 @@ def cli(*args, env=None, timeout=60, cwd=None):
                           env=env if env is not None else client_env(), cwd=cwd)
 
 
+def one_error_line(proc, besides_waiting=False):
+    """The CLI's one error line on stderr, no traceback.
+
+    With ``besides_waiting``, ``health``'s "waiting for URL to answer" progress line (written
+    after a second without an answer) may stand beside it: it is not an error line.
+    """
+    lines = [line for line in proc.stderr.strip().splitlines()
+             if not (besides_waiting and line.startswith("remote-lab-client: waiting for ")
+                     and "to answer GET /healthz" in line)]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("remote-lab-client: ")
+    return lines[0]
+
+
 def make_cert(directory):
     """A self-signed certificate for 127.0.0.1/localhost: (cert path, key path)."""
     openssl = shutil.which("openssl")
@@ -121,30 +167,23 @@ class TcpForwarder:
         self.connections = 0
         self.handshake_errors = []
         self.lock = threading.Lock()
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
+        self.listener = loopback_listener()
         self.port = self.listener.getsockname()[1]
         self.closed = False
         self.sockets = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=accept_each, args=(self.listener, self._serve, self.is_closed),
+                         daemon=True).start()
 
     @property
     def url(self):
         return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
 
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def is_closed(self):
+        return self.closed
 
     def _serve(self, conn):
+        with self.lock:
+            self.connections += 1
         try:
             if self.tls:
                 conn = self.tls.wrap_socket(conn, server_side=True)
@@ -161,8 +200,8 @@ class TcpForwarder:
             conn.close()
             return
         self.sockets += [conn, upstream]
-        threading.Thread(target=self._pump, args=(upstream, conn, False), daemon=True).start()
-        self._pump(conn, upstream, True)
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream, self._from_client)
 
     def _answer_503(self, conn):
         data = b""
@@ -179,35 +218,60 @@ class TcpForwarder:
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         conn.close()
 
-    def _pump(self, src, dst, from_client):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if from_client:
-                    if self.rewrite:
-                        data = data.replace(*self.rewrite)
-                    with self.lock:
-                        self.received += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    def _from_client(self, data):
+        if self.rewrite:
+            data = data.replace(*self.rewrite)
+        with self.lock:
+            self.received += data
+        return data
 
     def close(self):
         self.closed = True
         self.listener.close()
-        for s in self.sockets:
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_quietly(*self.sockets)
+
+
+def loopback_listener(port=0, backlog=64):
+    """A listening TCP socket on 127.0.0.1:``port`` (0: any free port), SO_REUSEADDR set."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(backlog)
+    return s
+
+
+def accept_each(listener, serve, is_closed=lambda: False):
+    """``serve(conn)`` in a new daemon thread for each connection ``listener`` accepts, until
+    it is closed."""
+    while not is_closed():
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def pump(src, dst, transform=None):
+    """Copy bytes from ``src`` to ``dst`` (each chunk through ``transform``, if given) until
+    either side ends; then close both."""
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(transform(data) if transform else data)
+    except OSError:
+        pass
+    finally:
+        close_quietly(src, dst)
+
+
+def close_quietly(*sockets):
+    for s in sockets:
+        try:
+            s.close()
+        except OSError:
+            pass
 
 
 def free_port():

@@ -3,12 +3,11 @@
 The launcher keeps state under ~/.remote-http-launcher and local servers under ~/.remote-lab;
 the tests must never touch (or be influenced by) the real ones.
 """
-import json
 import os
 import shutil
-import sys
-import signal
 import tempfile
+
+from helpers import stop_launched
 
 _KEEP = ("REMOTE_LAB_NETLAB_VENV", "REMOTE_LAB_TEST_VENV")
 _home = None
@@ -31,20 +30,5 @@ def pytest_unconfigure(config):
     """Stop any server a test launched into the private HOME, then remove it."""
     if not _home:
         return
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from remote_lab_client import _same_process  # pid AND start time: never a reused pid
-
-    state = os.path.join(_home, ".remote-http-launcher")
-    for side, field, started in (("server", "pid", "start_time"),
-                                 ("client", "tunnel_pid", "tunnel_start_time")):
-        folder = os.path.join(state, side)
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    data = json.load(f)
-                pid = data.get(field)
-                if _same_process(pid, data.get(started)):
-                    os.killpg(pid, signal.SIGKILL) if side == "server" else os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError, AttributeError):
-                pass
+    stop_launched(_home)
     shutil.rmtree(_home, ignore_errors=True)

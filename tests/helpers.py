@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -142,6 +143,17 @@ def http(method, url, body=None, headers=None, timeout=10):
         return status, raw.decode(errors="replace"), rh
 
 
+def parse_head(head):
+    """(first line, {lower-case header name: value}) of a raw HTTP head (bytes, without the
+    blank line that ends it)."""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
 def multipart(fields, files, escape=True):
     """multipart/form-data body: fields {name: value}, files [(field, filename, bytes)].
 
@@ -164,6 +176,37 @@ def multipart(fields, files, escape=True):
     return b"".join(out), "multipart/form-data; boundary=%s" % boundary
 
 
+def made_by(make, stop):
+    """The body of a factory fixture (``yield from made_by(make, stop)``): the test gets a
+    function that calls ``make(*args, **kw)``; at the end ``stop(thing)`` for each thing made."""
+    made = []
+
+    def make_one(*args, **kw):
+        made.append(make(*args, **kw))
+        return made[-1]
+
+    yield make_one
+    for thing in made:
+        stop(thing)
+
+
+def in_thread(func, result=None):
+    """Run ``func`` in a daemon thread: (thread, the ``result`` dict, which gets "value" or
+    "error", then "at": the monotonic time it ended)."""
+    result = {} if result is None else result
+
+    def run():
+        try:
+            result["value"] = func()
+        except BaseException as e:  # noqa: B902 - reported to the test
+            result["error"] = e
+        result["at"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, result
+
+
 def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
     """Poll ``pred`` until it returns a truthy value; return it, or fail the test on timeout."""
     import pytest
@@ -175,6 +218,44 @@ def wait_until(pred, timeout=5.0, interval=0.02, what="condition"):
         if time.monotonic() >= deadline:
             pytest.fail("timed out after %.1f s waiting for %s" % (timeout, what))
         time.sleep(interval)
+
+
+def read_json(path):
+    """The JSON in the file at ``path``, or None when it is missing or not JSON (yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_launched(home):
+    """SIGKILL what the launcher started under ``home`` and left running: each server's process
+    group and each SSH tunnel. A record counts only when its pid AND start time match a live
+    process, so a reused or made-up pid kills nothing."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from remote_lab_client import _same_process
+
+    state = Path(home) / ".remote-http-launcher"
+    for side, field, started in (("server", "pid", "start_time"),
+                                 ("client", "tunnel_pid", "tunnel_start_time")):
+        for path in sorted((state / side).glob("*.json")):
+            data = read_json(path)
+            data = data if isinstance(data, dict) else {}
+            pid = data.get(field)
+            if not _same_process(pid, data.get(started)):
+                continue
+            try:
+                os.killpg(pid, signal.SIGKILL) if side == "server" else os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def kill_if_running(proc):
+    """SIGKILL a subprocess.Popen that is still running, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
 
 
 def pid_alive(pid):

@@ -4,12 +4,13 @@ Thin conveniences over tests/helpers.py: a per-server client, lab uploads, polli
 Everything talks to a real server process over HTTP; nothing of the server is mocked.
 """
 import json
+import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from helpers import TOPOLOGIES, ServerProcess, http, pid_alive, wait_until  # noqa: F401
+from helpers import TOPOLOGIES, ServerProcess, http, parse_head, pid_alive, wait_until  # noqa: F401
 from helpers import multipart as build_multipart  # noqa: F401
 
 SIMPLE = (TOPOLOGIES / "simple.yml").read_bytes()
@@ -67,9 +68,29 @@ class Api:
     def lab_state(self):
         return self.health()["lab"]["state"]
 
+    def queue_length(self):
+        return self.health()["queue_length"]
+
+    def metric(self, name, **labels):
+        """One sample of GET /metrics (labels in the order given), 0 when it is absent."""
+        return metric_sample(self.req("GET", "/metrics")[1], name, **labels)
+
     def wait_lab_state(self, *states, timeout=10):
         return wait_until(lambda: self.lab_state() in states, timeout,
                           what="lab state in %s" % (states,))
+
+
+def metric_sample(text, name, **labels):
+    """The value of the sample ``name{labels}`` in a metrics text, 0 when it is absent."""
+    inner = ",".join('%s="%s"' % item for item in labels.items())
+    sample = name + ("{%s}" % inner if labels else "")
+    m = re.search(r"^%s (\S+)$" % re.escape(sample), text, re.M)
+    return float(m.group(1)) if m else 0
+
+
+def assert_detail(body):
+    """An error answer: a JSON object with a non-empty ``detail`` string."""
+    assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"], body
 
 
 def labs_dir(srv):
@@ -115,14 +136,9 @@ def raw_http(port, data, timeout=5.0):
 def parse_raw_response(raw):
     """(status, json body or None) of a raw HTTP/1.1 response with Content-Length."""
     head, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = 0
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        if k.strip().lower() == "content-length":
-            length = int(v.strip())
-    body = rest[:length]
+    status_line, headers = parse_head(head)
+    status = int(status_line.split()[1])
+    body = rest[:int(headers.get("content-length", "0"))]
     return status, (json.loads(body) if body else None)
 
 

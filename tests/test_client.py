@@ -17,34 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from client_support import (MAPPING, SIMPLE, Servers, TcpForwarder, active_session,
-                            clean_client_env, client_env, find_python38, free_port, health,
-                            make_cert, session_state, sessions, tls_server_context, wait_until)
-from helpers import CLIENT, file_size_limit, http
+from client_support import (MAPPING, SIMPLE, TcpForwarder, active_session, client, client_env,
+                            find_python38, free_port, health, make_cert, session_state, sessions,
+                            tls_server_context, wait_until)
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
+from helpers import CLIENT, file_size_limit, http, in_thread, kill_if_running
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path)
-    yield s
-    s.stop_all()
-
-
-@pytest.fixture
-def srv(servers):
-    return servers.start()
-
-
-def client(url, **kw):
-    kw.setdefault("progress", False)
-    return rlc.RemoteLabClient(url, **kw)
 
 
 def names(devices):
@@ -52,20 +31,15 @@ def names(devices):
 
 
 def start_waiter(url, **kw):
-    """Create a client in a thread (it blocks until active): (thread, result dict)."""
+    """Create a client in a thread (it blocks until active): (thread, result dict with "client"
+    and "active_at", or "error")."""
     result = {}
 
-    def run():
-        try:
-            result["client"] = client(url, **kw)
-            result["active_at"] = time.monotonic()
-        except BaseException as e:  # noqa: B902 - reported to the test
-            result["error"] = e
-            result["failed_at"] = time.monotonic()
+    def become_active():
+        result["client"] = client(url, **kw)
+        result["active_at"] = time.monotonic()
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, result
+    return in_thread(become_active, result)
 
 
 # ------------------------------------------------------------------------------------------
@@ -623,9 +597,7 @@ def waiting_script(srv, tmp_path, mode):
             b["client"].close()
             out, _ = proc.communicate(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+            kill_if_running(proc)
     assert proc.returncode == 0, err_path.read_text()
     return out, err_path.read_text().splitlines()
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from client_support import (MAPPING, SIMPLE, Servers, active_session, clean_client_env, cli,
-                            client_env, health, sessions, wait_until)
-from helpers import CLIENT
+from client_support import (MAPPING, SIMPLE, active_session, cli, client_env, health,
+                            one_error_line, sessions, wait_until)
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
+from helpers import CLIENT, kill_if_running
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -31,26 +32,6 @@ os.rename(marker + ".tmp", marker)
 time.sleep(float(sys.argv[2]))
 sys.exit(int(sys.argv[3]))
 '''
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def srv(tmp_path):
-    servers = Servers(tmp_path / "servers")
-    yield servers.start()
-    servers.stop_all()
-
-
-def one_error_line(proc):
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("remote-lab-client: ")
-    return lines[0]
 
 
 def spawn(*args, env=None):
@@ -173,8 +154,7 @@ def test_run_forwards_sigint_then_releases_and_ends_the_session(srv, tmp_path):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert p.returncode == 5, err  # the command's own exit code after its SIGINT handler
     assert (tmp_path / "child.json.sigint").read_text() == "got SIGINT"
     assert "Traceback" not in err
@@ -192,8 +172,7 @@ def test_sigint_while_waiting_in_the_queue_ends_the_session(srv, tmp_path):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
         holder.close()
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "remote-lab-client: interrupted"
@@ -239,8 +218,7 @@ def test_acquire_prints_devices_and_holds_the_lab_until_ctrl_c(srv):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert p.returncode == 0, err
     assert "releasing the lab" in err and "Traceback" not in err
     assert sessions(srv) == []
@@ -256,8 +234,7 @@ def test_acquire_ends_cleanly_on_sigterm(srv):
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=20)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert p.returncode == 0, err
     assert sessions(srv) == []
 
@@ -290,8 +267,7 @@ def test_on_a_tty_waiting_shows_one_updating_status_line(srv):
                 break
             seen += chunk
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
         holder.close()
         os.close(master)
     text = seen.decode()

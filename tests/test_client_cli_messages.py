@@ -12,24 +12,13 @@ import time
 
 import pytest
 
-from client_support import SIMPLE, Servers, clean_client_env, cli, client_env, free_port, sessions
+from client_support import SIMPLE, cli, client_env, free_port, one_error_line, sessions
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, TOPOLOGIES, wait_until
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def srv(tmp_path):
-    servers = Servers(tmp_path / "servers")
-    yield servers.start()
-    servers.stop_all()
 
 
 @pytest.fixture
@@ -40,15 +29,8 @@ def holder(srv):
     client.close()
 
 
-def error_line(proc):
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("remote-lab-client: ") and "Traceback" not in proc.stderr
-    return lines[0]
-
-
 # --------------------------------------------------------------------------------------------
-# 12. messages
+# messages
 # --------------------------------------------------------------------------------------------
 
 
@@ -71,7 +53,7 @@ def test_a_server_that_is_not_remote_lab_is_named_as_such(tmp_path):
                               (["run", SIMPLE, "--", "true"], "POST /session answered 501 text/html")):
             proc = cli("--url", url, *args)
             assert proc.returncode == 1
-            line = error_line(proc)
+            line = one_error_line(proc)
             assert "%s is not a remote-lab server (%s)" % (url, request) in line, line
             assert "<" not in line  # no HTML
     finally:
@@ -101,7 +83,7 @@ def test_looked_in_names_each_directory_once(srv, tmp_path):
     proc = cli("--url", srv.url, "run", "simple.yml", "--extra", "gone.yml", "--", "true",
                cwd=str(tmp_path))  # the working directory is the topology's directory
     assert proc.returncode == 1
-    line = error_line(proc)
+    line = one_error_line(proc)
     assert "(looked in %s)" % tmp_path in line, line
 
 
@@ -167,7 +149,7 @@ def test_a_lab_fixture_error_is_reported_once_per_test(pytester, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# 11. fail before queueing
+# fail before queueing
 # --------------------------------------------------------------------------------------------
 
 
@@ -180,7 +162,7 @@ def test_run_with_a_missing_command_fails_before_queueing(srv, holder, tmp_path)
                                   ([str(script)], 126, "not executable")):
         proc = cli("--url", srv.url, "run", SIMPLE, "--", *command, env=env, cwd=str(tmp_path))
         assert proc.returncode == code, (command, proc.stderr)
-        line = error_line(proc)
+        line = one_error_line(proc)
         assert "cannot run %s: %s" % (command[0], reason) in line, line
     assert [s["session_id"] for s in sessions(srv)] == [holder.session_id]
 
@@ -194,5 +176,5 @@ def test_run_refuses_a_directory_or_a_non_yaml_topology_at_once(srv, holder, tmp
         for command in (["run"] + args + ["--", "true"], ["acquire"] + args):
             proc = cli("--url", srv.url, *command, env=env)
             assert proc.returncode == 1, (command, proc.stderr)
-            assert reason in error_line(proc)
+            assert reason in one_error_line(proc)
     assert [s["session_id"] for s in sessions(srv)] == [holder.session_id]

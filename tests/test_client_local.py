@@ -4,28 +4,19 @@ Real server processes in a private HOME: a server started by hand with the defau
 (~/.remote-lab), servers started by the launcher, the CLI and pytester runs against them.
 """
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from client_support import SIMPLE, Servers, clean_client_env, client_env, cli
-from helpers import CLIENT, FAKE_NETLAB, SERVER, ServerProcess, http, pid_alive, wait_until
+from helpers import (CLIENT, FAKE_NETLAB, SERVER, ServerProcess, http, pid_alive, read_json,
+                     stop_launched, wait_until)
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 pytest_plugins = ["pytester"]
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @pytest.fixture
@@ -36,13 +27,7 @@ def home(tmp_path, monkeypatch):
     h.mkdir()
     monkeypatch.setenv("HOME", str(h))
     yield h
-    for f in (h / ".remote-http-launcher" / "server").glob("*.json"):  # never leave one behind
-        data = read_json(f) or {}
-        if data.get("pid") and pid_alive(data["pid"]):
-            try:
-                os.killpg(data["pid"], signal.SIGKILL)
-            except OSError:
-                pass
+    stop_launched(h)  # never leave one behind
 
 
 @pytest.fixture
@@ -76,7 +61,7 @@ def home_env(home, **extra):
 
 
 # --------------------------------------------------------------------------------------------
-# 8. one server per host
+# one server per host
 # --------------------------------------------------------------------------------------------
 
 
@@ -125,7 +110,7 @@ def test_local_mode_refuses_a_hand_started_server_of_another_kind(home, by_hand,
 
 
 # --------------------------------------------------------------------------------------------
-# 9. no silent reuse of a different server
+# no silent reuse of a different server
 # --------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from client_support import MAPPING, SIMPLE, Servers, clean_client_env, sessions
+from client_support import MAPPING, SIMPLE, sessions
+from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT
 
 pytest_plugins = ["pytester"]
@@ -74,19 +75,18 @@ def test_f_after_all(remote_lab_client, request):
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
+def plugin_env(clean_env, monkeypatch):
+    """The inner pytest runs see only the plugins and paths the project gives them."""
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 
 @pytest.fixture
-def srv(tmp_path, monkeypatch):
-    servers = Servers(tmp_path / "servers")
+def srv(servers, monkeypatch):
+    """A fresh server, named by REMOTE_LAB_URL (as the plugin's users do)."""
     srv = servers.start()
     monkeypatch.setenv("REMOTE_LAB_URL", srv.url)
-    yield srv
-    servers.stop_all()
+    return srv
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Safety of remote_lab_client against hostile input, lost sessions and servers that stall,
-trickle, lie or restart (issue 9, items 1-7).
+trickle, lie or restart.
 
 Real server processes where our server is involved; a raw-socket peer (RawServer) for answers
 our server never gives (slow, huge, malformed), and a TCP gate (Gate) on a fixed port that can
@@ -18,63 +18,15 @@ import time
 
 import pytest
 
-from client_support import (SIMPLE, Servers, active_session, clean_client_env, cli, client_env,
-                            free_port, health, http, sessions, wait_until)
-from helpers import CLIENT, pid_alive
+from client_support import (SIMPLE, accept_each, active_session, cli, client, client_env,
+                            free_port, health, http, loopback_listener, one_error_line, pump,
+                            sessions, wait_until)
+from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
+from helpers import CLIENT, in_thread, kill_if_running, made_by, parse_head, pid_alive
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, tmp_path):
-    clean_client_env(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path / "servers")
-    yield s
-    s.stop_all()
-
-
-@pytest.fixture
-def srv(servers):
-    return servers.start()
-
-
-def client(url, **kw):
-    kw.setdefault("progress", False)
-    return rlc.RemoteLabClient(url, **kw)
-
-
-def in_thread(func):
-    """Run ``func`` in a daemon thread: (thread, result dict with "value" or "error")."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = func()
-        except BaseException as e:  # noqa: B902 - reported to the test
-            result["error"] = e
-        result["at"] = time.monotonic()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, result
-
-
-def one_error_line(proc):
-    """The one error line on stderr (``health``'s "waiting for URL to answer" progress line,
-    written after a second without an answer, is not an error line)."""
-    lines = [line for line in proc.stderr.strip().splitlines()
-             if not (line.startswith("remote-lab-client: waiting for ")
-                     and "to answer GET /healthz" in line)]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("remote-lab-client: ")
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -91,27 +43,17 @@ class RawServer:
         self.requests = []
         self.closed = False
         self.conns = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
+        self.listener = loopback_listener(backlog=16)
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=accept_each, args=(self.listener, self._serve,
+                                                   lambda: self.closed), daemon=True).start()
 
     @property
     def url(self):
         return "http://127.0.0.1:%d" % self.port
 
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
     def _serve(self, conn):
+        self.conns.append(conn)
         data = b""
         try:
             while not self.closed:
@@ -121,12 +63,9 @@ class RawServer:
                         return
                     data += chunk
                 head, data = data.split(b"\r\n\r\n", 1)
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                length = 0
-                for line in lines[1:]:
-                    if line.lower().startswith("content-length:"):
-                        length = int(line.split(":", 1)[1])
+                request_line, headers = parse_head(head)
+                method, path, _ = request_line.split(" ", 2)
+                length = int(headers.get("content-length", "0"))
                 while len(data) < length:
                     data += conn.recv(65536)
                 data = data[length:]
@@ -161,14 +100,8 @@ NO_CONTENT = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
 @pytest.fixture
 def raw():
-    made = []
-
-    def make(answer):
-        made.append(RawServer(answer))
-        return made[-1]
-    yield make
-    for r in made:
-        r.close()
+    """Factory: raw(answer) -> a RawServer; all closed at the end."""
+    yield from made_by(RawServer, RawServer.close)
 
 
 class Gate:
@@ -188,12 +121,8 @@ class Gate:
         return "http://127.0.0.1:%d" % self.port
 
     def up(self):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        self.listener = s
-        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        self.listener = loopback_listener(self.port)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def down(self):
         try:  # (shutdown: a close() alone leaves the socket listening while accept() blocks)
@@ -210,6 +139,12 @@ class Gate:
             except OSError:
                 pass
 
+    def close(self):
+        try:
+            self.down()
+        except OSError:
+            pass
+
     def _accept(self, listener):
         while True:
             try:
@@ -224,43 +159,17 @@ class Gate:
             with self.lock:
                 self.socks += [conn, upstream]
             for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+                threading.Thread(target=pump, args=(src, dst), daemon=True).start()
 
 
 @pytest.fixture
 def gates():
-    made = []
-
-    def make(port):
-        made.append(Gate(port))
-        return made[-1]
-    yield make
-    for g in made:
-        try:
-            g.down()
-        except OSError:
-            pass
+    """Factory: gates(target_port) -> a Gate; all down at the end."""
+    yield from made_by(Gate, Gate.close)
 
 
 # ------------------------------------------------------------------------------------------
-# 1. ssh option injection
+# ssh option injection
 # ------------------------------------------------------------------------------------------
 
 
@@ -270,7 +179,7 @@ def test_a_bracketed_ssh_host_cannot_smuggle_an_ssh_option(tmp_path):
                timeout=30)
     assert not marker.exists(), "ssh ran the ProxyCommand"
     assert proc.returncode == 1, proc.stderr
-    assert "must not start with '-'" in one_error_line(proc)
+    assert "must not start with '-'" in one_error_line(proc, besides_waiting=True)
     with pytest.raises(rlc.LaunchError, match="must not start with '-'"):
         rlc.SSHTarget.parse("[-oProxyCommand=touch %s]" % marker)
     with pytest.raises(rlc.LaunchError, match="must not start with '-'"):
@@ -320,12 +229,12 @@ def test_an_ssh_url_that_cannot_be_parsed_is_a_config_error(tmp_path):
     proc = cli("health", env=client_env(REMOTE_LAB_URL="ssh://[-oProxyCommand=touch %s]"
                                         % marker))
     assert proc.returncode == 1
-    assert "bad ssh URL" in one_error_line(proc)
+    assert "bad ssh URL" in one_error_line(proc, besides_waiting=True)
     assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------
-# 2. .env: our variables only
+# .env: our variables only
 # ------------------------------------------------------------------------------------------
 
 
@@ -351,7 +260,7 @@ def test_dotenv_sets_only_remote_lab_variables(tmp_path, monkeypatch, srv):
 
 
 # ------------------------------------------------------------------------------------------
-# 3. a lost session stops run, acquire and the running pytest test
+# a lost session stops run, acquire and the running pytest test
 # ------------------------------------------------------------------------------------------
 
 RUN_CHILD = r'''
@@ -388,9 +297,7 @@ def test_run_stops_the_command_when_the_session_ends_under_it(srv, tmp_path):
         assert http("DELETE", srv.url + "/session/" + pids["session"])[0] == 204
         out, err = p.communicate(timeout=40)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == rlc.EXIT_LAB_LOST == 75, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -413,9 +320,7 @@ def test_acquire_exits_when_the_session_ends_under_it(srv):
         assert http("DELETE", srv.url + "/session/" + sid)[0] == 204
         out, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == 75, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "no longer knows session %s" % sid in lines[0], err
@@ -466,7 +371,7 @@ def test_the_running_pytest_test_fails_and_later_lab_tests_error_at_once(pyteste
 
 
 # ------------------------------------------------------------------------------------------
-# 4. whole-call deadlines
+# whole-call deadlines
 # ------------------------------------------------------------------------------------------
 
 
@@ -489,7 +394,7 @@ def test_the_request_timeout_bounds_a_whole_trickling_answer(raw):
                timeout=60)
     assert time.monotonic() - started < 20
     assert proc.returncode == 1
-    assert "no answer within 3 s" in one_error_line(proc)
+    assert "no answer within 3 s" in one_error_line(proc, besides_waiting=True)
     t, result = in_thread(lambda: client(slow.url, request_timeout=3))
     t.join(25)
     assert not t.is_alive(), "RemoteLabClient() kept reading a trickling answer"
@@ -497,7 +402,7 @@ def test_the_request_timeout_bounds_a_whole_trickling_answer(raw):
 
 
 # ------------------------------------------------------------------------------------------
-# 5. response size cap
+# response size cap
 # ------------------------------------------------------------------------------------------
 
 
@@ -546,7 +451,7 @@ def test_a_chunked_answer_over_the_size_cap_is_refused(raw, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# 6. bad answers are RemoteLabErrors; the last long-poll ends with session_timeout
+# bad answers are RemoteLabErrors; the last long-poll ends with session_timeout
 # ------------------------------------------------------------------------------------------
 
 
@@ -607,7 +512,7 @@ def test_the_last_long_poll_ends_with_the_session_timeout(raw):
 
 
 # ------------------------------------------------------------------------------------------
-# 7. riding through a server restart
+# riding through a server restart
 # ------------------------------------------------------------------------------------------
 
 
@@ -694,9 +599,7 @@ def test_heartbeats_give_up_after_the_reconnect_timeout_and_run_stops(srv, gates
         gate.down()
         out, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == 75, err
     assert "could not be reached" in err.strip().splitlines()[-1], err
 

@@ -1,5 +1,5 @@
-"""The /docs page (issue 9 item 15): Markdown inline code in the OpenAPI descriptions is shown as
-<code> (escaped), and the status column never wraps inside a status code.
+"""The /docs page: Markdown inline code in the OpenAPI descriptions is shown as <code>
+(escaped), and the status column never wraps inside a status code.
 
 Rendered in-process from the server's own OpenAPI document, served over HTTP by a real server,
 and laid out by headless Chromium (skipped without it) at phone width.
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from chromium_support import chromium  # noqa: F401  (fixture)
 from helpers import ROOT
 from server_support import start_server  # noqa: F401
-from test_status_page_chromium import chromium  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402

@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CLIENT, ROOT, SERVER, TOPOLOGIES, http, pid_alive, wait_until
+import client_support
+from helpers import (CLIENT, ROOT, SERVER, TOPOLOGIES, http, kill_if_running, pid_alive, read_json,
+                     stop_launched, wait_until)
 from sshd_support import sshd  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab_client as rlc  # noqa: E402
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,8 +68,7 @@ def test_status_file_written_after_launcher_keeps_fields(tmp_path):
         assert proc.wait(20) == 0
         assert read_json(status)["status"] == "stopped"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_if_running(proc)
 
 
 def test_status_file_not_marked_stopped_when_it_names_another_pid(tmp_path):
@@ -88,8 +82,7 @@ def test_status_file_not_marked_stopped_when_it_names_another_pid(tmp_path):
         assert proc.wait(20) == 0
         assert read_json(status) == other
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_if_running(proc)
 
 
 def test_status_file_failed_when_port_range_exhausted(tmp_path):
@@ -134,24 +127,12 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("REMOTE_LAB_URL", raising=False)
     monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", "--simulate")
     yield h
-    # never leave a server behind
-    # (pid AND start time: a state file naming a reused or made-up pid kills nothing)
-    for f in (h / ".remote-http-launcher" / "server").glob("*.json"):
-        data = read_json(f) or {}
-        if rlc._same_process(data.get("pid"), data.get("start_time")):
-            try:
-                os.killpg(data["pid"], signal.SIGKILL)
-            except OSError:
-                pass
-    for f in (h / ".remote-http-launcher" / "client").glob("*.json"):
-        data = read_json(f) or {}
-        if rlc._same_process(data.get("tunnel_pid"), data.get("tunnel_start_time")):
-            os.kill(data["tunnel_pid"], signal.SIGKILL)
+    stop_launched(h)  # never leave a server or a tunnel behind
 
 
 def cli(*args, env=None, timeout=90):
-    return subprocess.run([sys.executable, str(CLIENT)] + list(args), capture_output=True,
-                          text=True, timeout=timeout, env=env or os.environ.copy())
+    """The CLI in this process's environment (the private HOME and the fixtures' settings)."""
+    return client_support.cli(*args, env=env or os.environ.copy(), timeout=timeout)
 
 
 def test_ps_prints_column_headers(home):
@@ -378,15 +359,7 @@ def test_ssh_target_cannot_smuggle_ssh_options(home, tmp_path):
 def ssh_env(home, sshd, monkeypatch):  # noqa: F811
     monkeypatch.setenv("REMOTE_LAB_SSH_ARGS", sshd.ssh_args)
     yield sshd
-    # stop anything left on the "remote" side
-    for f in (sshd.remote_home / ".remote-http-launcher" / "server").glob("*.json"):
-        data = read_json(f) or {}
-        if data.get("status") == "running" and rlc._same_process(data.get("pid"),
-                                                                  data.get("start_time")):
-            try:
-                os.killpg(data["pid"], signal.SIGKILL)
-            except OSError:
-                pass
+    stop_launched(sshd.remote_home)  # anything left on the "remote" side
 
 
 @pytest.mark.timeout(180)

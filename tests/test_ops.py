@@ -1,4 +1,4 @@
-"""Operations endpoints (issue 5) against a real server process with the fake netlab:
+"""Operations endpoints against a real server process with the fake netlab:
 the status page (GET / for browsers) and its JSON long-poll (GET /status), the event list,
 Prometheus /metrics parsed line by line, the OpenAPI document against App.ROUTES and against the
 status codes the server really answers, and the /docs page.

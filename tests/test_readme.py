@@ -1,4 +1,4 @@
-"""The README's commands work as written (issue 9 item 14): the Quick start, the curl session
+"""The README's commands work as written: the Quick start, the curl session
 (under /bin/sh, dash on Debian: no bashisms), the systemd install steps with
 `systemd-analyze verify`, and the socket-activation example.
 
@@ -18,6 +18,7 @@ import pytest
 
 from client_support import client_env, free_port, sessions
 from helpers import ROOT, SERVER, ServerProcess, http, wait_until
+from server_support import Api
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,10 +148,21 @@ def finish(proc, timeout=60):
 
 
 def heartbeats(srv):
-    text = http("GET", srv.url + "/metrics")[1]
-    m = re.search(r'^remote_lab_http_requests_total\{route="post_heartbeat",status="204"\} (\S+)$',
-                  text, re.M)
-    return float(m.group(1)) if m else 0
+    return Api(srv).metric("remote_lab_http_requests_total", route="post_heartbeat", status=204)
+
+
+def start_curl_script_behind_a_holder(srv, env):
+    """A session holds the lab; the README's curl script starts and queues behind it:
+    (the holder's POST /session answer, the script's process)."""
+    status, holder, _ = http("POST", srv.url + "/session")
+    assert status == 201
+    proc = start_script(curl_script(srv.url), env)
+    try:
+        wait_until(lambda: len(sessions(srv)) == 2, timeout=20, what="the script's session")
+    except BaseException:
+        finish(proc, 5)
+        raise
+    return holder, proc
 
 
 @pytest.fixture
@@ -165,11 +177,8 @@ def curl_server(tmp_path):
 
 def test_curl_session_heartbeats_while_waiting_then_gets_the_lab(curl_server, env):
     srv = curl_server
-    status, holder, _ = http("POST", srv.url + "/session")
-    assert status == 201
-    proc = start_script(curl_script(srv.url), env)
+    holder, proc = start_curl_script_behind_a_holder(srv, env)
     try:
-        wait_until(lambda: len(sessions(srv)) == 2, timeout=20, what="the script's session")
         wait_until(lambda: heartbeats(srv) >= 1, timeout=20, what="a heartbeat while waiting")
         assert [s["status"] for s in sessions(srv)] == ["active", "waiting"]
         assert http("DELETE", srv.url + "/session/" + holder["session_id"])[0] == 204
@@ -184,11 +193,8 @@ def test_curl_session_heartbeats_while_waiting_then_gets_the_lab(curl_server, en
 
 def test_curl_session_stops_when_its_session_is_gone(curl_server, env):
     srv = curl_server
-    status, holder, _ = http("POST", srv.url + "/session")
-    assert status == 201
-    proc = start_script(curl_script(srv.url), env)
+    holder, proc = start_curl_script_behind_a_holder(srv, env)
     try:
-        wait_until(lambda: len(sessions(srv)) == 2, timeout=20, what="the script's session")
         (sid,) = [s["session_id"] for s in sessions(srv) if s["status"] == "waiting"]
         assert http("DELETE", srv.url + "/session/" + sid)[0] == 204  # ended by someone else
         t0 = time.monotonic()

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.helpers import ServerProcess, http, multipart
-except ImportError:  # plain `pytest` (tests/ is not a package): tests/ itself is on sys.path
-    from helpers import ServerProcess, http, multipart
+from helpers import ServerProcess, http
+from server_support import Api, lab_dirs
 
 
 def find_netlab():
@@ -124,18 +122,18 @@ def new_session(srv):
 
 
 def post_lab(srv, sid, topology, extras=(), reuse="true", name="topology.yml"):
-    body, ctype = multipart({"reuse": reuse},
-                            [("topology", name, topology)]
-                            + [("extra_files", n, data) for n, data in extras])
+    """POST /lab, real netlab behind it: (status, answer, seconds it took)."""
     t0 = time.monotonic()
-    status, resp, _ = http("POST", srv.url + "/lab", body=body,
-                           headers={"Content-Type": ctype, "X-Session-ID": sid}, timeout=100)
+    status, resp = Api(srv).post_lab(sid, topology, name, extras, reuse, timeout=100)
     return status, resp, time.monotonic() - t0
 
 
-def lab_dirs(srv):
-    labs = srv.state_dir / "labs"
-    return sorted(p.name for p in labs.iterdir()) if labs.exists() else []
+def start_good_lab(srv):
+    """A new session gets the GOOD lab up: (session id, POST /lab answer)."""
+    sid = new_session(srv)
+    status, resp, _ = post_lab(srv, sid, GOOD)
+    assert status == 200, (resp, srv.log())
+    return sid, resp
 
 
 def wait_teardown(srv, timeout=60):
@@ -257,9 +255,7 @@ def test_extra_files_in_subdirectories(real):
 def test_server_shutdown_tears_real_lab_down(real):
     srv = real.server().start()
     try:
-        sid = new_session(srv)
-        status, resp, _ = post_lab(srv, sid, GOOD)
-        assert status == 200, (resp, srv.log())
+        start_good_lab(srv)
     finally:
         rc = srv.stop()
     assert rc == 0, srv.log()
@@ -272,9 +268,7 @@ def test_restart_after_crash_cleans_stale_real_lab(real):
     next server on the same state dir runs `down --cleanup --force` there, and `up` works again."""
     first = real.server().start()
     try:
-        sid = new_session(first)
-        status, resp, _ = post_lab(first, sid, GOOD)
-        assert status == 200, (resp, first.log())
+        start_good_lab(first)
     finally:
         first.stop(sig=signal.SIGKILL)
     stale = lab_dirs(first)
@@ -284,9 +278,7 @@ def test_restart_after_crash_cleans_stale_real_lab(real):
     second = ServerProcess(real.tmp / "second", "--state-dir", first.state_dir,
                            netlab=real.wrapper, env=real.env)
     with second:
-        sid = new_session(second)
-        status, resp, _ = post_lab(second, sid, GOOD)  # waits for the start-up cleanup
-        assert status == 200, (resp, second.log())
+        sid, resp = start_good_lab(second)  # waits for the start-up cleanup
         check_devices(resp["devices"])
         assert stale[0] not in lab_dirs(first)
         http("DELETE", second.url + "/session/" + sid)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from server_support import (api, shared_server, srv,  # noqa: F401 (fixtures)
-                            MAPPING, SIMPLE, SINGLE, build_multipart, calls_of,
+                            MAPPING, SIMPLE, SINGLE, assert_detail, build_multipart, calls_of,
                             lab_dirs, up_dirs, wait_until)
 
 
@@ -21,10 +21,6 @@ shared = shared_server("api")
 
 def mark(srv):
     return len(srv.calls())
-
-
-def assert_detail(body):
-    assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"], body
 
 
 # ------------------------------------------------------------------------------------------

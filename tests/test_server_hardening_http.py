@@ -1,4 +1,4 @@
-"""HTTP edge cases (issue 8, items 4-6): request smuggling, HTTP/0.9, Expect: 100-continue, IPv6.
+"""HTTP edge cases: request smuggling, HTTP/0.9, Expect: 100-continue, IPv6.
 
 Raw sockets for everything a well-behaved client library would never send; real server processes.
 """
@@ -11,7 +11,7 @@ import pytest
 
 from helpers import ServerProcess, http, wait_until
 from server_support import (api, shared_server, srv, start_server,  # noqa: F401 (fixtures)
-                            SIMPLE, build_multipart, lab_dirs)
+                            SIMPLE, assert_detail, build_multipart, lab_dirs)
 
 MAX_MB = 0.3
 shared = shared_server("http-edge", "--max-upload-mb", MAX_MB, "--socket-timeout", 40)
@@ -49,12 +49,8 @@ def closed_by_server(f):
         return False
 
 
-def assert_detail(body):
-    assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"], body
-
-
 # ------------------------------------------------------------------------------------------
-# item 4: request smuggling
+# request smuggling
 # ------------------------------------------------------------------------------------------
 
 SMUGGLING_HEADERS = {
@@ -102,13 +98,13 @@ def test_plain_content_length_keeps_the_connection(api, srv):
 
 
 # ------------------------------------------------------------------------------------------
-# item 5: HTTP/0.9 and Expect: 100-continue
+# HTTP/0.9 and Expect: 100-continue
 # ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("line", [b"GET /healthz\r\n", b"GET /status\n", b"POST /session\r\n"])
 def test_http09_request_line_400_at_once(srv, line):
-    """No version: answered at once (the server used to wait for headers that never come, until
+    """No version: answered at once (not after waiting for headers that never come, until
     --socket-timeout, 40 s here), with a status line, JSON, and the connection closed."""
     s, f = connect(srv.port, timeout=15)
     with s, f:
@@ -211,7 +207,7 @@ def test_expect_100_small_json_body_continues(api, srv):
 
 
 # ------------------------------------------------------------------------------------------
-# item 6: IPv6
+# IPv6
 # ------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Issue 8, lab and session semantics: the topology name never reaches netlab as an option, a
+"""Lab and session semantics: the topology name never reaches netlab as an option, a
 dead waiter is not promoted, netlab processes of a crashed server are killed at the next start,
 and /debug/health answers the seed's ``sessions`` count."""
 import json
@@ -14,7 +14,7 @@ from server_support import (MAPPING, SIMPLE, Api, calls_of, lab_dirs, pid_alive,
 
 
 # ------------------------------------------------------------------------------------------
-# item 7: the topology is passed as ./NAME; names netlab misreads anyway are refused
+# the topology is passed as ./NAME; names netlab misreads anyway are refused
 # ------------------------------------------------------------------------------------------
 
 
@@ -57,7 +57,7 @@ def test_topology_names_netlab_misreads_even_as_a_path_are_refused(start_server,
 
 
 # ------------------------------------------------------------------------------------------
-# item 8: a waiter silent past the active timeout is dropped at promotion
+# a waiter silent past the active timeout is dropped at promotion
 # ------------------------------------------------------------------------------------------
 
 # short enough for a test, long enough that the holder, alive between its requests, never
@@ -126,7 +126,7 @@ def test_a_waiter_that_asks_about_its_session_or_the_lab_is_promoted(start_serve
 
 
 # ------------------------------------------------------------------------------------------
-# item 9: netlab left running by a crashed (SIGKILLed) server
+# netlab left running by a crashed (SIGKILLed) server
 # ------------------------------------------------------------------------------------------
 
 
@@ -233,7 +233,7 @@ def test_the_children_of_a_dead_recorded_leader_are_killed_too(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# item 10: /debug/health "sessions" is the count, as in the seed
+# /debug/health "sessions" is the count, as in the seed
 # ------------------------------------------------------------------------------------------
 
 

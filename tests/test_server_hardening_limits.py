@@ -1,4 +1,4 @@
-"""Resource limits of the real server (issue 8, items 1-3): whole-request deadlines
+"""Resource limits of the real server: whole-request deadlines
 (--header-timeout and a minimum body rate), the header size cap, the connection cap
 (--max-connections), the open-files limit and EMFILE on accept."""
 import resource
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import ServerProcess, http
+from helpers import ServerProcess, http, parse_head
 from server_support import (Api, SIMPLE, build_multipart, lab_dirs, parse_raw_response,
                             start_server, wait_until)  # noqa: F401 (fixture)
 
@@ -44,11 +44,7 @@ def read_response(s, timeout=5):
         assert chunk, "connection closed, got %r" % data
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
+    length = int(parse_head(head)[1].get("content-length", "0"))
     while len(rest) < length:
         rest += s.recv(65536)
     return parse_raw_response(head + b"\r\n\r\n" + rest)
@@ -118,7 +114,7 @@ def warnings_in(srv, text):
 
 
 # ------------------------------------------------------------------------------------------
-# 1. whole-request deadlines
+# whole-request deadlines
 # ------------------------------------------------------------------------------------------
 
 
@@ -209,7 +205,7 @@ def test_a_body_slower_than_the_minimum_rate_is_refused(start_server):
 
 
 # ------------------------------------------------------------------------------------------
-# 2. header size cap
+# header size cap
 # ------------------------------------------------------------------------------------------
 
 
@@ -232,7 +228,7 @@ def test_header_bytes_are_capped_while_reading(start_server):
 
 
 # ------------------------------------------------------------------------------------------
-# 3. connection cap, open-files limit, EMFILE
+# connection cap, open-files limit, EMFILE
 # ------------------------------------------------------------------------------------------
 
 

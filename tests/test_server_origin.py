@@ -1,4 +1,4 @@
-"""Requests a web page could make a browser send (issue 8 item 11), as raw HTTP requests.
+"""Requests a web page could make a browser send, as raw HTTP requests.
 
 1. a state-changing request (POST, DELETE) with a foreign ``Origin`` -- another site, or ``null``
    (sandboxed iframes, file://) -- is refused with 403 and changes nothing; the server's own
@@ -21,12 +21,6 @@ from server_support import start_server  # noqa: F401
 EVIL = "http://evil.example"
 
 
-def queue_length(api):
-    status, body, _ = api.req("GET", "/debug/health")
-    assert status == 200, (status, body)
-    return body["queue_length"]
-
-
 def refused(status, body, word):
     assert status == 403, (status, body)
     assert word in body["detail"], body
@@ -38,7 +32,7 @@ def test_foreign_origin_cannot_change_anything(start_server):
                    "https://127.0.0.1:%d.evil.example" % srv.port, "file://"):
         status, body, _ = api.req("POST", "/session", headers={"Origin": origin})
         refused(status, body, "Origin")
-    assert queue_length(api) == 0, "a refused POST /session created a session"
+    assert api.queue_length() == 0, "a refused POST /session created a session"
 
     sid = api.new_session()  # no Origin: curl, the client library
     status, body, _ = api.req("DELETE", "/session/%s" % sid, headers={"Origin": EVIL})
@@ -46,7 +40,7 @@ def test_foreign_origin_cannot_change_anything(start_server):
     status, body, _ = api.req("POST", "/lab", sid, b"x" * 5000,
                               {"Origin": "null", "Content-Type": "multipart/form-data; boundary=b"})
     refused(status, body, "Origin")
-    assert api.session(sid)[0] == 200 and queue_length(api) == 1
+    assert api.session(sid)[0] == 200 and api.queue_length() == 1
     assert srv.netlab_verbs() == []
     # reading is not state-changing: a GET with a foreign Origin is answered
     status, body, _ = api.req("GET", "/session/%s" % sid, headers={"Origin": EVIL})
@@ -72,7 +66,7 @@ def test_own_origin_and_no_origin_are_accepted(start_server):
     status, body, _ = api.req("POST", "/session", headers={
         "Host": "127.0.0.1:%d" % srv.port, "Origin": "http://127.0.0.1:%d" % (srv.port + 1)})
     refused(status, body, "Origin")
-    assert queue_length(api) == 0
+    assert api.queue_length() == 0
 
 
 def test_allow_origin_flag(start_server):
@@ -84,7 +78,7 @@ def test_allow_origin_flag(start_server):
     for origin in ("http://ui.example:3001", "http://ops.example", "null"):
         status, body, _ = api.req("POST", "/session", headers={"Origin": origin})
         refused(status, body, "Origin")
-    assert queue_length(api) == 3
+    assert api.queue_length() == 3
 
 
 @pytest.mark.parametrize("flag, value", [("--allow-origin", "ui.example"),
@@ -113,7 +107,7 @@ def test_only_loopback_hosts_are_answered_on_loopback(start_server):
             assert status == 403, (host, method, path, status, body)
             assert hdrs["Content-Type"] == "application/json"
             assert "Host" in body["detail"] and "--allow-host" in body["detail"], body
-    assert queue_length(api) == 0
+    assert api.queue_length() == 0
     for host in ("127.0.0.1:%d" % srv.port, "127.0.0.1", "127.1.2.3:99", "localhost",
                  "localhost:%d" % srv.port, "LocalHost", "[::1]", "[::1]:%d" % srv.port):
         status, body, _ = http("GET", srv.url + "/status", headers={"Host": host})
@@ -150,4 +144,4 @@ def test_any_host_reads_on_a_non_loopback_address_but_rebound_names_cannot_post(
         assert status == 201, (host, status, body)
     status, body, _ = api.req("POST", "/session", headers={"Host": "any.example"})
     assert status == 201, (status, body)  # no Origin: not a browser
-    assert queue_length(api) == 4
+    assert api.queue_length() == 4

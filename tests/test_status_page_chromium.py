@@ -1,5 +1,5 @@
-"""The status page in a real browser: headless Chromium (Debian package `chromium`, installed by
-.ci/run from .ci/apt-packages.txt). Skipped only when no Chromium is installed.
+"""The status page in a real browser: headless Chromium (tests/chromium_support.py). Skipped
+only when no Chromium is installed.
 
 1. the page loaded while a session waits shows the holder, the queue and the devices;
 2. a screenshot of it (desktop and phone width) is saved under the pytest tmp dir;
@@ -9,13 +9,12 @@
 """
 import json
 import re
-import shutil
-import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT
+from chromium_support import chromium  # noqa: F401  (fixture)
+from helpers import ROOT, kill_if_running
 from server_support import start_server, wait_until  # noqa: F401
 
 sys.path.insert(0, str(ROOT))
@@ -25,37 +24,6 @@ pytestmark = pytest.mark.timeout(180)
 HTML = {"Accept": "text/html"}
 
 
-def find_chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-@pytest.fixture
-def chromium(tmp_path):
-    path = find_chromium()
-    if not path:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
-    base = [path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-dev-shm-usage", "--user-data-dir=%s" % profile]
-
-    def run(*args, timeout=60, background=False):
-        cmd = base + list(args)
-        if background:
-            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
-        return proc.stdout.decode(errors="replace")
-
-    return run
-
-
 def attr(dom, name):
     m = re.search(r'<main id="status"[^>]*\b%s="([^"]*)"' % name, dom)
     assert m, "no %s on <main id=status> in:\n%s" % (name, dom[:3000])
@@ -63,9 +31,7 @@ def attr(dom, name):
 
 
 def watchers(api):
-    text = api.req("GET", "/metrics")[1]
-    m = re.search(r"^remote_lab_status_page_watchers (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0
+    return api.metric("remote_lab_status_page_watchers")
 
 
 def test_status_page_in_headless_chromium(start_server, chromium, tmp_path):
@@ -108,9 +74,7 @@ def test_status_page_in_headless_chromium(start_server, chromium, tmp_path):
         assert api.delete_session(a) == 204
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        kill_if_running(proc)
     assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
     dom = out.decode(errors="replace")
     assert attr(dom, "data-holder") == b[:8], "the page did not follow the hand-over"

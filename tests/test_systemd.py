@@ -1,5 +1,5 @@
-"""systemd integration (issue 5) without a running systemd: the unit files (systemd-analyze
-verify, the settings the issue asks for, the example flags), sd_notify datagrams (READY, STATUS,
+"""systemd integration without a running systemd: the unit files (systemd-analyze verify, the
+settings they must carry, the example flags), sd_notify datagrams (READY, STATUS,
 WATCHDOG, STOPPING) on a test socket, and socket activation (an inherited fd with
 LISTEN_FDS/LISTEN_PID, and systemd-socket-activate itself).
 """
