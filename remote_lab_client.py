@@ -1416,314 +1416,32 @@ def _isatty(stream):
 # Files follow remote-http-launcher's layout, so both tools can see each other's servers:
 #   lab host: ~/.remote-http-launcher/server/<key>.json (+ <key>.log, <key>.lock)
 #   client:   ~/.remote-http-launcher/client/<key>.json (mode 0600)
-# Everything on the lab host is done by ONE program (_BOOTSTRAP below) piped to `python3 -`,
-# locally or through one ssh connection; it works under an flock on <key>.lock, so concurrent
-# launchers end up with exactly one server.
+# Everything on the lab host is done by ONE program piped to `python3 -`, locally or through one
+# ssh connection: the functions of section 5a below, shipped as text (_host_program). It works
+# under an flock on <key>.lock, so concurrent launchers end up with exactly one server.
 
 DEFAULT_PORT_RANGE = (8700, 8799)
 DEFAULT_LAUNCH_TIMEOUT = 60.0
-LAUNCHER_DIR = ".remote-http-launcher"
-
-_BOOTSTRAP = r'''
-import base64, fcntl, hashlib, json, os, shutil, signal, subprocess, sys, time, urllib.request
-
-def base_url(st):
-    host = st.get("host") or "127.0.0.1"
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = "[%s]" % host
-    return "http://%s:%s" % (host, st.get("port"))
-
-def healthy(st, timeout=2.0):
-    try:
-        with urllib.request.urlopen(base_url(st) + "/healthz", timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except Exception:
-        return False
-
-def root_info(st, timeout=2.0):
-    """The server's GET / summary, or None when it does not answer as remote-lab."""
-    req = urllib.request.Request(base_url(st) + "/", headers={"Accept": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            data = json.loads(r.read(1 << 20).decode("utf-8"))
-    except Exception:
-        return None
-    return data if isinstance(data, dict) and data.get("service") == "remote-lab" else None
-
-def flags(args):
-    return "flags '%s'" % " ".join(args) if args else "no extra flags"
-
-def own_difference(st, command, sha, args):
-    """Why the server we started is not the one asked for now, or None when it is."""
-    if st.get("server_sha256") != sha:
-        return ("remote_lab.py changed since it started" if st.get("server_sha256")
-                else "it was started by an older launcher")
-    if st.get("server_args") != args:
-        return "it runs with %s, and %s were asked" % (flags(st.get("server_args")), flags(args))
-    if st.get("command") != command:
-        return "it was started with another command line (python, address or state dir)"
-    return None
-
-def busy_with(st):
-    """How many sessions the server has (None when it does not say)."""
-    root = root_info(st)
-    n = root.get("queue_length") if root else None
-    return n if isinstance(n, int) else None
-
-def flag_value(args, name):
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a[len(name) + 1:]
-    return None
-
-def external_server(state_dir, deadline):
-    """The server holding state_dir's instance lock (one started by hand): its lock record
-    ({pid, port, host}) plus "root", its GET / (None if it never answered); None if no server."""
-    path = os.path.join(state_dir, "server.lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return None  # nobody holds it
-            except OSError:
-                pass
-            try:
-                info = json.loads(os.read(fd, 4096).decode() or "{}")
-            except ValueError:
-                info = {}
-        finally:
-            os.close(fd)
-        root = root_info(info) if isinstance(info, dict) and info.get("port") else None
-        if root and root.get("pid", info.get("pid")) == info.get("pid"):
-            return dict(info, root=root)
-        if time.time() >= deadline:
-            return dict(info if isinstance(info, dict) else {}, root=None)
-        time.sleep(0.1)
-
-def external_difference(root, args):
-    """Why a server we did not start is not the one asked for, or None (also: cannot tell)."""
-    if "simulated" not in root:
-        return None  # an older server does not say
-    simulate = "--simulate" in args
-    if bool(root["simulated"]) != simulate:
-        return ("--simulate was asked" if simulate
-                else "real netlab was asked (no --simulate in the server flags)")
-    netlab = flag_value(args, "--netlab")
-    found = shutil.which(netlab) if netlab and not simulate else None
-    if found and os.path.abspath(found) != root.get("netlab"):
-        return "--netlab %s was asked" % netlab
-    return None
-
-def use_external(other, P, state_dir):
-    root = other["root"]
-    where = "pid %s, %s" % (other.get("pid", "?"), base_url(other))
-    if root is None:
-        out(ok=False, error="a server (%s) holds the lock of %s but does not answer as remote-lab"
-            % (where, state_dir))
-        return 1
-    kind = "simulated" if root.get("simulated") else "netlab %s" % root.get("netlab", "?")
-    differs = external_difference(root, P["server_args"])
-    if differs:
-        out(ok=False, error="a remote-lab server not started by the launcher runs for %s (%s, %s), "
-            "but %s: stop that server, or set REMOTE_LAB_URL=%s to use it as it is"
-            % (state_dir, where, kind, differs, base_url(other)))
-        return 1
-    out(ok=True, reused=True, external=True, pid=other.get("pid"), port=other.get("port"),
-        host=other.get("host"), start_time=_proc_start_time(other.get("pid") or 0))
-    return 0
-
-def replace_idle(st, why, P):
-    """Stop our idle server that differs from what is asked; an error message if it is busy."""
-    n = busy_with(st)
-    if n != 0:
-        return ("the server on this host (pid %s, port %s) differs from what is asked (%s), but it "
-                "is busy (%s): wait until its sessions end, or stop it (%s)"
-                % (st.get("pid"), st.get("port"), why, "%d session%s" % (n, "" if n == 1 else "s")
-                   if n is not None else "it does not say with what", P.get("stop_command")))
-    stop_server(st)
-    return None
-
-def write_json(path, data):
-    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), int(time.time() * 1e6))
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-def tail(path, n=20):
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-def out(**obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-def stop_server(st, grace=60.0):
-    pid = st.get("pid")
-    if not _same_process(pid, st.get("start_time")):
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except OSError:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + grace
-    while time.time() < deadline and _same_process(pid, st.get("start_time")):
-        time.sleep(0.1)
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except OSError:
-            pass
-    if _same_process(pid, st.get("start_time")):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return True
-
-def main(P):
-    home = os.path.expanduser("~")
-    sdir = os.path.join(home, ".remote-http-launcher", "server")
-    os.makedirs(sdir, exist_ok=True)
-    key = P["key"]
-    status_path = os.path.join(sdir, key + ".json")
-    log_path = os.path.join(sdir, key + ".log")
-    action = P["action"]
-    if action == "logs":
-        if not os.path.exists(log_path):
-            sys.stderr.write("no server log %s (nothing launched there)\n" % log_path)
-            return 1
-        with open(log_path, "rb") as f:
-            data = f.read()
-            lines = data.splitlines(True)[-P.get("lines", 50):]
-            sys.stdout.buffer.write(b"".join(lines))
-            sys.stdout.flush()
-            while P.get("follow"):
-                chunk = f.read()
-                if chunk:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.2)
-        return 0
-    with open(os.path.join(sdir, key + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        st = _read_json_file(status_path) or {}
-        running = st.get("status") in ("running", "starting") and _same_process(st.get("pid"), st.get("start_time"))
-        if action == "status":
-            out(ok=True, running=running and healthy(st), status_file=status_path, log=log_path, **st)
-            return 0
-        if action == "stop":
-            stopped = stop_server(st) if running else False
-            if stopped:
-                fresh = _read_json_file(status_path) or st
-                if fresh.get("status") != "stopped":
-                    fresh["status"] = "stopped"
-                    write_json(status_path, fresh)
-            other = None if stopped else external_server(
-                os.path.abspath(os.path.expanduser(P["workdir"])), time.time())
-            out(ok=True, stopped=stopped, pid=st.get("pid"),
-                external_pid=other.get("pid") if other else None)
-            return 0
-        deadline = time.time() + P["timeout"]
-        workdir = os.path.abspath(os.path.expanduser(P["workdir"]))
-        server = P.get("server_path") or os.path.join(workdir, "remote_lab.py")
-        command = [P.get("python") or sys.executable, server,
-                   "--status-file", status_path,
-                   "--port-range", str(P["port_range"][0]), str(P["port_range"][1]),
-                   "--host", P["host"], "--state-dir", workdir] + P["server_args"]
-        replaced = None
-        if running:
-            while time.time() < deadline:
-                if st.get("status") == "running" and healthy(st):
-                    replaced = None if P.get("reuse_only") else own_difference(
-                        st, command, P.get("server_sha256"), P["server_args"])
-                    if replaced is None:
-                        out(ok=True, reused=True, **st)
-                        return 0
-                    refused = replace_idle(st, replaced, P)
-                    if refused:
-                        out(ok=False, error=refused)
-                        return 1
-                    break
-                if not _same_process(st.get("pid"), st.get("start_time")):
-                    break
-                time.sleep(0.1)
-                st = _read_json_file(status_path) or st
-            else:
-                out(ok=False, error="a server (pid %s) is running but does not answer on port %s"
-                    % (st.get("pid"), st.get("port")), log_tail=tail(log_path))
-                return 1
-        other = external_server(workdir, deadline)  # one server per state dir, and so per host
-        if other is not None:
-            return use_external(other, P, workdir)
-        if P.get("reuse_only"):
-            out(ok=False, error="no server is running (it was stopped or died)")
-            return 1
-        os.makedirs(workdir, exist_ok=True)
-        if P.get("server_b64"):
-            blob = base64.b64decode(P["server_b64"])
-            if hashlib.sha256(blob).hexdigest() != P["server_sha256"]:
-                out(ok=False, error="server file corrupted in transit (SHA-256 mismatch)")
-                return 1
-            current = None
-            if os.path.exists(server):
-                with open(server, "rb") as f:
-                    current = hashlib.sha256(f.read()).hexdigest()
-            if current != P["server_sha256"]:
-                tmp = server + ".%d.tmp" % os.getpid()
-                with open(tmp, "wb") as f:
-                    f.write(blob)
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, server)
-        logf = open(log_path, "wb")
-        try:
-            proc = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            out(ok=False, error="cannot start %s: %s" % (command[0], e))
-            return 1
-        logf.close()
-        st = {"workdir": workdir, "log": log_path, "command": command, "uid": os.getuid(),
-              "pid": proc.pid, "start_time": _proc_start_time(proc.pid), "status": "starting",
-              "key": key, "network_interface": P["host"], "server_args": P["server_args"],
-              "server_sha256": P.get("server_sha256")}
-        write_json(status_path, st)
-        while time.time() < deadline:
-            cur = _read_json_file(status_path) or st
-            if cur.get("status") == "running" and healthy(cur):
-                out(ok=True, reused=False, replaced=replaced, **cur)
-                return 0
-            if cur.get("status") == "failed":
-                out(ok=False, error=cur.get("error") or "server start-up failed", log_tail=tail(log_path))
-                proc.wait(10)
-                return 1
-            if proc.poll() is not None:
-                out(ok=False, error="server exited with code %s during start-up" % proc.returncode,
-                    log_tail=tail(log_path))
-                return 1
-            time.sleep(0.05)
-        stop_server(st, grace=5)
-        out(ok=False, error="server did not start within %.0f s" % P["timeout"], log_tail=tail(log_path))
-        return 1
-
-sys.exit(main(json.loads(PARAMS)))
-'''
 
 
 class LaunchError(RemoteLabError):
     """Starting or reaching a server (locally or over SSH) failed."""
+
+
+# --------------------------------------------------------------------------------------------
+# 5a. Runs on the lab host: this text, from the line above to 5b's banner, is the program piped
+#     to `python3 -` (Python >= 3.8; only the modules of _HOST_IMPORTS, names defined here and
+#     builtins). The client calls the same functions for the same jobs on its side.
+# --------------------------------------------------------------------------------------------
+
+LAUNCHER_DIR = ".remote-http-launcher"
+
+
+def _launcher_dir(side):
+    """~/.remote-http-launcher/<side>, created (the client's side private: it holds URLs)."""
+    path = os.path.join(os.path.expanduser("~"), LAUNCHER_DIR, side)
+    os.makedirs(path, mode=0o700 if side == "client" else 0o777, exist_ok=True)
+    return path
 
 
 def _proc_stat(pid):
@@ -1759,6 +1477,37 @@ def _same_process(pid, start_time):
     return start_time is None or stat[1] == start_time
 
 
+def _kill_group(pid, signum):
+    """Signal ``pid``'s process group (servers and tunnels lead one), else the pid alone."""
+    try:
+        os.killpg(pid, signum)
+        return True
+    except OSError:
+        pass
+    try:
+        os.kill(pid, signum)
+        return True
+    except OSError:
+        return False
+
+
+def _terminate(pid, start_time, grace=5.0):
+    """Stop the process ``pid`` started at ``start_time`` and its group: SIGTERM, then SIGKILL
+    after ``grace`` s. True when it was running (and could be signalled)."""
+    if not _same_process(pid, start_time) or not _kill_group(pid, signal.SIGTERM):
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _same_process(pid, start_time):
+        time.sleep(0.05)
+        try:
+            os.waitpid(pid, os.WNOHANG)  # our own child (a server just started) must not linger
+        except OSError:
+            pass
+    if _same_process(pid, start_time):
+        _kill_group(pid, signal.SIGKILL)
+    return True
+
+
 def _healthz(url, timeout=2.0):
     """True when ``GET /healthz`` at the (plain http) ``url`` answers 2xx."""
     parts = urllib.parse.urlsplit(url)
@@ -1789,6 +1538,368 @@ def _root_json(url, timeout=2.0):
     return data if isinstance(data, dict) and data.get("service") == "remote-lab" else None
 
 
+def _read_json_file(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_file(path, data, mode=0o666):
+    """Replace ``path`` atomically (a unique temp file renamed over it); ``mode`` before umask."""
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), int(time.time() * 1e6))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _host_url(record):
+    """The URL of the server a status or lock record names (loopback for a wildcard address)."""
+    host = record.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = "[%s]" % host
+    return "http://%s:%s" % (host, record.get("port"))
+
+
+def _answer(**fields):
+    """The program's answer: one JSON line on stdout (the client reads the last one)."""
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def _log_tail(path, n=20):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _flags_text(args):
+    return "flags '%s'" % " ".join(args) if args else "no extra flags"
+
+
+def _own_difference(st, command, sha, args):
+    """Why the server we started is not the one asked for now, or None when it is."""
+    if st.get("server_sha256") != sha:
+        return ("remote_lab.py changed since it started" if st.get("server_sha256")
+                else "it was started by an older launcher")
+    if st.get("server_args") != args:
+        return "it runs with %s, and %s were asked" % (_flags_text(st.get("server_args")),
+                                                       _flags_text(args))
+    if st.get("command") != command:
+        return "it was started with another command line (python, address or state dir)"
+    return None
+
+
+def _sessions_of(st):
+    """How many sessions the server has (None when it does not say)."""
+    root = _root_json(_host_url(st))
+    n = root.get("queue_length") if root else None
+    return n if isinstance(n, int) else None
+
+
+def _flag_value(args, name):
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a[len(name) + 1:]
+    return None
+
+
+def _lock_record(path):
+    """The record in a server's instance lock file ({} if unreadable), None when nobody holds it."""
+    import fcntl  # (here: the client module must import on systems without fcntl)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds it
+        except OSError:
+            pass
+        try:
+            info = json.loads(os.read(fd, 4096).decode() or "{}")
+        except ValueError:
+            info = {}
+        return info if isinstance(info, dict) else {}
+    finally:
+        os.close(fd)
+
+
+def _external_server(state_dir, deadline):
+    """The server holding state_dir's instance lock (one started by hand): its lock record
+    ({pid, port, host}) plus "root", its GET / (None if it never answered); None if no server."""
+    path = os.path.join(state_dir, "server.lock")
+    while True:
+        info = _lock_record(path)
+        if info is None:
+            return None
+        root = _root_json(_host_url(info)) if info.get("port") else None
+        if root and root.get("pid", info.get("pid")) == info.get("pid"):
+            return dict(info, root=root)
+        if time.time() >= deadline:
+            return dict(info, root=None)
+        time.sleep(0.1)
+
+
+def _external_difference(root, args):
+    """Why a server we did not start is not the one asked for, or None (also: cannot tell)."""
+    if "simulated" not in root:
+        return None  # an older server does not say
+    simulate = "--simulate" in args
+    if bool(root["simulated"]) != simulate:
+        return ("--simulate was asked" if simulate
+                else "real netlab was asked (no --simulate in the server flags)")
+    netlab = _flag_value(args, "--netlab")
+    found = shutil.which(netlab) if netlab and not simulate else None
+    if found and os.path.abspath(found) != root.get("netlab"):
+        return "--netlab %s was asked" % netlab
+    return None
+
+
+def _use_external(other, params, state_dir):
+    root = other["root"]
+    where = "pid %s, %s" % (other.get("pid", "?"), _host_url(other))
+    if root is None:
+        _answer(ok=False, error="a server (%s) holds the lock of %s but does not answer as "
+                "remote-lab" % (where, state_dir))
+        return 1
+    kind = "simulated" if root.get("simulated") else "netlab %s" % root.get("netlab", "?")
+    differs = _external_difference(root, params["server_args"])
+    if differs:
+        _answer(ok=False, error="a remote-lab server not started by the launcher runs for %s "
+                "(%s, %s), but %s: stop that server, or set REMOTE_LAB_URL=%s to use it as it is"
+                % (state_dir, where, kind, differs, _host_url(other)))
+        return 1
+    _answer(ok=True, reused=True, external=True, pid=other.get("pid"), port=other.get("port"),
+            host=other.get("host"), start_time=_proc_start_time(other.get("pid") or 0))
+    return 0
+
+
+def _replace_idle(st, why, params):
+    """Stop our idle server that differs from what is asked; an error message if it is busy."""
+    n = _sessions_of(st)
+    if n != 0:
+        return ("the server on this host (pid %s, port %s) differs from what is asked (%s), but it "
+                "is busy (%s): wait until its sessions end, or stop it (%s)"
+                % (st.get("pid"), st.get("port"), why, "%d session%s" % (n, "" if n == 1 else "s")
+                   if n is not None else "it does not say with what", params.get("stop_command")))
+    _terminate(st.get("pid"), st.get("start_time"), grace=60.0)
+    return None
+
+
+class _HostFiles:
+    """The lab host's files of one launcher key, and the state dir the server runs on."""
+
+    def __init__(self, params):
+        server_dir = _launcher_dir("server")
+        self.status = os.path.join(server_dir, params["key"] + ".json")
+        self.log = os.path.join(server_dir, params["key"] + ".log")
+        self.lock = os.path.join(server_dir, params["key"] + ".lock")
+        self.workdir = os.path.abspath(os.path.expanduser(params["workdir"]))
+        self.server = params.get("server_path") or os.path.join(self.workdir, "remote_lab.py")
+
+
+def _host_logs(params, files):
+    if not os.path.exists(files.log):
+        sys.stderr.write("no server log %s (nothing launched there)\n" % files.log)
+        return 1
+    with open(files.log, "rb") as f:
+        lines = f.read().splitlines(True)[-params.get("lines", 50):]
+        sys.stdout.buffer.write(b"".join(lines))
+        sys.stdout.flush()
+        while params.get("follow"):
+            chunk = f.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+def _host_stop(files, st, running):
+    stopped = _terminate(st.get("pid"), st.get("start_time"), grace=60.0) if running else False
+    if stopped:
+        fresh = _read_json_file(files.status) or st
+        if fresh.get("status") != "stopped":
+            fresh["status"] = "stopped"
+            _write_json_file(files.status, fresh)
+    other = None if stopped else _external_server(files.workdir, time.time())
+    _answer(ok=True, stopped=stopped, pid=st.get("pid"),
+            external_pid=other.get("pid") if other else None)
+    return 0
+
+
+def _server_command(params, files):
+    return [params.get("python") or sys.executable, files.server,
+            "--status-file", files.status,
+            "--port-range", str(params["port_range"][0]), str(params["port_range"][1]),
+            "--host", params["host"], "--state-dir", files.workdir] + params["server_args"]
+
+
+def _reuse_running(params, files, st, command, deadline):
+    """For a live server of ours: (exit code, None) when answered (reused or refused), else
+    (None, why it was replaced, or None when it died)."""
+    while time.time() < deadline:
+        if st.get("status") == "running" and _healthz(_host_url(st)):
+            replaced = None if params.get("reuse_only") else _own_difference(
+                st, command, params.get("server_sha256"), params["server_args"])
+            if replaced is None:
+                _answer(ok=True, reused=True, **st)
+                return 0, None
+            refused = _replace_idle(st, replaced, params)
+            if refused:
+                _answer(ok=False, error=refused)
+                return 1, None
+            return None, replaced
+        if not _same_process(st.get("pid"), st.get("start_time")):
+            return None, None
+        time.sleep(0.1)
+        st = _read_json_file(files.status) or st
+    _answer(ok=False, error="a server (pid %s) is running but does not answer on port %s"
+            % (st.get("pid"), st.get("port")), log_tail=_log_tail(files.log))
+    return 1, None
+
+
+def _install_server(params, path):
+    """Write the shipped remote_lab.py to ``path`` unless it is there already; False if corrupt."""
+    blob = base64.b64decode(params["server_b64"])
+    if hashlib.sha256(blob).hexdigest() != params["server_sha256"]:
+        return False
+    current = None
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            current = hashlib.sha256(f.read()).hexdigest()
+    if current != params["server_sha256"]:
+        tmp = path + ".%d.tmp" % os.getpid()
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    return True
+
+
+def _start_server(params, files, command, deadline, replaced):
+    """Start the server detached, write the launcher's record, wait for running or failed."""
+    logf = open(files.log, "wb")
+    try:
+        proc = subprocess.Popen(command, cwd=files.workdir, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        _answer(ok=False, error="cannot start %s: %s" % (command[0], e))
+        return 1
+    finally:
+        logf.close()
+    st = {"workdir": files.workdir, "log": files.log, "command": command, "uid": os.getuid(),
+          "pid": proc.pid, "start_time": _proc_start_time(proc.pid), "status": "starting",
+          "key": params["key"], "network_interface": params["host"],
+          "server_args": params["server_args"], "server_sha256": params.get("server_sha256")}
+    _write_json_file(files.status, st)
+    while time.time() < deadline:
+        cur = _read_json_file(files.status) or st
+        if cur.get("status") == "running" and _healthz(_host_url(cur)):
+            _answer(ok=True, reused=False, replaced=replaced, **cur)
+            return 0
+        if cur.get("status") == "failed":
+            _answer(ok=False, error=cur.get("error") or "server start-up failed",
+                    log_tail=_log_tail(files.log))
+            proc.wait(10)
+            return 1
+        if proc.poll() is not None:
+            _answer(ok=False, error="server exited with code %s during start-up" % proc.returncode,
+                    log_tail=_log_tail(files.log))
+            return 1
+        time.sleep(0.05)
+    _terminate(st["pid"], st["start_time"], grace=5.0)
+    _answer(ok=False, error="server did not start within %.0f s" % params["timeout"],
+            log_tail=_log_tail(files.log))
+    return 1
+
+
+def _host_launch(params, files, st, running):
+    deadline = time.time() + params["timeout"]
+    command = _server_command(params, files)
+    replaced = None
+    if running:
+        code, replaced = _reuse_running(params, files, st, command, deadline)
+        if code is not None:
+            return code
+    other = _external_server(files.workdir, deadline)  # one server per state dir, so per host
+    if other is not None:
+        return _use_external(other, params, files.workdir)
+    if params.get("reuse_only"):
+        _answer(ok=False, error="no server is running (it was stopped or died)")
+        return 1
+    os.makedirs(files.workdir, exist_ok=True)
+    if params.get("server_b64") and not _install_server(params, files.server):
+        _answer(ok=False, error="server file corrupted in transit (SHA-256 mismatch)")
+        return 1
+    return _start_server(params, files, command, deadline, replaced)
+
+
+def _host_main(params):
+    """The lab-host program: one action (launch, stop, status, logs) on one launcher key."""
+    import fcntl
+    files = _HostFiles(params)
+    if params["action"] == "logs":
+        return _host_logs(params, files)
+    with open(files.lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        st = _read_json_file(files.status) or {}
+        running = (st.get("status") in ("running", "starting")
+                   and _same_process(st.get("pid"), st.get("start_time")))
+        if params["action"] == "status":
+            _answer(ok=True, running=running and _healthz(_host_url(st)),
+                    status_file=files.status, log=files.log, **st)
+            return 0
+        if params["action"] == "stop":
+            return _host_stop(files, st, running)
+        return _host_launch(params, files, st, running)
+
+
+# --------------------------------------------------------------------------------------------
+# 5b. Runs on the client: ship 5a, open the tunnel, keep the connection record
+# --------------------------------------------------------------------------------------------
+
+_HOST_IMPORTS = ("import base64, hashlib, http.client, json, os, shutil, signal, subprocess, "
+                 "sys, time, urllib.parse")
+_HOST_SECTION = ("# 5a. ", "# 5b. ")  # how the banner lines that open 5a and 5b start
+
+
+def _host_section():
+    """Section 5a's text, read from this file by its banners (so it is the code that runs here)."""
+    try:
+        with open(__file__, encoding="utf-8") as f:
+            lines = f.read().splitlines(True)
+    except (OSError, ValueError) as e:  # e.g. run from bytecode only, without the .py file
+        raise LaunchError("cannot read the launcher's own source (%s): run remote_lab_client.py "
+                          "from its .py file" % e) from None
+    begin, end = (next((i for i, line in enumerate(lines) if line.startswith(marker)), None)
+                  for marker in _HOST_SECTION)
+    if begin is None or end is None or end < begin:
+        raise LaunchError("%s has no lab-host section to ship (its banner '%s' is missing)"
+                          % (__file__, _HOST_SECTION[0].strip()))
+    return "".join(lines[begin - 1:end - 1])  # from 5a's banner to the rule above 5b's
+
+
+def _host_program(params):
+    """The program piped to the lab host's `python3 -`: section 5a, then one call."""
+    return "%s\n\n%s\nsys.exit(_host_main(json.loads(%r)))\n" % (
+        _HOST_IMPORTS, _host_section(), json.dumps(params))
+
+
 def _server_facts(info):
     """["remote-lab 0.1.0", "pid 123", "simulated"]: what a GET / summary says of its server."""
     facts = ["remote-lab %s" % info.get("version", "?")]
@@ -1797,12 +1908,6 @@ def _server_facts(info):
     if info.get("simulated"):
         facts.append("simulated")
     return facts
-
-
-def _launcher_dir(side):
-    path = os.path.join(os.path.expanduser("~"), LAUNCHER_DIR, side)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
 
 
 @dataclass
@@ -1848,16 +1953,6 @@ def launcher_key(target, workdir):
     return "remote-lab-%s-%s" % (safe, digest)
 
 
-def _server_source():
-    """The bytes of remote_lab.py to install on the lab host (next to this file, or on PATH)."""
-    path = find_local_server()
-    if not path:
-        raise LaunchError("cannot find remote_lab.py next to %s or on PATH to install on the lab "
-                          "host" % os.path.basename(__file__))
-    with open(path, "rb") as f:
-        return path, f.read()
-
-
 def find_local_server():
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_lab.py")
     if os.path.isfile(here):
@@ -1866,39 +1961,17 @@ def find_local_server():
     return found
 
 
-def _bootstrap_helpers():
-    """The source of the helpers the bootstrap shares with this module (written once, here)."""
-    import inspect
-    try:
-        return "\n\n".join(inspect.getsource(f) for f in
-                            (_proc_stat, _proc_start_time, _same_process, _read_json_file))
-    except (OSError, TypeError) as e:  # e.g. run from bytecode only, without the .py file
-        raise LaunchError("cannot read the launcher's own source (%s): run remote_lab_client.py "
-                          "from its .py file" % e) from None
-
-
 def _run_bootstrap(params, target, python, timeout, stream=False):
-    """Run the bootstrap program locally or over one ssh connection; return its JSON answer."""
-    program = "PARAMS = %r\n%s\n%s" % (json.dumps(params), _bootstrap_helpers(), _BOOTSTRAP)
+    """Run the lab-host program locally or over one ssh connection; return its JSON answer."""
+    program = _host_program(params).encode()
     if target is None:
         argv = [python or sys.executable, "-"]
     else:
         argv = target.ssh_argv(min(timeout, 30)) + [python or "python3", "-"]
     if stream:  # logs --follow: hand the terminal the output as it comes
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            _, err = proc.communicate(program.encode())
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(5)
-            return {"ok": True}
-        if proc.returncode != 0:
-            err = err.decode("utf-8", "replace")
-            raise _failed_run(target, python, proc.returncode, err) or LaunchError(
-                _last_line(err) or "the launcher failed (exit %d)" % proc.returncode)
-        return {"ok": True}
+        return _stream_bootstrap(argv, program, target, python)
     try:
-        proc = subprocess.run(argv, input=program.encode(), stdout=subprocess.PIPE,
+        proc = subprocess.run(argv, input=program, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout + 15)
     except subprocess.TimeoutExpired:
         raise LaunchError("%s did not answer within %.0f s" % (
@@ -1910,14 +1983,7 @@ def _run_bootstrap(params, target, python, timeout, stream=False):
     error = _failed_run(target, python, proc.returncode, stderr)
     if error is not None:  # (stderr alone proves nothing: a noisy .bashrc writes there too)
         raise error
-    answer = None
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                answer = json.loads(line)
-                break
-            except ValueError:
-                pass
+    answer = _last_json_line(stdout)
     if answer is None:
         raise LaunchError("launcher on %s gave no answer (exit %d): %s" % (
             target or "this machine", proc.returncode, _last_line(stderr) or stdout[-300:]))
@@ -1929,6 +1995,33 @@ def _run_bootstrap(params, target, python, timeout, stream=False):
             msg += " | server log: " + " / ".join(tail[-5:])
         raise LaunchError(msg)
     return answer
+
+
+def _stream_bootstrap(argv, program, target, python):
+    """Run the program with its stdout on ours (logs, --follow until Ctrl-C)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(program)
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(5)
+        return {"ok": True}
+    if proc.returncode != 0:
+        err = err.decode("utf-8", "replace")
+        raise _failed_run(target, python, proc.returncode, err) or LaunchError(
+            _last_line(err) or "the launcher failed (exit %d)" % proc.returncode)
+    return {"ok": True}
+
+
+def _last_json_line(stdout):
+    """The program's answer: the last line that parses as JSON (shell noise may come before)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+    return None
 
 
 def _failed_run(target, python, returncode, stderr):
@@ -1962,45 +2055,10 @@ class _FileLock:
         os.close(self.fd)
 
 
-def _read_json_file(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _write_private_json(path, data):
-    tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _free_local_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _terminate(pid, start_time, grace=5.0):
-    if not _same_process(pid, start_time):
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except OSError:
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _same_process(pid, start_time):
-        time.sleep(0.05)
-    if _same_process(pid, start_time):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return True
 
 
 def _processes_alive(conn, local):
@@ -2105,46 +2163,56 @@ class Launcher:
             if old.get("tunnel_pid"):
                 _terminate(old["tunnel_pid"], old.get("tunnel_start_time"))
             bind = "127.0.0.1" if (self.target is None or self.tunnel) else "0.0.0.0"
-            extra = {"host": bind, "port_range": list(self.port_range),
-                     "server_args": self.server_args, "python": self.python,
-                     "server_sha256": asked["server_sha256"],
-                     "stop_command": "remote-lab-client stop" + (
-                         " --ssh %s" % self.target if self.target else "")}
-            if self.target is None:
-                extra["server_path"] = server_path
-                if not extra["server_path"]:
-                    raise LaunchError("no remote_lab.py next to %s or on PATH to start a local "
-                                      "server" % os.path.abspath(__file__))
-            else:
-                if not blob:
-                    _server_source()  # raises: nothing to install
-                extra["server_b64"] = base64.b64encode(blob).decode()
-            answer = _run_bootstrap(self._params("launch", reuse_only=not start, **extra),
-                                    self.target, self.python, self.timeout)
-            rport = int(answer["port"])
-            rhost = answer.get("host") or bind
+            params = self._launch_params(bind, server_path, blob, asked, start)
+            answer = _run_bootstrap(params, self.target, self.python, self.timeout)
             if answer.get("replaced"):
                 _log.info("stopped the idle server on %s: %s; started a new one", self.where,
                           answer["replaced"])
-            conn = {"key": self.key, "ssh": str(self.target) if self.target else None,
-                    "workdir": self.workdir, "server_pid": answer.get("pid"),
-                    "server_start_time": answer.get("start_time"),
-                    "external": bool(answer.get("external"))}
+            conn = self._connection_record(answer, bind, deadline)
             conn.update(asked)
-            if self.tunnel:
-                lport, tpid, tstart = self._open_tunnel(rhost, rport, deadline)
-                conn.update({"hostname": "localhost", "port": lport,
-                             "tunneled-host": self.target.host, "tunneled-port": rport,
-                             "tunneled-network-interface": rhost,
-                             "tunnel_pid": tpid, "tunnel_start_time": tstart,
-                             "url": "http://127.0.0.1:%d" % lport})
-            else:
-                hostname = self.target.host if self.target else "127.0.0.1"
-                shown = "[%s]" % hostname if ":" in hostname else hostname
-                conn.update({"hostname": hostname, "port": rport,
-                             "url": "http://%s:%d" % (shown, rport)})
-            _write_private_json(self.client_file, conn)
+            _write_json_file(self.client_file, conn, mode=0o600)
             return self._launched(conn, bool(answer.get("reused")), answer)
+
+    def _launch_params(self, bind, server_path, blob, asked, start):
+        """What the lab-host program is told for a launch (the server file: path or bytes)."""
+        extra = {"host": bind, "port_range": list(self.port_range),
+                 "server_args": self.server_args, "python": self.python,
+                 "server_sha256": asked["server_sha256"], "reuse_only": not start,
+                 "stop_command": "remote-lab-client stop" + (
+                     " --ssh %s" % self.target if self.target else "")}
+        if self.target is None:
+            if not server_path:
+                raise LaunchError("no remote_lab.py next to %s or on PATH to start a local "
+                                  "server" % os.path.abspath(__file__))
+            extra["server_path"] = server_path
+        else:
+            if not blob:
+                raise LaunchError("cannot find remote_lab.py next to %s or on PATH to install on "
+                                  "the lab host" % os.path.basename(__file__))
+            extra["server_b64"] = base64.b64encode(blob).decode()
+        return self._params("launch", **extra)
+
+    def _connection_record(self, answer, bind, deadline):
+        """The client file's record of the server the answer names (through a new tunnel)."""
+        rport = int(answer["port"])
+        rhost = answer.get("host") or bind
+        conn = {"key": self.key, "ssh": str(self.target) if self.target else None,
+                "workdir": self.workdir, "server_pid": answer.get("pid"),
+                "server_start_time": answer.get("start_time"),
+                "external": bool(answer.get("external"))}
+        if self.tunnel:
+            lport, tpid, tstart = self._open_tunnel(rhost, rport, deadline)
+            conn.update({"hostname": "localhost", "port": lport,
+                         "tunneled-host": self.target.host, "tunneled-port": rport,
+                         "tunneled-network-interface": rhost,
+                         "tunnel_pid": tpid, "tunnel_start_time": tstart,
+                         "url": "http://127.0.0.1:%d" % lport})
+        else:
+            hostname = self.target.host if self.target else "127.0.0.1"
+            shown = "[%s]" % hostname if ":" in hostname else hostname
+            conn.update({"hostname": hostname, "port": rport,
+                         "url": "http://%s:%d" % (shown, rport)})
+        return conn
 
     def _open_tunnel(self, rhost, rport, deadline):
         """ssh -N -L 127.0.0.1:LPORT:RHOST:RPORT; ready when /healthz answers through it."""

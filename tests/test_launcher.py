@@ -114,6 +114,98 @@ def test_status_file_failed_when_netlab_missing(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# The lab-host program: ordinary functions of the client file, shipped as one section
+# --------------------------------------------------------------------------------------------
+
+
+def host_program(**params):
+    return rlc._host_program(dict({"action": "status", "key": "remote-lab-test", "workdir": "~/w",
+                                   "timeout": 10}, **params))
+
+
+def test_the_lab_host_program_uses_only_what_it_defines_imports_or_builtins():
+    import builtins
+    import symtable
+
+    program = host_program()
+    top = symtable.symtable(program, "<lab host>", "exec")
+    known = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    known |= set(dir(builtins))
+    undefined = set()
+    tables = list(top.get_children())
+    while tables:
+        table = tables.pop()
+        tables += table.get_children()
+        undefined |= {s.get_name() for s in table.get_symbols()
+                      if s.is_referenced() and s.is_global() and s.get_name() not in known}
+    assert undefined == set()  # a NameError on the lab host otherwise
+
+
+def test_the_client_runs_the_same_functions_it_ships():
+    import ast
+    import inspect
+
+    shipped = {node.name for node in ast.parse(host_program()).body
+               if isinstance(node, ast.FunctionDef)}
+    # the jobs both sides do are written once, in the shipped section
+    assert {"_healthz", "_root_json", "_terminate", "_read_json_file", "_write_json_file",
+            "_same_process", "_proc_start_time", "_launcher_dir"} <= shipped
+    program = host_program()
+    for name in shipped:  # the very functions the client module calls, not copies
+        assert inspect.getsource(getattr(rlc, name)) in program, name
+    for twin in ("_BOOTSTRAP", "_bootstrap_helpers", "_write_private_json"):
+        assert not hasattr(rlc, twin), twin
+
+
+def run_host_program(python, home, **params):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["HOME"] = str(home)
+    out = subprocess.run([python, "-S", "-"], input=host_program(**params), env=env,
+                         cwd=str(home), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_lab_host_program_runs_alone_under_python_3_8(tmp_path):
+    from client_support import find_python38
+
+    pythons = [sys.executable] + ([find_python38()] if find_python38() else [])
+    for python in pythons:  # (3.8 where the machine has one)
+        answer = run_host_program(python, tmp_path, action="status")
+        assert answer["ok"] is True and answer["running"] is False, python
+        assert answer["status_file"] == str(
+            tmp_path / ".remote-http-launcher" / "server" / "remote-lab-test.json")
+        answer = run_host_program(python, tmp_path, action="stop")
+        assert answer["ok"] is True and answer["stopped"] is False, python
+
+
+def test_terminate_stops_the_whole_process_group(tmp_path):
+    # a server (or an ssh tunnel with a ProxyCommand) may have children: none stays behind
+    child_pid = tmp_path / "child.pid"
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & echo $! > %s; wait" % child_pid],
+                            start_new_session=True)
+    try:
+        wait_until(lambda: child_pid.exists() and child_pid.read_text().strip(), what="child")
+        child = int(child_pid.read_text())
+        assert rlc._terminate(proc.pid, rlc._proc_start_time(proc.pid), grace=10) is True
+        proc.wait(10)
+        wait_until(lambda: not pid_alive(child), what="the child to be stopped too")
+        assert rlc._terminate(proc.pid, None) is False  # not running any more
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_write_json_file_is_atomic_and_private_when_asked(tmp_path):
+    path = tmp_path / "record.json"
+    rlc._write_json_file(str(path), {"a": 1}, mode=0o600)
+    assert read_json(path) == {"a": 1} and oct(path.stat().st_mode & 0o777) == "0o600"
+    rlc._write_json_file(str(path), {"b": 2})
+    assert read_json(path) == {"b": 2} and rlc._read_json_file(str(path)) == {"b": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temp file left
+
+
+# --------------------------------------------------------------------------------------------
 # Local launch
 # --------------------------------------------------------------------------------------------
 
