@@ -3237,17 +3237,15 @@ a{color:var(--accent)}
 STATUS_JS = r"""
 (function () {
   "use strict";
+  // the server renders every section (GET /status has them in "html"); this script swaps them
+  // in as they change and keeps the clocks going
   var root = document.getElementById("status");
   var st = JSON.parse(document.getElementById("status-data").textContent);
   var skew = st.server_time - Date.now() / 1000;
   var sid = new URLSearchParams(location.search).get("sid");
+  var SECTIONS = ["holder", "queue", "lab", "events"];
   function now() { return Date.now() / 1000 + skew; }
-  function esc(s) {
-    return String(s == null ? "" : s).replace(/[&<>"']/g, function (c) {
-      return {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c];
-    });
-  }
-  function dur(s) {
+  function dur(s) {  // as fmt_duration() on the server
     s = Math.max(0, Math.floor(s));
     if (s < 60) return s + " s";
     function two(a, ua, b, ub) { return a + " " + ua + (b ? " " + b + " " + ub : ""); }
@@ -3255,66 +3253,24 @@ STATUS_JS = r"""
     if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor(s % 3600 / 60), "min");
     return two(Math.floor(s / 86400), "d", Math.floor(s % 86400 / 3600), "h");
   }
-  function ago(t) { return '<span class="ago" data-t="' + t + '">' + dur(now() - t) + "</span>"; }
-  function clock(t) {
-    return '<time data-t="' + t + '">' + esc(new Date(t * 1000).toLocaleTimeString()) + "</time>";
+  function stamps(selector, text) {
+    var els = document.querySelectorAll(selector), i;
+    for (i = 0; i < els.length; i++) els[i].textContent = text(parseFloat(els[i].getAttribute("data-t")));
   }
-  function who(s, you) {
-    return "<code" + (you ? ' class="you"' : "") + ">" + esc(s) + "</code>" + (you ? ' <span class="you">(you)</span>' : "");
-  }
-  function holder(d) {
-    var h = d.holder;
-    if (!h) return '<div class="big muted">Nobody holds the lab: a new session gets it at once.</div>';
-    return '<div class="big">' + who(h.session, h.you) + " holds the lab</div><dl>" +
-      "<dt>topology</dt><dd>" + (h.topology ? "<code>" + esc(h.topology) + "</code>" : '<span class="muted">none uploaded yet</span>') + "</dd>" +
-      "<dt>since</dt><dd>" + clock(h.since) + " (" + ago(h.since) + " ago)</dd>" +
-      "<dt>last sign of life</dt><dd>" + ago(h.last_seen) + " ago</dd></dl>";
-  }
-  function queue(d) {
-    if (!d.queue.length) return '<p class="muted">Nobody is waiting.</p>';
-    var rows = d.queue.map(function (q) {
-      return "<tr><td>" + q.position + "</td><td>" + who(q.session, q.you) + "</td><td>" + ago(q.joined) +
-        '</td><td class="hide-narrow">' + ago(q.last_seen) + " ago</td></tr>";
-    });
-    return '<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for</th>' +
-      '<th class="hide-narrow">last sign of life</th></tr></thead><tbody>' + rows.join("") + "</tbody></table></div>";
-  }
-  function lab(d) {
-    var l = d.lab, out = '<dl><dt>state</dt><dd><span class="badge s-' + esc(l.state) + '">' + esc(l.state) + "</span></dd>" +
-      "<dt>topology</dt><dd>" + (l.topology ? "<code>" + esc(l.topology) + "</code>" : '<span class="muted">-</span>') + "</dd>" +
-      "<dt>ref count</dt><dd>" + l.ref_count + "</dd></dl>";
-    if (l.devices.length) {
-      out += '<div class="scroll"><table><thead><tr><th>device</th><th>type</th><th>management address</th></tr></thead><tbody>' +
-        l.devices.map(function (v) {
-          return "<tr><td>" + esc(v.name) + "</td><td>" + esc(v.device || "") + "</td><td>" + (v.mgmt ? "<code>" + esc(v.mgmt) + "</code>" : "-") + "</td></tr>";
-        }).join("") + "</tbody></table></div>";
-    }
-    if (l.last_error) out += "<details><summary>last netlab failure</summary><pre>" + esc(l.last_error) + "</pre></details>";
-    return out;
-  }
-  function events(d) {
-    if (!d.events.length) return '<p class="muted">Nothing happened yet.</p>';
-    return '<ul class="events">' + d.events.map(function (e) {
-      return "<li>" + clock(e.time) + ' <span class="badge k-' + esc(e.kind) + '">' + esc(e.kind) + "</span> " + esc(e.text) +
-        (e.detail ? "<details><summary>detail</summary><pre>" + esc(e.detail) + "</pre></details>" : "") + "</li>";
-    }).join("") + "</ul>";
+  function tick() { var t = now(); stamps(".ago[data-t]", function (x) { return dur(t - x); }); }
+  function localTimes() {  // the server wrote UTC clock times; show them in the viewer's zone
+    stamps("time[data-t]", function (x) { return new Date(x * 1000).toLocaleTimeString(); });
   }
   function render(d) {
-    document.getElementById("holder-body").innerHTML = holder(d);
-    document.getElementById("queue-body").innerHTML = queue(d);
+    SECTIONS.forEach(function (name) { document.getElementById(name + "-body").innerHTML = d.html[name]; });
+    document.getElementById("uptime").innerHTML = d.html["uptime"];
     document.getElementById("queue-count").textContent = d.queue.length;
-    document.getElementById("lab-body").innerHTML = lab(d);
-    document.getElementById("events-body").innerHTML = events(d);
-    document.getElementById("uptime").innerHTML = ago(d.started);
     root.setAttribute("data-token", d.token);
     root.setAttribute("data-holder", d.holder ? d.holder.session : "");
     root.setAttribute("data-waiting", String(d.queue.length));
     root.setAttribute("data-lab-state", d.lab.state);
     document.title = (d.holder ? "busy" : "idle") + " - remote-lab";
-  }
-  function tick() {
-    var t = now(), i, els = document.querySelectorAll(".ago");
-    for (i = 0; i < els.length; i++) els[i].textContent = dur(t - parseFloat(els[i].getAttribute("data-t")));
+    localTimes();
   }
   function live(on, text) {
     var el = document.getElementById("live");
@@ -3337,9 +3293,7 @@ STATUS_JS = r"""
       setTimeout(poll, 3000);
     });
   }
-  // the server rendered UTC clock times; show them in the viewer's time zone
-  var times = document.querySelectorAll("time[data-t]"), i;
-  for (i = 0; i < times.length; i++) times[i].textContent = new Date(parseFloat(times[i].getAttribute("data-t")) * 1000).toLocaleTimeString();
+  localTimes();
   live(true, "live");
   setInterval(tick, 1000);
   poll();
@@ -3377,7 +3331,8 @@ def _who_html(session: str, you: bool) -> str:
 
 
 def render_status_sections(st: dict) -> Dict[str, str]:
-    """The same markup as STATUS_JS's render(), for the no-JavaScript snapshot."""
+    """The page's sections for a status_view(): the page shows them, /status carries them
+    (``html``) for the page's script to swap in."""
     now = st["server_time"]
     h = st["holder"]
     if h is None:
@@ -3424,7 +3379,8 @@ def render_status_sections(st: dict) -> Dict[str, str]:
                "<details><summary>detail</summary><pre>%s</pre></details>" % _h(e["detail"])
                if e["detail"] else "")
             for e in st["events"])
-    return {"holder": holder, "queue": queue, "lab": lab, "events": events}
+    return {"holder": holder, "queue": queue, "lab": lab, "events": events,
+            "uptime": _ago_html(st["started"], now)}
 
 
 def _json_for_script(data) -> str:
@@ -3457,7 +3413,7 @@ timeouts: waiting %(wait_to)s, active %(active_to)s &middot;
 </body></html>
 """ % {
         "title": "busy" if st["holder"] else "idle", "css": PAGE_CSS, "version": _h(st["version"]),
-        "uptime": _ago_html(st["started"], st["server_time"]), "token": _h(st["token"]),
+        "token": _h(st["token"]),
         "holder_id": _h(st["holder"]["session"] if st["holder"] else ""),
         "waiting": len(st["queue"]), "lab_state": _h(st["lab"]["state"]),
         "taken": _clock_html(st["server_time"]), "wait_to": fmt_duration(st["timeouts"]["waiting"]),
@@ -3758,7 +3714,11 @@ OPENAPI_SCHEMAS = {
             "last_error": _NULLABLE_STR}},
         "events": {"type": "array", "items": {"type": "object", "properties": {
             "time": {"type": "number"}, "kind": {"type": "string"}, "text": {"type": "string"},
-            "detail": _NULLABLE_STR}}}}},
+            "detail": _NULLABLE_STR}}},
+        "html": {"type": "object", "description": "The status page's sections, rendered: the "
+                 "page's script swaps them in.", "properties": {
+                     name: {"type": "string"} for name in ("holder", "queue", "lab", "events",
+                                                           "uptime")}}}},
 }
 
 _openapi_cache = []  # type: List[dict]
