@@ -522,13 +522,15 @@ class NetlabRunner:
     """Runs netlab commands: stdin closed, own process group, timeouts, output to the log."""
 
     def __init__(self, command: List[str], up_timeout: float, timeout: float, stream: bool,
-                 records: Optional[NetlabProcessRecords] = None):
+                 records: Optional[NetlabProcessRecords] = None,
+                 on_start: Optional[Callable[[str], None]] = None,
+                 on_done: Optional[Callable[[str, float, Optional[str], str], None]] = None):
         self.command = list(command)
         self.up_timeout = up_timeout
         self.timeout = timeout
         self.stream = stream
-        self.calls = Counts()  # verb -> count (for stats)
-        self.failures = Counts()
+        self.on_start = on_start  # (verb): a command is about to run
+        self.on_done = on_done  # (verb, seconds, error or None, ctx): it finished or failed
         self.closing = False  # server shutdown: no new `up`
         self._running = {}  # type: Dict[int, Tuple[str, "subprocess.Popen"]]  # pid -> (verb, proc)
         self._running_lock = threading.Lock()
@@ -548,24 +550,43 @@ class NetlabRunner:
             ctx: str = "-") -> Tuple[int, str]:
         """Run ``netlab ARGS`` in ``cwd``; return (returncode, stdout). stderr goes to the log.
 
-        Raises NetlabError on timeout, and on a non-zero exit when ``check`` is set.
+        Raises NetlabError on timeout, and on a non-zero exit when ``check`` is set. The hooks
+        hear of every command: its start, then its duration and error (a failure too).
         """
-        import subprocess
         verb = args[0] if args else "?"
-        self.calls.add(verb)
+        self._report(self.on_start, verb)
+        started = time.monotonic()
+        try:
+            rc, out = self._run(verb, args, cwd, timeout, check, ctx)
+        except NetlabError as e:
+            self._report(self.on_done, verb, time.monotonic() - started, e.detail, ctx)
+            raise
+        self._report(self.on_done, verb, time.monotonic() - started,
+                     None if rc == 0 else "exit %d" % rc, ctx)
+        return rc, out
+
+    @staticmethod
+    def _report(hook, *args) -> None:
+        if hook is not None:
+            try:
+                hook(*args)
+            except Exception:  # statistics must never fail a netlab command
+                log.exception("netlab hook failed")
+
+    def _run(self, verb: str, args: List[str], cwd: str, timeout: float, check: bool,
+             ctx: str) -> Tuple[int, str]:
+        import subprocess
         argv = self.command + list(args)
         shown = "netlab " + " ".join(shlex.quote(a) for a in args)
         log.info("running %s (in %s)", shown, cwd, extra={"ctx": ctx})
         started = time.monotonic()
         if self.closing and verb == "up":
-            self.failures.add(verb)
             raise NetlabError("%s refused: the server is shutting down" % shown)
         try:
             proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
         except OSError as e:
-            self.failures.add(verb)
             raise NetlabError("cannot run %s: %s" % (shown, e)) from None
         tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
         stdout_chunks = []
@@ -610,7 +631,6 @@ class NetlabRunner:
         with tail_lock:
             output = "\n".join(tail)
         if timed_out:
-            self.failures.add(verb)
             log.error("%s timed out after %.0f s; process group killed", shown, timeout,
                       extra={"ctx": ctx})
             raise NetlabError("%s timed out after %.0f s" % (shown, timeout), output, True)
@@ -621,7 +641,6 @@ class NetlabRunner:
             if not self.stream and output:
                 log.warning("netlab output:\n%s", output, extra={"ctx": ctx})
             if check:
-                self.failures.add(verb)
                 raise NetlabError("%s failed (exit %d)" % (shown, proc.returncode), output)
         return proc.returncode, b"".join(stdout_chunks).decode("utf-8", "replace")
 
@@ -1332,8 +1351,8 @@ def parse_bool(value: str, what: str) -> bool:
 
 
 # ============================================================================================
-# 6. Operations state: App's side of systemd, the status page, API docs and metrics
-#    (rendering, the OpenAPI document and the systemd helpers live in section 9)
+# 6. Operations state: the event log, the metrics, the status view-model, systemd reporting
+#    (rendering, the OpenAPI document and the systemd notifier live in section 9)
 # ============================================================================================
 
 EVENT_LIMIT = 200  # events kept in memory for the status page
@@ -1349,30 +1368,6 @@ class RawResponse:
         self.data = data
         self.content_type = content_type
         self.headers = headers
-
-
-class ObservedNetlabRunner(NetlabRunner):
-    """NetlabRunner that reports each command's duration and outcome to ``observer``."""
-
-    observer = None  # type: Optional[Callable[[str, List[str], float, Optional[str], str], None]]
-
-    def run(self, args, cwd, timeout, check=True, ctx="-"):
-        started = time.monotonic()
-        try:
-            rc, out = super().run(args, cwd, timeout, check, ctx)
-        except NetlabError as e:
-            self._observe(args, started, e.detail, ctx)
-            raise
-        self._observe(args, started, None if rc == 0 else "exit %d" % rc, ctx)
-        return rc, out
-
-    def _observe(self, args, started, error, ctx):
-        if self.observer is not None:
-            try:
-                self.observer(args[0] if args else "?", list(args), time.monotonic() - started,
-                              error, ctx)
-            except Exception:
-                log.exception("netlab observer failed")
 
 
 def _peer_closed(conn) -> bool:
@@ -1392,225 +1387,238 @@ def _peer_closed(conn) -> bool:
         return False  # cannot tell: keep waiting until the deadline
 
 
-class OpsMixin:
-    """Events, status snapshot, long-poll, the ops endpoints, sd_notify hooks."""
+class EventLog:
+    """What happened recently, in words, for the status page: newest last, at most ``limit``.
 
-    def _ops_init(self) -> None:
-        self.notifier = SystemdNotifier()  # disabled; main() sets it from the environment
-        self.events = collections.deque(maxlen=EVENT_LIMIT)  # newest last
-        self.events_lock = threading.Lock()
-        self.event_seq = 0
-        self._ops_pending = []  # promotions seen by the queue hook, listed after their cause
-        self.http_requests = Counts()  # (route name, status) -> requests
-        self.netlab_seconds = {"up": Histogram(NETLAB_BUCKETS), "down": Histogram(NETLAB_BUCKETS)}
-        self.queue_wait_seconds = Histogram(QUEUE_WAIT_BUCKETS)
-        self.status_watchers = 0
-        self.queue.on_activate = self._ops_on_activate
-        self.runner.observer = self._ops_netlab_observed
+    A promotion (or a waiter dropped when its turn came) happens inside the queue call that ended
+    or expired a session, before the caller records that end: such events are ``defer``red and
+    listed right after the next event recorded with ``cause=True``; /status shows them meanwhile.
+    """
 
-    # -- the event list --
-    def record_event(self, kind: str, text: str, detail: Optional[str] = None,
-                     cause: bool = False) -> None:
-        """Add an event; ``cause``: it caused the promotions the queue hook just saw."""
-        with self.events_lock:
+    def __init__(self, limit: int = EVENT_LIMIT):
+        self.events = collections.deque(maxlen=limit)  # type: collections.deque
+        self.lock = threading.Lock()
+        self.total = 0  # events recorded so far (the newest one's ``seq``)
+        self._pending = []  # type: List[dict]
+
+    def record(self, kind: str, text: str, detail: Optional[str] = None,
+               cause: bool = False) -> None:
+        """Add an event; ``cause``: it caused the deferred events, which follow it."""
+        with self.lock:
             if not cause:
-                self._ops_flush_locked()
-            self._ops_append({"time": time.time(), "kind": kind, "text": text, "detail": detail})
-            self._ops_flush_locked()
+                self._flush_locked()
+            self._append({"time": time.time(), "kind": kind, "text": text, "detail": detail})
+            self._flush_locked()
 
-    def _ops_append(self, event: dict) -> None:
-        self.event_seq += 1
-        event["seq"] = self.event_seq
+    def defer(self, kind: str, text: str) -> None:
+        with self.lock:
+            self._pending.append({"time": time.time(), "kind": kind, "text": text,
+                                  "detail": None})
+
+    def _append(self, event: dict) -> None:
+        self.total += 1
+        event["seq"] = self.total
         self.events.append(event)
 
-    def _ops_flush_locked(self) -> None:
-        while self._ops_pending:
-            self._ops_append(self._ops_pending.pop(0))
+    def _flush_locked(self) -> None:
+        while self._pending:
+            self._append(self._pending.pop(0))
 
-    def _ops_on_activate(self, session) -> None:
-        """SessionQueue hook (queue lock held): a session became the active one.
+    def version(self) -> str:
+        """Changes with every event, deferred ones included."""
+        return "%d.%d" % (self.total, len(self._pending))
 
-        A promotion waits in _ops_pending so that the end/expiry that caused it is listed first
-        (App records that right after the queue call returns); /status shows it meanwhile.
-        """
-        waited = max(0.0, (session.activated or session.created) - session.created)
-        self.queue_wait_seconds.observe(waited)
+    def recent(self, n: int) -> Tuple[List[dict], int]:
+        """(the last ``n`` events, deferred ones included, newest last; events recorded)."""
+        with self.lock:
+            return (list(self.events) + self._pending)[-n:], self.total
+
+    # -- the events the server records --
+    def session_active(self, sid: str, waited: float) -> None:
         if waited < 0.001:  # created into an empty queue: nothing caused it
-            self.record_event("active", "session %s is active at once (nobody was before it)"
-                              % session.id[:SHORT_ID])
-            return
-        text = "session %s got the lab after waiting %s" % (session.id[:SHORT_ID],
-                                                            fmt_duration(waited))
-        with self.events_lock:
-            self._ops_pending.append({"time": time.time(), "kind": "active", "text": text,
-                                      "detail": None})
+            self.record("active", "session %s is active at once (nobody was before it)"
+                        % sid[:SHORT_ID])
+        else:
+            self.defer("active", "session %s got the lab after waiting %s"
+                       % (sid[:SHORT_ID], fmt_duration(waited)))
 
-    def ops_session_gone(self, sid: str, was_active: bool, why: str, expired: bool = False):
+    def session_gone(self, sid: str, was_active: bool, why: str, expired: bool) -> None:
         kind = "expired" if expired else "ended"
-        self.record_event(kind, "%s session %s %s (%s)" % ("active" if was_active else "waiting",
-                                                           sid[:SHORT_ID], kind, why), cause=True)
+        self.record(kind, "%s session %s %s (%s)" % ("active" if was_active else "waiting",
+                                                     sid[:SHORT_ID], kind, why), cause=True)
 
-    def _ops_netlab_observed(self, verb, args, seconds, error, ctx) -> None:
-        if verb in self.netlab_seconds:  # failed runs too: a slow failure is worth seeing
-            self.netlab_seconds[verb].observe(seconds)
+    def waiter_dropped(self, sid: str, why: str) -> None:
+        self.defer("expired", "waiting session %s expired (%s)" % (sid[:SHORT_ID], why))
+
+    def netlab_done(self, verb: str, seconds: float, error: Optional[str], ctx: str) -> None:
         where = "" if ctx in ("-", "", None) else " [%s]" % ctx
         if error:
             first = error.splitlines()[0]
-            self.record_event("failure", "netlab %s failed after %s: %s%s"
-                              % (verb, fmt_duration(seconds), first, where), error)
+            self.record("failure", "netlab %s failed after %s: %s%s"
+                        % (verb, fmt_duration(seconds), first, where), error)
         elif verb in ("up", "down"):
-            self.record_event("netlab", "netlab %s OK in %.1f s%s" % (verb, seconds, where))
+            self.record("netlab", "netlab %s OK in %.1f s%s" % (verb, seconds, where))
 
-    # -- the status snapshot (page, /status, sd_notify STATUS=) --
-    def ops_token(self) -> str:
-        """Changes whenever what the status page shows (besides clocks) changes."""
-        i = self.lab.info
-        return "%d.%d.%d.%s.%d.%d" % (self.queue.version, self.event_seq, len(self._ops_pending),
-                                      i.state, i.ref_count, len(i.devices))
 
-    def ops_status(self, viewer: Optional[str] = None) -> dict:
-        q = self.queue
-        with q.lock:
-            mono = q.clock()
-            sessions = [(s.id, s.created, s.last_seen, s.activated) for s in q._sessions.values()]
-        token = self.ops_token()
-        now = time.time()
-        lab = self.lab.snapshot()
+class Metrics:
+    """The server's counters and histograms, bumped from any thread; /metrics shows them."""
 
-        def wall(t):
-            return round(now - (mono - t), 3)
+    def __init__(self):
+        self.counters = Counts()  # sessions_created, sessions_ended, sessions_expired, upload_bytes
+        self.netlab_calls = Counts()  # verb -> commands run
+        self.netlab_failures = Counts()  # verb -> commands that failed or timed out
+        self.http_requests = Counts()  # (route name, status) -> requests
+        self.netlab_seconds = {"up": Histogram(NETLAB_BUCKETS), "down": Histogram(NETLAB_BUCKETS)}
+        self.queue_wait_seconds = Histogram(QUEUE_WAIT_BUCKETS)
+        self.status_watchers = 0  # GET /status?wait= requests waiting right now
+        self._watchers_lock = threading.Lock()
 
-        def shown(sid):
-            return sid if sid == viewer else sid[:SHORT_ID]
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters.add(name, n)
 
-        holder = None
-        if sessions:
-            sid, created, last_seen, activated = sessions[0]
-            holder = {"session": shown(sid), "you": sid == viewer,
-                      "since": wall(activated if activated is not None else created),
-                      "last_seen": wall(last_seen),
-                      "topology": lab["topology"] if lab["holder"] == sid else None}
-        queue = [{"position": i, "session": shown(sid), "you": sid == viewer,
-                  "joined": wall(created), "last_seen": wall(last_seen)}
-                 for i, (sid, created, last_seen, _) in enumerate(sessions) if i > 0]
-        devices = []
-        for d in lab["devices"]:
-            raw = d.get("raw") if isinstance(d.get("raw"), dict) else {}
-            mgmt = raw.get("mgmt") if isinstance(raw.get("mgmt"), dict) else {}
-            devices.append({"name": d.get("name"), "device": raw.get("device"),
-                            "mgmt": mgmt.get("ipv4") or raw.get("ansible_host")})
-        with self.events_lock:
-            events = (list(self.events) + self._ops_pending)[-PAGE_EVENTS:]
-        events.reverse()
-        return {
-            "service": "remote-lab", "version": __version__, "token": token,
-            "server_time": round(now, 3), "started": round(self.started, 3),
-            "uptime": round(time.monotonic() - self.started_mono, 3),
-            "timeouts": {"waiting": self.settings.waiting_timeout,
-                         "active": self.settings.active_timeout},
-            "holder": holder, "queue": queue,
-            "lab": {"state": lab["state"], "running": lab["running"], "topology": lab["topology"],
-                    "ref_count": lab["ref_count"],
-                    "holder": lab["holder"][:SHORT_ID] if lab["holder"] else None,
-                    "devices": devices, "last_error": lab["last_error"]},
-            "events": [{"time": round(e["time"], 3), "kind": e["kind"], "text": e["text"],
-                        "detail": e["detail"]} for e in events],
-        }
+    def http_request(self, route: str, status: int) -> None:
+        self.http_requests.add((route, status))  # no formatting here: /metrics labels it
 
-    def ops_status_line(self) -> str:
-        """The one-line STATUS= for systemd, e.g. "lab r1,r2 held by sid=1a2b3c4d, 3 waiting"."""
-        active = self.queue.active_id()
-        waiting = max(0, len(self.queue) - 1)
-        s = self.lab.snapshot()
-        names = [d.get("name", "?") for d in s["devices"]]
-        shown = ",".join(names[:8]) + (",+%d" % (len(names) - 8) if len(names) > 8 else "")
-        if s["state"] == RUNNING:
-            lab = "lab %s (%s)" % (shown or "-", s["topology"])
-        elif s["state"] in (STARTING, STOPPING):
-            lab = "lab %s" % s["state"]
-        else:
-            lab = None
-        if active is None:
-            text = "idle" if lab is None else "idle, %s with ref count %d" % (lab, s["ref_count"])
-        elif lab is None:
-            text = "sid=%s active, no lab" % active[:SHORT_ID]
-        else:
-            text = "%s held by sid=%s" % (lab, active[:SHORT_ID])
-        if waiting:
-            text += ", %d waiting" % waiting
-        return text
+    def netlab_started(self, verb: str) -> None:
+        self.netlab_calls.add(verb)
 
-    # -- systemd --
-    def ops_ready(self) -> None:
-        """The server listens: READY=1, then STATUS= on every change from a small thread."""
+    def netlab_done(self, verb: str, seconds: float, error: Optional[str]) -> None:
+        if error is not None:
+            self.netlab_failures.add(verb)
+        if verb in self.netlab_seconds:  # failed runs too: a slow failure is worth seeing
+            self.netlab_seconds[verb].observe(seconds)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds)
+
+    def watchers(self, delta: int) -> None:
+        with self._watchers_lock:
+            self.status_watchers += delta
+
+
+@dataclasses.dataclass
+class OpsSnapshot:
+    """The server's state at one moment, as the status page, /status, /metrics and systemd's
+    STATUS= show it."""
+    token: str  # changes whenever what the status page shows (besides clocks) changes
+    now: float  # wall clock
+    mono: float  # the queue's clock at the same moment
+    sessions: List[Tuple[str, float, float, Optional[float]]]  # (id, created, last_seen,
+    #                                                  activated) on the queue's clock, active first
+    lab: dict  # Lab.snapshot()
+    events: List[dict]  # the last PAGE_EVENTS events, newest last
+    events_total: int
+    started: float  # wall clock
+    uptime: float
+    timeouts: Dict[str, float]  # waiting, active
+
+
+def status_view(snap: OpsSnapshot, viewer: Optional[str] = None) -> dict:
+    """What /status answers (and the page shows): session ids shortened but the viewer's own,
+    the queue's times on the wall clock, the devices reduced to name, type and address."""
+    def wall(t):
+        return round(snap.now - (snap.mono - t), 3)
+
+    def shown(sid):
+        return sid if sid == viewer else sid[:SHORT_ID]
+
+    lab = snap.lab
+    holder = None
+    if snap.sessions:
+        sid, created, last_seen, activated = snap.sessions[0]
+        holder = {"session": shown(sid), "you": sid == viewer,
+                  "since": wall(activated if activated is not None else created),
+                  "last_seen": wall(last_seen),
+                  "topology": lab["topology"] if lab["holder"] == sid else None}
+    queue = [{"position": i, "session": shown(sid), "you": sid == viewer,
+              "joined": wall(created), "last_seen": wall(last_seen)}
+             for i, (sid, created, last_seen, _) in enumerate(snap.sessions) if i > 0]
+    return {
+        "service": "remote-lab", "version": __version__, "token": snap.token,
+        "server_time": round(snap.now, 3), "started": round(snap.started, 3),
+        "uptime": round(snap.uptime, 3), "timeouts": dict(snap.timeouts),
+        "holder": holder, "queue": queue,
+        "lab": {"state": lab["state"], "running": lab["running"], "topology": lab["topology"],
+                "ref_count": lab["ref_count"],
+                "holder": lab["holder"][:SHORT_ID] if lab["holder"] else None,
+                "devices": [_device_view(d) for d in lab["devices"]],
+                "last_error": lab["last_error"]},
+        "events": [{"time": round(e["time"], 3), "kind": e["kind"], "text": e["text"],
+                    "detail": e["detail"]} for e in reversed(snap.events)],
+    }
+
+
+def _device_view(device: dict) -> dict:
+    raw = device.get("raw") if isinstance(device.get("raw"), dict) else {}
+    mgmt = raw.get("mgmt") if isinstance(raw.get("mgmt"), dict) else {}
+    return {"name": device.get("name"), "device": raw.get("device"),
+            "mgmt": mgmt.get("ipv4") or raw.get("ansible_host")}
+
+
+def systemd_status_line(snap: OpsSnapshot) -> str:
+    """The one-line STATUS= for systemd, e.g. "lab r1,r2 held by sid=1a2b3c4d, 3 waiting"."""
+    active = snap.sessions[0][0] if snap.sessions else None
+    waiting = max(0, len(snap.sessions) - 1)
+    s = snap.lab
+    names = [d.get("name", "?") for d in s["devices"]]
+    shown = ",".join(names[:8]) + (",+%d" % (len(names) - 8) if len(names) > 8 else "")
+    if s["state"] == RUNNING:
+        lab = "lab %s (%s)" % (shown or "-", s["topology"])
+    elif s["state"] in (STARTING, STOPPING):
+        lab = "lab %s" % s["state"]
+    else:
+        lab = None
+    if active is None:
+        text = "idle" if lab is None else "idle, %s with ref count %d" % (lab, s["ref_count"])
+    elif lab is None:
+        text = "sid=%s active, no lab" % active[:SHORT_ID]
+    else:
+        text = "%s held by sid=%s" % (lab, active[:SHORT_ID])
+    if waiting:
+        text += ", %d waiting" % waiting
+    return text
+
+
+class SystemdReporter:
+    """Tells systemd how we are: READY=1, STATUS= on every change (from a small thread),
+    WATCHDOG=1 from the housekeeping thread, STOPPING=1. A no-op with a disabled notifier."""
+
+    def __init__(self, notifier: "SystemdNotifier", snapshot: Callable[[], OpsSnapshot],
+                 changed: threading.Condition, stopping: threading.Event):
+        self.notifier = notifier
+        self.snapshot = snapshot
+        self.changed = changed  # notified on every queue change
+        self.stopping_event = stopping
+
+    def ready(self) -> None:
+        """The server listens: READY=1, then STATUS= on every change."""
         if not self.notifier.enabled:
             return
-        self.notifier.ready(self.ops_status_line())
-        threading.Thread(target=self._ops_status_loop, name="sd-status", daemon=True).start()
+        self.notifier.ready(systemd_status_line(self.snapshot()))
+        threading.Thread(target=self._status_loop, name="sd-status", daemon=True).start()
 
-    def _ops_status_loop(self) -> None:
+    def _status_loop(self) -> None:
         last = None
-        while not self.stopping.is_set():
-            token = self.ops_token()
-            if token != last:
-                last = token
-                self.notifier.status(self.ops_status_line())
-            with self.queue.changed:  # queue changes wake us at once, lab changes within 1 s
-                self.queue.changed.wait(1.0)
+        while not self.stopping_event.is_set():
+            snap = self.snapshot()
+            if snap.token != last:
+                last = snap.token
+                self.notifier.status(systemd_status_line(snap))
+            with self.changed:  # queue changes wake us at once, lab changes within 1 s
+                self.changed.wait(1.0)
 
-    def ops_stopping(self, status: str = "stopping: tearing down the lab") -> None:
+    def stopping(self, status: str = "stopping: tearing down the lab") -> None:
         self.notifier.stopping(status)
 
-    def ops_housekeeping_tick(self) -> None:
+    def watchdog(self) -> None:
         """From the housekeeping thread: a wedged thread stops the pings and systemd restarts us."""
-        if self.notifier.watchdog_interval and not self.stopping.is_set():
+        if self.notifier.watchdog_interval and not self.stopping_event.is_set():
             self.notifier.watchdog()
 
-    def ops_cadence(self) -> float:
-        cadence = self.cadence()
+    def cadence(self, housekeeping: float) -> float:
+        """The housekeeping pause: at most half the watchdog interval."""
         interval = self.notifier.watchdog_interval
-        return min(cadence, interval) if interval else cadence
-
-    # -- handlers --
-    def get_status(self, h, m):
-        since = h.query.get("since")
-        wait = h.query.get("wait")
-        if wait is not None:
-            seconds = wait_seconds(wait)
-            if since is not None and seconds > 0:
-                self._ops_wait_change(since, seconds, getattr(h, "connection", None))
-        return 200, self.ops_status(h.query.get("sid"))
-
-    def _ops_wait_change(self, since: str, seconds: float, conn=None) -> None:
-        with self.events_lock:
-            self.status_watchers += 1
-        try:
-            deadline = time.monotonic() + seconds
-            while not self.stopping.is_set() and self.ops_token() == since:
-                left = deadline - time.monotonic()
-                if left <= 0 or _peer_closed(conn):  # a closed page stops watching at once
-                    break
-                with self.queue.changed:  # queue changes wake us at once, the rest within 0.5 s
-                    self.queue.changed.wait(min(left, 0.5))
-        finally:
-            with self.events_lock:
-                self.status_watchers -= 1
-
-    def get_status_page(self, h, m):  # GET / with Accept: text/html
-        return 200, RawResponse(render_status_page(self.ops_status(h.query.get("sid"))),
-                                "text/html; charset=utf-8", PAGE_HEADERS)
-
-    def get_openapi(self, h, m):
-        return 200, openapi_document()
-
-    def get_docs(self, h, m):
-        return 200, RawResponse(render_docs_page(openapi_document()), "text/html; charset=utf-8",
-                                PAGE_HEADERS)
-
-    def get_metrics(self, h, m):
-        return 200, RawResponse(render_metrics(self).encode(),
-                                "text/plain; version=0.0.4; charset=utf-8",
-                                (("Cache-Control", "no-store"),))
+        return min(housekeeping, interval) if interval else housekeeping
 
 
 # ============================================================================================
@@ -1763,23 +1771,27 @@ class RequestGuard:
                 or name in self.own_names)
 
 
-class App(OpsMixin):
+class App:
     """The server's state and request logic; the handler only speaks HTTP."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, notifier: Optional["SystemdNotifier"] = None):
         self.settings = settings
         self.request_guard = RequestGuard(settings.allow_hosts, settings.allow_origins)
         self.started = time.time()
         self.started_mono = time.monotonic()
+        self.metrics = Metrics()  # section 6
+        self.events = EventLog()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
                                   settings.max_queue)
-        self.runner = ObservedNetlabRunner(
+        self.runner = NetlabRunner(
             settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
-            settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")))
+            settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")),
+            on_start=self.metrics.netlab_started, on_done=self._netlab_done)
         self.lab = Lab(self.runner, settings, self.queue.is_active)
-        self.counters = Counts()
         self.stopping = threading.Event()
-        self._ops_init()  # events, metrics, sd_notify (section 6)
+        self.systemd = SystemdReporter(notifier or SystemdNotifier(), self.ops_snapshot,
+                                       self.queue.changed, self.stopping)
+        self.queue.on_activate = self._session_activated
         self.queue.on_drop = self._waiter_dropped
 
     # -- session lifecycle --
@@ -1793,8 +1805,8 @@ class App(OpsMixin):
         """After the queue dropped ``sid`` (ended or expired): count, record and log it; an
         active session's lab is released (torn down or kept warm)."""
         kind = "expired" if expired else "ended"
-        self.counters.add("sessions_" + kind)
-        self.ops_session_gone(sid, was_active, why, expired)
+        self.metrics.count("sessions_" + kind)
+        self.events.session_gone(sid, was_active, why, expired)
         log.log(logging.WARNING if expired else logging.INFO, "session %s (%s)%s", kind, why,
                 " [was active]" if was_active else "", extra={"ctx": log_context(sid, None)})
         if was_active:
@@ -1806,12 +1818,20 @@ class App(OpsMixin):
         with the promotions so that the end/expiry that caused it is listed first."""
         why = "no sign of life for %s when its turn came" % fmt_duration(
             self.queue.clock() - session.last_seen)
-        self.counters.add("sessions_expired")
+        self.metrics.count("sessions_expired")
         log.warning("session expired (%s)", why, extra={"ctx": log_context(session.id, None)})
-        text = "waiting session %s expired (%s)" % (session.id[:SHORT_ID], why)
-        with self.events_lock:
-            self._ops_pending.append({"time": time.time(), "kind": "expired", "text": text,
-                                      "detail": None})
+        self.events.waiter_dropped(session.id, why)
+
+    def _session_activated(self, session) -> None:
+        """SessionQueue hook (queue lock held): a session became the active one."""
+        waited = max(0.0, (session.activated or session.created) - session.created)
+        self.metrics.queue_wait(waited)
+        self.events.session_active(session.id, waited)
+
+    def _netlab_done(self, verb: str, seconds: float, error: Optional[str], ctx: str) -> None:
+        """NetlabRunner hook: a netlab command finished or failed."""
+        self.metrics.netlab_done(verb, seconds, error)
+        self.events.netlab_done(verb, seconds, error, ctx)
 
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
@@ -1868,16 +1888,16 @@ class App(OpsMixin):
                      "sessions": len(sessions), "session_list": sessions,
                      "queue_length": len(sessions),
                      "lab": self.lab.snapshot(), "version": __version__,
-                     "netlab_calls": dict(self.runner.calls),
-                     "netlab_failures": dict(self.runner.failures),
-                     "counters": dict(self.counters)}
+                     "netlab_calls": dict(self.metrics.netlab_calls),
+                     "netlab_failures": dict(self.metrics.netlab_failures),
+                     "counters": dict(self.metrics.counters)}
 
     def post_session(self, h, m):
         try:
             sid, pos = self.queue.create()
         except QueueFull as e:
             raise HTTPError(429, str(e)) from None
-        self.counters.add("sessions_created")
+        self.metrics.count("sessions_created")
         log.info("created session (position %d)", pos, extra={"ctx": log_context(sid, None)})
         return 201, {"session_id": sid, "position": pos,
                      "status": "active" if pos == 0 else "waiting"}
@@ -1940,7 +1960,7 @@ class App(OpsMixin):
             except BadRequest as e:
                 h.close_connection = True  # the rest of the body is unread
                 raise HTTPError(e.status, str(e)) from None
-            self.counters.add("upload_bytes", upload.size)
+            self.metrics.count("upload_bytes", upload.size)
             h.set_context(sid, upload.topology)
             try:
                 reuse = parse_bool(upload.fields.get("reuse", reuse_q or "true"), "reuse")
@@ -1993,6 +2013,71 @@ class App(OpsMixin):
         if not destroyed:
             return 204, None
         return 202, {"detail": "lab teardown started"}
+
+    # -- operations: the status page and /status, API docs, metrics (parts in section 6) --
+    def ops_token(self) -> str:
+        """Changes whenever what the status page shows (besides clocks) changes."""
+        i = self.lab.info
+        return "%d.%s.%s.%d.%d" % (self.queue.version, self.events.version(), i.state,
+                                   i.ref_count, len(i.devices))
+
+    def ops_snapshot(self) -> OpsSnapshot:
+        q = self.queue
+        with q.lock:
+            mono = q.clock()
+            sessions = [(s.id, s.created, s.last_seen, s.activated) for s in q._sessions.values()]
+        token = self.ops_token()
+        now = time.time()
+        lab = self.lab.snapshot()
+        events, total = self.events.recent(PAGE_EVENTS)
+        return OpsSnapshot(token=token, now=now, mono=mono, sessions=sessions, lab=lab,
+                           events=events, events_total=total, started=self.started,
+                           uptime=time.monotonic() - self.started_mono,
+                           timeouts={"waiting": self.settings.waiting_timeout,
+                                     "active": self.settings.active_timeout})
+
+    def get_status(self, h, m):
+        since = h.query.get("since")
+        wait = h.query.get("wait")
+        if wait is not None:
+            seconds = wait_seconds(wait)
+            if since is not None and seconds > 0:
+                self.wait_status_change(since, seconds, getattr(h, "connection", None))
+        view = status_view(self.ops_snapshot(), h.query.get("sid"))
+        view["html"] = render_status_sections(view)  # the page swaps these in (section 9)
+        return 200, view
+
+    def wait_status_change(self, since: str, seconds: float, conn=None) -> None:
+        """Until the token differs from ``since``, ``seconds`` pass or the client of ``conn``
+        goes away (a closed page stops watching at once)."""
+        self.metrics.watchers(+1)
+        try:
+            deadline = time.monotonic() + seconds
+            while not self.stopping.is_set() and self.ops_token() == since:
+                left = deadline - time.monotonic()
+                if left <= 0 or _peer_closed(conn):
+                    break
+                with self.queue.changed:  # queue changes wake us at once, the rest within 0.5 s
+                    self.queue.changed.wait(min(left, 0.5))
+        finally:
+            self.metrics.watchers(-1)
+
+    def get_status_page(self, h, m):  # GET / with Accept: text/html
+        view = status_view(self.ops_snapshot(), h.query.get("sid"))
+        return 200, RawResponse(render_status_page(view), "text/html; charset=utf-8",
+                                PAGE_HEADERS)
+
+    def get_openapi(self, h, m):
+        return 200, openapi_document()
+
+    def get_docs(self, h, m):
+        return 200, RawResponse(render_docs_page(openapi_document()), "text/html; charset=utf-8",
+                                PAGE_HEADERS)
+
+    def get_metrics(self, h, m):
+        return 200, RawResponse(render_metrics(self.metrics, self.ops_snapshot()).encode(),
+                                "text/plain; version=0.0.4; charset=utf-8",
+                                (("Cache-Control", "no-store"),))
 
     ROUTES = [
         ("GET", r"/", "get_root"),
@@ -2533,7 +2618,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             status, body = 500, {"detail": "internal server error: %s" % e}
         if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue
             self.rfile = self.rfile.disarm()
-        app.http_requests.add((route, status))  # no formatting here: /metrics labels it
+        app.metrics.http_request(route, status)
         if status >= 400 and (self.headers.get("Transfer-Encoding")
                               or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
             # an error may leave the body unread (POST /lab refused before its upload, 404/405):
@@ -2805,13 +2890,13 @@ def housekeeping_loop(app: App) -> None:
             app.housekeeping_once()
         except Exception:
             log.exception("housekeeping failed")
-        app.ops_housekeeping_tick()  # WATCHDOG=1 (section 6)
-        app.stopping.wait(app.ops_cadence())  # at most half the watchdog interval
+        app.systemd.watchdog()  # WATCHDOG=1 (section 6)
+        app.stopping.wait(app.systemd.cadence(app.cadence()))
 
 
 # ============================================================================================
 # 9. Operations: systemd integration, metrics, status page, OpenAPI document, API docs
-#    (the App side is OpsMixin in section 6; nothing here runs on the request hot path)
+#    (the state they show is in section 6; nothing here runs on the request hot path)
 # ============================================================================================
 
 # -- 9.1 systemd: sd_notify(3) and socket activation, with the stdlib socket module ------------
@@ -3055,20 +3140,20 @@ class MetricsText:
         return "\n".join(self.lines) + "\n"
 
 
-def render_metrics(app: "App") -> str:
-    """GET /metrics: everything is read from counters the server keeps anyway."""
-    sessions = len(app.queue)
-    lab = app.lab.snapshot()
-    counters = dict(app.counters)
-    calls, failures = dict(app.runner.calls), dict(app.runner.failures)
+def render_metrics(metrics: "Metrics", snap: "OpsSnapshot") -> str:
+    """GET /metrics: the counters and histograms of ``metrics``, the gauges of ``snap``."""
+    sessions = len(snap.sessions)
+    lab = snap.lab
+    counters = dict(metrics.counters)
+    calls, failures = dict(metrics.netlab_calls), dict(metrics.netlab_failures)
     verbs = sorted(set(("up", "down", "inspect")) | set(calls) | set(failures))
     m = MetricsText()
     m.simple("gauge", "remote_lab_info", "Server version (the value is always 1).",
              [((("version", __version__),), 1)])
     m.simple("gauge", "remote_lab_start_time_seconds", "Unix time the server started.",
-             app.started)
+             snap.started)
     m.simple("gauge", "remote_lab_uptime_seconds", "Seconds since the server started.",
-             time.monotonic() - app.started_mono)
+             snap.uptime)
     m.simple("gauge", "remote_lab_queue_length", "Sessions in the queue (active and waiting).",
              sessions)
     m.simple("gauge", "remote_lab_sessions", "Sessions by status.",
@@ -3083,7 +3168,7 @@ def render_metrics(app: "App") -> str:
     m.simple("gauge", "remote_lab_lab_devices", "Devices of the running lab.", len(lab["devices"]))
     m.simple("gauge", "remote_lab_status_page_watchers",
              "Status pages waiting for a change right now (GET /status?wait=).",
-             app.status_watchers)
+             metrics.status_watchers)
     m.simple("counter", "remote_lab_sessions_created_total", "Sessions created.",
              counters.get("sessions_created", 0))
     m.simple("counter", "remote_lab_sessions_ended_total", "Sessions ended by their client.",
@@ -3096,17 +3181,18 @@ def render_metrics(app: "App") -> str:
              "netlab commands that failed or timed out, by verb.",
              [((("command", v),), failures.get(v, 0)) for v in verbs])
     m.histogram("remote_lab_netlab_duration_seconds", "Wall time of netlab up and down.",
-                [((("command", v),), app.netlab_seconds[v]) for v in sorted(app.netlab_seconds)])
-    m.histogram("remote_lab_queue_wait_seconds",
-                "Time from session creation to becoming active.", [((), app.queue_wait_seconds)])
+                [((("command", v),), metrics.netlab_seconds[v])
+                 for v in sorted(metrics.netlab_seconds)])
+    m.histogram("remote_lab_queue_wait_seconds", "Time from session creation to becoming active.",
+                [((), metrics.queue_wait_seconds)])
     m.simple("counter", "remote_lab_upload_bytes_total", "Bytes of accepted POST /lab bodies.",
              counters.get("upload_bytes", 0))
     m.simple("counter", "remote_lab_events_total", "Events recorded for the status page.",
-             app.event_seq)
+             snap.events_total)
     m.simple("counter", "remote_lab_http_requests_total",
              "HTTP requests by route (handler name, 'unmatched' for 404/405) and status.",
              [((("route", r), ("status", s)), n)
-              for (r, s), n in sorted(dict(app.http_requests).items())])
+              for (r, s), n in sorted(dict(metrics.http_requests).items())])
     return m.text()
 
 # -- 9.3 the status page: server-rendered snapshot + a small inline script (no external asset) --
@@ -3161,17 +3247,15 @@ a{color:var(--accent)}
 STATUS_JS = r"""
 (function () {
   "use strict";
+  // the server renders every section (GET /status has them in "html"); this script swaps them
+  // in as they change and keeps the clocks going
   var root = document.getElementById("status");
   var st = JSON.parse(document.getElementById("status-data").textContent);
   var skew = st.server_time - Date.now() / 1000;
   var sid = new URLSearchParams(location.search).get("sid");
+  var SECTIONS = ["holder", "queue", "lab", "events"];
   function now() { return Date.now() / 1000 + skew; }
-  function esc(s) {
-    return String(s == null ? "" : s).replace(/[&<>"']/g, function (c) {
-      return {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c];
-    });
-  }
-  function dur(s) {
+  function dur(s) {  // as fmt_duration() on the server
     s = Math.max(0, Math.floor(s));
     if (s < 60) return s + " s";
     function two(a, ua, b, ub) { return a + " " + ua + (b ? " " + b + " " + ub : ""); }
@@ -3179,66 +3263,24 @@ STATUS_JS = r"""
     if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor(s % 3600 / 60), "min");
     return two(Math.floor(s / 86400), "d", Math.floor(s % 86400 / 3600), "h");
   }
-  function ago(t) { return '<span class="ago" data-t="' + t + '">' + dur(now() - t) + "</span>"; }
-  function clock(t) {
-    return '<time data-t="' + t + '">' + esc(new Date(t * 1000).toLocaleTimeString()) + "</time>";
+  function stamps(selector, text) {
+    var els = document.querySelectorAll(selector), i;
+    for (i = 0; i < els.length; i++) els[i].textContent = text(parseFloat(els[i].getAttribute("data-t")));
   }
-  function who(s, you) {
-    return "<code" + (you ? ' class="you"' : "") + ">" + esc(s) + "</code>" + (you ? ' <span class="you">(you)</span>' : "");
-  }
-  function holder(d) {
-    var h = d.holder;
-    if (!h) return '<div class="big muted">Nobody holds the lab: a new session gets it at once.</div>';
-    return '<div class="big">' + who(h.session, h.you) + " holds the lab</div><dl>" +
-      "<dt>topology</dt><dd>" + (h.topology ? "<code>" + esc(h.topology) + "</code>" : '<span class="muted">none uploaded yet</span>') + "</dd>" +
-      "<dt>since</dt><dd>" + clock(h.since) + " (" + ago(h.since) + " ago)</dd>" +
-      "<dt>last sign of life</dt><dd>" + ago(h.last_seen) + " ago</dd></dl>";
-  }
-  function queue(d) {
-    if (!d.queue.length) return '<p class="muted">Nobody is waiting.</p>';
-    var rows = d.queue.map(function (q) {
-      return "<tr><td>" + q.position + "</td><td>" + who(q.session, q.you) + "</td><td>" + ago(q.joined) +
-        '</td><td class="hide-narrow">' + ago(q.last_seen) + " ago</td></tr>";
-    });
-    return '<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for</th>' +
-      '<th class="hide-narrow">last sign of life</th></tr></thead><tbody>' + rows.join("") + "</tbody></table></div>";
-  }
-  function lab(d) {
-    var l = d.lab, out = '<dl><dt>state</dt><dd><span class="badge s-' + esc(l.state) + '">' + esc(l.state) + "</span></dd>" +
-      "<dt>topology</dt><dd>" + (l.topology ? "<code>" + esc(l.topology) + "</code>" : '<span class="muted">-</span>') + "</dd>" +
-      "<dt>ref count</dt><dd>" + l.ref_count + "</dd></dl>";
-    if (l.devices.length) {
-      out += '<div class="scroll"><table><thead><tr><th>device</th><th>type</th><th>management address</th></tr></thead><tbody>' +
-        l.devices.map(function (v) {
-          return "<tr><td>" + esc(v.name) + "</td><td>" + esc(v.device || "") + "</td><td>" + (v.mgmt ? "<code>" + esc(v.mgmt) + "</code>" : "-") + "</td></tr>";
-        }).join("") + "</tbody></table></div>";
-    }
-    if (l.last_error) out += "<details><summary>last netlab failure</summary><pre>" + esc(l.last_error) + "</pre></details>";
-    return out;
-  }
-  function events(d) {
-    if (!d.events.length) return '<p class="muted">Nothing happened yet.</p>';
-    return '<ul class="events">' + d.events.map(function (e) {
-      return "<li>" + clock(e.time) + ' <span class="badge k-' + esc(e.kind) + '">' + esc(e.kind) + "</span> " + esc(e.text) +
-        (e.detail ? "<details><summary>detail</summary><pre>" + esc(e.detail) + "</pre></details>" : "") + "</li>";
-    }).join("") + "</ul>";
+  function tick() { var t = now(); stamps(".ago[data-t]", function (x) { return dur(t - x); }); }
+  function localTimes() {  // the server wrote UTC clock times; show them in the viewer's zone
+    stamps("time[data-t]", function (x) { return new Date(x * 1000).toLocaleTimeString(); });
   }
   function render(d) {
-    document.getElementById("holder-body").innerHTML = holder(d);
-    document.getElementById("queue-body").innerHTML = queue(d);
+    SECTIONS.forEach(function (name) { document.getElementById(name + "-body").innerHTML = d.html[name]; });
+    document.getElementById("uptime").innerHTML = d.html["uptime"];
     document.getElementById("queue-count").textContent = d.queue.length;
-    document.getElementById("lab-body").innerHTML = lab(d);
-    document.getElementById("events-body").innerHTML = events(d);
-    document.getElementById("uptime").innerHTML = ago(d.started);
     root.setAttribute("data-token", d.token);
     root.setAttribute("data-holder", d.holder ? d.holder.session : "");
     root.setAttribute("data-waiting", String(d.queue.length));
     root.setAttribute("data-lab-state", d.lab.state);
     document.title = (d.holder ? "busy" : "idle") + " - remote-lab";
-  }
-  function tick() {
-    var t = now(), i, els = document.querySelectorAll(".ago");
-    for (i = 0; i < els.length; i++) els[i].textContent = dur(t - parseFloat(els[i].getAttribute("data-t")));
+    localTimes();
   }
   function live(on, text) {
     var el = document.getElementById("live");
@@ -3261,9 +3303,7 @@ STATUS_JS = r"""
       setTimeout(poll, 3000);
     });
   }
-  // the server rendered UTC clock times; show them in the viewer's time zone
-  var times = document.querySelectorAll("time[data-t]"), i;
-  for (i = 0; i < times.length; i++) times[i].textContent = new Date(parseFloat(times[i].getAttribute("data-t")) * 1000).toLocaleTimeString();
+  localTimes();
   live(true, "live");
   setInterval(tick, 1000);
   poll();
@@ -3301,7 +3341,8 @@ def _who_html(session: str, you: bool) -> str:
 
 
 def render_status_sections(st: dict) -> Dict[str, str]:
-    """The same markup as STATUS_JS's render(), for the no-JavaScript snapshot."""
+    """The page's sections for a status_view(): the page shows them, /status carries them
+    (``html``) for the page's script to swap in."""
     now = st["server_time"]
     h = st["holder"]
     if h is None:
@@ -3348,7 +3389,8 @@ def render_status_sections(st: dict) -> Dict[str, str]:
                "<details><summary>detail</summary><pre>%s</pre></details>" % _h(e["detail"])
                if e["detail"] else "")
             for e in st["events"])
-    return {"holder": holder, "queue": queue, "lab": lab, "events": events}
+    return {"holder": holder, "queue": queue, "lab": lab, "events": events,
+            "uptime": _ago_html(st["started"], now)}
 
 
 def _json_for_script(data) -> str:
@@ -3381,7 +3423,7 @@ timeouts: waiting %(wait_to)s, active %(active_to)s &middot;
 </body></html>
 """ % {
         "title": "busy" if st["holder"] else "idle", "css": PAGE_CSS, "version": _h(st["version"]),
-        "uptime": _ago_html(st["started"], st["server_time"]), "token": _h(st["token"]),
+        "token": _h(st["token"]),
         "holder_id": _h(st["holder"]["session"] if st["holder"] else ""),
         "waiting": len(st["queue"]), "lab_state": _h(st["lab"]["state"]),
         "taken": _clock_html(st["server_time"]), "wait_to": fmt_duration(st["timeouts"]["waiting"]),
@@ -3682,7 +3724,11 @@ OPENAPI_SCHEMAS = {
             "last_error": _NULLABLE_STR}},
         "events": {"type": "array", "items": {"type": "object", "properties": {
             "time": {"type": "number"}, "kind": {"type": "string"}, "text": {"type": "string"},
-            "detail": _NULLABLE_STR}}}}},
+            "detail": _NULLABLE_STR}}},
+        "html": {"type": "object", "description": "The status page's sections, rendered: the "
+                 "page's script swaps them in.", "properties": {
+                     name: {"type": "string"} for name in ("holder", "queue", "lab", "events",
+                                                           "uptime")}}}},
 }
 
 _openapi_cache = []  # type: List[dict]
@@ -4262,8 +4308,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     if settings.simulate:
         os.environ.setdefault("REMOTE_LAB_SIM_HOME", os.path.join(settings.state_dir, "simulated-netlab"))
-    app = App(settings)
-    app.notifier = SystemdNotifier.from_environ()  # a no-op without systemd (section 9)
+    app = App(settings, SystemdNotifier.from_environ())  # a no-op without systemd (section 9)
     try:
         server = bind_server(settings, app, sd_listen_socket())
     except OSError as e:
@@ -4279,7 +4324,7 @@ def main(argv=None) -> int:
         if not app.stopping.is_set():
             log.info("received %s: shutting down", signal.Signals(signum).name)
             app.stopping.set()
-            app.ops_stopping()
+            app.systemd.stopping()
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -4293,7 +4338,7 @@ def main(argv=None) -> int:
             "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
             port, "simulated" if settings.simulate else settings.netlab)
     app.lab.startup_cleanup()
-    app.ops_ready()  # READY=1, then STATUS= on changes (section 6)
+    app.systemd.ready()  # READY=1, then STATUS= on changes (section 6)
 
     keeper = threading.Thread(target=housekeeping_loop, args=(app,), name="housekeeping",
                               daemon=True)
@@ -4303,7 +4348,7 @@ def main(argv=None) -> int:
     finally:
         server.server_close()
         app.stopping.set()
-        app.ops_stopping()  # STOPPING=1 (once)
+        app.systemd.stopping()  # STOPPING=1 (once)
         log.info("tearing down the lab before exit")
         app.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
         app.lab.shutdown()

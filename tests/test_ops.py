@@ -355,7 +355,8 @@ def test_metric_counters_lose_no_increment_under_concurrency(tmp_path):
     """Request threads and concurrent inspects bump the same counters; `c[k] += 1` from several
     threads loses increments on Python < 3.10 (about 2 in 3 in a tight loop on 3.8)."""
     app = remote_lab.App(remote_lab.Settings(simulate=True, state_dir=str(tmp_path)))
-    counters = (app.counters, app.http_requests, app.runner.calls, app.runner.failures)
+    m = app.metrics
+    counters = (m.counters, m.http_requests, m.netlab_calls, m.netlab_failures)
     threads, rounds = 8, 5000
 
     def hammer():
