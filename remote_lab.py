@@ -945,8 +945,8 @@ class Lab:
         self.info = LabInfo()
         self.teardowns = []  # type: List[threading.Thread]
         # short timeouts (tests) shorten the first retry too, as they do the housekeeping cadence
-        self.netlab = LabExecutor(runner, self.clock,
-                                  max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0)))
+        retry_first = max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0))
+        self.netlab = LabExecutor(runner, self.clock, retry_first)
 
     @property
     def unclean(self) -> Dict[str, Tuple[int, float]]:

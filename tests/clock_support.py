@@ -53,7 +53,7 @@ class FakeClock(remote_lab.Clock):
 
 class FakeRunner:
     """The NetlabRunner interface (up, devices, down, records), recording each call.
-    ``fail`` holds the verbs that raise NetlabError; ``devices_of`` the devices an up gives."""
+    ``fail`` holds the verbs that raise NetlabError; ``device_names`` the nodes of every lab."""
 
     def __init__(self, devices=("r1", "r2")):
         self.calls = []  # (verb, workdir, force)

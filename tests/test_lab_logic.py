@@ -69,7 +69,7 @@ def test_a_failed_up_leaves_the_lab_stopped_with_the_error_and_its_dir_cleaned(w
     assert not os.path.exists(upload.workdir)
 
 
-# -- keep-warm (formerly HTTP tests sleeping past a 1 s deadline) --
+# -- keep-warm: kept after a reuse=true session, until its deadline unless in use --
 
 
 def test_keep_warm_one_up_for_three_sessions(tmp_path):
