@@ -297,8 +297,8 @@ class SessionQueue:
         with self.lock:
             if len(self._sessions) >= self.max_length:
                 raise QueueFull("queue is full (%d sessions)" % self.max_length)
+            sid = self.new_id()  # first: it may be slow (the first uuid4 imports uuid)
             now = self.clock.now()
-            sid = self.new_id()
             self._sessions[sid] = Session(sid, now, now)
             self._activate_head()
             self._bump()

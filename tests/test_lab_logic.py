@@ -227,3 +227,19 @@ def test_a_dir_netlab_still_knows_is_retried_with_backoff_on_the_clock(world):
     world.housekeeping()
     assert world.lab.unclean == {} and not os.path.exists(upload.workdir)
     assert world.state() == STOPPED
+
+
+def test_a_session_created_into_an_empty_queue_is_active_the_moment_it_is_created():
+    # making the id may take a while (the first uuid4 imports uuid): the clock is read after it,
+    # so creation and promotion are one instant and nobody is counted as having waited
+    clock = FakeClock()
+
+    def slow_id():
+        clock.advance(0.005)
+        return "s1"
+
+    q = SessionQueue(600, 300, 10, clock, new_id=slow_id)
+    promoted = []
+    q.on_activate = promoted.append
+    q.create()
+    assert [(s.id, s.activated - s.created) for s in promoted] == [("s1", 0.0)]
