@@ -183,6 +183,40 @@ def settings_from_args(argv=None) -> Settings:
 # ============================================================================================
 
 
+class Clock:
+    """Monotonic seconds and timed waits on a condition: all the queue and the lab know of time.
+
+    Calling it returns ``now()``, like the ``time.monotonic`` it stands for. A test clock
+    overrides both methods and never sleeps (tests/clock_support.py).
+    """
+
+    def __init__(self, now: Callable[[], float] = time.monotonic):
+        self._now = now
+
+    def now(self) -> float:
+        return self._now()
+
+    def __call__(self) -> float:
+        return self.now()
+
+    def wait(self, cond: threading.Condition, timeout: float) -> None:
+        """Wait on ``cond`` (held by the caller) until notified or ``timeout`` seconds pass."""
+        cond.wait(timeout)
+
+
+def as_clock(clock) -> Clock:
+    """``clock`` if it is a Clock, a Clock around it if it is a function returning seconds,
+    the real clock if it is None."""
+    if clock is None:
+        return Clock()
+    return clock if isinstance(clock, Clock) else Clock(clock)
+
+
+def new_session_id() -> str:
+    import uuid
+    return str(uuid.uuid4())
+
+
 class UnknownSession(KeyError):
     pass
 
@@ -207,11 +241,13 @@ class SessionQueue:
     """
 
     def __init__(self, waiting_timeout=600.0, active_timeout=300.0, max_length=1000,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock=None, new_id: Callable[[], str] = new_session_id):
         self.waiting_timeout = waiting_timeout
         self.active_timeout = active_timeout
         self.max_length = max_length
-        self.clock = clock
+        self.clock = as_clock(clock)  # a Clock, or a function returning monotonic seconds
+        self.new_id = new_id
+        self._long_polls = 0  # wait_change calls blocked on ``changed`` right now
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
@@ -244,12 +280,12 @@ class SessionQueue:
             head = next(iter(self._sessions.values()))
             if head.activated is not None:
                 return None
-            if head.pins == 0 and self.clock() - head.last_seen > self.active_timeout:
+            if head.pins == 0 and self.clock.now() - head.last_seen > self.active_timeout:
                 del self._sessions[head.id]
                 if self.on_drop is not None:
                     self.on_drop(head)
                 continue
-            head.activated = self.clock()
+            head.activated = self.clock.now()
             head.last_seen = head.activated  # the active timeout counts from promotion
             if self.on_activate is not None:
                 self.on_activate(head)
@@ -258,12 +294,11 @@ class SessionQueue:
 
     # -- API --
     def create(self) -> Tuple[str, int]:
-        import uuid
         with self.lock:
             if len(self._sessions) >= self.max_length:
                 raise QueueFull("queue is full (%d sessions)" % self.max_length)
-            now = self.clock()
-            sid = str(uuid.uuid4())
+            sid = self.new_id()  # first: it may be slow (the first uuid4 imports uuid)
+            now = self.clock.now()
             self._sessions[sid] = Session(sid, now, now)
             self._activate_head()
             self._bump()
@@ -273,26 +308,26 @@ class SessionQueue:
         with self.lock:
             s = self._session(sid)
             if touch:
-                s.last_seen = self.clock()
+                s.last_seen = self.clock.now()
             pos = self._position(sid)
             return ("active" if pos == 0 else "waiting"), pos
 
     def touch(self, sid: str) -> None:
         with self.lock:
-            self._session(sid).last_seen = self.clock()
+            self._session(sid).last_seen = self.clock.now()
 
     def pin(self, sid: str) -> None:
         with self.lock:
             s = self._session(sid)
             s.pins += 1
-            s.last_seen = self.clock()
+            s.last_seen = self.clock.now()
 
     def unpin(self, sid: str) -> None:
         with self.lock:
             s = self._sessions.get(sid)
             if s is not None:
                 s.pins = max(0, s.pins - 1)
-                s.last_seen = self.clock()
+                s.last_seen = self.clock.now()
 
     def wait_change(self, sid: str, timeout: float,
                     known: Optional[int] = None) -> Tuple[str, int]:
@@ -307,15 +342,24 @@ class SessionQueue:
             first = self.state(sid)
             if first[1] == 0 or (known is not None and known != first[1]):
                 return first
-            deadline = self.clock() + timeout
-            while True:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    return self.state(sid)
-                self.changed.wait(remaining)
-                now = self.state(sid)
-                if now != first:
-                    return now
+            deadline = self.clock.now() + timeout
+            self._long_polls += 1
+            try:
+                while True:
+                    remaining = deadline - self.clock.now()
+                    if remaining <= 0:
+                        return self.state(sid)
+                    self.clock.wait(self.changed, remaining)
+                    now = self.state(sid)
+                    if now != first:
+                        return now
+            finally:
+                self._long_polls -= 1
+
+    def long_polls(self) -> int:
+        """How many wait_change calls are blocked now (each is woken by the next change)."""
+        with self.lock:
+            return self._long_polls
 
     def remove(self, sid: str) -> Tuple[bool, Optional[str]]:
         """End a session. Returns (was_active, id of a newly promoted head or None); dead
@@ -331,7 +375,7 @@ class SessionQueue:
     def expire(self) -> List[Tuple[str, bool]]:
         """Drop sessions silent for too long. Returns [(sid, was_active)]."""
         with self.lock:
-            now = self.clock()
+            now = self.clock.now()
             dead = []
             for i, s in enumerate(self._sessions.values()):
                 limit = self.active_timeout if i == 0 else self.waiting_timeout
@@ -357,7 +401,7 @@ class SessionQueue:
 
     def snapshot(self) -> List[dict]:
         with self.lock:
-            now = self.clock()
+            now = self.clock.now()
             return [{"session_id": s.id, "position": i, "status": "active" if i == 0 else "waiting",
                      "age": round(now - s.created, 3), "idle": round(now - s.last_seen, 3)}
                     for i, s in enumerate(self._sessions.values())]
@@ -711,6 +755,7 @@ def kill_process_group(proc: "subprocess.Popen", grace: float = 3.0) -> None:
 
 # ============================================================================================
 # 4. The lab: one running lab per host, fingerprint, ref count, states
+#    (4.1 the pure planner, 4.2 the executor that runs netlab, 4.3 the lab's state and threads)
 # ============================================================================================
 
 
@@ -736,31 +781,196 @@ class LabInfo:
     devices: List[dict] = dataclasses.field(default_factory=list)
     holder: Optional[str] = None  # session that started / last acquired it
     reusable: bool = False  # the last acquire used reuse=true
-    warm_until: Optional[float] = None  # keep-warm deadline (monotonic)
+    warm_until: Optional[float] = None  # keep-warm deadline (the lab's clock)
     last_error: Optional[str] = None
 
+
+# -- 4.1 the planner: what to do, from the lab's state and the request alone (no I/O) ----------
+
+# what an acquire does: the README's acquisition table, plus waiting out a transition and
+# refusing a session that ended meanwhile
+REUSE, BUSY, REPLACE, START, WAIT, GONE = "reuse", "busy", "replace", "start", "wait", "gone"
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquirePlan:
+    action: str  # REUSE, BUSY, REPLACE, START, WAIT or GONE
+    reason: str = ""  # the 423 detail (BUSY, GONE) or why the idle lab goes (REPLACE)
+
+
+def plan_acquire(lab: LabInfo, sid: str, fingerprint: str, reuse: bool,
+                 active: bool) -> AcquirePlan:
+    """Session ``sid`` (still the active one: ``active``) asks for the lab ``fingerprint``."""
+    if lab.state in (STARTING, STOPPING):  # a new up waits for a teardown (or another up)
+        return AcquirePlan(WAIT)
+    if not active:  # it ended while we waited: no lab for nobody
+        return AcquirePlan(GONE, "session %s is no longer active" % sid)
+    if lab.state != RUNNING:
+        return AcquirePlan(START)
+    if lab.fingerprint == fingerprint and reuse:
+        return AcquirePlan(REUSE)
+    if lab.ref_count > 0:
+        return AcquirePlan(BUSY, "Lab currently busy: %s is in use (ref count %d)"
+                           % (lab.topology, lab.ref_count))
+    return AcquirePlan(REPLACE, "restart requested (reuse=false)" if lab.fingerprint == fingerprint
+                       else "another topology requested")
+
+
+KEEP_WARM, TEAR_DOWN = "keep warm", "tear down"
+
+
+def plan_session_end(lab: LabInfo, sid: str, keep_warm: float) -> Optional[str]:
+    """What the end of session ``sid`` does to the lab: KEEP_WARM, TEAR_DOWN or None."""
+    if lab.state != RUNNING or lab.holder != sid:
+        return None
+    return KEEP_WARM if keep_warm > 0 and lab.reusable else TEAR_DOWN
+
+
+def warm_lab_expired(lab: LabInfo, now: float, holder_active: bool) -> bool:
+    """A lab kept warm past its deadline, which nobody holds or uses: it goes."""
+    return (lab.state == RUNNING and lab.warm_until is not None and now >= lab.warm_until
+            and lab.ref_count == 0 and not holder_active)
+
+
+# -- 4.2 the executor: netlab up/inspect/down in the lab dirs, and the dirs it could not clean -
 
 NETLAB_SNAPSHOT = "netlab.snapshot.pickle"  # netlab's record of a lab, in the lab's dir
 UNCLEAN_RETRY_FIRST = 15.0  # seconds before retrying a failed teardown; doubles each time
 UNCLEAN_RETRY_MAX = 600.0
 
 
+class LabExecutor:
+    """Runs what the lab decided through the NetlabRunner; never raises on a teardown.
+
+    Lab dirs whose `netlab down` failed while netlab still knows the lab are kept in
+    ``unclean`` (netlab can only clean a lab from its dir) and retried with a backoff.
+    """
+
+    def __init__(self, runner: NetlabRunner, clock: Clock, retry_first: float):
+        self.runner = runner
+        self.clock = clock
+        self.retry_first = retry_first
+        self.lock = threading.Lock()  # guards ``unclean``
+        self.unclean = {}  # type: Dict[str, Tuple[int, float]]  # dir -> (attempts, next retry)
+
+    def start(self, workdir: str, topology: str, ctx: str) -> List[dict]:
+        """``netlab up`` then the devices; on any failure the dir is cleaned and the error
+        raised."""
+        try:
+            self.runner.up(workdir, topology, ctx=ctx)
+            return self.runner.devices(workdir, ctx=ctx)
+        except BaseException as e:
+            if isinstance(e, NetlabError):
+                log.error("lab start failed: %s", e, extra={"ctx": ctx})
+            self.teardown(workdir, ctx, force=True)
+            raise
+
+    def teardown(self, workdir: Optional[str], ctx: str, force: bool = False) -> bool:
+        """``netlab down --cleanup`` in the lab dir (retry with --force), then remove the dir.
+
+        A failure is logged, never raised: the queue must move on. If netlab still knows the
+        lab (its snapshot is in the dir), the dir is kept and the teardown retried later
+        (``retry_unclean``): netlab can only clean a lab from its own dir, and a lab it still
+        counts as running makes every later ``up`` fail. Returns True when the dir is gone.
+        """
+        if not workdir:
+            return True
+        if not os.path.isdir(workdir):
+            self._forget_unclean(workdir)
+            return True
+        if self._down(workdir, ctx, force) or \
+                not os.path.exists(os.path.join(workdir, NETLAB_SNAPSHOT)):
+            shutil.rmtree(workdir, ignore_errors=True)
+            self._forget_unclean(workdir)
+            return True
+        with self.lock:
+            attempts = self.unclean.get(workdir, (0, 0.0))[0] + 1
+            delay = min(UNCLEAN_RETRY_MAX, self.retry_first * 2 ** (attempts - 1))
+            self.unclean[workdir] = (attempts, self.clock.now() + delay)
+        log.error("netlab still knows the lab in %s: keeping that dir, `netlab down --cleanup "
+                  "--force` will be retried before the next `up` and every %.0f s (attempt %d)",
+                  workdir, delay, attempts, extra={"ctx": ctx})
+        return False
+
+    def _down(self, workdir: str, ctx: str, force: bool) -> bool:
+        """``netlab down --cleanup`` (``--force`` at once, or as the retry): True when it
+        worked."""
+        try:
+            self.runner.down(workdir, force=force, ctx=ctx)
+            return True
+        except Exception as e:  # NetlabError, or no thread/process could be started for it
+            if force:
+                # after a failed `up` there may be nothing registered to take down
+                log.warning("netlab down --force failed: %s", e, extra={"ctx": ctx})
+                return False
+            log.warning("netlab down failed (%s); retrying with --force", e, extra={"ctx": ctx})
+        try:
+            self.runner.down(workdir, force=True, ctx=ctx)
+            return True
+        except Exception as e2:
+            log.error("netlab down --force failed too: %s", e2, extra={"ctx": ctx})
+            return False
+
+    def _forget_unclean(self, workdir: str) -> None:
+        with self.lock:
+            if self.unclean.pop(workdir, None) is not None:
+                log.info("lab dir %s finally cleaned", workdir, extra={"ctx": "-"})
+
+    def retry_due(self) -> bool:
+        """Some kept dir's retry time came."""
+        now = self.clock.now()
+        with self.lock:
+            return any(due <= now for _, due in self.unclean.values())
+
+    def retry_unclean(self, ctx: str = "-", due_only: bool = False) -> None:
+        """Retry the teardown of kept dirs (all of them, or those whose retry time came)."""
+        now = self.clock.now()
+        with self.lock:
+            dirs = [d for d, (_, due) in self.unclean.items() if not due_only or due <= now]
+        for d in dirs:
+            self.teardown(d, ctx, force=True)
+
+    def leftovers(self, labs_dir: str) -> Tuple[List[str], List[dict]]:
+        """What a crashed predecessor left: lab dirs, and records of netlab commands it ran."""
+        try:
+            dirs = [os.path.join(labs_dir, d) for d in sorted(os.listdir(labs_dir))]
+        except FileNotFoundError:
+            dirs = []
+        records = self.runner.records
+        return ([d for d in dirs if os.path.isdir(d)],
+                records.leftovers() if records is not None else [])
+
+    def clean_leftovers(self, dirs: List[str], orphans: List[dict]) -> None:
+        if orphans:  # netlab still running in a dir must die before the dir goes
+            self.runner.records.kill_leftovers(orphans)
+        for d in dirs:
+            log.warning("cleaning up lab dir left from a previous run: %s", d, extra={"ctx": "-"})
+            self.teardown(d, "-", force=True)
+
+
+# -- 4.3 the lab: its state under one condition; netlab runs outside it, teardowns in threads --
+
+
 class Lab:
     """The one lab of this host. Transitions happen under ``cond``; netlab runs outside it."""
 
     def __init__(self, runner: NetlabRunner, settings: Settings,
-                 is_active: Callable[[str], bool]):
+                 is_active: Callable[[str], bool], clock=None):
         self.runner = runner
         self.settings = settings
         self.is_active = is_active
+        self.clock = as_clock(clock)
         self.cond = threading.Condition()
         self.info = LabInfo()
         self.teardowns = []  # type: List[threading.Thread]
-        # lab dirs whose `netlab down` failed while netlab still knows the lab: kept (netlab
-        # can only clean a lab from its dir) and retried; dir -> (attempts, next retry time)
-        self.unclean = {}  # type: Dict[str, Tuple[int, float]]
         # short timeouts (tests) shorten the first retry too, as they do the housekeeping cadence
-        self.retry_first = max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0))
+        retry_first = max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0))
+        self.netlab = LabExecutor(runner, self.clock, retry_first)
+
+    @property
+    def unclean(self) -> Dict[str, Tuple[int, float]]:
+        """Kept lab dirs netlab still knows: dir -> (attempts, next retry time)."""
+        return self.netlab.unclean
 
     # -- queries --
     def snapshot(self) -> dict:
@@ -781,59 +991,59 @@ class Lab:
     def acquire(self, sid: str, upload: "Upload", reuse: bool) -> Tuple[bool, List[dict]]:
         """Apply the acquisition rules. Consumes ``upload`` (moved in as the work dir or removed)."""
         ctx = log_context(sid, upload.topology)
-        old_workdir = None
         with self.cond:
-            while self.info.state in (STARTING, STOPPING):  # a new up waits for a teardown
-                self.cond.wait()
-            if not self.is_active(sid):  # it ended while we waited: no lab for nobody
+            plan = self._plan_locked(sid, upload.fingerprint, reuse)
+            if plan.action in (BUSY, GONE):
                 upload.discard()
-                raise LabBusy("session %s is no longer active" % sid)
-            i = self.info
-            if i.state == RUNNING:
-                if i.fingerprint == upload.fingerprint and reuse:
-                    i.ref_count += 1
-                    i.holder, i.reusable, i.warm_until = sid, True, None
-                    log.info("reusing running lab (ref count %d)", i.ref_count, extra={"ctx": ctx})
-                    upload.discard()
-                    return True, list(i.devices)
-                if i.ref_count > 0:
-                    upload.discard()
-                    raise LabBusy("Lab currently busy: %s is in use (ref count %d)"
-                                  % (i.topology, i.ref_count))
-                old_workdir = i.workdir
-                reason = ("restart requested (reuse=false)" if i.fingerprint == upload.fingerprint
-                          else "another topology requested")
+                raise LabBusy(plan.reason)
+            if plan.action == REUSE:
+                upload.discard()
+                return True, self._reuse_locked(sid, ctx)
+            old_workdir = self.info.workdir if plan.action == REPLACE else None
             self.info = LabInfo(state=STOPPING if old_workdir else STARTING)
         if old_workdir:
-            log.info("tearing down idle lab: %s", reason, extra={"ctx": ctx})
-            self._teardown_dir(old_workdir, ctx)
-            with self.cond:
-                gone = not self.is_active(sid)  # it ended during that teardown
-                self.info.state = STOPPED if gone else STARTING
-                self.cond.notify_all()
-            if gone:
-                upload.discard()
-                raise LabBusy("session %s is no longer active" % sid)
-        self.retry_unclean(ctx)  # a lab netlab still knows would make this `up` fail
-        workdir = upload.workdir
+            log.info("tearing down idle lab: %s", plan.reason, extra={"ctx": ctx})
+            self._replace(sid, upload, old_workdir, ctx)
+        return False, self._start(sid, upload, reuse, ctx)
+
+    def _plan_locked(self, sid: str, fingerprint: str, reuse: bool) -> AcquirePlan:
+        while True:
+            plan = plan_acquire(self.info, sid, fingerprint, reuse, self.is_active(sid))
+            if plan.action != WAIT:
+                return plan
+            self.cond.wait()  # the up or teardown under way notifies when it is done
+
+    def _reuse_locked(self, sid: str, ctx: str) -> List[dict]:
+        i = self.info
+        i.ref_count += 1
+        i.holder, i.reusable, i.warm_until = sid, True, None
+        log.info("reusing running lab (ref count %d)", i.ref_count, extra={"ctx": ctx})
+        return list(i.devices)
+
+    def _replace(self, sid: str, upload: "Upload", old_workdir: str, ctx: str) -> None:
+        """Tear the idle lab down for the new one (STOPPING, then STARTING)."""
+        self.netlab.teardown(old_workdir, ctx)
+        with self.cond:
+            gone = not self.is_active(sid)  # it ended during that teardown
+            self.info.state = STOPPED if gone else STARTING
+            self.cond.notify_all()
+        if gone:
+            upload.discard()
+            raise LabBusy("session %s is no longer active" % sid)
+
+    def _start(self, sid: str, upload: "Upload", reuse: bool, ctx: str) -> List[dict]:
+        """``netlab up`` the upload (state STARTING); RUNNING after, STOPPED on failure."""
+        self.netlab.retry_unclean(ctx)  # a lab netlab still knows would make this `up` fail
         try:
-            self.runner.up(workdir, upload.topology, ctx=ctx)
-            devices = self.runner.devices(workdir, ctx=ctx)
-        except NetlabError as e:
-            log.error("lab start failed: %s", e, extra={"ctx": ctx})
-            self._teardown_dir(workdir, ctx, force=True)
+            devices = self.netlab.start(upload.workdir, upload.topology, ctx)
+        except BaseException as e:
+            failed = LabInfo(last_error=e.detail) if isinstance(e, NetlabError) else LabInfo()
             with self.cond:
-                self.info = LabInfo(last_error=e.detail)
-                self.cond.notify_all()
-            raise
-        except BaseException:
-            self._teardown_dir(workdir, ctx, force=True)
-            with self.cond:
-                self.info = LabInfo()
+                self.info = failed
                 self.cond.notify_all()
             raise
         with self.cond:
-            self.info = LabInfo(state=RUNNING, workdir=workdir, topology=upload.topology,
+            self.info = LabInfo(state=RUNNING, workdir=upload.workdir, topology=upload.topology,
                                 fingerprint=upload.fingerprint, ref_count=1, devices=devices,
                                 holder=sid, reusable=reuse)
             self.cond.notify_all()
@@ -842,7 +1052,7 @@ class Lab:
             if not self.is_active(sid):
                 self.session_ended(sid)
         log.info("lab up with %d devices", len(devices), extra={"ctx": ctx})
-        return False, devices
+        return devices
 
     def release(self, sid: str) -> int:
         with self.cond:
@@ -870,12 +1080,13 @@ class Lab:
         """The active session is gone: its references go, the lab is torn down or kept warm."""
         with self.cond:
             i = self.info
-            if i.state != RUNNING or i.holder != sid:
+            action = plan_session_end(i, sid, self.settings.keep_warm)
+            if action is None:
                 return
             i.ref_count = 0
             ctx = log_context(sid, i.topology)
-            if self.settings.keep_warm > 0 and i.reusable:
-                i.warm_until = time.monotonic() + self.settings.keep_warm
+            if action == KEEP_WARM:
+                i.warm_until = self.clock.now() + self.settings.keep_warm
                 log.info("session ended; keeping the lab warm for %.0f s", self.settings.keep_warm,
                          extra={"ctx": ctx})
                 return
@@ -884,8 +1095,8 @@ class Lab:
     def expire_warm(self) -> None:
         with self.cond:
             i = self.info
-            if i.state == RUNNING and i.warm_until is not None and time.monotonic() >= i.warm_until \
-                    and i.ref_count == 0 and not (i.holder and self.is_active(i.holder)):
+            holder_active = bool(i.holder) and self.is_active(i.holder)
+            if warm_lab_expired(i, self.clock.now(), holder_active):
                 self._teardown_async_locked(log_context(None, i.topology), "keep-warm expired")
 
     # -- teardown --
@@ -895,7 +1106,7 @@ class Lab:
         self.info = LabInfo(state=STOPPING)
         self.cond.notify_all()
 
-        self._stop_in_background("lab-teardown", lambda: self._teardown_dir(workdir, ctx))
+        self._stop_in_background("lab-teardown", lambda: self.netlab.teardown(workdir, ctx))
 
     def _stop_in_background(self, name: str, work: Callable[[], object]) -> None:
         """Run ``work`` (netlab down ...) in a thread, then leave STOPPING for STOPPED."""
@@ -912,80 +1123,30 @@ class Lab:
         self.teardowns = [x for x in self.teardowns if x.is_alive()] + [t]
         t.start()
 
-    def _teardown_dir(self, workdir: Optional[str], ctx: str, force: bool = False) -> bool:
-        """``netlab down --cleanup`` in the lab dir (retry with --force), then remove the dir.
-
-        A failure is logged, never raised: the queue must move on. If netlab still knows the
-        lab (its snapshot is in the dir), the dir is kept and the teardown retried later
-        (``retry_unclean``): netlab can only clean a lab from its own dir, and a lab it still
-        counts as running makes every later ``up`` fail. Returns True when the dir is gone.
-        """
-        if not workdir:
-            return True
-        if not os.path.isdir(workdir):
-            self._forget_unclean(workdir)
-            return True
-        try:
-            self.runner.down(workdir, force=force, ctx=ctx)
-            cleaned = True
-        except Exception as e:  # NetlabError, or no thread/process could be started for it
-            cleaned = False
-            if force:
-                # after a failed `up` there may be nothing registered to take down
-                log.warning("netlab down --force failed: %s", e, extra={"ctx": ctx})
-            else:
-                log.warning("netlab down failed (%s); retrying with --force", e,
-                            extra={"ctx": ctx})
-                try:
-                    self.runner.down(workdir, force=True, ctx=ctx)
-                    cleaned = True
-                except Exception as e2:
-                    log.error("netlab down --force failed too: %s", e2, extra={"ctx": ctx})
-        if cleaned or not os.path.exists(os.path.join(workdir, NETLAB_SNAPSHOT)):
-            shutil.rmtree(workdir, ignore_errors=True)
-            self._forget_unclean(workdir)
-            return True
-        with self.cond:
-            attempts = self.unclean.get(workdir, (0, 0.0))[0] + 1
-            delay = min(UNCLEAN_RETRY_MAX, self.retry_first * 2 ** (attempts - 1))
-            self.unclean[workdir] = (attempts, time.monotonic() + delay)
-        log.error("netlab still knows the lab in %s: keeping that dir, `netlab down --cleanup "
-                  "--force` will be retried before the next `up` and every %.0f s (attempt %d)",
-                  workdir, delay, attempts, extra={"ctx": ctx})
-        return False
-
-    def _forget_unclean(self, workdir: str) -> None:
-        with self.cond:
-            if self.unclean.pop(workdir, None) is not None:
-                log.info("lab dir %s finally cleaned", workdir, extra={"ctx": "-"})
-
     def retry_unclean(self, ctx: str = "-", due_only: bool = False) -> None:
         """Retry the teardown of kept dirs (all of them, or those whose retry time came)."""
-        with self.cond:
-            now = time.monotonic()
-            dirs = [d for d, (_, due) in self.unclean.items() if not due_only or due <= now]
-        for d in dirs:
-            self._teardown_dir(d, ctx, force=True)
+        self.netlab.retry_unclean(ctx, due_only)
 
     def retry_unclean_due(self) -> None:
         """Housekeeping: retry due kept dirs in the background while no lab is in use."""
         with self.cond:
-            now = time.monotonic()
-            if self.info.state != STOPPED or not any(due <= now for _, due in self.unclean.values()):
+            if self.info.state != STOPPED or not self.netlab.retry_due():
                 return
             self.info = LabInfo(state=STOPPING)  # a new `up` waits for this, as for any teardown
-        self._stop_in_background("lab-retry-teardown", lambda: self.retry_unclean(due_only=True))
+        self._stop_in_background("lab-retry-teardown",
+                                 lambda: self.netlab.retry_unclean(due_only=True))
 
     def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        """Wait up to ``timeout`` for no up or teardown to be under way (and their threads)."""
+        deadline = self.clock.now() + timeout
         with self.cond:
             while self.info.state in (STARTING, STOPPING):
-                left = deadline - time.monotonic()
+                left = deadline - self.clock.now()
                 if left <= 0:
                     return False
-                self.cond.wait(left)
+                self.clock.wait(self.cond, left)
         for t in list(self.teardowns):
-            t.join(max(0.0, deadline - time.monotonic()))
+            t.join(max(0.0, deadline - self.clock.now()))
         return True
 
     def shutdown(self) -> None:
@@ -995,8 +1156,8 @@ class Lab:
             workdir = self.info.workdir if self.info.state == RUNNING else None
             self.info = LabInfo(state=STOPPING if workdir else STOPPED)
         if workdir:
-            self._teardown_dir(workdir, log_context(None, None))
-        self.retry_unclean()  # what still fails stays for the next start's clean-up
+            self.netlab.teardown(workdir, log_context(None, None))
+        self.netlab.retry_unclean()  # what still fails stays for the next start's clean-up
         with self.cond:
             self.info = LabInfo()
 
@@ -1009,28 +1170,13 @@ class Lab:
         netlab registers the ``default`` instance even when ``up`` fails; it must be cleaned in
         its directory before that directory is deleted, or the next ``up`` fails.
         """
-        labs = self.settings.labs_dir
-        try:
-            leftovers = [os.path.join(labs, d) for d in sorted(os.listdir(labs))]
-        except FileNotFoundError:
-            leftovers = []
-        leftovers = [d for d in leftovers if os.path.isdir(d)]
-        records = self.runner.records
-        orphans = records.leftovers() if records is not None else []
-        if not leftovers and not orphans:
+        dirs, orphans = self.netlab.leftovers(self.settings.labs_dir)
+        if not dirs and not orphans:
             return
         with self.cond:
             self.info = LabInfo(state=STOPPING)
-
-        def work():
-            if orphans:  # netlab still running in a dir must die before the dir goes
-                records.kill_leftovers(orphans)
-            for d in leftovers:
-                log.warning("cleaning up lab dir left from a previous run: %s", d,
-                            extra={"ctx": "-"})
-                self._teardown_dir(d, "-", force=True)
-
-        self._stop_in_background("startup-cleanup", work)
+        self._stop_in_background("startup-cleanup",
+                                 lambda: self.netlab.clean_leftovers(dirs, orphans))
 
 
 # ============================================================================================
@@ -1787,7 +1933,7 @@ class App:
             settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
             settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")),
             on_start=self.metrics.netlab_started, on_done=self._netlab_done)
-        self.lab = Lab(self.runner, settings, self.queue.is_active)
+        self.lab = Lab(self.runner, settings, self.queue.is_active, self.queue.clock)
         self.stopping = threading.Event()
         self.systemd = SystemdReporter(notifier or SystemdNotifier(), self.ops_snapshot,
                                        self.queue.changed, self.stopping)

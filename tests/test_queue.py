@@ -335,12 +335,11 @@ def _wait_in_thread(q, sid, timeout):
 
 
 def _wait_blocked(q, count, timeout=2.0):
-    """Wait until ``count`` threads sleep on the queue's condition."""
+    """Wait until ``count`` threads are blocked in wait_change."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with q.lock:
-            if len(q.changed._waiters) >= count:
-                return
+        if q.long_polls() >= count:
+            return
         time.sleep(0.005)
     raise AssertionError("waiter threads never blocked")
 
