@@ -713,22 +713,7 @@ class HttpTransport:
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
         retries = self.retries if retries is None else retries
-        hdrs = {"User-Agent": "remote-lab-client/" + __version__, "Accept": "application/json"}
-        if self.token:
-            hdrs["Authorization"] = "Bearer " + self.token
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode("utf-8")
-            content_type = content_type or "application/json"
-        if isinstance(body, MultipartBody):
-            content_type = body.content_type
-            hdrs["Content-Length"] = str(body.length)
-        elif body is not None:
-            hdrs["Content-Length"] = str(len(body))
-        elif method in ("POST", "PUT", "PATCH"):
-            hdrs["Content-Length"] = "0"
-        if content_type:
-            hdrs["Content-Type"] = content_type
-        hdrs.update(headers or {})
+        hdrs, body = self._prepare(method, headers, body, content_type)
         attempt = 0
         relocated = False
         outage = None  # when the connection failures of this request began
@@ -778,6 +763,27 @@ class HttpTransport:
                 stop.wait(delay)
             else:
                 time.sleep(delay)
+
+    def _prepare(self, method, headers, body, content_type):
+        """(headers, body) to send: ours, then the caller's ``headers``; a JSON-able body
+        encoded."""
+        hdrs = {"User-Agent": "remote-lab-client/" + __version__, "Accept": "application/json"}
+        if self.token:
+            hdrs["Authorization"] = "Bearer " + self.token
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+            content_type = content_type or "application/json"
+        if isinstance(body, MultipartBody):
+            content_type = body.content_type
+            hdrs["Content-Length"] = str(body.length)
+        elif body is not None:
+            hdrs["Content-Length"] = str(len(body))
+        elif method in ("POST", "PUT", "PATCH"):
+            hdrs["Content-Length"] = "0"
+        if content_type:
+            hdrs["Content-Type"] = content_type
+        hdrs.update(headers or {})
+        return hdrs, body
 
     def _send_once(self, method, url, headers, body, timeout, lock_timeout):
         if lock_timeout is None:
