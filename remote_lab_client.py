@@ -556,10 +556,13 @@ class _DeadlineSocket:
         return self._sock.send(*args)
 
     def makefile(self, mode="rb", *args, **kwargs):  # http.client reads answers through this
+        # counted like socket.makefile(): http.client closes the connection as soon as it sees
+        # "Connection: close" and reads the body after, so the socket stays open until then
+        self._sock._io_refs += 1
         return io.BufferedReader(socket.SocketIO(self, "rb"))
 
-    def _decref_socketios(self):  # (SocketIO.close(): the socket itself is closed separately)
-        pass
+    def _decref_socketios(self):  # (SocketIO.close(): closes the socket if it was closed)
+        self._sock._decref_socketios()
 
     def __getattr__(self, name):
         return getattr(self._sock, name)

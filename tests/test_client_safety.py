@@ -530,6 +530,21 @@ def test_a_chunked_answer_over_the_size_cap_is_refused(raw, monkeypatch):
         client(peer.url, start_session=False).health()
 
 
+def test_an_answer_that_closes_the_connection_is_read_to_its_end(raw):
+    # http.client closes the connection as soon as it sees "Connection: close", and reads the
+    # body afterwards: the socket must stay open until then
+    body = json.dumps({"service": "remote-lab", "version": "x"}).encode()
+
+    def close_after_a_late_body(method, path, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.2)
+        conn.sendall(body)
+        conn.close()
+    peer = raw(close_after_a_late_body)
+    assert client(peer.url, start_session=False, retries=0).server_info()["version"] == "x"
+
+
 # ------------------------------------------------------------------------------------------
 # 6. bad answers are RemoteLabErrors; the last long-poll ends with session_timeout
 # ------------------------------------------------------------------------------------------
