@@ -52,14 +52,14 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict as dataclasses_asdict, dataclass
+from dataclasses import asdict as dataclasses_asdict, dataclass, field
 from typing import Optional, Tuple
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RemoteLabClient", "Device", "DeviceList", "remote_lab_fixture", "load_dotenv",
-    "parse_dotenv", "main",
+    "RemoteLabClient", "ClientConfig", "Device", "DeviceList", "remote_lab_fixture",
+    "load_dotenv", "read_dotenv", "parse_dotenv", "main",
     "RemoteLabError", "ConfigError", "ConnectionFailed", "RequestTimeout", "BadRequest",
     "NotFound", "SessionLost", "NoLab", "NotActive", "LabBusy", "AcquireTimeout", "LabInUse",
     "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed", "ProtocolError",
@@ -181,19 +181,44 @@ class LabFailed(ServerError):
     """5xx from POST /lab: netlab failed (502) or timed out (504); ``detail`` has its output."""
 
 
-_STATUS_ERRORS = {400: BadRequest, 404: NotFound, 409: LabInUse, 413: UploadTooLarge,
-                  423: NotActive, 429: QueueFull}
+# The response policy: (request, status) -> (exception, message or None: the caller's words).
+# Request None is any request, status "5xx" any 5xx not named; the requests with statuses of
+# their own: "join" (POST /session), "lab" (the /lab endpoints) and "upload" (POST /lab).
+# A 404 of a request that needs our session is first checked for a lost session
+# (RemoteLabClient._raise_for).
+_STATUS_ERRORS = {
+    (None, 400): (BadRequest, None),
+    (None, 404): (NotFound, None),
+    (None, 409): (LabInUse, None),
+    (None, 413): (UploadTooLarge, None),
+    (None, 423): (NotActive, None),
+    (None, 429): (QueueFull, None),
+    (None, "5xx"): (ServerError, None),
+    ("join", 429): (QueueFull, "cannot join the remote lab queue"),
+    ("join", 503): (QueueFull, "cannot join the remote lab queue"),
+    ("lab", 404): (NoLab, None),
+    ("upload", 404): (NoLab, None),
+    ("upload", 503): (ServerError, "the lab host refused the upload of %(subject)s"),  # disk full
+    ("upload", 502): (LabFailed, "netlab failed to start %(subject)s"),
+    ("upload", 504): (LabFailed, "netlab failed to start %(subject)s"),  # (it timed out)
+}
 
 
-def _error_for(resp, what, cls=None):
-    """The exception for an unexpected response ``resp`` to request ``what``."""
+def _error_for(resp, what, request=None, subject=None):
+    """The exception for the unexpected response ``resp`` to ``request`` (see _STATUS_ERRORS);
+    ``what`` says what failed, ``subject`` is named by the table's own messages."""
     stranger = _not_remote_lab(resp)
     if stranger:
         return ConfigError(stranger, resp.status, resp.detail)
-    if cls is None:
-        cls = _STATUS_ERRORS.get(resp.status)
-        if cls is None:
-            cls = ServerError if resp.status >= 500 else RemoteLabError
+    band = "5xx" if resp.status >= 500 else resp.status
+    for key in ((request, resp.status), (request, band), (None, resp.status), (None, band)):
+        if key in _STATUS_ERRORS:
+            cls, message = _STATUS_ERRORS[key]
+            break
+    else:
+        cls, message = RemoteLabError, None
+    if message:
+        what = message % {"subject": subject}
     return cls("%s: %s (HTTP %d)" % (what, resp.detail, resp.status), resp.status, resp.detail)
 
 
@@ -263,13 +288,9 @@ def parse_dotenv(text):
     return result
 
 
-def load_dotenv(path=None, override=False):
-    """Load the ``REMOTE_LAB_*`` variables of ``path`` (default: ``.env`` in the working
-    directory) into ``os.environ``; other keys are ignored (no ``LD_PRELOAD`` from a file).
-
-    Variables already set in the environment win unless ``override``. A missing file is fine.
-    Returns the variables that were set.
-    """
+def read_dotenv(path=None):
+    """The ``REMOTE_LAB_*`` variables of ``path`` (default: ``.env`` in the working directory);
+    other keys are dropped (no ``LD_PRELOAD`` from a file). A missing file gives {}."""
     path = os.path.join(os.getcwd(), ".env") if path is None else os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -278,21 +299,26 @@ def load_dotenv(path=None, override=False):
         if not isinstance(e, FileNotFoundError) and os.path.exists(path):
             _log.warning("cannot read %s: %s", path, e)
         return {}
-    applied = {}
-    for key, value in parse_dotenv(text).items():
-        if not key.startswith("REMOTE_LAB_"):
-            continue
-        if override or key not in os.environ:
-            os.environ[key] = value
-            applied[key] = value
+    return {key: value for key, value in parse_dotenv(text).items()
+            if key.startswith("REMOTE_LAB_")}
+
+
+def load_dotenv(path=None, override=False):
+    """Put the ``REMOTE_LAB_*`` variables of ``path`` (see :func:`read_dotenv`) into
+    ``os.environ`` (the client itself never does: it reads them into a :class:`ClientConfig`).
+
+    Variables already set in the environment win unless ``override``. Returns those set.
+    """
+    applied = {key: value for key, value in read_dotenv(path).items()
+               if override or key not in os.environ}
+    os.environ.update(applied)
     return applied
 
 
-def _env_seconds(name, default):
-    """A non-negative number from the environment (it overrides ``default``)."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return float(default)
+def _seconds(name, raw):
+    """A non-negative number of seconds from variable ``name`` (blank: None, the default)."""
+    if not raw.strip():
+        return None
     try:
         value = float(raw)
     except ValueError:
@@ -302,8 +328,106 @@ def _env_seconds(name, default):
     return value
 
 
-def _env_flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name, raw):
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _text(name, raw):
+    return raw.strip()
+
+
+# field of ClientConfig: (its variable, how the variable's text becomes the value)
+_VARIABLES = {
+    "url": ("REMOTE_LAB_URL", _text),
+    "request_timeout": ("REMOTE_LAB_REQUEST_TIMEOUT", _seconds),
+    "session_timeout": ("REMOTE_LAB_SESSION_TIMEOUT", _seconds),
+    "lab_acquisition_timeout": ("REMOTE_LAB_ACQUISITION_TIMEOUT", _seconds),
+    "heartbeat_interval": ("REMOTE_LAB_HEARTBEAT_INTERVAL", _seconds),
+    "reconnect_timeout": ("REMOTE_LAB_RECONNECT_TIMEOUT", _seconds),
+    "token": ("REMOTE_LAB_TOKEN", lambda name, raw: raw or None),
+    "ca_file": ("REMOTE_LAB_CA_FILE", lambda name, raw: raw or None),
+    "insecure": ("REMOTE_LAB_INSECURE", _flag),
+    "server_args": ("REMOTE_LAB_SERVER_ARGS", lambda name, raw: raw),
+    "ssh_args": ("REMOTE_LAB_SSH_ARGS", lambda name, raw: raw),
+}
+_NUMBERS = ("request_timeout", "session_timeout", "lab_acquisition_timeout",
+            "heartbeat_interval", "reconnect_timeout")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The client's settings, resolved once by :meth:`resolve` (``os.environ`` is only read).
+
+    ``url`` "" is local mode; ``server_args`` / ``ssh_args`` are shell words (split when a
+    server is launched); ``sources`` says where each value came from (``"explicit"``, the
+    variable's name, ``".env"`` or ``"default"``); ``dotenv``: the ``.env`` file's variables.
+    """
+    url: str = ""
+    request_timeout: float = 30.0
+    session_timeout: float = 600.0
+    lab_acquisition_timeout: float = 600.0
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    token: Optional[str] = None
+    ca_file: Optional[str] = None
+    insecure: bool = False
+    server_args: str = ""
+    ssh_args: str = ""
+    sources: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+    dotenv: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+
+    @classmethod
+    def resolve(cls, environ=None, dotenv=None, defaults=None, **explicit):
+        """Each setting from: ``explicit`` (a value not None) > the environment (``environ``,
+        default ``os.environ``) > the ``.env`` variables (``dotenv``, default
+        :func:`read_dotenv`) > ``defaults`` > the built-in default. Bad values: ConfigError."""
+        environ = os.environ if environ is None else environ
+        dotenv = read_dotenv() if dotenv is None else dict(dotenv)
+        unknown = (set(explicit) | set(defaults or ())) - set(_VARIABLES)
+        if unknown:
+            raise TypeError("unknown settings: %s" % ", ".join(sorted(unknown)))
+        values, sources = {}, {}
+        for name, (variable, parse) in _VARIABLES.items():
+            value, source = explicit.get(name), "explicit"
+            if name == "url" and value is not None:
+                value = os.fspath(value).strip() or None  # ("" names no server)
+            if value is None:
+                for source, variables in ((variable, environ), (".env", dotenv)):
+                    if variable in variables:
+                        value = parse(variable, variables[variable])
+                        break
+            if value is None and name in (defaults or {}):
+                value, source = defaults[name], "default"
+            if value is not None:
+                values[name] = float(value) if name in _NUMBERS else value
+                sources[name] = source
+        if values.get("request_timeout", 1) <= 0:
+            raise ConfigError("the request timeout must be positive, not %r"
+                              % values["request_timeout"])
+        return cls(sources=sources, dotenv=dotenv, **values)
+
+    @property
+    def launches(self):
+        """True for ssh:// and local mode (no URL): the client launches or finds the server."""
+        return not self.url or self.url.startswith("ssh://")
+
+    def source(self, name):
+        """Where setting ``name`` came from (see the class docstring)."""
+        return self.sources.get(name, "default")
+
+    def launch_options(self):
+        """Keyword arguments for :func:`launch` / :class:`Launcher`: the server and ssh args."""
+        return {name: shlex.split(words) if isinstance(words, str) else list(words)
+                for name, words in (("server_args", self.server_args),
+                                    ("ssh_args", self.ssh_args))}
+
+    def command_environment(self, environ=None, **extra):
+        """The environment for a command run with the lab: ``environ`` (default
+        ``os.environ``) plus the ``.env`` variables it does not set, plus ``extra``."""
+        env = dict(self.dotenv)
+        env.update(os.environ if environ is None else environ)
+        env.update(extra)
+        return env
 
 
 # ============================================================================================
@@ -592,22 +716,7 @@ class HttpTransport:
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
         retries = self.retries if retries is None else retries
-        hdrs = {"User-Agent": "remote-lab-client/" + __version__, "Accept": "application/json"}
-        if self.token:
-            hdrs["Authorization"] = "Bearer " + self.token
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode("utf-8")
-            content_type = content_type or "application/json"
-        if isinstance(body, MultipartBody):
-            content_type = body.content_type
-            hdrs["Content-Length"] = str(body.length)
-        elif body is not None:
-            hdrs["Content-Length"] = str(len(body))
-        elif method in ("POST", "PUT", "PATCH"):
-            hdrs["Content-Length"] = "0"
-        if content_type:
-            hdrs["Content-Type"] = content_type
-        hdrs.update(headers or {})
+        hdrs, body = self._prepare(method, headers, body, content_type)
         attempt = 0
         relocated = False
         outage = None  # when the connection failures of this request began
@@ -657,6 +766,27 @@ class HttpTransport:
                 stop.wait(delay)
             else:
                 time.sleep(delay)
+
+    def _prepare(self, method, headers, body, content_type):
+        """(headers, body) to send: ours, then the caller's ``headers``; a JSON-able body
+        encoded."""
+        hdrs = {"User-Agent": "remote-lab-client/" + __version__, "Accept": "application/json"}
+        if self.token:
+            hdrs["Authorization"] = "Bearer " + self.token
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+            content_type = content_type or "application/json"
+        if isinstance(body, MultipartBody):
+            content_type = body.content_type
+            hdrs["Content-Length"] = str(body.length)
+        elif body is not None:
+            hdrs["Content-Length"] = str(len(body))
+        elif method in ("POST", "PUT", "PATCH"):
+            hdrs["Content-Length"] = "0"
+        if content_type:
+            hdrs["Content-Type"] = content_type
+        hdrs.update(headers or {})
+        return hdrs, body
 
     def _send_once(self, method, url, headers, body, timeout, lock_timeout):
         if lock_timeout is None:
@@ -965,6 +1095,17 @@ def _duration(seconds):
     return "%d min %02d s" % divmod(seconds, 60)
 
 
+def _progress_mode(progress):
+    """``progress=`` as a _Progress mode: None = a status line on a TTY, else log lines."""
+    if progress is None:
+        return "tty" if _isatty(sys.stderr) else "log"
+    if progress is False:
+        return "off"
+    if progress is True:
+        return "tty"
+    return progress
+
+
 class RemoteLabClient:
     """A session with a remote-lab server.
 
@@ -982,43 +1123,29 @@ class RemoteLabClient:
     False, or a callable(position, waited)), ``start_session`` (False: create the session
     lazily, on first use) and ``reconnect_timeout`` (``REMOTE_LAB_RECONNECT_TIMEOUT``, default
     60 s: how long a server that cannot be reached is waited for once we have a session;
-    heartbeats that fail that long lose the session).
+    heartbeats that fail that long lose the session); these arguments win over the variables.
+    Variables come from the environment, else ``.env`` (``os.environ`` is left as it is).
+    ``config``: a :class:`ClientConfig` resolved already, used instead of all of these.
     """
 
     def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
                  lab_acquisition_timeout=600, *, heartbeat_interval=None, token=None,
                  ca_file=None, insecure=None, progress=None, retries=4, start_session=True,
-                 reconnect_timeout=None):
-        load_dotenv()
-        url = resolve_base_url(base_url)
-        self.request_timeout = _env_seconds("REMOTE_LAB_REQUEST_TIMEOUT", request_timeout)
-        if self.request_timeout <= 0:
-            raise ConfigError("the request timeout must be positive, not %r"
-                              % self.request_timeout)
-        self.session_timeout = _env_seconds("REMOTE_LAB_SESSION_TIMEOUT", session_timeout)
-        self.lab_acquisition_timeout = _env_seconds("REMOTE_LAB_ACQUISITION_TIMEOUT",
-                                                    lab_acquisition_timeout)
-        if heartbeat_interval is None:
-            heartbeat_interval = _env_seconds("REMOTE_LAB_HEARTBEAT_INTERVAL",
-                                              DEFAULT_HEARTBEAT_INTERVAL)
-        self.heartbeat_interval = float(heartbeat_interval)
-        if reconnect_timeout is None:
-            reconnect_timeout = _env_seconds("REMOTE_LAB_RECONNECT_TIMEOUT",
-                                             DEFAULT_RECONNECT_TIMEOUT)
-        self.reconnect_timeout = float(reconnect_timeout)
-        token = os.environ.get("REMOTE_LAB_TOKEN") if token is None else token
-        ca_file = os.environ.get("REMOTE_LAB_CA_FILE") or None if ca_file is None else ca_file
-        insecure = _env_flag("REMOTE_LAB_INSECURE") if insecure is None else insecure
-        self._http = HttpTransport(url, self.request_timeout, relocate=_relauncher(base_url),
-                                   token=token or None,
-                                   ca_file=ca_file, insecure=insecure, retries=retries)
-        if progress is None:
-            progress = "tty" if _isatty(sys.stderr) else "log"
-        elif progress is False:
-            progress = "off"
-        elif progress is True:
-            progress = "tty"
-        self._progress_mode = progress
+                 reconnect_timeout=None, config=None):
+        if config is None:
+            config = ClientConfig.resolve(
+                defaults={"request_timeout": request_timeout, "session_timeout": session_timeout,
+                          "lab_acquisition_timeout": lab_acquisition_timeout},
+                url=base_url, heartbeat_interval=heartbeat_interval, token=token,
+                ca_file=ca_file, insecure=insecure, reconnect_timeout=reconnect_timeout)
+        self.config = config
+        self.request_timeout = config.request_timeout
+        self.session_timeout = config.session_timeout
+        self.lab_acquisition_timeout = config.lab_acquisition_timeout
+        self.heartbeat_interval = config.heartbeat_interval
+        self.reconnect_timeout = config.reconnect_timeout
+        self._http = self._connect(config, retries)
+        self._progress_mode = _progress_mode(progress)
         self.session_id = None
         self.position = None
         self.reused = None  # of the last acquire
@@ -1032,6 +1159,17 @@ class RemoteLabClient:
         self._heartbeat_thread = None
         if start_session:
             self.start_session()
+
+    @staticmethod
+    def _connect(config, retries):
+        """The transport to the server: for ssh:// and local mode this launches (or reconnects
+        to) the server, and the transport reconnects through the launcher when it moves."""
+        launch_options = config.launch_options() if config.launches else {}
+        url = resolve_base_url(config.url, **launch_options)
+        return HttpTransport(url, config.request_timeout,
+                             relocate=_relauncher(config.url, **launch_options),
+                             token=config.token or None, ca_file=config.ca_file,
+                             insecure=config.insecure, retries=retries)
 
     @property
     def base_url(self):
@@ -1071,11 +1209,9 @@ class RemoteLabClient:
 
     def _create_session(self):
         resp = self._http.request("POST", "/session")
-        if resp.status in (429, 503):
-            raise _error_for(resp, "cannot join the remote lab queue", QueueFull)
         if resp.status not in (200, 201) or not isinstance(resp.data, dict) \
                 or "session_id" not in resp.data:
-            raise _error_for(resp, "cannot create a remote lab session")
+            raise _error_for(resp, "cannot create a remote lab session", "join")
         if not isinstance(resp.data["session_id"], (str, int)) \
                 or isinstance(resp.data["session_id"], bool):
             raise ProtocolError("cannot create a remote lab session: the server answered "
@@ -1127,12 +1263,8 @@ class RemoteLabClient:
                 if resp.status == 400 and long_poll:
                     long_poll = False  # a server that rejects ?wait=: plain polling
                     continue
-                if resp.status == 404:
-                    self._lost = ("the remote lab server forgot session %s while it was waiting"
-                                  % self.session_id)
-                    raise SessionLost(self._lost, 404, resp.detail)
                 if resp.status != 200 or not isinstance(resp.data, dict):
-                    raise _error_for(resp, "cannot poll the remote lab session")
+                    self._raise_for(resp, "cannot poll the remote lab session", "session")
                 before = (status, self.position)
                 status = resp.data.get("status", status)
                 if status not in ("waiting", "active"):
@@ -1174,10 +1306,8 @@ class RemoteLabClient:
                 unreachable_since = unreachable_since or started
                 if time.monotonic() - unreachable_since >= self.reconnect_timeout \
                         and not self._stop.is_set():
-                    self._lost_unreachable = True
-                    self._session_lost(
-                        "the remote lab server could not be reached for %s (session %s): %s"
-                        % (_duration(time.monotonic() - unreachable_since), self.session_id, e))
+                    self._report_lost(self._session_lost(
+                        unreachable_for=time.monotonic() - unreachable_since, error=e))
                     return
                 _log.debug("heartbeat failed: %s", e)
                 continue
@@ -1186,21 +1316,36 @@ class RemoteLabClient:
                 continue
             unreachable_since = None
             if resp.status == 404:
-                self._session_lost("the remote lab server no longer knows session %s (it "
-                                   "expired or the server restarted): %s"
-                                   % (self.session_id, resp.detail))
+                self._report_lost(self._session_lost(detail=resp.detail))
                 return
             if resp.status >= 400:
                 _log.warning("heartbeat: %s (HTTP %d)", resp.detail, resp.status)
 
-    def _session_lost(self, message):
+    def _session_lost(self, what=None, detail=None, unreachable_for=None, error=None):
+        """The one way a session gets lost: the server forgot it (404), or it could not be
+        reached for ``unreachable_for`` seconds (``error``). The first reason is kept in
+        ``lost``; returns the SessionLost to raise, prefixed with ``what`` failed."""
+        with self._state_lock:
+            if self._lost is None:
+                if unreachable_for is not None:
+                    self._lost = ("the remote lab server could not be reached for %s "
+                                  "(session %s): %s"
+                                  % (_duration(unreachable_for), self.session_id, error))
+                    self._lost_unreachable = True
+                else:
+                    self._lost = ("the remote lab server no longer knows session %s (it "
+                                  "expired or the server restarted)%s"
+                                  % (self.session_id, ": " + detail if detail else ""))
+            message = self._lost
+        return SessionLost("%s: %s" % (what, message) if what else message, 404, detail)
+
+    def _report_lost(self, error):
         """The heartbeat thread found the session gone: tell ``_on_lost`` (else log it)."""
-        self._lost = message
         on_lost = self._on_lost
         if on_lost is not None:
-            on_lost(message)
+            on_lost(str(error))
         else:
-            _log.warning("%s", message)
+            _log.warning("%s", error)
 
     def _session_path(self):
         return "/session/" + urllib.parse.quote(self.session_id, safe="")
@@ -1209,7 +1354,7 @@ class RemoteLabClient:
         if self._closed:
             raise RemoteLabError("this RemoteLabClient is closed")
         if self._lost:
-            raise SessionLost(self._lost, 404)
+            raise self._session_lost()
 
     def _require_session(self):
         self._check()
@@ -1271,28 +1416,27 @@ class RemoteLabClient:
         return self._closed
 
     # -- session-bound requests --
-    def _session_request(self, method, path, what, ok=(200,), **kw):
+    def _session_request(self, method, path, what, ok=(200,), request="lab", subject=None,
+                         **kw):
         self._require_session()
         headers = {"X-Session-ID": self.session_id}
         resp = self._http.request(method, path, headers=headers, **kw)
         if resp.status in ok:
             return resp
-        if resp.status == 404:
-            self._raise_404(resp, what)
-        raise _error_for(resp, what)
+        self._raise_for(resp, what, request, subject)
 
-    def _raise_404(self, resp, what):
-        """404 from a /lab endpoint: our session is gone, or there is no lab."""
+    def _raise_for(self, resp, what, request, subject=None):
+        """Raise what ``resp`` means (_STATUS_ERRORS); a 404 is first checked for a lost
+        session: GET /session/{id} says it (for a /lab endpoint the 404 may be "no lab")."""
+        if resp.status == 404 and (request == "session" or self._session_gone()):
+            raise self._session_lost(what, resp.detail)
+        raise _error_for(resp, what, request, subject)
+
+    def _session_gone(self):
         try:
-            check = self._http.request("GET", self._session_path(), retries=1)
-            gone = check.status == 404
+            return self._http.request("GET", self._session_path(), retries=1).status == 404
         except RemoteLabError:
-            gone = False
-        if gone:
-            self._lost = ("the remote lab server no longer knows session %s (it expired or the "
-                          "server restarted)" % self.session_id)
-            raise SessionLost("%s: %s" % (what, self._lost), 404, resp.detail)
-        raise _error_for(resp, what, NoLab)
+            return False
 
     def acquire(self, topology, reuse=True, extra_files=()):
         """Upload ``topology`` (+ ``extra_files``) and start or reuse the lab: its devices.
@@ -1310,8 +1454,9 @@ class RemoteLabClient:
             body = MultipartBody(fields, files)
             remaining = deadline - time.monotonic()
             resp = self._session_request(
-                "POST", "/lab", "acquiring the lab for %s" % name, ok=(200, 423, 502, 503, 504),
-                body=body, idempotent=False, timeout=max(self.request_timeout, remaining))
+                "POST", "/lab", "acquiring the lab for %s" % name, ok=(200, 423),
+                request="upload", subject=name, body=body, idempotent=False,
+                timeout=max(self.request_timeout, remaining))
             if resp.status == 200:
                 if not isinstance(resp.data, dict):
                     raise ProtocolError("acquiring the lab for %s: the answer is not a JSON "
@@ -1322,10 +1467,6 @@ class RemoteLabClient:
                 with self._state_lock:
                     self._held += 1
                 return devices
-            if resp.status == 503:  # the lab host cannot take the upload (disk full)
-                raise _error_for(resp, "the lab host refused the upload of %s" % name, ServerError)
-            if resp.status >= 500:
-                raise _error_for(resp, "netlab failed to start %s" % name, LabFailed)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AcquireTimeout(
@@ -1368,11 +1509,8 @@ class RemoteLabClient:
         """Our session's ``{"status", "position"}``."""
         self._require_session()
         resp = self._http.request("GET", self._session_path())
-        if resp.status == 404:
-            self._lost = "the remote lab server no longer knows session %s" % self.session_id
-            raise SessionLost(self._lost, 404, resp.detail)
         if resp.status != 200:
-            raise _error_for(resp, "getting the session status")
+            self._raise_for(resp, "getting the session status", "session")
         return resp.data
 
     # -- session-less requests --
@@ -2332,23 +2470,26 @@ def _source_url(base_url=None):
     return (os.fspath(base_url) if base_url else os.environ.get("REMOTE_LAB_URL", "")).strip()
 
 
-def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT, start=True):
+def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT, start=True,
+                     **launch_options):
     """The server's http(s) base URL, from ``base_url`` or ``REMOTE_LAB_URL``:
 
     - ``http(s)://host:port`` (or ``host:port``): used as it is;
     - ``ssh://[user@]host[:port][/workdir]``: launch or reconnect over SSH, then the tunnel's URL;
     - unset: local mode, a server on this machine (``remote_lab.py`` next to this file or on
       PATH) shared by every local test run; ``REMOTE_LAB_SERVER_ARGS`` adds server flags.
+
+    ``launch_options`` (server_args, ssh_args) go to :func:`launch`.
     """
     url = _source_url(base_url)
     if url.startswith("ssh://"):
         target, workdir = parse_ssh_url(url)
-        return launch(target, start, workdir=workdir, timeout=timeout).url
+        return launch(target, start, workdir=workdir, timeout=timeout, **launch_options).url
     if not url:
         if not find_local_server():
             raise ConfigError(NO_URL_MESSAGE)
         try:
-            return launch(None, start, timeout=timeout).url
+            return launch(None, start, timeout=timeout, **launch_options).url
         except LaunchError as e:
             if not start:
                 raise
@@ -2368,14 +2509,14 @@ def resolve_base_url(base_url=None, timeout=DEFAULT_LAUNCH_TIMEOUT, start=True):
     return url.rstrip("/")
 
 
-def _relauncher(base_url=None):
+def _relauncher(base_url=None, **launch_options):
     """For ssh:// and local mode: a callable that reconnects (a dead tunnel is re-created) and
     returns the new URL; None for plain http(s) URLs. It never starts a server: one that was
     stopped or died does not know our session anyway."""
     url = _source_url(base_url)
     if url and not url.startswith("ssh://"):
         return None
-    return lambda: resolve_base_url(base_url, start=False)
+    return lambda: resolve_base_url(base_url, start=False, **launch_options)
 
 
 # ============================================================================================
@@ -2558,7 +2699,7 @@ def _make_pytest_plugin():
         """The session's RemoteLabClient (waits for our turn; closed at the end)."""
         error = None
         try:
-            client = RemoteLabClient(_plugin_url(request.config)[0],
+            client = RemoteLabClient(config=_plugin_config(request.config)[0],
                                      progress=_pytest_progress(request.config))
         except RemoteLabError as e:
             error = "remote lab: %s" % e
@@ -2647,32 +2788,29 @@ def _make_pytest_plugin():
                         reporter.write_line("       %s" % nodeid)
 
         def pytest_report_header(self, config):
-            url, source = _plugin_url(config)
-            if not url:  # what the fixture will see once it loads .env (not loaded yet)
-                try:
-                    with open(".env", encoding="utf-8") as f:
-                        url = parse_dotenv(f.read()).get("REMOTE_LAB_URL", "").strip()
-                        source = ".env"
-                except (OSError, UnicodeDecodeError):
-                    pass
-            return "remote lab: %s" % _header_server(url, source)
+            try:
+                settings, source = _plugin_config(config)
+            except RemoteLabError as e:  # (the fixture fails with it too)
+                return "remote lab: %s" % e
+            return "remote lab: %s" % _header_server(settings.url, source)
 
     return RemoteLabPlugin(), fixtures
 
 
-def _plugin_url(config):
-    """(URL, where it came from): --remote-lab-url > REMOTE_LAB_URL > ini remote_lab_url;
-    (None, None) leaves it to RemoteLabClient (.env, else local mode)."""
+def _plugin_config(config):
+    """(ClientConfig, where its URL came from): the URL from --remote-lab-url >
+    REMOTE_LAB_URL > the ini key remote_lab_url > .env; source None: local mode."""
     option = (config.getoption("remote_lab_url", None) or "").strip()
-    if option:
-        return option, "--remote-lab-url"
-    env = os.environ.get("REMOTE_LAB_URL", "").strip()
-    if env:
-        return env, "REMOTE_LAB_URL"
     ini = (config.getini("remote_lab_url") or "").strip()
-    if ini:
-        return ini, "ini remote_lab_url"
-    return None, None
+    url, source = None, None
+    if option:
+        url, source = option, "--remote-lab-url"
+    elif ini and not os.environ.get("REMOTE_LAB_URL", "").strip():
+        url, source = ini, "ini remote_lab_url"
+    settings = ClientConfig.resolve(url=url)
+    if source is None and settings.url:
+        source = settings.source("url")  # REMOTE_LAB_URL or .env
+    return settings, source
 
 
 def _header_server(url, source=None):
@@ -2815,20 +2953,27 @@ def _build_parser():
     return p
 
 
-def _launcher_from_args(args, **extra):
+def _cli_config(args):
+    """The command's ClientConfig (--url, else REMOTE_LAB_URL, else .env), resolved once."""
+    if getattr(args, "config", None) is None:
+        args.config = ClientConfig.resolve(url=getattr(args, "url", None))
+    return args.config
+
+
+def _launcher_from_args(args, server_args=None, **extra):
+    config = _cli_config(args)
     host = args.ssh
     workdir = args.workdir
-    url = _source_url(getattr(args, "url", None))
-    if host is None and url.startswith("ssh://"):
-        host, url_workdir = parse_ssh_url(url)
+    if host is None and config.url.startswith("ssh://"):
+        host, url_workdir = parse_ssh_url(config.url)
         workdir = workdir or url_workdir
-    ssh_args = None
-    if args.ssh_arg is not None:
-        ssh_args = shlex.split(os.environ.get("REMOTE_LAB_SSH_ARGS", ""))
-        for word in args.ssh_arg:
-            ssh_args += shlex.split(word)
-    return Launcher(host, workdir=workdir, python=args.python, ssh_args=ssh_args,
-                    timeout=args.timeout, **extra)
+    options = config.launch_options()
+    for word in args.ssh_arg or ():
+        options["ssh_args"] += shlex.split(word)
+    if server_args is not None:
+        options["server_args"] = server_args
+    return Launcher(host, workdir=workdir, python=args.python, timeout=args.timeout,
+                    **dict(options, **extra))
 
 
 def _cmd_launch(args, command):
@@ -2880,7 +3025,7 @@ def _cmd_logs(args, command):
 
 
 def _cli_client(args):
-    return RemoteLabClient(getattr(args, "url", None), start_session=False)
+    return RemoteLabClient(config=_cli_config(args), start_session=False)
 
 
 def _cmd_health(args, command):
@@ -3058,7 +3203,8 @@ def _cmd_run(args, command):
             fd, path = tempfile.mkstemp(prefix="remote-lab-devices-", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 f.write(_devices_json(devices) + "\n")
-            env = dict(os.environ, REMOTE_LAB_DEVICES=path, REMOTE_LAB_SESSION=client.session_id)
+            env = client.config.command_environment(REMOTE_LAB_DEVICES=path,
+                                                    REMOTE_LAB_SESSION=client.session_id)
             try:
                 proc, tty = _start_command(command, env)
             except OSError as e:
@@ -3232,7 +3378,6 @@ def main(argv=None):
             return e.code or 0
         _log.setLevel(logging.DEBUG if getattr(args, "verbose", False) else
                       logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-        load_dotenv()  # every command, launch/stop/logs too, sees the .env settings
         if command is not None and args.command != "run":
             raise _CliError("unexpected arguments after --")
         if args.command in ("acquire", "run") and args.topology is None:

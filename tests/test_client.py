@@ -523,6 +523,69 @@ def test_environment_overrides_the_timeouts(monkeypatch):
         rlc.RemoteLabClient(start_session=False)
 
 
+def test_settings_resolve_explicit_over_environment_over_dotenv():
+    environ = {"REMOTE_LAB_URL": "http://env:1", "REMOTE_LAB_HEARTBEAT_INTERVAL": "4",
+               "REMOTE_LAB_TOKEN": "", "REMOTE_LAB_SESSION_TIMEOUT": " "}
+    dotenv = {"REMOTE_LAB_URL": "http://dotenv:2", "REMOTE_LAB_TOKEN": "from-dotenv",
+              "REMOTE_LAB_RECONNECT_TIMEOUT": "9", "REMOTE_LAB_SSH_ARGS": "-i 'my key'"}
+    config = rlc.ClientConfig.resolve(environ=environ, dotenv=dotenv, heartbeat_interval=2,
+                                      defaults={"session_timeout": 5})
+    assert (config.url, config.heartbeat_interval, config.reconnect_timeout) == (
+        "http://env:1", 2, 9)
+    assert config.token is None  # set (empty) in the environment: .env does not fill it in
+    assert config.session_timeout == 5 and config.request_timeout == 30  # blank: the default
+    assert [config.source(n) for n in ("url", "heartbeat_interval", "reconnect_timeout",
+                                       "session_timeout", "lab_acquisition_timeout")] == [
+        "REMOTE_LAB_URL", "explicit", ".env", "default", "default"]
+    assert config.launch_options() == {"server_args": [], "ssh_args": ["-i", "my key"]}
+    assert config.command_environment({"PATH": "/bin"}, REMOTE_LAB_DEVICES="d.json") == {
+        "PATH": "/bin", "REMOTE_LAB_URL": "http://dotenv:2", "REMOTE_LAB_TOKEN": "from-dotenv",
+        "REMOTE_LAB_RECONNECT_TIMEOUT": "9", "REMOTE_LAB_SSH_ARGS": "-i 'my key'",
+        "REMOTE_LAB_DEVICES": "d.json"}
+    with pytest.raises(rlc.ConfigError, match="REMOTE_LAB_RECONNECT_TIMEOUT must not be neg"):
+        rlc.ClientConfig.resolve(environ={}, dotenv={"REMOTE_LAB_RECONNECT_TIMEOUT": "-1"})
+
+
+def test_a_client_reads_dotenv_without_changing_the_environment(srv, tmp_path):
+    (tmp_path / ".env").write_text("REMOTE_LAB_URL=%s\nREMOTE_LAB_HEARTBEAT_INTERVAL=7\n"
+                                   % srv.url)
+    before = dict(os.environ)
+    with rlc.RemoteLabClient(progress=False) as c:
+        assert c.base_url == srv.url and c.heartbeat_interval == 7
+    assert dict(os.environ) == before
+    assert c.config.source("url") == ".env"
+
+
+def test_statuses_map_to_exceptions_by_request():
+    def error(status, request=None):
+        resp = rlc.Response(status, "", {}, json.dumps({"detail": "why"}).encode())
+        return rlc._error_for(resp, "doing it", request, subject="topo.yml")
+
+    assert type(error(404)) is rlc.NotFound and type(error(404, "lab")) is rlc.NoLab
+    assert type(error(503)) is rlc.ServerError and type(error(503, "join")) is rlc.QueueFull
+    assert type(error(502, "upload")) is rlc.LabFailed
+    assert str(error(502, "upload")) == "netlab failed to start topo.yml: why (HTTP 502)"
+    assert type(error(503, "upload")) is rlc.ServerError
+    assert type(error(500, "upload")) is rlc.ServerError
+    assert type(error(423)) is rlc.NotActive and type(error(418)) is rlc.RemoteLabError
+    assert str(error(409)) == "doing it: why (HTTP 409)" and error(409).detail == "why"
+
+
+def test_a_lost_session_is_reported_in_the_same_words_by_every_call(srv):
+    c = client(srv.url, heartbeat_interval=0)
+    c.acquire(SIMPLE)
+    assert http("DELETE", srv.url + "/session/" + c.session_id)[0] == 204
+    words = ("the remote lab server no longer knows session %s (it expired or the server "
+             "restarted)" % c.session_id)
+    with pytest.raises(rlc.SessionLost) as first:
+        c.session_status()
+    assert words in str(first.value) and c.lost.startswith(words)
+    with pytest.raises(rlc.SessionLost) as later:
+        c.devices()
+    assert str(later.value) == c.lost
+    c.close()
+
+
 def test_missing_url_is_a_clear_config_error(tmp_path):
     # a vendored copy with no remote_lab.py beside it or on PATH cannot fall back to local mode
     vendored = tmp_path / "vendored"

@@ -59,6 +59,14 @@ def test_url_from_a_dotenv_file_in_the_working_directory(srv, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_commands_read_the_dotenv_file_without_changing_the_environment(srv, tmp_path, capsys):
+    (tmp_path / ".env").write_text("REMOTE_LAB_URL=%s\n" % srv.url)
+    before = dict(os.environ)
+    assert rlc.main(["health"]) == 0  # in this process
+    assert capsys.readouterr().out.startswith(srv.url + ": ok")
+    assert dict(os.environ) == before
+
+
 def test_errors_are_one_line_without_traceback(tmp_path):
     proc = cli("--url", "http://127.0.0.1:9", "health")
     assert proc.returncode == 1

@@ -314,6 +314,28 @@ def test_ini_key_below_the_environment_above_dotenv(project, srv, monkeypatch):
     result.stdout.fnmatch_lines(["remote lab: %s (REMOTE_LAB_URL)*" % srv.url])
 
 
+DOTENV_TEST = """
+import os
+
+def test_dotenv(lab_simple, remote_lab_client):
+    assert remote_lab_client.config.source("url") == ".env"
+    assert remote_lab_client.heartbeat_interval == 7
+    assert "REMOTE_LAB_URL" not in os.environ and "REMOTE_LAB_HEARTBEAT_INTERVAL" not in os.environ
+"""
+
+
+@pytest.mark.timeout(180)
+def test_the_fixture_reads_dotenv_without_putting_it_into_the_environment(project, srv,
+                                                                          monkeypatch):
+    project.makepyfile(test_dotenv=DOTENV_TEST)
+    (project.path / ".env").write_text("REMOTE_LAB_URL=%s\nREMOTE_LAB_HEARTBEAT_INTERVAL=7\n"
+                                       % srv.url)
+    monkeypatch.delenv("REMOTE_LAB_URL")
+    result = run(project)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["remote lab: %s (.env)*" % srv.url])
+
+
 @pytest.mark.timeout(120)
 def test_help_lists_the_option_and_ini_key_in_their_own_group(project):
     result = run(project, "--help")
