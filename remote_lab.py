@@ -112,70 +112,84 @@ def _origin_arg(text):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line; every default is the Settings field's (``dest`` = the field name)."""
+    d = Settings()
     p = argparse.ArgumentParser(
         prog="remote-lab",
         description="Share one Netlab lab host between many test runs (REST API, FIFO queue).")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--allow-host", action="append", default=[], type=_host_arg, metavar="HOST",
+    p.add_argument("--host", default=d.host, help="address to listen on (default %s)" % d.host)
+    p.add_argument("--allow-host", dest="allow_hosts", action="append",
+                   default=list(d.allow_hosts), type=_host_arg, metavar="HOST",
                    help="also answer requests whose Host header is HOST (NAME or NAME:PORT); "
                         "bound to loopback only loopback names are answered (repeatable)")
-    p.add_argument("--allow-origin", action="append", default=[], type=_origin_arg,
+    p.add_argument("--allow-origin", dest="allow_origins", action="append",
+                   default=list(d.allow_origins), type=_origin_arg,
                    metavar="ORIGIN", help="let web pages of ORIGIN (scheme://host[:port]) "
                    "POST/DELETE; other sites' pages are refused (repeatable)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free port (default 8000)")
+    p.add_argument("--port", type=int, default=d.port,
+                   help="TCP port, 0 = any free port (default %d)" % d.port)
     p.add_argument("--port-range", type=int, nargs=2, metavar=("START", "END"),
+                   default=d.port_range,
                    help="listen on the first free port in START..END (overrides --port)")
-    p.add_argument("--netlab", default="netlab", help="netlab executable (default: netlab from PATH)")
-    p.add_argument("--simulate", action="store_true",
+    p.add_argument("--netlab", default=d.netlab,
+                   help="netlab executable (default: %s from PATH)" % d.netlab)
+    p.add_argument("--simulate", action="store_true", default=d.simulate,
                    help="use a built-in simulated netlab (no netlab needed; for trying things out)")
-    p.add_argument("--state-dir", default=os.path.join("~", ".remote-lab"),
-                   help="lock, lab work dirs and state (default ~/.remote-lab)")
-    p.add_argument("--waiting-timeout", type=_positive(float), default=600.0, metavar="S",
-                   help="drop a waiting session after S seconds without a sign of life (600)")
-    p.add_argument("--active-timeout", type=_positive(float), default=300.0, metavar="S",
-                   help="end an active session after S seconds without a sign of life (300)")
-    p.add_argument("--keep-warm", type=_positive(float), default=0.0, metavar="S",
-                   help="keep an idle reusable lab up S seconds after its session ends (0)")
-    p.add_argument("--up-timeout", type=_positive(float), default=1800.0, metavar="S",
-                   help="kill 'netlab up' after S seconds (1800)")
-    p.add_argument("--netlab-timeout", type=_positive(float), default=300.0, metavar="S",
-                   help="kill 'netlab down'/'inspect' after S seconds (300)")
-    p.add_argument("--max-upload-mb", type=_positive(float), default=64.0, metavar="MB",
-                   help="largest accepted upload (64)")
-    p.add_argument("--max-queue", type=_positive(int), default=1000, metavar="N",
-                   help="most sessions at once; more get 429 (1000)")
-    p.add_argument("--socket-timeout", type=_positive(float), default=60.0, metavar="S",
-                   help="drop a connection that sends nothing for S seconds (60)")
-    p.add_argument("--header-timeout", type=_positive(float), default=10.0, metavar="S",
+    p.add_argument("--state-dir", default=d.state_dir,
+                   help="lock, lab work dirs and state (default %s)" % d.state_dir)
+    seconds = dict(type=_positive(float), metavar="S")
+    p.add_argument("--waiting-timeout", default=d.waiting_timeout, **seconds,
+                   help="drop a waiting session after S seconds without a sign of life (%g)"
+                        % d.waiting_timeout)
+    p.add_argument("--active-timeout", default=d.active_timeout, **seconds,
+                   help="end an active session after S seconds without a sign of life (%g)"
+                        % d.active_timeout)
+    p.add_argument("--keep-warm", default=d.keep_warm, **seconds,
+                   help="keep an idle reusable lab up S seconds after its session ends (%g)"
+                        % d.keep_warm)
+    p.add_argument("--up-timeout", default=d.up_timeout, **seconds,
+                   help="kill 'netlab up' after S seconds (%g)" % d.up_timeout)
+    p.add_argument("--netlab-timeout", default=d.netlab_timeout, **seconds,
+                   help="kill 'netlab down'/'inspect' after S seconds (%g)" % d.netlab_timeout)
+    p.add_argument("--max-upload-mb", type=_positive(float), default=d.max_upload_mb,
+                   metavar="MB", help="largest accepted upload (%g)" % d.max_upload_mb)
+    p.add_argument("--max-queue", type=_positive(int), default=d.max_queue, metavar="N",
+                   help="most sessions at once; more get 429 (%d)" % d.max_queue)
+    p.add_argument("--socket-timeout", default=d.socket_timeout, **seconds,
+                   help="drop a connection that sends nothing for S seconds (%g)"
+                        % d.socket_timeout)
+    p.add_argument("--header-timeout", default=d.header_timeout, **seconds,
                    help="drop a request whose line and headers take more than S seconds, or "
-                        "whose body arrives slower than 16 KiB/s after S seconds (10; 0 = off)")
-    p.add_argument("--max-connections", type=_positive(int), default=500, metavar="N",
-                   help="most open connections; more get 503, idle ones are closed first "
-                        "(500; lowered to fit the open-files limit; 0 = that limit only)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
+                        "whose body arrives slower than 16 KiB/s after S seconds (%g; 0 = off)"
+                        % d.header_timeout)
+    p.add_argument("--max-connections", type=_positive(int), default=d.max_connections,
+                   metavar="N", help="most open connections; more get 503, idle ones are closed "
+                   "first (%d; lowered to fit the open-files limit; 0 = that limit only)"
+                   % d.max_connections)
+    p.add_argument("--log-level", default=d.log_level, type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
-    p.add_argument("--debug", action="store_true",
+    p.add_argument("--debug", action="store_true", default=d.debug,
                    help="debug logging, netlab output streamed line by line")
-    p.add_argument("--log-config", metavar="FILE", help="JSON logging.config.dictConfig file")
-    p.add_argument("--status-file", metavar="PATH",
+    p.add_argument("--log-config", metavar="FILE", default=d.log_config,
+                   help="JSON logging.config.dictConfig file")
+    p.add_argument("--status-file", metavar="PATH", default=d.status_file,
                    help="status file of the remote-http-launcher protocol")
     p.add_argument("--version", action="version", version="remote-lab " + __version__)
     return p
 
 
 def settings_from_args(argv=None) -> Settings:
-    a = build_arg_parser().parse_args(argv)
-    return Settings(
-        host=a.host, allow_hosts=tuple(a.allow_host), allow_origins=tuple(a.allow_origin),
-        port=a.port, port_range=tuple(a.port_range) if a.port_range else None,
-        netlab=a.netlab, simulate=a.simulate,
-        state_dir=os.path.abspath(os.path.expanduser(a.state_dir)),
-        waiting_timeout=a.waiting_timeout, active_timeout=a.active_timeout,
-        keep_warm=a.keep_warm, up_timeout=a.up_timeout, netlab_timeout=a.netlab_timeout,
-        max_upload_mb=a.max_upload_mb, max_queue=a.max_queue, socket_timeout=a.socket_timeout,
-        header_timeout=a.header_timeout, max_connections=a.max_connections,
-        log_level="DEBUG" if a.debug else a.log_level, debug=a.debug,
-        log_config=a.log_config, status_file=a.status_file)
+    """Settings from the command line: each field from its option, lists made tuples, the
+    state dir absolute; --debug implies the DEBUG log level."""
+    args = vars(build_arg_parser().parse_args(argv))
+    values = {f.name: args[f.name] for f in dataclasses.fields(Settings)}
+    for name, value in values.items():
+        if isinstance(value, list):  # append / nargs options: Settings holds tuples
+            values[name] = tuple(value)
+    values["state_dir"] = os.path.abspath(os.path.expanduser(values["state_dir"]))
+    if values["debug"]:
+        values["log_level"] = "DEBUG"
+    return Settings(**values)
 
 
 # ============================================================================================

@@ -582,3 +582,26 @@ def test_concurrent_acquires_of_the_same_lab_share_one_up(api, srv):
     assert len(calls_of(srv, "up", m)) == 1
     assert api.lab(sid)[1]["ref_count"] == 3
     assert len(lab_dirs(srv)) == 1  # the two reused uploads were discarded
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    """No option given: every setting is the Settings field's default (the state dir made
+    absolute); options land in the field of the same name."""
+    import sys
+    from helpers import ROOT
+    sys.path.insert(0, str(ROOT))
+    import remote_lab
+
+    defaults = remote_lab.Settings()
+    parsed = remote_lab.settings_from_args([])
+    assert parsed.state_dir == os.path.abspath(os.path.expanduser(defaults.state_dir))
+    assert dataclasses_dict(parsed, "state_dir") == dataclasses_dict(defaults, "state_dir")
+    parsed = remote_lab.settings_from_args(["--allow-host", "a.example", "--port-range", "1", "2",
+                                            "--waiting-timeout", "7", "--debug"])
+    assert parsed.allow_hosts == ("a.example",) and parsed.port_range == (1, 2)
+    assert parsed.waiting_timeout == 7.0 and parsed.debug and parsed.log_level == "DEBUG"
+
+
+def dataclasses_dict(settings, *leave_out):
+    import dataclasses
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in leave_out}
