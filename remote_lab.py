@@ -1346,6 +1346,132 @@ def parse_bool(value: str, what: str) -> bool:
 
 
 # ============================================================================================
+# 5a. Endpoint declarations: one @endpoint per handler; the dispatch table and /openapi.json
+#     are both built from them (App.endpoints)
+# ============================================================================================
+
+# the session a request must name (X-Session-ID): none, any queued one, the active one
+NO_SESSION, ANY_SESSION, ACTIVE_SESSION = "none", "any", "active"
+# its body: none (one up to MAX_JSON_BODY is read and dropped), multipart streamed to the handler
+NO_BODY, MULTIPART_BODY = "none", "multipart"
+_PATH_PARAM_RE = re.compile(r"\{(\w+)\}")
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _json_response(description: str, schema: dict, example=None) -> dict:
+    media = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"description": description, "content": {"application/json": media}}
+
+
+def _error(description: str, example: str) -> dict:
+    return _json_response(description, _ref("Error"), {"detail": example})
+
+
+_NO_CONTENT = {"description": "No content (empty body)."}
+_SID_ERRORS = {
+    "400": _error("The `X-Session-ID` header is missing.", "missing X-Session-ID header"),
+    "404": _error("Unknown session.", "unknown session 3f2b9c4e-..."),
+    "423": _error("The session is not the active one (still waiting in the queue).",
+                  "session 3f2b9c4e-... is not active (still waiting in the queue)"),
+}
+_ORIGIN_ERROR = {"403": _error(
+    "A browser request from another site's page: the `Origin` header is neither the server's "
+    "own origin nor one given with `--allow-origin` (`null` included).",
+    "cross-origin request refused: Origin 'http://evil.example' is not this server's own "
+    "origin (a page of another site; allow it with --allow-origin)")}
+_SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
+_SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
+_SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
+_DEVICE_EXAMPLE = {"name": "r1", "raw": {"name": "r1", "device": "frr", "ansible_host": "192.168.121.101",
+                                         "mgmt": {"ifname": "eth0", "ipv4": "192.168.121.101"}}}
+
+
+class Endpoint:
+    """One endpoint as declared next to its handler: routing, session and body handling, and
+    its OpenAPI operation."""
+    __slots__ = ("method", "path", "name", "session", "body", "sign_of_life", "openapi",
+                 "regex")
+
+    def __init__(self, method: str, path: str, name: str, session: str, body: str,
+                 sign_of_life: bool, openapi: dict):
+        self.method, self.path, self.name = method, path, name
+        self.session, self.body, self.sign_of_life = session, body, sign_of_life
+        self.openapi = openapi
+        parts = _PATH_PARAM_RE.split(path)  # literal, name, literal, ...
+        self.regex = re.compile("".join(re.escape(part) if i % 2 == 0 else "(?P<%s>[^/]+)" % part
+                                        for i, part in enumerate(parts)) + r"/?\Z")
+
+    def operation(self) -> dict:
+        """The OpenAPI operation: the declared one, plus what the session and the method imply
+        (the X-Session-ID parameter, its 400/404/423, 403 for a foreign page's POST/DELETE)."""
+        op = dict(self.openapi, operationId=self.name)
+        responses = {}
+        if self.session != NO_SESSION:
+            op["parameters"] = [_SID_HEADER] + list(op.get("parameters", ()))
+            responses.update(_SID_ERRORS)
+            if self.session != ACTIVE_SESSION:
+                del responses["423"]
+        if self.method not in RequestGuard.SAFE_METHODS:
+            responses.update(_ORIGIN_ERROR)
+        responses.update(op["responses"])
+        responses.setdefault("default", {"$ref": "#/components/responses/GenericError"})
+        op["responses"] = dict(sorted(responses.items()))  # 2xx first, "default" last
+        return op
+
+
+def endpoint(method: str, path: str, session: str = NO_SESSION, body: str = NO_BODY,
+             sign_of_life: bool = False, openapi: Optional[dict] = None):
+    """Declare the decorated App handler ``handler(self, request) -> Response`` as the endpoint
+    ``method path`` (``{name}`` in the path: a path parameter). ``sign_of_life``: a request
+    naming a session (header or path) keeps that session alive."""
+    def declare(handler):
+        handler.endpoint = Endpoint(method, path, handler.__name__, session, body, sign_of_life,
+                                    openapi or {})
+        return handler
+    return declare
+
+
+class EndpointTable:
+    """The endpoints of a class (its own first, then its bases'), matched by method and path."""
+
+    def __init__(self, cls):
+        self.endpoints = []  # type: List[Endpoint]
+        seen = set()
+        for klass in cls.__mro__:
+            for name, value in vars(klass).items():
+                declared = getattr(value, "endpoint", None)
+                if isinstance(declared, Endpoint) and name not in seen:
+                    seen.add(name)
+                    self.endpoints.append(declared)
+
+    def match(self, method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
+        """(endpoint, path parameters), or HTTPError 404 / 405 (with Allow)."""
+        allowed = []
+        for e in self.endpoints:
+            m = e.regex.match(path)
+            if m:
+                if e.method == method:
+                    return e, m.groupdict()
+                allowed.append(e.method)
+        if allowed:
+            methods = ", ".join(sorted(set(allowed)))
+            raise HTTPError(405, "method %s not allowed on %s (allowed: %s)"
+                            % (method, path, methods), headers=[("Allow", methods)])
+        raise HTTPError(404, "no such endpoint: %s %s" % (method, path))
+
+    def openapi_paths(self) -> Dict[str, dict]:
+        paths = collections.OrderedDict()  # type: Dict[str, dict]
+        for e in self.endpoints:
+            paths.setdefault(e.path, {})[e.method.lower()] = e.operation()
+        return paths
+
+
+# ============================================================================================
 # 6. Operations state: App's side of systemd, the status page, API docs and metrics
 #    (rendering, the OpenAPI document and the systemd helpers live in section 9)
 # ============================================================================================
@@ -1353,16 +1479,6 @@ def parse_bool(value: str, what: str) -> bool:
 EVENT_LIMIT = 200  # events kept in memory for the status page
 PAGE_EVENTS = 30  # events shown on it
 SHORT_ID = 8  # other people's session ids are shortened to this on the page
-
-
-class RawResponse:
-    """A non-JSON handler result (HTML, Prometheus text): send_json passes it through."""
-    __slots__ = ("data", "content_type", "headers")
-
-    def __init__(self, data: bytes, content_type: str, headers=()):
-        self.data = data
-        self.content_type = content_type
-        self.headers = headers
 
 
 class ObservedNetlabRunner(NetlabRunner):
@@ -1586,14 +1702,32 @@ class OpsMixin:
         return min(cadence, interval) if interval else cadence
 
     # -- handlers --
-    def get_status(self, h, m):
-        since = h.query.get("since")
-        wait = h.query.get("wait")
+    @endpoint("GET", "/status", openapi={
+        "tags": ["operations"], "summary": "Status page data (long-poll)",
+        "description": "What the status page shows, with session ids shortened to 8 characters "
+                       "(except the viewer's own, given as `sid`). With `wait` and `since` the "
+                       "answer is held until the state token differs from `since` or `wait` "
+                       "seconds pass. Never counts as a session's sign of life.",
+        "parameters": [
+            {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "number", "minimum": 0, "maximum": 60},
+             "description": "Seconds to wait for a change of `token` (needs `since`)."},
+            {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The `token` of the last answer."},
+            {"name": "sid", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The viewer's own session id: shown in full and marked as 'you'."}],
+        "responses": {
+            "200": _json_response("Status snapshot.", _ref("Status")),
+            "400": _error("`wait` is not a number between 0 and 60.",
+                          "wait must be between 0 and 60 seconds")}})
+    def get_status(self, request):
+        since = request.query.get("since")
+        wait = request.query.get("wait")
         if wait is not None:
             seconds = wait_seconds(wait)
             if since is not None and seconds > 0:
-                self._ops_wait_change(since, seconds, getattr(h, "connection", None))
-        return 200, self.ops_status(h.query.get("sid"))
+                self._ops_wait_change(since, seconds, request.connection)
+        return Response(200, self.ops_status(request.query.get("sid")))
 
     def _ops_wait_change(self, since: str, seconds: float, conn=None) -> None:
         with self.events_lock:
@@ -1610,22 +1744,34 @@ class OpsMixin:
             with self.events_lock:
                 self.status_watchers -= 1
 
-    def get_status_page(self, h, m):  # GET / with Accept: text/html
-        return 200, RawResponse(render_status_page(self.ops_status(h.query.get("sid"))),
-                                "text/html; charset=utf-8", PAGE_HEADERS)
+    def get_status_page(self, request):  # GET / with Accept: text/html
+        return Response(200, render_status_page(self.ops_status(request.query.get("sid"))),
+                        "text/html; charset=utf-8", PAGE_HEADERS)
 
-    def get_openapi(self, h, m):
-        return 200, openapi_document()
+    @endpoint("GET", "/openapi.json", openapi={
+        "tags": ["operations"], "summary": "This OpenAPI 3.1 document",
+        "responses": {"200": _json_response("The document.", {"type": "object"})}})
+    def get_openapi(self, request):
+        return Response(200, openapi_document())
 
-    def get_docs(self, h, m):
-        return 200, RawResponse(render_docs_page(openapi_document()), "text/html; charset=utf-8",
-                                PAGE_HEADERS)
+    @endpoint("GET", "/docs", openapi={
+        "tags": ["operations"], "summary": "API documentation page with 'try it' forms",
+        "responses": {"200": {"description": "A self-contained HTML page.",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}})
+    def get_docs(self, request):
+        return Response(200, render_docs_page(openapi_document()), "text/html; charset=utf-8",
+                        PAGE_HEADERS)
 
-    def get_metrics(self, h, m):
-        return 200, RawResponse(render_metrics(self).encode(),
-                                "text/plain; version=0.0.4; charset=utf-8",
-                                (("Cache-Control", "no-store"),))
-
+    @endpoint("GET", "/metrics", openapi={
+        "tags": ["operations"], "summary": "Prometheus metrics (text exposition format 0.0.4)",
+        "responses": {"200": {"description": "Metrics.", "content": {
+            "text/plain; version=0.0.4": {"schema": {"type": "string"}, "example":
+                "# HELP remote_lab_queue_length Sessions in the queue (active and waiting).\n"
+                "# TYPE remote_lab_queue_length gauge\nremote_lab_queue_length 2\n"}}}}})
+    def get_metrics(self, request):
+        return Response(200, render_metrics(self).encode(),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        (("Cache-Control", "no-store"),))
 
 # ============================================================================================
 # 7. HTTP: one route table, JSON in/out, errors as {"detail": ...}
@@ -1633,11 +1779,86 @@ class OpsMixin:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, detail: str, headers=()):
+    def __init__(self, status: int, detail: str, headers=(), close: bool = False):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = tuple(headers)  # extra response headers, e.g. Allow on 405
+        self.close = close  # the connection cannot go on (e.g. a request body left unread)
+
+
+def header_value(headers, name: str, default=None):
+    """``headers.get(name, default)``: a dict lookup when read_headers() indexed them
+    (email's Message.get() lower-cases every header name on every call)."""
+    index = getattr(headers, "fast_index", None)
+    if index is None:
+        return headers.get(name, default)
+    return index.get(name.lower(), default)
+
+
+class Request:
+    """What a handler gets: the request, its path parameters, the session its endpoint needs
+    (resolved by App.resolve_session) and, for a multipart endpoint, the body stream."""
+    __slots__ = ("method", "path", "query", "headers", "params", "named_session", "session",
+                 "body", "connection")
+
+    def __init__(self, method: str, path: str, query: Dict[str, str], headers,
+                 params: Optional[Dict[str, str]] = None, body=None, connection=None):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.params = params or {}
+        sid = header_value(headers, "X-Session-ID")
+        self.named_session = (sid.strip() or None) if sid else None  # X-Session-ID
+        self.session = None  # type: Optional[str]
+        self.body = body  # the body stream (a multipart endpoint's only)
+        self.connection = connection  # the socket: a long-poll stops when its client is gone
+
+    def header(self, name: str, default=None):
+        return header_value(self.headers, name, default)
+
+
+class Response:
+    """What a handler returns. ``body``: JSON data, or bytes of ``content_type``; ``close``:
+    close the connection after it."""
+    __slots__ = ("status", "body", "content_type", "headers", "close")
+
+    def __init__(self, status: int, body=None, content_type: Optional[str] = None, headers=(),
+                 close: bool = False):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers, self.close = headers, close
+
+
+def error_response(error: Exception, method: str, path: str) -> Response:
+    """The one translation of an exception into an error answer {"detail": ...}."""
+    close = False
+    if isinstance(error, HTTPError):
+        status, detail, headers, close = error.status, error.detail, error.headers, error.close
+    elif isinstance(error, BadRequest):  # e.g. parse_bool on ?force= / the reuse field
+        status, detail, headers = error.status, str(error), ()
+    elif isinstance(error, UnknownSession):
+        status, detail, headers = 404, "unknown session %s" % error.args[0], ()
+    elif isinstance(error, NoLab):
+        status, detail, headers = 404, str(error), ()
+    elif isinstance(error, QueueFull):
+        status, detail, headers = 429, str(error), ()
+    elif isinstance(error, NetlabError):
+        status, detail, headers = 504 if error.timed_out else 502, error.detail, ()
+    else:  # a bug: answer 500 and keep serving
+        log.exception("unhandled error in %s %s", method, path, exc_info=error)
+        return Response(500, {"detail": "internal server error: %s" % error})
+    if status >= 500:
+        log.error("%s %s -> %d: %s", method, path, status, detail.splitlines()[0] if detail else "")
+    if headers:
+        return Response(status, json.dumps({"detail": detail}).encode(), "application/json",
+                        headers, close)
+    return Response(status, {"detail": detail}, close=close)
+
+
+def split_target(target: str) -> Tuple[str, Dict[str, str]]:
+    """(path, query parameters) of a request target."""
+    if target[:1] == "/" and target[:2] != "//" and "?" not in target and "#" not in target:
+        return target, {}  # what urlsplit() + parse_qsl() make of a plain path
+    parsed = urllib.parse.urlsplit(target)
+    return parsed.path, dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
 
 
 def wait_seconds(value: str) -> float:
@@ -1661,6 +1882,11 @@ def log_context(sid: Optional[str], topology: Optional[str]) -> str:
     if topology:
         parts.append("topo=" + topology)
     return " ".join(parts) or "-"
+
+
+def set_log_context(sid: Optional[str], topology: Optional[str] = None) -> None:
+    """What the log lines of the request being served name (%(ctx)s)."""
+    _request_context.ctx = log_context(sid, topology)
 
 
 class ContextFilter(logging.Filter):
@@ -1842,122 +2068,236 @@ class App(OpsMixin):
             limits.append(self.settings.keep_warm)
         return max(0.05, min([base] + [t / 4.0 for t in limits if t > 0]))
 
-    # -- handlers: each returns (status, body) --
-    def require_active(self, handler) -> str:
-        sid = handler.session_header(required=True)
+    # -- handlers: each takes a Request and returns a Response --
+    def respond(self, endpoint: "Endpoint", request: "Request") -> "Response":
+        """The answer to ``request`` (routed to ``endpoint``): its session checked as declared,
+        then its handler; an exception becomes an error answer here."""
         try:
-            status, _ = self.queue.state(sid)
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        if status != "active":
-            raise HTTPError(423, "session %s is not active (still waiting in the queue)" % sid)
-        return sid
+            request.session = self.resolve_session(endpoint, request)
+            return getattr(self, endpoint.name)(request)
+        except Exception as e:
+            return error_response(e, request.method, request.path)
 
-    def get_root(self, h, m):
-        if "text/html" in (h.headers.get("Accept") or ""):  # a browser: the status page (section 6)
-            return self.get_status_page(h, m)
-        return 200, {"service": "remote-lab", "version": __version__,
-                     "uptime": round(time.monotonic() - self.started_mono, 3),
-                     "queue_length": len(self.queue), "active_session": self.queue.active_id(),
-                     "lab": self.lab_summary(), "docs": "/docs",
-                     # which server this is: clients show it, and local mode compares it
-                     "pid": os.getpid(), "simulated": self.settings.simulate,
-                     "netlab": "simulated (built into remote_lab.py)"
-                     if self.settings.simulate else self.settings.netlab}
+    def resolve_session(self, endpoint: "Endpoint", request: "Request") -> Optional[str]:
+        """The session ``endpoint`` needs (400 none named, 404 unknown, 423 not active), or None.
+
+        On an endpoint whose requests are signs of life each session named (header or path) is
+        touched, once; a monitor or a status page sending the header along keeps nobody alive.
+        """
+        named = request.named_session
+        if endpoint.session == NO_SESSION:
+            if endpoint.sign_of_life:
+                for sid in {named, request.params.get("session_id")} - {None}:
+                    try:
+                        self.queue.touch(sid)
+                    except UnknownSession:
+                        pass  # its handler answers 404 where that matters
+            return None
+        if not named:
+            raise HTTPError(400, "missing X-Session-ID header")
+        status, _ = self.queue.state(named, touch=endpoint.sign_of_life)
+        if endpoint.session == ACTIVE_SESSION and status != "active":
+            raise HTTPError(423, "session %s is not active (still waiting in the queue)" % named)
+        return named
+
+    @endpoint("GET", "/", openapi={
+        "tags": ["server"], "summary": "Service summary (JSON), or the status page for browsers",
+        "description": "With `Accept: text/html` (a browser) the self-contained status page: lab "
+                       "holder, queue, lab devices, recent events; it refreshes itself through "
+                       "`GET /status?wait=`. Any other client gets the JSON summary.",
+        "parameters": [{"name": "Accept", "in": "header", "required": False,
+                        "schema": {"type": "string"},
+                        "description": "`text/html` selects the status page."}],
+        "responses": {"200": {"description": "Summary, or the status page.", "content": {
+            "application/json": {"schema": _ref("Summary"), "example": {
+                "service": "remote-lab", "version": __version__, "uptime": 12.5,
+                "queue_length": 1, "active_session": _SESSION_EXAMPLE,
+                "lab": {"state": "running", "topology": "topology.yml", "ref_count": 1,
+                        "devices": ["r1", "r2"]}, "docs": "/docs", "pid": 4242,
+                "simulated": False, "netlab": "/usr/local/bin/netlab"}},
+            "text/html": {"schema": {"type": "string"}}}}}})
+    def get_root(self, request):
+        if "text/html" in (request.header("Accept") or ""):  # a browser: the status page (section 6)
+            return self.get_status_page(request)
+        return Response(200, {"service": "remote-lab", "version": __version__,
+                              "uptime": round(time.monotonic() - self.started_mono, 3),
+                              "queue_length": len(self.queue),
+                              "active_session": self.queue.active_id(),
+                              "lab": self.lab_summary(), "docs": "/docs",
+                              # which server this is: clients show it, and local mode compares it
+                              "pid": os.getpid(), "simulated": self.settings.simulate,
+                              "netlab": "simulated (built into remote_lab.py)"
+                              if self.settings.simulate else self.settings.netlab})
 
     def lab_summary(self):
         s = self.lab.snapshot()
         return {"state": s["state"], "topology": s["topology"], "ref_count": s["ref_count"],
                 "devices": [d["name"] for d in s["devices"]]}
 
-    def get_healthz(self, h, m):
-        return 204, None
+    @endpoint("GET", "/healthz", openapi={
+        "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})
+    def get_healthz(self, request):
+        return Response(204)
 
-    def get_debug_health(self, h, m):
+    @endpoint("GET", "/debug/health", openapi={
+        "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
+        "description": "`sessions` is the number of sessions in the queue (an integer, as the "
+                       "seed's server answers it); `session_list` lists them in queue order. "
+                       "Never counts as a session's sign of life.",
+        "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})
+    def get_debug_health(self, request):
         sessions = self.queue.snapshot()
         # "sessions" is a count, as the seed's server answers (monitoring reads it); the list
         # goes under its own key
-        return 200, {"status": "ok", "timestamp": time.time(),
-                     "uptime": round(time.monotonic() - self.started_mono, 3),
-                     "sessions": len(sessions), "session_list": sessions,
-                     "queue_length": len(sessions),
-                     "lab": self.lab.snapshot(), "version": __version__,
-                     "netlab_calls": dict(self.runner.calls),
-                     "netlab_failures": dict(self.runner.failures),
-                     "counters": dict(self.counters)}
+        return Response(200, {"status": "ok", "timestamp": time.time(),
+                              "uptime": round(time.monotonic() - self.started_mono, 3),
+                              "sessions": len(sessions), "session_list": sessions,
+                              "queue_length": len(sessions),
+                              "lab": self.lab.snapshot(), "version": __version__,
+                              "netlab_calls": dict(self.runner.calls),
+                              "netlab_failures": dict(self.runner.failures),
+                              "counters": dict(self.counters)})
 
-    def post_session(self, h, m):
-        try:
-            sid, pos = self.queue.create()
-        except QueueFull as e:
-            raise HTTPError(429, str(e)) from None
+    @endpoint("POST", "/session", openapi={
+        "tags": ["sessions"], "summary": "Join the queue",
+        "description": "Creates a session at the end of the queue; the head of the queue is "
+                       "active at once.",
+        "responses": {
+            "201": _json_response("Session created.", _ref("SessionCreated"),
+                                  {"session_id": _SESSION_EXAMPLE, "position": 0,
+                                   "status": "active"}),
+            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)")}})
+    def post_session(self, request):
+        sid, pos = self.queue.create()  # QueueFull: 429
         self.counters.add("sessions_created")
         log.info("created session (position %d)", pos, extra={"ctx": log_context(sid, None)})
-        return 201, {"session_id": sid, "position": pos,
-                     "status": "active" if pos == 0 else "waiting"}
+        return Response(201, {"session_id": sid, "position": pos,
+                              "status": "active" if pos == 0 else "waiting"})
 
-    def get_session(self, h, m):
-        sid = m.group(1)
-        wait = h.query.get("wait")
-        try:
-            if wait is None:
-                status, pos = self.queue.state(sid)
-            else:
-                seconds = wait_seconds(wait)
-                known = h.query.get("position")
-                try:
-                    known = None if known is None else int(known)
-                except ValueError:
-                    raise HTTPError(400, "position must be an integer") from None
-                self.queue.pin(sid)
-                try:
-                    status, pos = self.queue.wait_change(sid, seconds, known)
-                finally:
-                    self.queue.unpin(sid)
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        return 200, {"session_id": sid, "status": status, "position": pos}
+    @endpoint("GET", "/session/{session_id}", sign_of_life=True, openapi={
+        "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
+        "description": "Counts as a sign of life. With `wait` the answer is held until the "
+                       "status or position changes or `wait` seconds pass; it comes at once "
+                       "when the session is active, or when `position` (the position the "
+                       "caller last saw) differs from the current one.",
+        "parameters": [_SID_PATH, {"name": "wait", "in": "query", "required": False,
+                                   "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                                   "description": "Seconds to wait for a change (0-60)."},
+                       {"name": "position", "in": "query", "required": False,
+                        "schema": {"type": "integer"},
+                        "description": "With `wait`: the position the caller last saw."}],
+        "responses": {
+            "200": _json_response("Session state.", _ref("SessionState"),
+                                  {"session_id": _SESSION_EXAMPLE, "status": "waiting",
+                                   "position": 2}),
+            "400": _error("`wait` is not a number between 0 and 60, or `position` is not "
+                          "an integer.", "wait must be a number of seconds (0-60)"),
+            "404": _SID_ERRORS["404"]}})
+    def get_session(self, request):
+        sid = request.params["session_id"]
+        wait = request.query.get("wait")
+        if wait is None:
+            status, pos = self.queue.state(sid, touch=False)  # touched by resolve_session
+        else:
+            seconds = wait_seconds(wait)
+            known = request.query.get("position")
+            try:
+                known = None if known is None else int(known)
+            except ValueError:
+                raise HTTPError(400, "position must be an integer") from None
+            self.queue.pin(sid)
+            try:
+                status, pos = self.queue.wait_change(sid, seconds, known)
+            finally:
+                self.queue.unpin(sid)
+        return Response(200, {"session_id": sid, "status": status, "position": pos})
 
-    def delete_session(self, h, m):
-        sid = m.group(1)
-        try:
-            self.end_session(sid, "deleted by client")
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        return 204, None
+    @endpoint("DELETE", "/session/{session_id}", sign_of_life=True, openapi={
+        "tags": ["sessions"], "summary": "Leave the queue",
+        "description": "If the session was active its lab is torn down (or kept warm) and the "
+                       "next session promoted.",
+        "parameters": [_SID_PATH],
+        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"]}})
+    def delete_session(self, request):
+        self.end_session(request.params["session_id"], "deleted by client")
+        return Response(204)
 
-    def post_heartbeat(self, h, m):
-        sid = h.session_header(required=True)
-        try:
-            self.queue.touch(sid)
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        return 204, None
+    @endpoint("POST", "/session/heartbeat", session=ANY_SESSION, sign_of_life=True, openapi={
+        "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
+        "responses": {"204": _NO_CONTENT}})
+    def post_heartbeat(self, request):
+        return Response(204)  # resolve_session touched it
 
-    def get_active_session(self, h, m):
+    @endpoint("GET", "/active-session", openapi={
+        "tags": ["sessions"], "summary": "The active session",
+        "responses": {
+            "200": _json_response("The head of the queue.", _ref("SessionState"),
+                                  {"session_id": _SESSION_EXAMPLE, "status": "active",
+                                   "position": 0}),
+            "404": _error("The queue is empty.", "no active session")}})
+    def get_active_session(self, request):
         sid = self.queue.active_id()
         if sid is None:
             raise HTTPError(404, "no active session")
-        return 200, {"session_id": sid, "status": "active", "position": 0}
+        return Response(200, {"session_id": sid, "status": "active", "position": 0})
 
-    def post_lab(self, h, m):
-        sid = self.require_active(h)
-        reuse_q = h.query.get("reuse")
-        try:
-            self.queue.pin(sid)  # a long upload or netlab up must not expire the session
-        except UnknownSession:  # it ended right after the check
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        try:
+    @endpoint("POST", "/lab", session=ACTIVE_SESSION, body=MULTIPART_BODY, sign_of_life=True,
+              openapi={
+        "tags": ["lab"], "summary": "Upload a topology and acquire the lab",
+        "description": "Acquisition rules: no lab → `netlab up`; same fingerprint and "
+                       "`reuse=true` → ref count + 1; same fingerprint, `reuse=false`, ref count 0 → "
+                       "restart; other topology, ref count 0 → tear down and start it; otherwise "
+                       "423. The fingerprint is a SHA-256 over the topology and the extra files.",
+        "parameters": [{"name": "reuse", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false"]},
+                        "description": "Used when the form has no `reuse` field."}],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {"type": "object", "required": ["topology"], "properties": {
+                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
+                             "description": "The topology file (.yml/.yaml)."},
+                "reuse": {"type": "string", "enum": ["true", "false"], "default": "true",
+                          "description": "Reuse a running lab with the same fingerprint."},
+                "extra_files": {"type": "array", "items": {
+                    "type": "string", "contentMediaType": "application/octet-stream"},
+                    "description": "Files next to the topology; their file names keep relative "
+                                   "directories (no absolute paths, no '..')."}}},
+            "encoding": {"topology": {"contentType": "application/octet-stream"},
+                         "extra_files": {"contentType": "application/octet-stream"}}}}},
+        "responses": {
+            "200": _json_response("The lab is up (started or reused).", _ref("LabAcquired"),
+                                  {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
+            "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
+                          "no Content-Length, malformed body, unexpected field, unsafe or "
+                          "duplicate file name, topology not .yml/.yaml or named so that netlab "
+                          "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
+                          "topology 'lab.txt' must be a .yml or .yaml file"),
+            "413": _error("The body exceeds `--max-upload-mb`.",
+                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
+                          "(--max-upload-mb)"),
+            "423": _error("The session is not active (or no longer), or the lab is busy with "
+                          "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
+            "502": _error("netlab failed; the detail carries the tail of its output.",
+                          "netlab up ./topology.yml failed (exit 1)\n--- netlab output (last "
+                          "lines) ---\n..."),
+            "503": _error("The lab host has no room left to store the upload (disk or quota "
+                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
+                          "No space left on device"),
+            "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
+                          "netlab up ./topology.yml timed out after 1800 s")}})
+    def post_lab(self, request):
+        sid = request.session
+        self.queue.pin(sid)  # a long upload or netlab up must not expire the session (it may
+        try:                 # have ended right after resolve_session: UnknownSession, 404)
             try:
-                upload = receive_upload(h.rfile, h.headers, self.settings.labs_dir,
+                upload = receive_upload(request.body, request.headers, self.settings.labs_dir,
                                         self.settings.max_upload_bytes)
-            except BadRequest as e:
-                h.close_connection = True  # the rest of the body is unread
-                raise HTTPError(e.status, str(e)) from None
+            except BadRequest as e:  # the rest of the body is unread
+                raise HTTPError(e.status, str(e), close=True) from None
             self.counters.add("upload_bytes", upload.size)
-            h.set_context(sid, upload.topology)
+            set_log_context(sid, upload.topology)
             try:
-                reuse = parse_bool(upload.fields.get("reuse", reuse_q or "true"), "reuse")
+                reuse = parse_bool(upload.fields.get("reuse", request.query.get("reuse") or "true"),
+                                   "reuse")
                 if not self.queue.is_active(sid):
                     raise HTTPError(423, "session %s is no longer active" % sid)
             except BaseException:
@@ -1969,85 +2309,63 @@ class App(OpsMixin):
                 raise HTTPError(400, str(e)) from None
             except LabBusy as e:
                 raise HTTPError(423, str(e)) from None
-            except NetlabError as e:
-                raise HTTPError(504 if e.timed_out else 502, e.detail) from None
-            return 200, {"reused": reused, "devices": devices}
+            return Response(200, {"reused": reused, "devices": devices})
         finally:
             self.queue.unpin(sid)
 
-    def get_lab(self, h, m):
-        self.require_active(h)
+    @endpoint("GET", "/lab", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "The lab's state",
+        "responses": {"200": _json_response("Lab state.", _ref("LabState"))}})
+    def get_lab(self, request):
         s = self.lab.snapshot()
-        return 200, {"running": s["running"], "topology": s["topology"],
-                     "ref_count": s["ref_count"], "devices": s["devices"],
-                     "netlab_status": s["state"], "last_error": s["last_error"]}
+        return Response(200, {"running": s["running"], "topology": s["topology"],
+                              "ref_count": s["ref_count"], "devices": s["devices"],
+                              "netlab_status": s["state"], "last_error": s["last_error"]})
 
-    def get_lab_devices(self, h, m):
-        self.require_active(h)
-        try:
-            return 200, self.lab.devices()
-        except NoLab as e:
-            raise HTTPError(404, str(e)) from None
+    @endpoint("GET", "/lab/devices", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "Devices of the running lab",
+        "responses": {
+            "200": _json_response("Devices with netlab's raw node data.",
+                                  {"type": "array", "items": _ref("Device")}, [_DEVICE_EXAMPLE]),
+            "404": _error("Unknown session, or no lab is running.", "no lab is running")}})
+    def get_lab_devices(self, request):
+        return Response(200, self.lab.devices())  # NoLab: 404
 
-    def post_lab_release(self, h, m):
-        sid = self.require_active(h)
-        try:
-            self.lab.release(sid)
-        except NoLab as e:
-            raise HTTPError(404, str(e)) from None
-        return 204, None
+    @endpoint("POST", "/lab/release", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
+        "responses": {
+            "204": _NO_CONTENT,
+            "404": _error("Unknown session, or no lab is running.", "no lab is running")}})
+    def post_lab_release(self, request):
+        self.lab.release(request.session)  # NoLab: 404
+        return Response(204)
 
-    def delete_lab(self, h, m):
-        sid = self.require_active(h)
-        force = parse_bool(h.query.get("force", "true"), "force")
+    @endpoint("DELETE", "/lab", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "Tear the lab down (in the background)",
+        "parameters": [{"name": "force", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false"],
+                                   "default": "true"},
+                        "description": "Also when the ref count is above 0."}],
+        "responses": {
+            "202": _json_response("Teardown started.", _ref("Message"),
+                                  {"detail": "lab teardown started"}),
+            "204": {"description": "There was no lab."},
+            "400": _error("Missing `X-Session-ID`, or `force` is not true/false.",
+                          "force must be true or false, not 'maybe'"),
+            "409": _error("`force=false` while the ref count is above 0.",
+                          "lab is in use (ref count 1); use force=true")}})
+    def delete_lab(self, request):
+        force = parse_bool(request.query.get("force", "true"), "force")
         try:
-            destroyed = self.lab.destroy(sid, force)
+            destroyed = self.lab.destroy(request.session, force)
         except LabBusy as e:
             raise HTTPError(409, str(e)) from None
         if not destroyed:
-            return 204, None
-        return 202, {"detail": "lab teardown started"}
+            return Response(204)
+        return Response(202, {"detail": "lab teardown started"})
 
-    ROUTES = [
-        ("GET", r"/", "get_root"),
-        ("GET", r"/healthz", "get_healthz"),
-        ("GET", r"/debug/health", "get_debug_health"),
-        ("POST", r"/session", "post_session"),
-        ("POST", r"/session/heartbeat", "post_heartbeat"),
-        ("GET", r"/session/([^/]+)", "get_session"),
-        ("DELETE", r"/session/([^/]+)", "delete_session"),
-        ("GET", r"/active-session", "get_active_session"),
-        ("POST", r"/lab", "post_lab"),
-        ("GET", r"/lab", "get_lab"),
-        ("DELETE", r"/lab", "delete_lab"),
-        ("GET", r"/lab/devices", "get_lab_devices"),
-        ("POST", r"/lab/release", "post_lab_release"),
-        # operations (section 6)
-        ("GET", r"/status", "get_status"),
-        ("GET", r"/openapi\.json", "get_openapi"),
-        ("GET", r"/docs", "get_docs"),
-        ("GET", r"/metrics", "get_metrics"),
-    ]
-    COMPILED = [(method, re.compile(pattern + r"/?\Z"), name) for method, pattern, name in ROUTES]
-    # the routes where naming a session (X-Session-ID or the path) is its sign of life
-    LIVENESS_ROUTES = frozenset(["post_heartbeat", "get_session", "delete_session", "post_lab",
-                                 "get_lab", "delete_lab", "get_lab_devices", "post_lab_release"])
 
-    def route(self, method: str, path: str):
-        """(handler method name, match) or raise HTTPError 404/405."""
-        allowed = []
-        for rmethod, regex, name in self.COMPILED:
-            m = regex.match(path)
-            if m:
-                if rmethod == method:
-                    return getattr(self, name), m
-                allowed.append(rmethod)
-        if allowed:
-            methods = ", ".join(sorted(set(allowed)))
-            raise HTTPError(405, "method %s not allowed on %s (allowed: %s)"
-                            % (method, path, methods), headers=[("Allow", methods)])
-        raise HTTPError(404, "no such endpoint: %s %s" % (method, path))
-
+App.endpoints = EndpointTable(App)
 
 _HEADER_LINE_RE = re.compile(r"([!-9;-~]+):([^\r\n]*)(?:\r\n|\n|\r)?\Z")
 MAX_HEADER_LINE = 65536  # http.client's _MAXLINE
@@ -2249,23 +2567,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- helpers --
     def header(self, name: str, default=None):
-        """``self.headers.get(name, default)``: a dict lookup when read_headers() indexed them
-        (email's Message.get() lower-cases every header name on every call)."""
-        index = getattr(self.headers, "fast_index", None)
-        if index is None:
-            return self.headers.get(name, default)
-        return index.get(name.lower(), default)
-
-    def session_header(self, required=False) -> Optional[str]:
-        sid = self.header("X-Session-ID")
-        if sid:
-            sid = sid.strip()
-        if not sid and required:
-            raise HTTPError(400, "missing X-Session-ID header")
-        return sid or None
-
-    def set_context(self, sid, topology=None):
-        _request_context.ctx = log_context(sid, topology)
+        return header_value(self.headers, name, default)
 
     _date_cache = (0, "")  # (whole second, Date header)
 
@@ -2279,17 +2581,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             cached = RequestHandler._date_cache = (now, super().date_time_string(now))
         return cached[1]
 
-    def send_json(self, status: int, body) -> None:
+    def send(self, response: Response) -> None:
         """Headers and body in one write: two small writes stall ~40 ms on Nagle + delayed ACK.
 
         JSON and empty answers: the bytes of send_response() + send_header()s + end_headers(),
         built in one go (those helpers cost more than the rest of a poll).
         """
-        if type(body) is RawResponse and status != 204:  # HTML / metrics text of the ops endpoints (section 6)
-            data = body.data
+        status, body = response.status, response.body
+        if response.close:
+            self.close_connection = True
+        if response.content_type is not None and status != 204:  # HTML, metrics, extra headers
+            data = body
             self.send_response(status)
-            self.send_header("Content-Type", body.content_type)
-            for key, value in body.headers:
+            self.send_header("Content-Type", response.content_type)
+            for key, value in response.headers:
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:
@@ -2497,7 +2802,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             return True
         detail = json.dumps({"detail": "too many connections (--max-connections %d): try again "
                              "later" % self.server.connection_cap}).encode()
-        self.send_json(503, RawResponse(detail, "application/json", [("Retry-After", "1")]))
+        self.send(Response(503, detail, "application/json", [("Retry-After", "1")]))
         if self.header("Content-Length", "0").strip() not in ("", "0") or \
                 self.header("Transfer-Encoding"):
             self._linger()
@@ -2505,65 +2810,46 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         app = self.app
-        self.set_context(None)
+        set_log_context(None)
         started = time.monotonic()
-        status = 500
-        route = "unmatched"  # the metrics label for 404/405 (section 6)
+        endpoint = None
         try:
-            path = self.path
-            if path[:1] == "/" and path[:2] != "//" and "?" not in path and "#" not in path:
-                self.query = {}  # what urlsplit() + parse_qsl() make of a plain path
-            else:
-                parsed = urllib.parse.urlsplit(path)
-                self.query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
-                path = parsed.path
-            func, m = app.route(self.command, path)
-            route = func.__name__
-            app.request_guard.check(self)  # 403: a foreign web page's request (section 7.1)
-            sid = self.session_header()
-            path_sid = m.group(1) if m.groups() and func.__name__.endswith("_session") else None
-            self.set_context(path_sid or sid)
-            if func.__name__ != "post_lab":
-                self._discard_body()
-            # a request naming a session on the session and lab endpoints is a sign of life;
-            # a monitor or a status page sending the header along keeps nobody alive
-            for named in ({sid, path_sid} - {None} if route in app.LIVENESS_ROUTES else ()):
-                try:
-                    app.queue.touch(named)
-                except UnknownSession:
-                    pass
-            status, body = func(self, m)
-        except BadRequest as e:  # e.g. parse_bool on ?force= / the reuse field
-            status, body = e.status, {"detail": str(e)}
-        except HTTPError as e:
-            status, body = e.status, {"detail": e.detail}
-            if e.headers:
-                body = RawResponse(json.dumps(body).encode(), "application/json", e.headers)
-            if status >= 500:
-                log.error("%s %s -> %d: %s", self.command, self.path, status,
-                          e.detail.splitlines()[0] if e.detail else "")
-        except Exception as e:  # a bug: answer 500 and keep serving
-            log.exception("unhandled error in %s %s", self.command, self.path)
-            status, body = 500, {"detail": "internal server error: %s" % e}
-        if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue (issue 8.5)
+            path, query = split_target(self.path)
+            endpoint, params = app.endpoints.match(self.command, path)  # 404, 405
+            response = app.respond(endpoint, self._request(endpoint, path, query, params))
+        except Exception as e:  # routing, the request checks of _request()
+            response = error_response(e, self.command, self.path)
+        if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue
             self.rfile = self.rfile.disarm()
-        app.http_requests.add((route, status))  # no formatting here: /metrics labels it
-        if status >= 400 and (self.headers.get("Transfer-Encoding")
-                              or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+        # no formatting here: /metrics labels it; 404/405 are "unmatched" (section 6)
+        app.http_requests.add((endpoint.name if endpoint else "unmatched", response.status))
+        if response.status >= 400 and (self.header("Transfer-Encoding") or
+                                       self.header("Content-Length", "0").strip() not in ("", "0")):
             # an error may leave the body unread (POST /lab refused before its upload, 404/405):
             # close rather than parse the rest of it as the next request on this connection
-            self.close_connection = True
-            unread_body = True
+            response.close = unread_body = True
         else:
             unread_body = False
         try:
-            self.send_json(status, body)
+            self.send(response)
             if unread_body:
                 self._linger()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        log.debug("%s %s -> %d (%.1f ms)", self.command, self.path, status,
+        log.debug("%s %s -> %d (%.1f ms)", self.command, self.path, response.status,
                   (time.monotonic() - started) * 1000)
+
+    def _request(self, endpoint: Endpoint, path: str, query: Dict[str, str],
+                 params: Dict[str, str]) -> Request:
+        """The Request for ``endpoint``, after the checks every request gets: a foreign web
+        page's (403), a body where none is expected (read and dropped: 400 / 413)."""
+        self.app.request_guard.check(self)  # section 7.1
+        request = Request(self.command, path, query, self.headers, params,
+                          self.rfile if endpoint.body == MULTIPART_BODY else None, self.connection)
+        set_log_context(params.get("session_id") or request.named_session)
+        if endpoint.body == NO_BODY:
+            self._discard_body()
+        return request
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = dispatch
 
@@ -2604,7 +2890,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if type(self.rfile) is ContinueBeforeBody:  # e.g. 501: no 100 Continue after it
             self.rfile = self.rfile.disarm()
         try:
-            self.send_json(code, {"detail": message or explain or "bad request"})
+            self.send(Response(code, {"detail": message or explain or "bad request"}))
         except OSError:
             pass
 
@@ -3393,222 +3679,7 @@ timeouts: waiting %(wait_to)s, active %(active_to)s &middot;
         "js": STATUS_JS, **parts}
     return page.encode("utf-8")
 
-# -- 9.4 the OpenAPI 3.1 document (every route of App.ROUTES, errors exactly as implemented) ---
-
-def _ref(name: str) -> dict:
-    return {"$ref": "#/components/schemas/" + name}
-
-
-def _json_response(description: str, schema: dict, example=None) -> dict:
-    media = {"schema": schema}
-    if example is not None:
-        media["example"] = example
-    return {"description": description, "content": {"application/json": media}}
-
-
-def _error(description: str, example: str) -> dict:
-    return _json_response(description, _ref("Error"), {"detail": example})
-
-
-_NO_CONTENT = {"description": "No content (empty body)."}
-_SID_ERRORS = {
-    "400": _error("The `X-Session-ID` header is missing.", "missing X-Session-ID header"),
-    "404": _error("Unknown session.", "unknown session 3f2b9c4e-..."),
-    "423": _error("The session is not the active one (still waiting in the queue).",
-                  "session 3f2b9c4e-... is not active (still waiting in the queue)"),
-}
-_ORIGIN_ERROR = {"403": _error(
-    "A browser request from another site's page: the `Origin` header is neither the server's "
-    "own origin nor one given with `--allow-origin` (`null` included).",
-    "cross-origin request refused: Origin 'http://evil.example' is not this server's own "
-    "origin (a page of another site; allow it with --allow-origin)")}
-_SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
-_SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
-_SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
-_DEVICE_EXAMPLE = {"name": "r1", "raw": {"name": "r1", "device": "frr", "ansible_host": "192.168.121.101",
-                                         "mgmt": {"ifname": "eth0", "ipv4": "192.168.121.101"}}}
-
-# (operationId = App handler name) -> (method, OpenAPI path, operation)
-OPENAPI_OPERATIONS = collections.OrderedDict([
-    ("get_root", ("GET", "/", {
-        "tags": ["server"], "summary": "Service summary (JSON), or the status page for browsers",
-        "description": "With `Accept: text/html` (a browser) the self-contained status page: lab "
-                       "holder, queue, lab devices, recent events; it refreshes itself through "
-                       "`GET /status?wait=`. Any other client gets the JSON summary.",
-        "parameters": [{"name": "Accept", "in": "header", "required": False,
-                        "schema": {"type": "string"},
-                        "description": "`text/html` selects the status page."}],
-        "responses": {"200": {"description": "Summary, or the status page.", "content": {
-            "application/json": {"schema": _ref("Summary"), "example": {
-                "service": "remote-lab", "version": __version__, "uptime": 12.5,
-                "queue_length": 1, "active_session": _SESSION_EXAMPLE,
-                "lab": {"state": "running", "topology": "topology.yml", "ref_count": 1,
-                        "devices": ["r1", "r2"]}, "docs": "/docs", "pid": 4242,
-                "simulated": False, "netlab": "/usr/local/bin/netlab"}},
-            "text/html": {"schema": {"type": "string"}}}}}})),
-    ("get_healthz", ("GET", "/healthz", {
-        "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})),
-    ("get_debug_health", ("GET", "/debug/health", {
-        "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
-        "description": "`sessions` is the number of sessions in the queue (an integer, as the "
-                       "seed's server answers it); `session_list` lists them in queue order. "
-                       "Never counts as a session's sign of life.",
-        "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})),
-    ("get_status", ("GET", "/status", {
-        "tags": ["operations"], "summary": "Status page data (long-poll)",
-        "description": "What the status page shows, with session ids shortened to 8 characters "
-                       "(except the viewer's own, given as `sid`). With `wait` and `since` the "
-                       "answer is held until the state token differs from `since` or `wait` "
-                       "seconds pass. Never counts as a session's sign of life.",
-        "parameters": [
-            {"name": "wait", "in": "query", "required": False,
-             "schema": {"type": "number", "minimum": 0, "maximum": 60},
-             "description": "Seconds to wait for a change of `token` (needs `since`)."},
-            {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
-             "description": "The `token` of the last answer."},
-            {"name": "sid", "in": "query", "required": False, "schema": {"type": "string"},
-             "description": "The viewer's own session id: shown in full and marked as 'you'."}],
-        "responses": {
-            "200": _json_response("Status snapshot.", _ref("Status")),
-            "400": _error("`wait` is not a number between 0 and 60.",
-                          "wait must be between 0 and 60 seconds")}})),
-    ("get_openapi", ("GET", "/openapi.json", {
-        "tags": ["operations"], "summary": "This OpenAPI 3.1 document",
-        "responses": {"200": _json_response("The document.", {"type": "object"})}})),
-    ("get_docs", ("GET", "/docs", {
-        "tags": ["operations"], "summary": "API documentation page with 'try it' forms",
-        "responses": {"200": {"description": "A self-contained HTML page.",
-                              "content": {"text/html": {"schema": {"type": "string"}}}}}})),
-    ("get_metrics", ("GET", "/metrics", {
-        "tags": ["operations"], "summary": "Prometheus metrics (text exposition format 0.0.4)",
-        "responses": {"200": {"description": "Metrics.", "content": {
-            "text/plain; version=0.0.4": {"schema": {"type": "string"}, "example":
-                "# HELP remote_lab_queue_length Sessions in the queue (active and waiting).\n"
-                "# TYPE remote_lab_queue_length gauge\nremote_lab_queue_length 2\n"}}}}})),
-    ("post_session", ("POST", "/session", {
-        "tags": ["sessions"], "summary": "Join the queue",
-        "description": "Creates a session at the end of the queue; the head of the queue is "
-                       "active at once.",
-        "responses": {
-            "201": _json_response("Session created.", _ref("SessionCreated"),
-                                  {"session_id": _SESSION_EXAMPLE, "position": 0,
-                                   "status": "active"}),
-            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)"),
-            **_ORIGIN_ERROR}})),
-    ("post_heartbeat", ("POST", "/session/heartbeat", {
-        "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
-        "parameters": [_SID_HEADER],
-        "responses": {"204": _NO_CONTENT, "400": _SID_ERRORS["400"], "404": _SID_ERRORS["404"],
-                      **_ORIGIN_ERROR}})),
-    ("get_session", ("GET", "/session/{session_id}", {
-        "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
-        "description": "Counts as a sign of life. With `wait` the answer is held until the "
-                       "status or position changes or `wait` seconds pass; it comes at once "
-                       "when the session is active, or when `position` (the position the "
-                       "caller last saw) differs from the current one.",
-        "parameters": [_SID_PATH, {"name": "wait", "in": "query", "required": False,
-                                   "schema": {"type": "number", "minimum": 0, "maximum": 60},
-                                   "description": "Seconds to wait for a change (0-60)."},
-                       {"name": "position", "in": "query", "required": False,
-                        "schema": {"type": "integer"},
-                        "description": "With `wait`: the position the caller last saw."}],
-        "responses": {
-            "200": _json_response("Session state.", _ref("SessionState"),
-                                  {"session_id": _SESSION_EXAMPLE, "status": "waiting",
-                                   "position": 2}),
-            "400": _error("`wait` is not a number between 0 and 60, or `position` is not "
-                          "an integer.", "wait must be a number of seconds (0-60)"),
-            "404": _SID_ERRORS["404"]}})),
-    ("delete_session", ("DELETE", "/session/{session_id}", {
-        "tags": ["sessions"], "summary": "Leave the queue",
-        "description": "If the session was active its lab is torn down (or kept warm) and the "
-                       "next session promoted.",
-        "parameters": [_SID_PATH],
-        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"], **_ORIGIN_ERROR}})),
-    ("get_active_session", ("GET", "/active-session", {
-        "tags": ["sessions"], "summary": "The active session",
-        "responses": {
-            "200": _json_response("The head of the queue.", _ref("SessionState"),
-                                  {"session_id": _SESSION_EXAMPLE, "status": "active",
-                                   "position": 0}),
-            "404": _error("The queue is empty.", "no active session")}})),
-    ("post_lab", ("POST", "/lab", {
-        "tags": ["lab"], "summary": "Upload a topology and acquire the lab",
-        "description": "Acquisition rules: no lab → `netlab up`; same fingerprint and "
-                       "`reuse=true` → ref count + 1; same fingerprint, `reuse=false`, ref count 0 → "
-                       "restart; other topology, ref count 0 → tear down and start it; otherwise "
-                       "423. The fingerprint is a SHA-256 over the topology and the extra files.",
-        "parameters": [_SID_HEADER, {"name": "reuse", "in": "query", "required": False,
-                                     "schema": {"type": "string", "enum": ["true", "false"]},
-                                     "description": "Used when the form has no `reuse` field."}],
-        "requestBody": {"required": True, "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": ["topology"], "properties": {
-                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
-                             "description": "The topology file (.yml/.yaml)."},
-                "reuse": {"type": "string", "enum": ["true", "false"], "default": "true",
-                          "description": "Reuse a running lab with the same fingerprint."},
-                "extra_files": {"type": "array", "items": {
-                    "type": "string", "contentMediaType": "application/octet-stream"},
-                    "description": "Files next to the topology; their file names keep relative "
-                                   "directories (no absolute paths, no '..')."}}},
-            "encoding": {"topology": {"contentType": "application/octet-stream"},
-                         "extra_files": {"contentType": "application/octet-stream"}}}}},
-        "responses": {
-            "200": _json_response("The lab is up (started or reused).", _ref("LabAcquired"),
-                                  {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
-            "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
-                          "no Content-Length, malformed body, unexpected field, unsafe or "
-                          "duplicate file name, topology not .yml/.yaml or named so that netlab "
-                          "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
-                          "topology 'lab.txt' must be a .yml or .yaml file"),
-            "404": _SID_ERRORS["404"],
-            "413": _error("The body exceeds `--max-upload-mb`.",
-                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
-                          "(--max-upload-mb)"),
-            "423": _error("The session is not active (or no longer), or the lab is busy with "
-                          "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
-            "502": _error("netlab failed; the detail carries the tail of its output.",
-                          "netlab up ./topology.yml failed (exit 1)\n--- netlab output (last "
-                          "lines) ---\n..."),
-            "503": _error("The lab host has no room left to store the upload (disk or quota "
-                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
-                          "No space left on device"),
-            "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
-                          "netlab up ./topology.yml timed out after 1800 s"),
-            **_ORIGIN_ERROR}})),
-    ("get_lab", ("GET", "/lab", {
-        "tags": ["lab"], "summary": "The lab's state",
-        "parameters": [_SID_HEADER],
-        "responses": dict({"200": _json_response("Lab state.", _ref("LabState"))}, **_SID_ERRORS)})),
-    ("delete_lab", ("DELETE", "/lab", {
-        "tags": ["lab"], "summary": "Tear the lab down (in the background)",
-        "parameters": [_SID_HEADER, {"name": "force", "in": "query", "required": False,
-                                     "schema": {"type": "string", "enum": ["true", "false"],
-                                                "default": "true"},
-                                     "description": "Also when the ref count is above 0."}],
-        "responses": dict({
-            "202": _json_response("Teardown started.", _ref("Message"),
-                                  {"detail": "lab teardown started"}),
-            "204": {"description": "There was no lab."},
-            "409": _error("`force=false` while the ref count is above 0.",
-                          "lab is in use (ref count 1); use force=true")},
-            **dict(_SID_ERRORS, **_ORIGIN_ERROR, **{"400": _error(
-                "Missing `X-Session-ID`, or `force` is not true/false.",
-                "force must be true or false, not 'maybe'")}))})),
-    ("get_lab_devices", ("GET", "/lab/devices", {
-        "tags": ["lab"], "summary": "Devices of the running lab",
-        "parameters": [_SID_HEADER],
-        "responses": dict(_SID_ERRORS, **{
-            "200": _json_response("Devices with netlab's raw node data.",
-                                  {"type": "array", "items": _ref("Device")}, [_DEVICE_EXAMPLE]),
-            "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
-    ("post_lab_release", ("POST", "/lab/release", {
-        "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
-        "parameters": [_SID_HEADER],
-        "responses": dict(_SID_ERRORS, **_ORIGIN_ERROR, **{
-            "204": _NO_CONTENT,
-            "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
-])
+# -- 9.4 the OpenAPI 3.1 document (every endpoint of App.endpoints, errors as implemented) --
 
 _NULLABLE_STR = {"type": ["string", "null"]}
 OPENAPI_SCHEMAS = {
@@ -3696,13 +3767,7 @@ def openapi_document() -> dict:
     """The OpenAPI 3.1 document (built once)."""
     if _openapi_cache:
         return _openapi_cache[0]
-    paths = collections.OrderedDict()  # type: Dict[str, dict]
-    for op_id, (method, path, op) in OPENAPI_OPERATIONS.items():
-        op = dict(op, operationId=op_id)
-        responses = dict(op["responses"])
-        responses.setdefault("default", {"$ref": "#/components/responses/GenericError"})
-        op["responses"] = responses
-        paths.setdefault(path, {})[method.lower()] = op
+    paths = App.endpoints.openapi_paths()
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "remote-lab", "version": __version__,

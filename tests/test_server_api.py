@@ -4,6 +4,7 @@ One server (fake netlab) is shared by this module; after every test the `clean` 
 sessions, waits for the lab to be torn down and checks that no lab work dir leaked.
 """
 import http.client
+import io
 import json
 import os
 import threading
@@ -313,24 +314,20 @@ def test_post_lab_for_a_session_ending_right_after_its_check_404(tmp_path):
 
     app = remote_lab.App(remote_lab.Settings(simulate=True, state_dir=str(tmp_path)))
     sid, _ = app.queue.create()
-    checked = app.require_active
+    checked = app.resolve_session
 
-    def check_then_end(handler):
-        checked(handler)
+    def check_then_end(endpoint, request):
+        checked(endpoint, request)
         app.end_session(sid, "deleted by client")
         return sid
 
-    app.require_active = check_then_end
-
-    class Handler:
-        query = {}
-
-        def session_header(self, required=False):
-            return sid
-
-    with pytest.raises(remote_lab.HTTPError) as err:
-        app.post_lab(Handler(), None)
-    assert err.value.status == 404
+    app.resolve_session = check_then_end
+    headers = http.client.parse_headers(io.BytesIO(b"X-Session-ID: %s\r\n\r\n" % sid.encode()))
+    endpoint, params = app.endpoints.match("POST", "/lab")
+    request = remote_lab.Request("POST", "/lab", {}, headers, params, body=io.BytesIO(b""))
+    response = app.respond(endpoint, request)
+    assert response.status == 404
+    assert response.body == {"detail": "unknown session %s" % sid}
 
 
 def test_lab_endpoints_waiting_session_423(api, srv):
