@@ -14,7 +14,6 @@ import collections
 import dataclasses
 import errno
 import html
-import http.client
 import http.server
 import io
 import json
@@ -2107,7 +2106,7 @@ class App(OpsMixin):
                 "simulated": False, "netlab": "/usr/local/bin/netlab"}},
             "text/html": {"schema": {"type": "string"}}}}}})
     def get_root(self, request):
-        if "text/html" in (request.header("Accept") or ""):  # a browser: the status page (section 6)
+        if "text/html" in (request.header("Accept") or ""):  # a browser: the status page
             return self.get_status_page(request)
         return Response(200, {"service": "remote-lab", "version": __version__,
                               "uptime": round(time.monotonic() - self.started_mono, 3),
