@@ -12,10 +12,8 @@ import argparse
 import bisect
 import collections
 import dataclasses
-import email.parser
 import errno
 import html
-import http.client
 import http.server
 import io
 import json
@@ -112,70 +110,84 @@ def _origin_arg(text):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line; every default is the Settings field's (``dest`` = the field name)."""
+    d = Settings()
     p = argparse.ArgumentParser(
         prog="remote-lab",
         description="Share one Netlab lab host between many test runs (REST API, FIFO queue).")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--allow-host", action="append", default=[], type=_host_arg, metavar="HOST",
+    p.add_argument("--host", default=d.host, help="address to listen on (default %s)" % d.host)
+    p.add_argument("--allow-host", dest="allow_hosts", action="append",
+                   default=list(d.allow_hosts), type=_host_arg, metavar="HOST",
                    help="also answer requests whose Host header is HOST (NAME or NAME:PORT); "
                         "bound to loopback only loopback names are answered (repeatable)")
-    p.add_argument("--allow-origin", action="append", default=[], type=_origin_arg,
+    p.add_argument("--allow-origin", dest="allow_origins", action="append",
+                   default=list(d.allow_origins), type=_origin_arg,
                    metavar="ORIGIN", help="let web pages of ORIGIN (scheme://host[:port]) "
                    "POST/DELETE; other sites' pages are refused (repeatable)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free port (default 8000)")
+    p.add_argument("--port", type=int, default=d.port,
+                   help="TCP port, 0 = any free port (default %d)" % d.port)
     p.add_argument("--port-range", type=int, nargs=2, metavar=("START", "END"),
+                   default=d.port_range,
                    help="listen on the first free port in START..END (overrides --port)")
-    p.add_argument("--netlab", default="netlab", help="netlab executable (default: netlab from PATH)")
-    p.add_argument("--simulate", action="store_true",
+    p.add_argument("--netlab", default=d.netlab,
+                   help="netlab executable (default: %s from PATH)" % d.netlab)
+    p.add_argument("--simulate", action="store_true", default=d.simulate,
                    help="use a built-in simulated netlab (no netlab needed; for trying things out)")
-    p.add_argument("--state-dir", default=os.path.join("~", ".remote-lab"),
-                   help="lock, lab work dirs and state (default ~/.remote-lab)")
-    p.add_argument("--waiting-timeout", type=_positive(float), default=600.0, metavar="S",
-                   help="drop a waiting session after S seconds without a sign of life (600)")
-    p.add_argument("--active-timeout", type=_positive(float), default=300.0, metavar="S",
-                   help="end an active session after S seconds without a sign of life (300)")
-    p.add_argument("--keep-warm", type=_positive(float), default=0.0, metavar="S",
-                   help="keep an idle reusable lab up S seconds after its session ends (0)")
-    p.add_argument("--up-timeout", type=_positive(float), default=1800.0, metavar="S",
-                   help="kill 'netlab up' after S seconds (1800)")
-    p.add_argument("--netlab-timeout", type=_positive(float), default=300.0, metavar="S",
-                   help="kill 'netlab down'/'inspect' after S seconds (300)")
-    p.add_argument("--max-upload-mb", type=_positive(float), default=64.0, metavar="MB",
-                   help="largest accepted upload (64)")
-    p.add_argument("--max-queue", type=_positive(int), default=1000, metavar="N",
-                   help="most sessions at once; more get 429 (1000)")
-    p.add_argument("--socket-timeout", type=_positive(float), default=60.0, metavar="S",
-                   help="drop a connection that sends nothing for S seconds (60)")
-    p.add_argument("--header-timeout", type=_positive(float), default=10.0, metavar="S",
+    p.add_argument("--state-dir", default=d.state_dir,
+                   help="lock, lab work dirs and state (default %s)" % d.state_dir)
+    seconds = dict(type=_positive(float), metavar="S")
+    p.add_argument("--waiting-timeout", default=d.waiting_timeout, **seconds,
+                   help="drop a waiting session after S seconds without a sign of life (%g)"
+                        % d.waiting_timeout)
+    p.add_argument("--active-timeout", default=d.active_timeout, **seconds,
+                   help="end an active session after S seconds without a sign of life (%g)"
+                        % d.active_timeout)
+    p.add_argument("--keep-warm", default=d.keep_warm, **seconds,
+                   help="keep an idle reusable lab up S seconds after its session ends (%g)"
+                        % d.keep_warm)
+    p.add_argument("--up-timeout", default=d.up_timeout, **seconds,
+                   help="kill 'netlab up' after S seconds (%g)" % d.up_timeout)
+    p.add_argument("--netlab-timeout", default=d.netlab_timeout, **seconds,
+                   help="kill 'netlab down'/'inspect' after S seconds (%g)" % d.netlab_timeout)
+    p.add_argument("--max-upload-mb", type=_positive(float), default=d.max_upload_mb,
+                   metavar="MB", help="largest accepted upload (%g)" % d.max_upload_mb)
+    p.add_argument("--max-queue", type=_positive(int), default=d.max_queue, metavar="N",
+                   help="most sessions at once; more get 429 (%d)" % d.max_queue)
+    p.add_argument("--socket-timeout", default=d.socket_timeout, **seconds,
+                   help="drop a connection that sends nothing for S seconds (%g)"
+                        % d.socket_timeout)
+    p.add_argument("--header-timeout", default=d.header_timeout, **seconds,
                    help="drop a request whose line and headers take more than S seconds, or "
-                        "whose body arrives slower than 16 KiB/s after S seconds (10; 0 = off)")
-    p.add_argument("--max-connections", type=_positive(int), default=500, metavar="N",
-                   help="most open connections; more get 503, idle ones are closed first "
-                        "(500; lowered to fit the open-files limit; 0 = that limit only)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
+                        "whose body arrives slower than 16 KiB/s after S seconds (%g; 0 = off)"
+                        % d.header_timeout)
+    p.add_argument("--max-connections", type=_positive(int), default=d.max_connections,
+                   metavar="N", help="most open connections; more get 503, idle ones are closed "
+                   "first (%d; lowered to fit the open-files limit; 0 = that limit only)"
+                   % d.max_connections)
+    p.add_argument("--log-level", default=d.log_level, type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
-    p.add_argument("--debug", action="store_true",
+    p.add_argument("--debug", action="store_true", default=d.debug,
                    help="debug logging, netlab output streamed line by line")
-    p.add_argument("--log-config", metavar="FILE", help="JSON logging.config.dictConfig file")
-    p.add_argument("--status-file", metavar="PATH",
+    p.add_argument("--log-config", metavar="FILE", default=d.log_config,
+                   help="JSON logging.config.dictConfig file")
+    p.add_argument("--status-file", metavar="PATH", default=d.status_file,
                    help="status file of the remote-http-launcher protocol")
     p.add_argument("--version", action="version", version="remote-lab " + __version__)
     return p
 
 
 def settings_from_args(argv=None) -> Settings:
-    a = build_arg_parser().parse_args(argv)
-    return Settings(
-        host=a.host, allow_hosts=tuple(a.allow_host), allow_origins=tuple(a.allow_origin),
-        port=a.port, port_range=tuple(a.port_range) if a.port_range else None,
-        netlab=a.netlab, simulate=a.simulate,
-        state_dir=os.path.abspath(os.path.expanduser(a.state_dir)),
-        waiting_timeout=a.waiting_timeout, active_timeout=a.active_timeout,
-        keep_warm=a.keep_warm, up_timeout=a.up_timeout, netlab_timeout=a.netlab_timeout,
-        max_upload_mb=a.max_upload_mb, max_queue=a.max_queue, socket_timeout=a.socket_timeout,
-        header_timeout=a.header_timeout, max_connections=a.max_connections,
-        log_level="DEBUG" if a.debug else a.log_level, debug=a.debug,
-        log_config=a.log_config, status_file=a.status_file)
+    """Settings from the command line: each field from its option, lists made tuples, the
+    state dir absolute; --debug implies the DEBUG log level."""
+    args = vars(build_arg_parser().parse_args(argv))
+    values = {f.name: args[f.name] for f in dataclasses.fields(Settings)}
+    for name, value in values.items():
+        if isinstance(value, list):  # append / nargs options: Settings holds tuples
+            values[name] = tuple(value)
+    values["state_dir"] = os.path.abspath(os.path.expanduser(values["state_dir"]))
+    if values["debug"]:
+        values["log_level"] = "DEBUG"
+    return Settings(**values)
 
 
 # ============================================================================================
@@ -1497,6 +1509,132 @@ def parse_bool(value: str, what: str) -> bool:
 
 
 # ============================================================================================
+# 5a. Endpoint declarations: one @endpoint per handler; the dispatch table and /openapi.json
+#     are both built from them (App.endpoints)
+# ============================================================================================
+
+# the session a request must name (X-Session-ID): none, any queued one, the active one
+NO_SESSION, ANY_SESSION, ACTIVE_SESSION = "none", "any", "active"
+# its body: none (one up to MAX_JSON_BODY is read and dropped), multipart streamed to the handler
+NO_BODY, MULTIPART_BODY = "none", "multipart"
+_PATH_PARAM_RE = re.compile(r"\{(\w+)\}")
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _json_response(description: str, schema: dict, example=None) -> dict:
+    media = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"description": description, "content": {"application/json": media}}
+
+
+def _error(description: str, example: str) -> dict:
+    return _json_response(description, _ref("Error"), {"detail": example})
+
+
+_NO_CONTENT = {"description": "No content (empty body)."}
+_SID_ERRORS = {
+    "400": _error("The `X-Session-ID` header is missing.", "missing X-Session-ID header"),
+    "404": _error("Unknown session.", "unknown session 3f2b9c4e-..."),
+    "423": _error("The session is not the active one (still waiting in the queue).",
+                  "session 3f2b9c4e-... is not active (still waiting in the queue)"),
+}
+_ORIGIN_ERROR = {"403": _error(
+    "A browser request from another site's page: the `Origin` header is neither the server's "
+    "own origin nor one given with `--allow-origin` (`null` included).",
+    "cross-origin request refused: Origin 'http://evil.example' is not this server's own "
+    "origin (a page of another site; allow it with --allow-origin)")}
+_SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
+_SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
+_SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
+_DEVICE_EXAMPLE = {"name": "r1", "raw": {"name": "r1", "device": "frr", "ansible_host": "192.168.121.101",
+                                         "mgmt": {"ifname": "eth0", "ipv4": "192.168.121.101"}}}
+
+
+class Endpoint:
+    """One endpoint as declared next to its handler: routing, session and body handling, and
+    its OpenAPI operation."""
+    __slots__ = ("method", "path", "name", "session", "body", "sign_of_life", "openapi",
+                 "regex")
+
+    def __init__(self, method: str, path: str, name: str, session: str, body: str,
+                 sign_of_life: bool, openapi: dict):
+        self.method, self.path, self.name = method, path, name
+        self.session, self.body, self.sign_of_life = session, body, sign_of_life
+        self.openapi = openapi
+        parts = _PATH_PARAM_RE.split(path)  # literal, name, literal, ...
+        self.regex = re.compile("".join(re.escape(part) if i % 2 == 0 else "(?P<%s>[^/]+)" % part
+                                        for i, part in enumerate(parts)) + r"/?\Z")
+
+    def operation(self) -> dict:
+        """The OpenAPI operation: the declared one, plus what the session and the method imply
+        (the X-Session-ID parameter, its 400/404/423, 403 for a foreign page's POST/DELETE)."""
+        op = dict(self.openapi, operationId=self.name)
+        responses = {}
+        if self.session != NO_SESSION:
+            op["parameters"] = [_SID_HEADER] + list(op.get("parameters", ()))
+            responses.update(_SID_ERRORS)
+            if self.session != ACTIVE_SESSION:
+                del responses["423"]
+        if self.method not in RequestGuard.SAFE_METHODS:
+            responses.update(_ORIGIN_ERROR)
+        responses.update(op["responses"])
+        responses.setdefault("default", {"$ref": "#/components/responses/GenericError"})
+        op["responses"] = dict(sorted(responses.items()))  # 2xx first, "default" last
+        return op
+
+
+def endpoint(method: str, path: str, session: str = NO_SESSION, body: str = NO_BODY,
+             sign_of_life: bool = False, openapi: Optional[dict] = None):
+    """Declare the decorated App handler ``handler(self, request) -> Response`` as the endpoint
+    ``method path`` (``{name}`` in the path: a path parameter). ``sign_of_life``: a request
+    naming a session (header or path) keeps that session alive."""
+    def declare(handler):
+        handler.endpoint = Endpoint(method, path, handler.__name__, session, body, sign_of_life,
+                                    openapi or {})
+        return handler
+    return declare
+
+
+class EndpointTable:
+    """The endpoints of a class (its own first, then its bases'), matched by method and path."""
+
+    def __init__(self, cls):
+        self.endpoints = []  # type: List[Endpoint]
+        seen = set()
+        for klass in cls.__mro__:
+            for name, value in vars(klass).items():
+                declared = getattr(value, "endpoint", None)
+                if isinstance(declared, Endpoint) and name not in seen:
+                    seen.add(name)
+                    self.endpoints.append(declared)
+
+    def match(self, method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
+        """(endpoint, path parameters), or HTTPError 404 / 405 (with Allow)."""
+        allowed = []
+        for e in self.endpoints:
+            m = e.regex.match(path)
+            if m:
+                if e.method == method:
+                    return e, m.groupdict()
+                allowed.append(e.method)
+        if allowed:
+            methods = ", ".join(sorted(set(allowed)))
+            raise HTTPError(405, "method %s not allowed on %s (allowed: %s)"
+                            % (method, path, methods), headers=[("Allow", methods)])
+        raise HTTPError(404, "no such endpoint: %s %s" % (method, path))
+
+    def openapi_paths(self) -> Dict[str, dict]:
+        paths = collections.OrderedDict()  # type: Dict[str, dict]
+        for e in self.endpoints:
+            paths.setdefault(e.path, {})[e.method.lower()] = e.operation()
+        return paths
+
+
+# ============================================================================================
 # 6. Operations state: the event log, the metrics, the status view-model, systemd reporting
 #    (rendering, the OpenAPI document and the systemd notifier live in section 9)
 # ============================================================================================
@@ -1506,14 +1644,6 @@ PAGE_EVENTS = 30  # events shown on it
 SHORT_ID = 8  # other people's session ids are shortened to this on the page
 
 
-class RawResponse:
-    """A non-JSON handler result (HTML, Prometheus text): send_json passes it through."""
-    __slots__ = ("data", "content_type", "headers")
-
-    def __init__(self, data: bytes, content_type: str, headers=()):
-        self.data = data
-        self.content_type = content_type
-        self.headers = headers
 
 
 def _peer_closed(conn) -> bool:
@@ -1773,11 +1903,77 @@ class SystemdReporter:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, detail: str, headers=()):
+    def __init__(self, status: int, detail: str, headers=(), close: bool = False):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = tuple(headers)  # extra response headers, e.g. Allow on 405
+        self.close = close  # the connection cannot go on (e.g. a request body left unread)
+
+
+class Request:
+    """What a handler gets: the request, its path parameters, the session its endpoint needs
+    (resolved by App.resolve_session) and, for a multipart endpoint, the body stream."""
+    __slots__ = ("method", "path", "query", "headers", "params", "named_session", "session",
+                 "body", "connection")
+
+    def __init__(self, method: str, path: str, query: Dict[str, str], headers,
+                 params: Optional[Dict[str, str]] = None, body=None, connection=None):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.params = params or {}
+        sid = headers.get("X-Session-ID")
+        self.named_session = (sid.strip() or None) if sid else None  # X-Session-ID
+        self.session = None  # type: Optional[str]
+        self.body = body  # the body stream (a multipart endpoint's only)
+        self.connection = connection  # the socket: a long-poll stops when its client is gone
+
+    def header(self, name: str, default=None):
+        return self.headers.get(name, default)
+
+
+class Response:
+    """What a handler returns. ``body``: JSON data, or bytes of ``content_type``; ``close``:
+    close the connection after it."""
+    __slots__ = ("status", "body", "content_type", "headers", "close")
+
+    def __init__(self, status: int, body=None, content_type: Optional[str] = None, headers=(),
+                 close: bool = False):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers, self.close = headers, close
+
+
+def error_response(error: Exception, method: str, path: str) -> Response:
+    """The one translation of an exception into an error answer {"detail": ...}."""
+    close = False
+    if isinstance(error, HTTPError):
+        status, detail, headers, close = error.status, error.detail, error.headers, error.close
+    elif isinstance(error, BadRequest):  # e.g. parse_bool on ?force= / the reuse field
+        status, detail, headers = error.status, str(error), ()
+    elif isinstance(error, UnknownSession):
+        status, detail, headers = 404, "unknown session %s" % error.args[0], ()
+    elif isinstance(error, NoLab):
+        status, detail, headers = 404, str(error), ()
+    elif isinstance(error, QueueFull):
+        status, detail, headers = 429, str(error), ()
+    elif isinstance(error, NetlabError):
+        status, detail, headers = 504 if error.timed_out else 502, error.detail, ()
+    else:  # a bug: answer 500 and keep serving
+        log.exception("unhandled error in %s %s", method, path, exc_info=error)
+        return Response(500, {"detail": "internal server error: %s" % error})
+    if status >= 500:
+        log.error("%s %s -> %d: %s", method, path, status, detail.splitlines()[0] if detail else "")
+    if headers:
+        return Response(status, json.dumps({"detail": detail}).encode(), "application/json",
+                        headers, close)
+    return Response(status, {"detail": detail}, close=close)
+
+
+def split_target(target: str) -> Tuple[str, Dict[str, str]]:
+    """(path, query parameters) of a request target."""
+    if target[:1] == "/" and target[:2] != "//" and "?" not in target and "#" not in target:
+        return target, {}  # what urlsplit() + parse_qsl() make of a plain path
+    parsed = urllib.parse.urlsplit(target)
+    return parsed.path, dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
 
 
 def wait_seconds(value: str) -> float:
@@ -1801,6 +1997,11 @@ def log_context(sid: Optional[str], topology: Optional[str]) -> str:
     if topology:
         parts.append("topo=" + topology)
     return " ".join(parts) or "-"
+
+
+def set_log_context(sid: Optional[str], topology: Optional[str] = None) -> None:
+    """What the log lines of the request being served name (%(ctx)s)."""
+    _request_context.ctx = log_context(sid, topology)
 
 
 class ContextFilter(logging.Filter):
@@ -1994,122 +2195,236 @@ class App:
             limits.append(self.settings.keep_warm)
         return max(0.05, min([base] + [t / 4.0 for t in limits if t > 0]))
 
-    # -- handlers: each returns (status, body) --
-    def require_active(self, handler) -> str:
-        sid = handler.session_header(required=True)
+    # -- handlers: each takes a Request and returns a Response --
+    def respond(self, endpoint: "Endpoint", request: "Request") -> "Response":
+        """The answer to ``request`` (routed to ``endpoint``): its session checked as declared,
+        then its handler; an exception becomes an error answer here."""
         try:
-            status, _ = self.queue.state(sid)
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        if status != "active":
-            raise HTTPError(423, "session %s is not active (still waiting in the queue)" % sid)
-        return sid
+            request.session = self.resolve_session(endpoint, request)
+            return getattr(self, endpoint.name)(request)
+        except Exception as e:
+            return error_response(e, request.method, request.path)
 
-    def get_root(self, h, m):
-        if "text/html" in (h.headers.get("Accept") or ""):  # a browser: the status page (section 6)
-            return self.get_status_page(h, m)
-        return 200, {"service": "remote-lab", "version": __version__,
-                     "uptime": round(time.monotonic() - self.started_mono, 3),
-                     "queue_length": len(self.queue), "active_session": self.queue.active_id(),
-                     "lab": self.lab_summary(), "docs": "/docs",
-                     # which server this is: clients show it, and local mode compares it
-                     "pid": os.getpid(), "simulated": self.settings.simulate,
-                     "netlab": "simulated (built into remote_lab.py)"
-                     if self.settings.simulate else self.settings.netlab}
+    def resolve_session(self, endpoint: "Endpoint", request: "Request") -> Optional[str]:
+        """The session ``endpoint`` needs (400 none named, 404 unknown, 423 not active), or None.
+
+        On an endpoint whose requests are signs of life each session named (header or path) is
+        touched, once; a monitor or a status page sending the header along keeps nobody alive.
+        """
+        named = request.named_session
+        if endpoint.session == NO_SESSION:
+            if endpoint.sign_of_life:
+                for sid in {named, request.params.get("session_id")} - {None}:
+                    try:
+                        self.queue.touch(sid)
+                    except UnknownSession:
+                        pass  # its handler answers 404 where that matters
+            return None
+        if not named:
+            raise HTTPError(400, "missing X-Session-ID header")
+        status, _ = self.queue.state(named, touch=endpoint.sign_of_life)
+        if endpoint.session == ACTIVE_SESSION and status != "active":
+            raise HTTPError(423, "session %s is not active (still waiting in the queue)" % named)
+        return named
+
+    @endpoint("GET", "/", openapi={
+        "tags": ["server"], "summary": "Service summary (JSON), or the status page for browsers",
+        "description": "With `Accept: text/html` (a browser) the self-contained status page: lab "
+                       "holder, queue, lab devices, recent events; it refreshes itself through "
+                       "`GET /status?wait=`. Any other client gets the JSON summary.",
+        "parameters": [{"name": "Accept", "in": "header", "required": False,
+                        "schema": {"type": "string"},
+                        "description": "`text/html` selects the status page."}],
+        "responses": {"200": {"description": "Summary, or the status page.", "content": {
+            "application/json": {"schema": _ref("Summary"), "example": {
+                "service": "remote-lab", "version": __version__, "uptime": 12.5,
+                "queue_length": 1, "active_session": _SESSION_EXAMPLE,
+                "lab": {"state": "running", "topology": "topology.yml", "ref_count": 1,
+                        "devices": ["r1", "r2"]}, "docs": "/docs", "pid": 4242,
+                "simulated": False, "netlab": "/usr/local/bin/netlab"}},
+            "text/html": {"schema": {"type": "string"}}}}}})
+    def get_root(self, request):
+        if "text/html" in (request.header("Accept") or ""):  # a browser: the status page
+            return self.get_status_page(request)
+        return Response(200, {"service": "remote-lab", "version": __version__,
+                              "uptime": round(time.monotonic() - self.started_mono, 3),
+                              "queue_length": len(self.queue),
+                              "active_session": self.queue.active_id(),
+                              "lab": self.lab_summary(), "docs": "/docs",
+                              # which server this is: clients show it, and local mode compares it
+                              "pid": os.getpid(), "simulated": self.settings.simulate,
+                              "netlab": "simulated (built into remote_lab.py)"
+                              if self.settings.simulate else self.settings.netlab})
 
     def lab_summary(self):
         s = self.lab.snapshot()
         return {"state": s["state"], "topology": s["topology"], "ref_count": s["ref_count"],
                 "devices": [d["name"] for d in s["devices"]]}
 
-    def get_healthz(self, h, m):
-        return 204, None
+    @endpoint("GET", "/healthz", openapi={
+        "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})
+    def get_healthz(self, request):
+        return Response(204)
 
-    def get_debug_health(self, h, m):
+    @endpoint("GET", "/debug/health", openapi={
+        "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
+        "description": "`sessions` is the number of sessions in the queue (an integer, as the "
+                       "seed's server answers it); `session_list` lists them in queue order. "
+                       "Never counts as a session's sign of life.",
+        "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})
+    def get_debug_health(self, request):
         sessions = self.queue.snapshot()
         # "sessions" is a count, as the seed's server answers (monitoring reads it); the list
         # goes under its own key
-        return 200, {"status": "ok", "timestamp": time.time(),
-                     "uptime": round(time.monotonic() - self.started_mono, 3),
-                     "sessions": len(sessions), "session_list": sessions,
-                     "queue_length": len(sessions),
-                     "lab": self.lab.snapshot(), "version": __version__,
-                     "netlab_calls": dict(self.metrics.netlab_calls),
-                     "netlab_failures": dict(self.metrics.netlab_failures),
-                     "counters": dict(self.metrics.counters)}
+        return Response(200, {"status": "ok", "timestamp": time.time(),
+                              "uptime": round(time.monotonic() - self.started_mono, 3),
+                              "sessions": len(sessions), "session_list": sessions,
+                              "queue_length": len(sessions),
+                              "lab": self.lab.snapshot(), "version": __version__,
+                              "netlab_calls": dict(self.metrics.netlab_calls),
+                              "netlab_failures": dict(self.metrics.netlab_failures),
+                              "counters": dict(self.metrics.counters)})
 
-    def post_session(self, h, m):
-        try:
-            sid, pos = self.queue.create()
-        except QueueFull as e:
-            raise HTTPError(429, str(e)) from None
+    @endpoint("POST", "/session", openapi={
+        "tags": ["sessions"], "summary": "Join the queue",
+        "description": "Creates a session at the end of the queue; the head of the queue is "
+                       "active at once.",
+        "responses": {
+            "201": _json_response("Session created.", _ref("SessionCreated"),
+                                  {"session_id": _SESSION_EXAMPLE, "position": 0,
+                                   "status": "active"}),
+            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)")}})
+    def post_session(self, request):
+        sid, pos = self.queue.create()  # QueueFull: 429
         self.metrics.count("sessions_created")
         log.info("created session (position %d)", pos, extra={"ctx": log_context(sid, None)})
-        return 201, {"session_id": sid, "position": pos,
-                     "status": "active" if pos == 0 else "waiting"}
+        return Response(201, {"session_id": sid, "position": pos,
+                              "status": "active" if pos == 0 else "waiting"})
 
-    def get_session(self, h, m):
-        sid = m.group(1)
-        wait = h.query.get("wait")
-        try:
-            if wait is None:
-                status, pos = self.queue.state(sid)
-            else:
-                seconds = wait_seconds(wait)
-                known = h.query.get("position")
-                try:
-                    known = None if known is None else int(known)
-                except ValueError:
-                    raise HTTPError(400, "position must be an integer") from None
-                self.queue.pin(sid)
-                try:
-                    status, pos = self.queue.wait_change(sid, seconds, known)
-                finally:
-                    self.queue.unpin(sid)
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        return 200, {"session_id": sid, "status": status, "position": pos}
+    @endpoint("GET", "/session/{session_id}", sign_of_life=True, openapi={
+        "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
+        "description": "Counts as a sign of life. With `wait` the answer is held until the "
+                       "status or position changes or `wait` seconds pass; it comes at once "
+                       "when the session is active, or when `position` (the position the "
+                       "caller last saw) differs from the current one.",
+        "parameters": [_SID_PATH, {"name": "wait", "in": "query", "required": False,
+                                   "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                                   "description": "Seconds to wait for a change (0-60)."},
+                       {"name": "position", "in": "query", "required": False,
+                        "schema": {"type": "integer"},
+                        "description": "With `wait`: the position the caller last saw."}],
+        "responses": {
+            "200": _json_response("Session state.", _ref("SessionState"),
+                                  {"session_id": _SESSION_EXAMPLE, "status": "waiting",
+                                   "position": 2}),
+            "400": _error("`wait` is not a number between 0 and 60, or `position` is not "
+                          "an integer.", "wait must be a number of seconds (0-60)"),
+            "404": _SID_ERRORS["404"]}})
+    def get_session(self, request):
+        sid = request.params["session_id"]
+        wait = request.query.get("wait")
+        if wait is None:
+            status, pos = self.queue.state(sid, touch=False)  # touched by resolve_session
+        else:
+            seconds = wait_seconds(wait)
+            known = request.query.get("position")
+            try:
+                known = None if known is None else int(known)
+            except ValueError:
+                raise HTTPError(400, "position must be an integer") from None
+            self.queue.pin(sid)
+            try:
+                status, pos = self.queue.wait_change(sid, seconds, known)
+            finally:
+                self.queue.unpin(sid)
+        return Response(200, {"session_id": sid, "status": status, "position": pos})
 
-    def delete_session(self, h, m):
-        sid = m.group(1)
-        try:
-            self.end_session(sid, "deleted by client")
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        return 204, None
+    @endpoint("DELETE", "/session/{session_id}", sign_of_life=True, openapi={
+        "tags": ["sessions"], "summary": "Leave the queue",
+        "description": "If the session was active its lab is torn down (or kept warm) and the "
+                       "next session promoted.",
+        "parameters": [_SID_PATH],
+        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"]}})
+    def delete_session(self, request):
+        self.end_session(request.params["session_id"], "deleted by client")
+        return Response(204)
 
-    def post_heartbeat(self, h, m):
-        sid = h.session_header(required=True)
-        try:
-            self.queue.touch(sid)
-        except UnknownSession:
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        return 204, None
+    @endpoint("POST", "/session/heartbeat", session=ANY_SESSION, sign_of_life=True, openapi={
+        "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
+        "responses": {"204": _NO_CONTENT}})
+    def post_heartbeat(self, request):
+        return Response(204)  # resolve_session touched it
 
-    def get_active_session(self, h, m):
+    @endpoint("GET", "/active-session", openapi={
+        "tags": ["sessions"], "summary": "The active session",
+        "responses": {
+            "200": _json_response("The head of the queue.", _ref("SessionState"),
+                                  {"session_id": _SESSION_EXAMPLE, "status": "active",
+                                   "position": 0}),
+            "404": _error("The queue is empty.", "no active session")}})
+    def get_active_session(self, request):
         sid = self.queue.active_id()
         if sid is None:
             raise HTTPError(404, "no active session")
-        return 200, {"session_id": sid, "status": "active", "position": 0}
+        return Response(200, {"session_id": sid, "status": "active", "position": 0})
 
-    def post_lab(self, h, m):
-        sid = self.require_active(h)
-        reuse_q = h.query.get("reuse")
-        try:
-            self.queue.pin(sid)  # a long upload or netlab up must not expire the session
-        except UnknownSession:  # it ended right after the check
-            raise HTTPError(404, "unknown session %s" % sid) from None
-        try:
+    @endpoint("POST", "/lab", session=ACTIVE_SESSION, body=MULTIPART_BODY, sign_of_life=True,
+              openapi={
+        "tags": ["lab"], "summary": "Upload a topology and acquire the lab",
+        "description": "Acquisition rules: no lab → `netlab up`; same fingerprint and "
+                       "`reuse=true` → ref count + 1; same fingerprint, `reuse=false`, ref count 0 → "
+                       "restart; other topology, ref count 0 → tear down and start it; otherwise "
+                       "423. The fingerprint is a SHA-256 over the topology and the extra files.",
+        "parameters": [{"name": "reuse", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false"]},
+                        "description": "Used when the form has no `reuse` field."}],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {"type": "object", "required": ["topology"], "properties": {
+                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
+                             "description": "The topology file (.yml/.yaml)."},
+                "reuse": {"type": "string", "enum": ["true", "false"], "default": "true",
+                          "description": "Reuse a running lab with the same fingerprint."},
+                "extra_files": {"type": "array", "items": {
+                    "type": "string", "contentMediaType": "application/octet-stream"},
+                    "description": "Files next to the topology; their file names keep relative "
+                                   "directories (no absolute paths, no '..')."}}},
+            "encoding": {"topology": {"contentType": "application/octet-stream"},
+                         "extra_files": {"contentType": "application/octet-stream"}}}}},
+        "responses": {
+            "200": _json_response("The lab is up (started or reused).", _ref("LabAcquired"),
+                                  {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
+            "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
+                          "no Content-Length, malformed body, unexpected field, unsafe or "
+                          "duplicate file name, topology not .yml/.yaml or named so that netlab "
+                          "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
+                          "topology 'lab.txt' must be a .yml or .yaml file"),
+            "413": _error("The body exceeds `--max-upload-mb`.",
+                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
+                          "(--max-upload-mb)"),
+            "423": _error("The session is not active (or no longer), or the lab is busy with "
+                          "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
+            "502": _error("netlab failed; the detail carries the tail of its output.",
+                          "netlab up ./topology.yml failed (exit 1)\n--- netlab output (last "
+                          "lines) ---\n..."),
+            "503": _error("The lab host has no room left to store the upload (disk or quota "
+                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
+                          "No space left on device"),
+            "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
+                          "netlab up ./topology.yml timed out after 1800 s")}})
+    def post_lab(self, request):
+        sid = request.session
+        self.queue.pin(sid)  # a long upload or netlab up must not expire the session (it may
+        try:                 # have ended right after resolve_session: UnknownSession, 404)
             try:
-                upload = receive_upload(h.rfile, h.headers, self.settings.labs_dir,
+                upload = receive_upload(request.body, request.headers, self.settings.labs_dir,
                                         self.settings.max_upload_bytes)
-            except BadRequest as e:
-                h.close_connection = True  # the rest of the body is unread
-                raise HTTPError(e.status, str(e)) from None
+            except BadRequest as e:  # the rest of the body is unread
+                raise HTTPError(e.status, str(e), close=True) from None
             self.metrics.count("upload_bytes", upload.size)
-            h.set_context(sid, upload.topology)
+            set_log_context(sid, upload.topology)
             try:
-                reuse = parse_bool(upload.fields.get("reuse", reuse_q or "true"), "reuse")
+                reuse = parse_bool(upload.fields.get("reuse", request.query.get("reuse") or "true"),
+                                   "reuse")
                 if not self.queue.is_active(sid):
                     raise HTTPError(423, "session %s is no longer active" % sid)
             except BaseException:
@@ -2121,44 +2436,60 @@ class App:
                 raise HTTPError(400, str(e)) from None
             except LabBusy as e:
                 raise HTTPError(423, str(e)) from None
-            except NetlabError as e:
-                raise HTTPError(504 if e.timed_out else 502, e.detail) from None
-            return 200, {"reused": reused, "devices": devices}
+            return Response(200, {"reused": reused, "devices": devices})
         finally:
             self.queue.unpin(sid)
 
-    def get_lab(self, h, m):
-        self.require_active(h)
+    @endpoint("GET", "/lab", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "The lab's state",
+        "responses": {"200": _json_response("Lab state.", _ref("LabState"))}})
+    def get_lab(self, request):
         s = self.lab.snapshot()
-        return 200, {"running": s["running"], "topology": s["topology"],
-                     "ref_count": s["ref_count"], "devices": s["devices"],
-                     "netlab_status": s["state"], "last_error": s["last_error"]}
+        return Response(200, {"running": s["running"], "topology": s["topology"],
+                              "ref_count": s["ref_count"], "devices": s["devices"],
+                              "netlab_status": s["state"], "last_error": s["last_error"]})
 
-    def get_lab_devices(self, h, m):
-        self.require_active(h)
-        try:
-            return 200, self.lab.devices()
-        except NoLab as e:
-            raise HTTPError(404, str(e)) from None
+    @endpoint("GET", "/lab/devices", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "Devices of the running lab",
+        "responses": {
+            "200": _json_response("Devices with netlab's raw node data.",
+                                  {"type": "array", "items": _ref("Device")}, [_DEVICE_EXAMPLE]),
+            "404": _error("Unknown session, or no lab is running.", "no lab is running")}})
+    def get_lab_devices(self, request):
+        return Response(200, self.lab.devices())  # NoLab: 404
 
-    def post_lab_release(self, h, m):
-        sid = self.require_active(h)
-        try:
-            self.lab.release(sid)
-        except NoLab as e:
-            raise HTTPError(404, str(e)) from None
-        return 204, None
+    @endpoint("POST", "/lab/release", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
+        "responses": {
+            "204": _NO_CONTENT,
+            "404": _error("Unknown session, or no lab is running.", "no lab is running")}})
+    def post_lab_release(self, request):
+        self.lab.release(request.session)  # NoLab: 404
+        return Response(204)
 
-    def delete_lab(self, h, m):
-        sid = self.require_active(h)
-        force = parse_bool(h.query.get("force", "true"), "force")
+    @endpoint("DELETE", "/lab", session=ACTIVE_SESSION, sign_of_life=True, openapi={
+        "tags": ["lab"], "summary": "Tear the lab down (in the background)",
+        "parameters": [{"name": "force", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["true", "false"],
+                                   "default": "true"},
+                        "description": "Also when the ref count is above 0."}],
+        "responses": {
+            "202": _json_response("Teardown started.", _ref("Message"),
+                                  {"detail": "lab teardown started"}),
+            "204": {"description": "There was no lab."},
+            "400": _error("Missing `X-Session-ID`, or `force` is not true/false.",
+                          "force must be true or false, not 'maybe'"),
+            "409": _error("`force=false` while the ref count is above 0.",
+                          "lab is in use (ref count 1); use force=true")}})
+    def delete_lab(self, request):
+        force = parse_bool(request.query.get("force", "true"), "force")
         try:
-            destroyed = self.lab.destroy(sid, force)
+            destroyed = self.lab.destroy(request.session, force)
         except LabBusy as e:
             raise HTTPError(409, str(e)) from None
         if not destroyed:
-            return 204, None
-        return 202, {"detail": "lab teardown started"}
+            return Response(204)
+        return Response(202, {"detail": "lab teardown started"})
 
     # -- operations: the status page and /status, API docs, metrics (parts in section 6) --
     def ops_token(self) -> str:
@@ -2182,16 +2513,34 @@ class App:
                            timeouts={"waiting": self.settings.waiting_timeout,
                                      "active": self.settings.active_timeout})
 
-    def get_status(self, h, m):
-        since = h.query.get("since")
-        wait = h.query.get("wait")
+    @endpoint("GET", "/status", openapi={
+        "tags": ["operations"], "summary": "Status page data (long-poll)",
+        "description": "What the status page shows, with session ids shortened to 8 characters "
+                       "(except the viewer's own, given as `sid`). With `wait` and `since` the "
+                       "answer is held until the state token differs from `since` or `wait` "
+                       "seconds pass. Never counts as a session's sign of life.",
+        "parameters": [
+            {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "number", "minimum": 0, "maximum": 60},
+             "description": "Seconds to wait for a change of `token` (needs `since`)."},
+            {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The `token` of the last answer."},
+            {"name": "sid", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "The viewer's own session id: shown in full and marked as 'you'."}],
+        "responses": {
+            "200": _json_response("Status snapshot.", _ref("Status")),
+            "400": _error("`wait` is not a number between 0 and 60.",
+                          "wait must be between 0 and 60 seconds")}})
+    def get_status(self, request):
+        since = request.query.get("since")
+        wait = request.query.get("wait")
         if wait is not None:
             seconds = wait_seconds(wait)
             if since is not None and seconds > 0:
-                self.wait_status_change(since, seconds, getattr(h, "connection", None))
-        view = status_view(self.ops_snapshot(), h.query.get("sid"))
+                self.wait_status_change(since, seconds, request.connection)
+        view = status_view(self.ops_snapshot(), request.query.get("sid"))
         view["html"] = render_status_sections(view)  # the page swaps these in (section 9)
-        return 200, view
+        return Response(200, view)
 
     def wait_status_change(self, since: str, seconds: float, conn=None) -> None:
         """Until the token differs from ``since``, ``seconds`` pass or the client of ``conn``
@@ -2208,65 +2557,38 @@ class App:
         finally:
             self.metrics.watchers(-1)
 
-    def get_status_page(self, h, m):  # GET / with Accept: text/html
-        view = status_view(self.ops_snapshot(), h.query.get("sid"))
-        return 200, RawResponse(render_status_page(view), "text/html; charset=utf-8",
-                                PAGE_HEADERS)
+    def get_status_page(self, request):  # GET / with Accept: text/html
+        view = status_view(self.ops_snapshot(), request.query.get("sid"))
+        return Response(200, render_status_page(view), "text/html; charset=utf-8", PAGE_HEADERS)
 
-    def get_openapi(self, h, m):
-        return 200, openapi_document()
+    @endpoint("GET", "/openapi.json", openapi={
+        "tags": ["operations"], "summary": "This OpenAPI 3.1 document",
+        "responses": {"200": _json_response("The document.", {"type": "object"})}})
+    def get_openapi(self, request):
+        return Response(200, openapi_document())
 
-    def get_docs(self, h, m):
-        return 200, RawResponse(render_docs_page(openapi_document()), "text/html; charset=utf-8",
-                                PAGE_HEADERS)
+    @endpoint("GET", "/docs", openapi={
+        "tags": ["operations"], "summary": "API documentation page with 'try it' forms",
+        "responses": {"200": {"description": "A self-contained HTML page.",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}})
+    def get_docs(self, request):
+        return Response(200, render_docs_page(openapi_document()), "text/html; charset=utf-8",
+                        PAGE_HEADERS)
 
-    def get_metrics(self, h, m):
-        return 200, RawResponse(render_metrics(self.metrics, self.ops_snapshot()).encode(),
-                                "text/plain; version=0.0.4; charset=utf-8",
-                                (("Cache-Control", "no-store"),))
-
-    ROUTES = [
-        ("GET", r"/", "get_root"),
-        ("GET", r"/healthz", "get_healthz"),
-        ("GET", r"/debug/health", "get_debug_health"),
-        ("POST", r"/session", "post_session"),
-        ("POST", r"/session/heartbeat", "post_heartbeat"),
-        ("GET", r"/session/([^/]+)", "get_session"),
-        ("DELETE", r"/session/([^/]+)", "delete_session"),
-        ("GET", r"/active-session", "get_active_session"),
-        ("POST", r"/lab", "post_lab"),
-        ("GET", r"/lab", "get_lab"),
-        ("DELETE", r"/lab", "delete_lab"),
-        ("GET", r"/lab/devices", "get_lab_devices"),
-        ("POST", r"/lab/release", "post_lab_release"),
-        # operations (section 6)
-        ("GET", r"/status", "get_status"),
-        ("GET", r"/openapi\.json", "get_openapi"),
-        ("GET", r"/docs", "get_docs"),
-        ("GET", r"/metrics", "get_metrics"),
-    ]
-    COMPILED = [(method, re.compile(pattern + r"/?\Z"), name) for method, pattern, name in ROUTES]
-    # the routes where naming a session (X-Session-ID or the path) is its sign of life
-    LIVENESS_ROUTES = frozenset(["post_heartbeat", "get_session", "delete_session", "post_lab",
-                                 "get_lab", "delete_lab", "get_lab_devices", "post_lab_release"])
-
-    def route(self, method: str, path: str):
-        """(handler method name, match) or raise HTTPError 404/405."""
-        allowed = []
-        for rmethod, regex, name in self.COMPILED:
-            m = regex.match(path)
-            if m:
-                if rmethod == method:
-                    return getattr(self, name), m
-                allowed.append(rmethod)
-        if allowed:
-            methods = ", ".join(sorted(set(allowed)))
-            raise HTTPError(405, "method %s not allowed on %s (allowed: %s)"
-                            % (method, path, methods), headers=[("Allow", methods)])
-        raise HTTPError(404, "no such endpoint: %s %s" % (method, path))
+    @endpoint("GET", "/metrics", openapi={
+        "tags": ["operations"], "summary": "Prometheus metrics (text exposition format 0.0.4)",
+        "responses": {"200": {"description": "Metrics.", "content": {
+            "text/plain; version=0.0.4": {"schema": {"type": "string"}, "example":
+                "# HELP remote_lab_queue_length Sessions in the queue (active and waiting).\n"
+                "# TYPE remote_lab_queue_length gauge\nremote_lab_queue_length 2\n"}}}}})
+    def get_metrics(self, request):
+        return Response(200, render_metrics(self.metrics, self.ops_snapshot()).encode(),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        (("Cache-Control", "no-store"),))
 
 
-_HEADER_LINE_RE = re.compile(r"([!-9;-~]+):([^\r\n]*)(?:\r\n|\n|\r)?\Z")
+App.endpoints = EndpointTable(App)
+
 MAX_HEADER_LINE = 65536  # http.client's _MAXLINE
 MAX_HEADERS = 100  # http.client's _MAXHEADERS
 MAX_HEADER_BYTES = 64 * 1024  # all header lines of one request together
@@ -2277,46 +2599,28 @@ class HeadersTooLarge(Exception):
     through and handle_one_request() answers 431 with this detail."""
 
 
-def read_headers(rfile, message_class=http.client.HTTPMessage):
-    """What ``http.client.parse_headers(rfile)`` returns, ~10x faster for plain header lines.
+class HeaderBudget:
+    """The rfile while http.client reads a request's headers: their bytes are counted as they
+    are read (HeadersTooLarge past MAX_HEADER_BYTES), so 100 lines of 64 KiB are never all read
+    into memory. A line too long or one too many is left to http.client's own errors."""
 
-    Same limits and exceptions, plus MAX_HEADER_BYTES in total (HeadersTooLarge), checked while
-    reading: 100 lines of 64 KiB would otherwise all be read into memory first. Plain
-    ``Name: value`` lines are stored as the email parser (compat32 policy) would store them;
-    anything else (folded lines, bad names, a ``From `` line, stray CRs) goes through the email
-    parser, exactly as before.
-    """
-    lines = []
-    budget = MAX_HEADER_BYTES
-    while True:
-        # up to budget + 2 (the final blank line) + 1 (to notice a longer line)
-        line = rfile.readline(MAX_HEADER_LINE + 1 if budget >= MAX_HEADER_LINE else budget + 3)
-        size = len(line)
-        if size > MAX_HEADER_LINE:
-            raise http.client.LineTooLong("header line")
-        lines.append(line)
-        if len(lines) > MAX_HEADERS:
-            raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
-        if line in (b"\r\n", b"\n", b""):
-            break
-        budget -= size
-        if budget < 0:
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = MAX_HEADER_BYTES
+        self.lines = 0
+
+    def readline(self, limit: int = -1) -> bytes:
+        # up to what is left + 2 (the final blank line) + 1 (to notice a longer line)
+        line = self.raw.readline(limit if self.left >= MAX_HEADER_LINE else self.left + 3)
+        self.lines += 1
+        if len(line) > MAX_HEADER_LINE or self.lines > MAX_HEADERS or \
+                line in (b"\r\n", b"\n", b""):
+            return line
+        self.left -= len(line)
+        if self.left < 0:
             raise HeadersTooLarge("request headers too large: more than %d bytes"
                                   % MAX_HEADER_BYTES)
-    msg = message_class()
-    index = {}
-    match = _HEADER_LINE_RE.match
-    for line in lines[:-1]:
-        m = match(line.decode("iso-8859-1"))
-        if m is None:
-            return email.parser.Parser(_class=message_class).parsestr(
-                b"".join(lines).decode("iso-8859-1"))
-        name, value = m.group(1), m.group(2).lstrip(" \t")
-        msg.set_raw(name, value)
-        index.setdefault(name.lower(), value)
-    msg.set_payload("")
-    msg.fast_index = index  # {lower-case name: what msg.get(name) answers}, see header()
-    return msg
+        return line
 
 
 _DIGITS = re.compile(r"[0-9]+\Z").match
@@ -2328,13 +2632,6 @@ def body_framing_problem(headers) -> Optional[str]:
     A proxy in front of us may read such a head differently, and the rest of the body would
     then be taken for the next request (request smuggling).
     """
-    index = getattr(headers, "fast_index", None)
-    # the usual case, cheaply: no header name given twice (the index has one entry per name)
-    if index is not None and len(index) == len(headers) and "transfer-encoding" not in index:
-        length = index.get("content-length")
-        if length is None or _DIGITS(length.strip(" \t")):
-            return None
-        return "invalid Content-Length %r: digits only" % length
     lengths = headers.get_all("Content-Length") or []
     codings = headers.get_all("Transfer-Encoding") or []
     if lengths and codings:
@@ -2366,7 +2663,7 @@ class ContinueBeforeBody:
         if handler.rfile is self:
             handler.rfile = self.raw
         self.handler = None
-        handler.handle_expect_100()
+        handler.send_continue()
 
     def read(self, *args):
         if self.handler is not None:
@@ -2466,23 +2763,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- helpers --
     def header(self, name: str, default=None):
-        """``self.headers.get(name, default)``: a dict lookup when read_headers() indexed them
-        (email's Message.get() lower-cases every header name on every call)."""
-        index = getattr(self.headers, "fast_index", None)
-        if index is None:
-            return self.headers.get(name, default)
-        return index.get(name.lower(), default)
-
-    def session_header(self, required=False) -> Optional[str]:
-        sid = self.header("X-Session-ID")
-        if sid:
-            sid = sid.strip()
-        if not sid and required:
-            raise HTTPError(400, "missing X-Session-ID header")
-        return sid or None
-
-    def set_context(self, sid, topology=None):
-        _request_context.ctx = log_context(sid, topology)
+        return self.headers.get(name, default)
 
     _date_cache = (0, "")  # (whole second, Date header)
 
@@ -2496,17 +2777,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             cached = RequestHandler._date_cache = (now, super().date_time_string(now))
         return cached[1]
 
-    def send_json(self, status: int, body) -> None:
+    def send(self, response: Response) -> None:
         """Headers and body in one write: two small writes stall ~40 ms on Nagle + delayed ACK.
 
         JSON and empty answers: the bytes of send_response() + send_header()s + end_headers(),
         built in one go (those helpers cost more than the rest of a poll).
         """
-        if type(body) is RawResponse and status != 204:  # HTML / metrics text of the ops endpoints (section 6)
-            data = body.data
+        status, body = response.status, response.body
+        if response.close:
+            self.close_connection = True
+        if response.content_type is not None and status != 204:  # HTML, metrics, extra headers
+            data = body
             self.send_response(status)
-            self.send_header("Content-Type", body.content_type)
-            for key, value in body.headers:
+            self.send_header("Content-Type", response.content_type)
+            for key, value in response.headers:
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:
@@ -2559,77 +2843,35 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             n -= len(chunk)
 
     def parse_request(self):
-        """BaseHTTPRequestHandler.parse_request (Python 3.11+ rules), with the fast read_headers.
-
-        The email-based header parser of http.server costs more than the rest of a poll.
-        """
-        self.command = None  # set in case of error on the first line
-        self.request_version = version = self.default_request_version
-        self.close_connection = True
+        """http.server's parse_request, plus: HTTP/0.9 refused at once (not after waiting for
+        headers), the headers' bytes capped while they are read (HeaderBudget), an ambiguous body
+        length refused (request smuggling), and ``100 Continue`` sent only with the body."""
         requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.requestline = requestline
         words = requestline.split()
-        if not words:
-            return False
-        if len(words) >= 3:  # enough to determine the protocol version
-            version = words[-1]
-            try:
-                if not version.startswith("HTTP/"):
-                    raise ValueError
-                base_version_number = version.split("/", 1)[1]
-                version_number = base_version_number.split(".")
-                if len(version_number) != 2:
-                    raise ValueError
-                if any(not c.isdigit() or len(c) > 10 for c in version_number):
-                    raise ValueError
-                version_number = int(version_number[0]), int(version_number[1])
-            except (ValueError, IndexError):
-                self.send_error(400, "Bad request version (%r)" % version)
-                return False
-            if version_number >= (1, 1) and self.protocol_version >= "HTTP/1.1":
-                self.close_connection = False
-            if version_number >= (2, 0):
-                self.send_error(505, "Invalid HTTP version (%s)" % base_version_number)
-                return False
-            self.request_version = version
-        if not 2 <= len(words) <= 3:
-            self.send_error(400, "Bad request syntax (%r)" % requestline)
-            return False
-        command, path = words[:2]
-        if len(words) == 2:  # HTTP/0.9: refused at once (not after waiting for headers)
+        if len(words) == 2:  # HTTP/0.9: no version, and no headers would follow
+            self.command, self.requestline = None, requestline
             self.request_version = "HTTP/1.0"  # a status line and headers on the answer
-            self.send_error(400, "HTTP/0.9 requests are not supported (%r): send '%s %s HTTP/1.1'"
-                            % (requestline, command, path))
-            return False
-        self.command, self.path = command, path
-        if self.path.startswith("//"):  # gh-87389: no open redirects via //host paths
-            self.path = "/" + self.path.lstrip("/")
-        try:
-            self.headers = read_headers(self.rfile, self.MessageClass)
-        except http.client.LineTooLong as err:
-            self.send_error(431, "Line too long", str(err))
-            return False
-        except http.client.HTTPException as err:
-            self.send_error(431, "Too many headers", str(err))
-            return False
-        index = getattr(self.headers, "fast_index", None)
-        if index is None or "content-length" in index or "transfer-encoding" in index:
-            problem = body_framing_problem(self.headers)
-            if problem:  # request smuggling: refuse, and never read on after this head
-                self.send_error(400, problem)
-                self._linger()
-                return False
-        conntype = self.header("Connection", "").lower()
-        if conntype == "close":
             self.close_connection = True
-        elif conntype == "keep-alive" and self.protocol_version >= "HTTP/1.1":
-            self.close_connection = False
-        expect = self.header("Expect", "")
-        if (expect.lower() == "100-continue" and self.protocol_version >= "HTTP/1.1"
-                and self.request_version >= "HTTP/1.1"):
-            # not now: only once the handler reads the body, so a refused request gets its
-            # final status alone (RFC 9110 10.1.1)
-            self.rfile = ContinueBeforeBody(self.rfile, self)
+            self.send_error(400, "HTTP/0.9 requests are not supported (%r): send '%s %s HTTP/1.1'"
+                            % (self.requestline, words[0], words[1]))
+            return False
+        raw, self.continue_owed = self.rfile, False
+        self.rfile = HeaderBudget(raw)
+        try:
+            parsed = super().parse_request()
+        finally:
+            self.rfile = raw
+        if not parsed:
+            return False
+        if self.path.startswith("//"):  # gh-87389 (older 3.8 and 3.9): no //host open redirects
+            self.path = "/" + self.path.lstrip("/")
+        problem = body_framing_problem(self.headers)
+        if problem:  # never read on after this head
+            self.send_error(400, problem)
+            self._linger()
+            return False
+        if self.continue_owed:  # only once the handler reads the body, so a refused request
+            self.rfile = ContinueBeforeBody(raw, self)  # gets its final status alone (RFC 9110)
         return True
 
     def setup(self):
@@ -2714,7 +2956,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             return True
         detail = json.dumps({"detail": "too many connections (--max-connections %d): try again "
                              "later" % self.server.connection_cap}).encode()
-        self.send_json(503, RawResponse(detail, "application/json", [("Retry-After", "1")]))
+        self.send(Response(503, detail, "application/json", [("Retry-After", "1")]))
         if self.header("Content-Length", "0").strip() not in ("", "0") or \
                 self.header("Transfer-Encoding"):
             self._linger()
@@ -2722,65 +2964,46 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         app = self.app
-        self.set_context(None)
+        set_log_context(None)
         started = time.monotonic()
-        status = 500
-        route = "unmatched"  # the metrics label for 404/405 (section 6)
+        endpoint = None
         try:
-            path = self.path
-            if path[:1] == "/" and path[:2] != "//" and "?" not in path and "#" not in path:
-                self.query = {}  # what urlsplit() + parse_qsl() make of a plain path
-            else:
-                parsed = urllib.parse.urlsplit(path)
-                self.query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
-                path = parsed.path
-            func, m = app.route(self.command, path)
-            route = func.__name__
-            app.request_guard.check(self)  # 403: a foreign web page's request (section 7.1)
-            sid = self.session_header()
-            path_sid = m.group(1) if m.groups() and func.__name__.endswith("_session") else None
-            self.set_context(path_sid or sid)
-            if func.__name__ != "post_lab":
-                self._discard_body()
-            # a request naming a session on the session and lab endpoints is a sign of life;
-            # a monitor or a status page sending the header along keeps nobody alive
-            for named in ({sid, path_sid} - {None} if route in app.LIVENESS_ROUTES else ()):
-                try:
-                    app.queue.touch(named)
-                except UnknownSession:
-                    pass
-            status, body = func(self, m)
-        except BadRequest as e:  # e.g. parse_bool on ?force= / the reuse field
-            status, body = e.status, {"detail": str(e)}
-        except HTTPError as e:
-            status, body = e.status, {"detail": e.detail}
-            if e.headers:
-                body = RawResponse(json.dumps(body).encode(), "application/json", e.headers)
-            if status >= 500:
-                log.error("%s %s -> %d: %s", self.command, self.path, status,
-                          e.detail.splitlines()[0] if e.detail else "")
-        except Exception as e:  # a bug: answer 500 and keep serving
-            log.exception("unhandled error in %s %s", self.command, self.path)
-            status, body = 500, {"detail": "internal server error: %s" % e}
+            path, query = split_target(self.path)
+            endpoint, params = app.endpoints.match(self.command, path)  # 404, 405
+            response = app.respond(endpoint, self._request(endpoint, path, query, params))
+        except Exception as e:  # routing, the request checks of _request()
+            response = error_response(e, self.command, self.path)
         if type(self.rfile) is ContinueBeforeBody:  # body never read: no 100 Continue
             self.rfile = self.rfile.disarm()
-        app.metrics.http_request(route, status)
-        if status >= 400 and (self.headers.get("Transfer-Encoding")
-                              or self.headers.get("Content-Length", "0").strip() not in ("", "0")):
+        # no formatting here: /metrics labels it; 404/405 are "unmatched" (section 6)
+        app.metrics.http_request(endpoint.name if endpoint else "unmatched", response.status)
+        if response.status >= 400 and (self.header("Transfer-Encoding") or
+                                       self.header("Content-Length", "0").strip() not in ("", "0")):
             # an error may leave the body unread (POST /lab refused before its upload, 404/405):
             # close rather than parse the rest of it as the next request on this connection
-            self.close_connection = True
-            unread_body = True
+            response.close = unread_body = True
         else:
             unread_body = False
         try:
-            self.send_json(status, body)
+            self.send(response)
             if unread_body:
                 self._linger()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        log.debug("%s %s -> %d (%.1f ms)", self.command, self.path, status,
+        log.debug("%s %s -> %d (%.1f ms)", self.command, self.path, response.status,
                   (time.monotonic() - started) * 1000)
+
+    def _request(self, endpoint: Endpoint, path: str, query: Dict[str, str],
+                 params: Dict[str, str]) -> Request:
+        """The Request for ``endpoint``, after the checks every request gets: a foreign web
+        page's (403), a body where none is expected (read and dropped: 400 / 413)."""
+        self.app.request_guard.check(self)  # section 7.1
+        request = Request(self.command, path, query, self.headers, params,
+                          self.rfile if endpoint.body == MULTIPART_BODY else None, self.connection)
+        set_log_context(params.get("session_id") or request.named_session)
+        if endpoint.body == NO_BODY:
+            self._discard_body()
+        return request
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = dispatch
 
@@ -2811,6 +3034,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         log.debug("http: " + fmt, *args)
 
     def handle_expect_100(self):
+        """From parse_request(): a ``100 Continue`` is owed (ContinueBeforeBody sends it)."""
+        self.continue_owed = True
+        return True
+
+    def send_continue(self):
         """``100 Continue``, sent by ContinueBeforeBody when the handler starts on the body."""
         self.wfile.write(self.protocol_version.encode("latin-1") + b" 100 Continue\r\n\r\n")
         return True
@@ -2821,7 +3049,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if type(self.rfile) is ContinueBeforeBody:  # e.g. 501: no 100 Continue after it
             self.rfile = self.rfile.disarm()
         try:
-            self.send_json(code, {"detail": message or explain or "bad request"})
+            self.send(Response(code, {"detail": message or explain or "bad request"}))
         except OSError:
             pass
 
@@ -3577,222 +3805,7 @@ timeouts: waiting %(wait_to)s, active %(active_to)s &middot;
         "js": STATUS_JS, **parts}
     return page.encode("utf-8")
 
-# -- 9.4 the OpenAPI 3.1 document (every route of App.ROUTES, errors exactly as implemented) ---
-
-def _ref(name: str) -> dict:
-    return {"$ref": "#/components/schemas/" + name}
-
-
-def _json_response(description: str, schema: dict, example=None) -> dict:
-    media = {"schema": schema}
-    if example is not None:
-        media["example"] = example
-    return {"description": description, "content": {"application/json": media}}
-
-
-def _error(description: str, example: str) -> dict:
-    return _json_response(description, _ref("Error"), {"detail": example})
-
-
-_NO_CONTENT = {"description": "No content (empty body)."}
-_SID_ERRORS = {
-    "400": _error("The `X-Session-ID` header is missing.", "missing X-Session-ID header"),
-    "404": _error("Unknown session.", "unknown session 3f2b9c4e-..."),
-    "423": _error("The session is not the active one (still waiting in the queue).",
-                  "session 3f2b9c4e-... is not active (still waiting in the queue)"),
-}
-_ORIGIN_ERROR = {"403": _error(
-    "A browser request from another site's page: the `Origin` header is neither the server's "
-    "own origin nor one given with `--allow-origin` (`null` included).",
-    "cross-origin request refused: Origin 'http://evil.example' is not this server's own "
-    "origin (a page of another site; allow it with --allow-origin)")}
-_SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
-_SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
-_SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
-_DEVICE_EXAMPLE = {"name": "r1", "raw": {"name": "r1", "device": "frr", "ansible_host": "192.168.121.101",
-                                         "mgmt": {"ifname": "eth0", "ipv4": "192.168.121.101"}}}
-
-# (operationId = App handler name) -> (method, OpenAPI path, operation)
-OPENAPI_OPERATIONS = collections.OrderedDict([
-    ("get_root", ("GET", "/", {
-        "tags": ["server"], "summary": "Service summary (JSON), or the status page for browsers",
-        "description": "With `Accept: text/html` (a browser) the self-contained status page: lab "
-                       "holder, queue, lab devices, recent events; it refreshes itself through "
-                       "`GET /status?wait=`. Any other client gets the JSON summary.",
-        "parameters": [{"name": "Accept", "in": "header", "required": False,
-                        "schema": {"type": "string"},
-                        "description": "`text/html` selects the status page."}],
-        "responses": {"200": {"description": "Summary, or the status page.", "content": {
-            "application/json": {"schema": _ref("Summary"), "example": {
-                "service": "remote-lab", "version": __version__, "uptime": 12.5,
-                "queue_length": 1, "active_session": _SESSION_EXAMPLE,
-                "lab": {"state": "running", "topology": "topology.yml", "ref_count": 1,
-                        "devices": ["r1", "r2"]}, "docs": "/docs", "pid": 4242,
-                "simulated": False, "netlab": "/usr/local/bin/netlab"}},
-            "text/html": {"schema": {"type": "string"}}}}}})),
-    ("get_healthz", ("GET", "/healthz", {
-        "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})),
-    ("get_debug_health", ("GET", "/debug/health", {
-        "tags": ["server"], "summary": "Detailed health: sessions, lab, netlab call counts",
-        "description": "`sessions` is the number of sessions in the queue (an integer, as the "
-                       "seed's server answers it); `session_list` lists them in queue order. "
-                       "Never counts as a session's sign of life.",
-        "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})),
-    ("get_status", ("GET", "/status", {
-        "tags": ["operations"], "summary": "Status page data (long-poll)",
-        "description": "What the status page shows, with session ids shortened to 8 characters "
-                       "(except the viewer's own, given as `sid`). With `wait` and `since` the "
-                       "answer is held until the state token differs from `since` or `wait` "
-                       "seconds pass. Never counts as a session's sign of life.",
-        "parameters": [
-            {"name": "wait", "in": "query", "required": False,
-             "schema": {"type": "number", "minimum": 0, "maximum": 60},
-             "description": "Seconds to wait for a change of `token` (needs `since`)."},
-            {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
-             "description": "The `token` of the last answer."},
-            {"name": "sid", "in": "query", "required": False, "schema": {"type": "string"},
-             "description": "The viewer's own session id: shown in full and marked as 'you'."}],
-        "responses": {
-            "200": _json_response("Status snapshot.", _ref("Status")),
-            "400": _error("`wait` is not a number between 0 and 60.",
-                          "wait must be between 0 and 60 seconds")}})),
-    ("get_openapi", ("GET", "/openapi.json", {
-        "tags": ["operations"], "summary": "This OpenAPI 3.1 document",
-        "responses": {"200": _json_response("The document.", {"type": "object"})}})),
-    ("get_docs", ("GET", "/docs", {
-        "tags": ["operations"], "summary": "API documentation page with 'try it' forms",
-        "responses": {"200": {"description": "A self-contained HTML page.",
-                              "content": {"text/html": {"schema": {"type": "string"}}}}}})),
-    ("get_metrics", ("GET", "/metrics", {
-        "tags": ["operations"], "summary": "Prometheus metrics (text exposition format 0.0.4)",
-        "responses": {"200": {"description": "Metrics.", "content": {
-            "text/plain; version=0.0.4": {"schema": {"type": "string"}, "example":
-                "# HELP remote_lab_queue_length Sessions in the queue (active and waiting).\n"
-                "# TYPE remote_lab_queue_length gauge\nremote_lab_queue_length 2\n"}}}}})),
-    ("post_session", ("POST", "/session", {
-        "tags": ["sessions"], "summary": "Join the queue",
-        "description": "Creates a session at the end of the queue; the head of the queue is "
-                       "active at once.",
-        "responses": {
-            "201": _json_response("Session created.", _ref("SessionCreated"),
-                                  {"session_id": _SESSION_EXAMPLE, "position": 0,
-                                   "status": "active"}),
-            "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)"),
-            **_ORIGIN_ERROR}})),
-    ("post_heartbeat", ("POST", "/session/heartbeat", {
-        "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
-        "parameters": [_SID_HEADER],
-        "responses": {"204": _NO_CONTENT, "400": _SID_ERRORS["400"], "404": _SID_ERRORS["404"],
-                      **_ORIGIN_ERROR}})),
-    ("get_session", ("GET", "/session/{session_id}", {
-        "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
-        "description": "Counts as a sign of life. With `wait` the answer is held until the "
-                       "status or position changes or `wait` seconds pass; it comes at once "
-                       "when the session is active, or when `position` (the position the "
-                       "caller last saw) differs from the current one.",
-        "parameters": [_SID_PATH, {"name": "wait", "in": "query", "required": False,
-                                   "schema": {"type": "number", "minimum": 0, "maximum": 60},
-                                   "description": "Seconds to wait for a change (0-60)."},
-                       {"name": "position", "in": "query", "required": False,
-                        "schema": {"type": "integer"},
-                        "description": "With `wait`: the position the caller last saw."}],
-        "responses": {
-            "200": _json_response("Session state.", _ref("SessionState"),
-                                  {"session_id": _SESSION_EXAMPLE, "status": "waiting",
-                                   "position": 2}),
-            "400": _error("`wait` is not a number between 0 and 60, or `position` is not "
-                          "an integer.", "wait must be a number of seconds (0-60)"),
-            "404": _SID_ERRORS["404"]}})),
-    ("delete_session", ("DELETE", "/session/{session_id}", {
-        "tags": ["sessions"], "summary": "Leave the queue",
-        "description": "If the session was active its lab is torn down (or kept warm) and the "
-                       "next session promoted.",
-        "parameters": [_SID_PATH],
-        "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"], **_ORIGIN_ERROR}})),
-    ("get_active_session", ("GET", "/active-session", {
-        "tags": ["sessions"], "summary": "The active session",
-        "responses": {
-            "200": _json_response("The head of the queue.", _ref("SessionState"),
-                                  {"session_id": _SESSION_EXAMPLE, "status": "active",
-                                   "position": 0}),
-            "404": _error("The queue is empty.", "no active session")}})),
-    ("post_lab", ("POST", "/lab", {
-        "tags": ["lab"], "summary": "Upload a topology and acquire the lab",
-        "description": "Acquisition rules: no lab → `netlab up`; same fingerprint and "
-                       "`reuse=true` → ref count + 1; same fingerprint, `reuse=false`, ref count 0 → "
-                       "restart; other topology, ref count 0 → tear down and start it; otherwise "
-                       "423. The fingerprint is a SHA-256 over the topology and the extra files.",
-        "parameters": [_SID_HEADER, {"name": "reuse", "in": "query", "required": False,
-                                     "schema": {"type": "string", "enum": ["true", "false"]},
-                                     "description": "Used when the form has no `reuse` field."}],
-        "requestBody": {"required": True, "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": ["topology"], "properties": {
-                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
-                             "description": "The topology file (.yml/.yaml)."},
-                "reuse": {"type": "string", "enum": ["true", "false"], "default": "true",
-                          "description": "Reuse a running lab with the same fingerprint."},
-                "extra_files": {"type": "array", "items": {
-                    "type": "string", "contentMediaType": "application/octet-stream"},
-                    "description": "Files next to the topology; their file names keep relative "
-                                   "directories (no absolute paths, no '..')."}}},
-            "encoding": {"topology": {"contentType": "application/octet-stream"},
-                         "extra_files": {"contentType": "application/octet-stream"}}}}},
-        "responses": {
-            "200": _json_response("The lab is up (started or reused).", _ref("LabAcquired"),
-                                  {"reused": False, "devices": [_DEVICE_EXAMPLE]}),
-            "400": _error("Missing `X-Session-ID`, or a bad upload: not multipart, no boundary, "
-                          "no Content-Length, malformed body, unexpected field, unsafe or "
-                          "duplicate file name, topology not .yml/.yaml or named so that netlab "
-                          "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
-                          "topology 'lab.txt' must be a .yml or .yaml file"),
-            "404": _SID_ERRORS["404"],
-            "413": _error("The body exceeds `--max-upload-mb`.",
-                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
-                          "(--max-upload-mb)"),
-            "423": _error("The session is not active (or no longer), or the lab is busy with "
-                          "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
-            "502": _error("netlab failed; the detail carries the tail of its output.",
-                          "netlab up ./topology.yml failed (exit 1)\n--- netlab output (last "
-                          "lines) ---\n..."),
-            "503": _error("The lab host has no room left to store the upload (disk or quota "
-                          "full).", "no room to store the upload in /var/lib/remote-lab/labs: "
-                          "No space left on device"),
-            "504": _error("netlab timed out (`--up-timeout`, `--netlab-timeout`).",
-                          "netlab up ./topology.yml timed out after 1800 s"),
-            **_ORIGIN_ERROR}})),
-    ("get_lab", ("GET", "/lab", {
-        "tags": ["lab"], "summary": "The lab's state",
-        "parameters": [_SID_HEADER],
-        "responses": dict({"200": _json_response("Lab state.", _ref("LabState"))}, **_SID_ERRORS)})),
-    ("delete_lab", ("DELETE", "/lab", {
-        "tags": ["lab"], "summary": "Tear the lab down (in the background)",
-        "parameters": [_SID_HEADER, {"name": "force", "in": "query", "required": False,
-                                     "schema": {"type": "string", "enum": ["true", "false"],
-                                                "default": "true"},
-                                     "description": "Also when the ref count is above 0."}],
-        "responses": dict({
-            "202": _json_response("Teardown started.", _ref("Message"),
-                                  {"detail": "lab teardown started"}),
-            "204": {"description": "There was no lab."},
-            "409": _error("`force=false` while the ref count is above 0.",
-                          "lab is in use (ref count 1); use force=true")},
-            **dict(_SID_ERRORS, **_ORIGIN_ERROR, **{"400": _error(
-                "Missing `X-Session-ID`, or `force` is not true/false.",
-                "force must be true or false, not 'maybe'")}))})),
-    ("get_lab_devices", ("GET", "/lab/devices", {
-        "tags": ["lab"], "summary": "Devices of the running lab",
-        "parameters": [_SID_HEADER],
-        "responses": dict(_SID_ERRORS, **{
-            "200": _json_response("Devices with netlab's raw node data.",
-                                  {"type": "array", "items": _ref("Device")}, [_DEVICE_EXAMPLE]),
-            "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
-    ("post_lab_release", ("POST", "/lab/release", {
-        "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
-        "parameters": [_SID_HEADER],
-        "responses": dict(_SID_ERRORS, **_ORIGIN_ERROR, **{
-            "204": _NO_CONTENT,
-            "404": _error("Unknown session, or no lab is running.", "no lab is running")})})),
-])
+# -- 9.4 the OpenAPI 3.1 document (every endpoint of App.endpoints, errors as implemented) --
 
 _NULLABLE_STR = {"type": ["string", "null"]}
 OPENAPI_SCHEMAS = {
@@ -3884,13 +3897,7 @@ def openapi_document() -> dict:
     """The OpenAPI 3.1 document (built once)."""
     if _openapi_cache:
         return _openapi_cache[0]
-    paths = collections.OrderedDict()  # type: Dict[str, dict]
-    for op_id, (method, path, op) in OPENAPI_OPERATIONS.items():
-        op = dict(op, operationId=op_id)
-        responses = dict(op["responses"])
-        responses.setdefault("default", {"$ref": "#/components/responses/GenericError"})
-        op["responses"] = responses
-        paths.setdefault(path, {})[method.lower()] = op
+    paths = App.endpoints.openapi_paths()
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "remote-lab", "version": __version__,

@@ -4,6 +4,7 @@ One server (fake netlab) is shared by this module; after every test the `clean` 
 sessions, waits for the lab to be torn down and checks that no lab work dir leaked.
 """
 import http.client
+import io
 import json
 import os
 import threading
@@ -309,24 +310,20 @@ def test_post_lab_for_a_session_ending_right_after_its_check_404(tmp_path):
 
     app = remote_lab.App(remote_lab.Settings(simulate=True, state_dir=str(tmp_path)))
     sid, _ = app.queue.create()
-    checked = app.require_active
+    checked = app.resolve_session
 
-    def check_then_end(handler):
-        checked(handler)
+    def check_then_end(endpoint, request):
+        checked(endpoint, request)
         app.end_session(sid, "deleted by client")
         return sid
 
-    app.require_active = check_then_end
-
-    class Handler:
-        query = {}
-
-        def session_header(self, required=False):
-            return sid
-
-    with pytest.raises(remote_lab.HTTPError) as err:
-        app.post_lab(Handler(), None)
-    assert err.value.status == 404
+    app.resolve_session = check_then_end
+    headers = http.client.parse_headers(io.BytesIO(b"X-Session-ID: %s\r\n\r\n" % sid.encode()))
+    endpoint, params = app.endpoints.match("POST", "/lab")
+    request = remote_lab.Request("POST", "/lab", {}, headers, params, body=io.BytesIO(b""))
+    response = app.respond(endpoint, request)
+    assert response.status == 404
+    assert response.body == {"detail": "unknown session %s" % sid}
 
 
 def test_lab_endpoints_waiting_session_423(api, srv):
@@ -578,3 +575,26 @@ def test_concurrent_acquires_of_the_same_lab_share_one_up(api, srv):
     assert len(calls_of(srv, "up", m)) == 1
     assert api.lab(sid)[1]["ref_count"] == 3
     assert len(lab_dirs(srv)) == 1  # the two reused uploads were discarded
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    """No option given: every setting is the Settings field's default (the state dir made
+    absolute); options land in the field of the same name."""
+    import sys
+    from helpers import ROOT
+    sys.path.insert(0, str(ROOT))
+    import remote_lab
+
+    defaults = remote_lab.Settings()
+    parsed = remote_lab.settings_from_args([])
+    assert parsed.state_dir == os.path.abspath(os.path.expanduser(defaults.state_dir))
+    assert dataclasses_dict(parsed, "state_dir") == dataclasses_dict(defaults, "state_dir")
+    parsed = remote_lab.settings_from_args(["--allow-host", "a.example", "--port-range", "1", "2",
+                                            "--waiting-timeout", "7", "--debug"])
+    assert parsed.allow_hosts == ("a.example",) and parsed.port_range == (1, 2)
+    assert parsed.waiting_timeout == 7.0 and parsed.debug and parsed.log_level == "DEBUG"
+
+
+def dataclasses_dict(settings, *leave_out):
+    import dataclasses
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in leave_out}
