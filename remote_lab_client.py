@@ -23,6 +23,13 @@ Three ways to use it::
 The server's URL comes from ``base_url`` / ``--url`` or ``REMOTE_LAB_URL`` (environment or a
 ``.env`` file in the working directory; the real environment wins).
 
+Sections, top to bottom (banners ``# N. ...``): 1 errors; 2 configuration (ClientConfig,
+resolved once: arguments > environment > ``.env``; ``os.environ`` is never written); 3 HTTP
+(one keep-alive connection, whole-call deadlines, one status -> exception table); 4
+RemoteLabClient; 5 connect / launch (5a: the program that runs on the lab host, shipped as
+this file's own text; 5b: the client side of it); 6 pytest plugin (pytest imported lazily);
+7 command line.
+
 PYTEST_DONT_REWRITE (nothing here needs assertion rewriting; a conftest may import this file
 before pytest loads it as a plugin).
 """
