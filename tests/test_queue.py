@@ -193,7 +193,7 @@ def test_nested_pins(clock):
     assert q.expire() == [(a, True)]
 
 
-# -- promotion skips dead waiters (issue 8 item 8) --
+# -- promotion skips dead waiters --
 
 
 def _dropped(q):
