@@ -2615,6 +2615,11 @@ MAX_HEADERS = 100  # http.client's _MAXHEADERS
 MAX_HEADER_BYTES = 64 * 1024  # all header lines of one request together
 
 
+class MalformedHeaders(Exception):
+    """A header line that is no ``Name: value`` (e.g. a space before the colon): 400 and close,
+    never a head read up to that line only (request smuggling, RFC 9112 5.1)."""
+
+
 class HeadersTooLarge(Exception):
     """More than MAX_HEADER_BYTES of headers. Not an HTTPException: parse_request() lets it
     through and handle_one_request() answers 431 with this detail."""
@@ -2803,8 +2808,12 @@ class FastRequestHead:
         for line in lines[:-1]:
             m = match(line.decode("iso-8859-1"))
             if m is None:
-                return email.parser.Parser(_class=message_class).parsestr(
+                msg = email.parser.Parser(_class=message_class).parsestr(
                     b"".join(lines).decode("iso-8859-1"))
+                if msg.defects or msg.get_payload():  # the email parser stopped at a bad line:
+                    raise MalformedHeaders(  # what follows it would be silently dropped
+                        "malformed header line %r" % line[:100].decode("iso-8859-1"))
+                return msg
             name, value = m.group(1), m.group(2).lstrip(" \t")
             msg.set_raw(name, value)
             index.setdefault(name.lower(), value)
@@ -2865,6 +2874,10 @@ class FastRequestHead:
             return False
         except http.client.HTTPException as err:
             self.send_error(431, "Too many headers", str(err))
+            return False
+        except MalformedHeaders as err:  # the rest of the head is unread
+            self.send_error(400, str(err))
+            self._linger()
             return False
         index = getattr(self.headers, "fast_index", None)
         if index is None or "content-length" in index or "transfer-encoding" in index:

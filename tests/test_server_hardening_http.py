@@ -57,6 +57,10 @@ SMUGGLING_HEADERS = {
     "content-length-and-chunked": ["Content-Length: 5", "Transfer-Encoding: chunked"],
     "chunked-and-content-length": ["Transfer-Encoding: chunked", "Content-Length: 5"],
     "plus-sign": ["Content-Length: +5"],
+    # a line that is no header hides the rest of the head from a lenient parser (RFC 9112 5.1)
+    "space-before-colon": ["X-A: b", "Content-Length : 5"],
+    "tab-before-colon": ["Content-Length\t: 5"],
+    "line-without-colon": ["X-A: b", "Garbage", "Content-Length: 5"],
     "underscore": ["Content-Length: 0_5"],
     "empty": ["Content-Length: "],
     "two-equal": ["Content-Length: 5", "Content-Length: 5"],
