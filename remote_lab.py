@@ -1342,6 +1342,8 @@ class MultipartParser:
         except socket.timeout as e:
             raise BadRequest(str(e) if isinstance(e, DeadlineExceeded)
                              else "upload stalled (socket timeout)") from None
+        except ConnectionError as e:  # the client went away: no answer will reach it
+            raise BadRequest("upload broken off by the client (%s)" % e) from None
         if not data:
             raise BadRequest("request body ended early (%d bytes missing)" % self.left)
         self.left -= len(data)
@@ -3060,6 +3062,9 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             log.debug("dropping the connection from %s: %s", self.client_address[0],
                       e if isinstance(e, DeadlineExceeded)
                       else "socket timeout (%g s, --socket-timeout)" % self.timeout)
+            self.close_connection = True
+        except ConnectionError as e:  # reset or broken by the client: nothing to answer
+            log.debug("connection from %s lost: %s", self.client_address[0], e)
             self.close_connection = True
 
     def _serve_overflow(self) -> bool:

@@ -5,6 +5,7 @@ Raw sockets for everything a well-behaved client library would never send; real 
 import json
 import shutil
 import socket
+import struct
 import subprocess
 
 import pytest
@@ -317,3 +318,35 @@ def test_ipv6_socket_activation(tmp_path):
     finally:
         rc = srv.stop()
     assert rc == 0, srv.log()
+
+
+# ------------------------------------------------------------------------------------------
+# clients that reset their connection
+# ------------------------------------------------------------------------------------------
+
+
+def reset(s, f):
+    """Close with a TCP reset (SO_LINGER 0) instead of a FIN."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    f.close()  # (the file holds the socket open too)
+    s.close()
+
+
+def test_a_reset_connection_is_no_traceback_and_no_500(start_server):
+    """A client resetting its connection mid-head or mid-upload is a dropped connection (DEBUG
+    at most), never a traceback on stderr or an 'unhandled error' 500 logged as a bug."""
+    srv, api = start_server()
+    sid = api.new_session()
+    s, f = connect(srv.port)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: local")
+    reset(s, f)
+    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE + b"#" * 200000)])
+    s, f = connect(srv.port)
+    s.sendall(("POST /lab HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Session-ID: %s\r\nContent-Type: %s\r\n"
+               "Content-Length: %d\r\n\r\n" % (sid, ctype, len(body))).encode() + body[:1000])
+    wait_until(lambda: lab_dirs(srv), 5, what="upload started")
+    reset(s, f)
+    wait_until(lambda: not lab_dirs(srv), 5, what="partial upload removed")
+    assert api.health()["queue_length"] == 1  # the server serves on
+    log = srv.log()
+    assert "Traceback" not in log and "unhandled error" not in log, log
