@@ -272,6 +272,7 @@ class SessionQueue:
         self.clock = as_clock(clock)  # a Clock, or a function returning monotonic seconds
         self.new_id = new_id
         self._long_polls = 0  # wait_change calls blocked on ``changed`` right now
+        self.closed = False  # the server is stopping: long-polls answer at once
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
@@ -371,7 +372,7 @@ class SessionQueue:
             try:
                 while True:
                     remaining = deadline - self.clock.now()
-                    if remaining <= 0:
+                    if remaining <= 0 or self.closed:
                         return self.state(sid)
                     self.clock.wait(self.changed, remaining)
                     now = self.state(sid)
@@ -379,6 +380,12 @@ class SessionQueue:
                         return now
             finally:
                 self._long_polls -= 1
+
+    def close(self) -> None:
+        """The server is stopping: every long-poll answers now with its current state."""
+        with self.lock:
+            self.closed = True
+            self.changed.notify_all()
 
     def long_polls(self) -> int:
         """How many wait_change calls are blocked now (each is woken by the next change)."""
@@ -3103,6 +3110,8 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         else:
             unread_body = False
         try:
+            if self.reader.shortened:  # the answer gets --socket-timeout, not what was left
+                self.reader.restore()  # of the body's deadline
             self.send(response)
             if unread_body:
                 self._linger()
@@ -3403,7 +3412,7 @@ class SystemdNotifier:
             address = "\0" + address[1:]
         self.address = os.fsencode(address) if address and address[0] in "/\0" else None
         self.watchdog_usec = watchdog_usec if self.address else 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a stop signal may arrive while its own thread notifies
         self.sock = None  # type: Optional[socket.socket]
         self.last_status = None  # type: Optional[str]
         self.stopping_sent = False
@@ -4617,6 +4626,7 @@ def main(argv=None) -> int:
         app.systemd.stopping()  # STOPPING=1 (once)
         log.info("tearing down the lab before exit")
         app.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
+        app.queue.close()  # long-polls answer now (their current state)
         app.lab.shutdown()
         if not server.wait_for_answers(2.0):
             log.warning("exiting with requests still unanswered")

@@ -478,3 +478,17 @@ def test_housekeeping_cadence_adapts_to_the_queue_and_the_timeouts(tmp_path, fla
         seen.append(app.cadence())
         app.queue.create()
     assert tuple(seen) == cadences
+
+
+def test_close_ends_every_long_poll_with_the_current_state():
+    """A server stopping answers its long-polls at once (their current state), not after their
+    wait; later long-polls do not wait either."""
+    q = SessionQueue(600, 300, 10)
+    q.create()
+    b, _ = q.create()
+    t, result = _wait_in_thread(q, b, 30)
+    _wait_blocked(q, 1)
+    q.close()
+    t.join(2)
+    assert not t.is_alive() and result["state"] == ("waiting", 1)
+    assert q.wait_change(b, 30) == ("waiting", 1)

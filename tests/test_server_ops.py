@@ -322,3 +322,23 @@ def test_simulate_failed_up_is_a_502_with_netlab_output(start_server, tmp_path):
     assert lab_dirs(srv) == []
     status, body = api.post_lab(sid, (TOPOLOGIES / "simple.yml").read_bytes(), "simple.yml")
     assert status == 200, body
+
+
+def test_sigterm_answers_a_waiting_long_poll_at_once(start_server):
+    """A stop does not hold (or drop) a session long-poll for its wait: it answers with the
+    current state, and the server exits without 'requests still unanswered'."""
+    srv, api = start_server()
+    api.new_session()
+    waiter = api.new_session()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=api.session(waiter, wait=30, timeout=30)),
+                         daemon=True)
+    t.start()
+    time.sleep(0.5)  # the poll is held by now
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    t.join(10)
+    assert result["r"][0] == 200 and result["r"][1]["status"] == "waiting", result
+    assert srv.proc.wait(15) == 0
+    assert time.monotonic() - t0 < 5
+    assert "unanswered" not in srv.log()
