@@ -2624,14 +2624,21 @@ MAX_HEADERS = 100  # http.client's _MAXHEADERS
 MAX_HEADER_BYTES = 64 * 1024  # all header lines of one request together
 
 
-class MalformedHeaders(Exception):
-    """A header line that is no ``Name: value`` (e.g. a space before the colon): 400 and close,
-    never a head read up to that line only (request smuggling, RFC 9112 5.1)."""
+class HeadRefused(Exception):
+    """A request head refused while it is read, the rest of the request unread:
+    handle_one_request() answers ``status`` with this detail, lingers briefly and closes.
+    Not an HTTPException (parse_request() answers those itself)."""
+    status = 400
 
 
-class HeadersTooLarge(Exception):
-    """More than MAX_HEADER_BYTES of headers. Not an HTTPException: parse_request() lets it
-    through and handle_one_request() answers 431 with this detail."""
+class MalformedHeaders(HeadRefused):
+    """A header line that is no ``Name: value`` (e.g. a space before the colon): never a head
+    read up to that line only (request smuggling, RFC 9112 5.1)."""
+
+
+class HeadersTooLarge(HeadRefused):
+    """More than MAX_HEADER_BYTES of headers."""
+    status = 431
 
 
 _DIGITS = re.compile(r"[0-9]+\Z").match
@@ -2884,17 +2891,11 @@ class FastRequestHead:
         except http.client.HTTPException as err:
             self.send_error(431, "Too many headers", str(err))
             return False
-        except MalformedHeaders as err:  # the rest of the head is unread
-            self.send_error(400, str(err))
-            self._linger()
-            return False
         index = getattr(self.headers, "fast_index", None)
         if index is None or "content-length" in index or "transfer-encoding" in index:
             problem = body_framing_problem(self.headers)
             if problem:  # request smuggling: refuse, and never read on after this head
-                self.send_error(400, problem)
-                self._linger()
-                return False
+                raise HeadRefused(problem)
         conntype = self.header("Connection", "").lower()
         if conntype == "close":
             self.close_connection = True
@@ -3046,8 +3047,8 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
                 return
             try:
                 parsed = self.parse_request()
-            except HeadersTooLarge as e:  # the rest of the headers is unread
-                self.send_error(431, str(e))
+            except HeadRefused as e:  # the rest of the request is unread
+                self.send_error(e.status, str(e))
                 self._linger()
                 return
             if not parsed:
@@ -3082,10 +3083,14 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         detail = json.dumps({"detail": "too many connections (--max-connections %d): try again "
                              "later" % self.server.connection_cap}).encode()
         self.send(Response(503, detail, "application/json", [("Retry-After", "1")]))
-        if self.header("Content-Length", "0").strip() not in ("", "0") or \
-                self.header("Transfer-Encoding"):
+        if self._has_body():
             self._linger()
         return False
+
+    def _has_body(self) -> bool:
+        """The request announces a body (which may be left unread by an early answer)."""
+        return bool(self.header("Transfer-Encoding")
+                    or self.header("Content-Length", "0").strip() not in ("", "0"))
 
     def dispatch(self):
         app = self.app
@@ -3102,8 +3107,7 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             self.rfile = self.rfile.disarm()
         # no formatting here: /metrics labels it; 404/405 are "unmatched" (section 6)
         app.metrics.http_request(endpoint.name if endpoint else "unmatched", response.status)
-        if response.status >= 400 and (self.header("Transfer-Encoding") or
-                                       self.header("Content-Length", "0").strip() not in ("", "0")):
+        if response.status >= 400 and self._has_body():
             # an error may leave the body unread (POST /lab refused before its upload, 404/405):
             # close rather than parse the rest of it as the next request on this connection
             response.close = unread_body = True
