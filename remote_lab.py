@@ -265,7 +265,9 @@ class SessionQueue:
     """
 
     def __init__(self, waiting_timeout=600.0, active_timeout=300.0, max_length=1000,
-                 clock=None, new_id: Callable[[], str] = new_session_id):
+                 clock=None, new_id: Callable[[], str] = new_session_id,
+                 on_activate: Optional[Callable[["Session"], None]] = None,
+                 on_drop: Optional[Callable[["Session"], None]] = None):
         self.waiting_timeout = waiting_timeout
         self.active_timeout = active_timeout
         self.max_length = max_length
@@ -277,9 +279,8 @@ class SessionQueue:
         self.changed = threading.Condition(self.lock)
         self._sessions = collections.OrderedDict()  # type: collections.OrderedDict[str, Session]
         self.version = 0
-        self.on_activate = None  # type: Optional[Callable[[Session], None]]  # ops hook (section 6)
-        # a waiter found dead when its turn came, already dropped (lock held)
-        self.on_drop = None  # type: Optional[Callable[[Session], None]]
+        self.on_activate = on_activate  # a session became active (lock held)
+        self.on_drop = on_drop  # a waiter found dead at its turn, already dropped (lock held)
 
     # -- helpers (lock held) --
     def _bump(self):
@@ -2159,7 +2160,8 @@ class App:
         self.metrics = Metrics()  # section 6
         self.events = EventLog()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
-                                  settings.max_queue)
+                                  settings.max_queue, on_activate=self._session_activated,
+                                  on_drop=self._waiter_dropped)
         self.runner = NetlabRunner(
             settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
             settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")),
@@ -2168,8 +2170,6 @@ class App:
         self.stopping = threading.Event()
         self.systemd = SystemdReporter(notifier or SystemdNotifier(), self.ops_snapshot,
                                        self.queue.changed, self.stopping)
-        self.queue.on_activate = self._session_activated
-        self.queue.on_drop = self._waiter_dropped
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
