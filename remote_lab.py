@@ -448,10 +448,12 @@ class SessionQueue:
 class NetlabError(Exception):
     """netlab failed (status 502) or timed out (504); ``output`` is the tail of its output."""
 
-    def __init__(self, message: str, output: str = "", timed_out: bool = False):
+    def __init__(self, message: str, output: str = "", timed_out: bool = False,
+                 aborted: bool = False):
         super().__init__(message)
         self.output = output
         self.timed_out = timed_out
+        self.aborted = aborted  # killed or refused because the server stops: 503, retry later
 
     @property
     def detail(self) -> str:
@@ -657,7 +659,8 @@ class NetlabRunner:
         log.info("running %s (in %s)", shown, cwd, extra={"ctx": ctx})
         started = time.monotonic()
         if self.closing and verb == "up":
-            raise NetlabError("%s refused: the server is shutting down" % shown)
+            raise NetlabError("%s refused: the server is stopping; retry once it is back"
+                              % shown, aborted=True)
         try:
             proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -710,6 +713,9 @@ class NetlabRunner:
             log.error("%s timed out after %.0f s; process group killed", shown, timeout,
                       extra={"ctx": ctx})
             raise NetlabError("%s timed out after %.0f s" % (shown, timeout), output, True)
+        if self.closing and verb in ("up", "inspect") and proc.returncode != 0:
+            raise NetlabError("%s killed: the server is stopping; retry once it is back"
+                              % shown, output, aborted=True)
         level = logging.INFO if proc.returncode == 0 else logging.WARNING
         log.log(level, "%s exited %d after %.2f s", shown, proc.returncode, elapsed,
                 extra={"ctx": ctx})
@@ -1986,6 +1992,8 @@ def error_response(error: Exception, method: str, path: str) -> Response:
         status, detail, headers = 404, str(error), ()
     elif isinstance(error, QueueFull):
         status, detail, headers = 429, str(error), ()
+    elif isinstance(error, NetlabError) and error.aborted:  # the server stops: not a failure
+        status, detail, headers = 503, error.detail, (("Retry-After", RETRY_AFTER_RESTART),)
     elif isinstance(error, NetlabError):
         status, detail, headers = 504 if error.timed_out else 502, error.detail, ()
     else:  # a bug: answer 500 and keep serving
@@ -2045,6 +2053,7 @@ class ContextFilter(logging.Filter):
 
 
 MAX_JSON_BODY = 1024 * 1024
+RETRY_AFTER_RESTART = "2"  # seconds, on work cut short by a stop or reload (503)
 
 # -- 7.1 what a web page may make a browser send: Host (DNS rebinding) and Origin checks --------
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess
-from server_support import (MAPPING, SIMPLE, Api, calls_of, lab_dirs, pid_alive,  # noqa: F401
-                            start_server, up_dirs, wait_until)
+from server_support import (MAPPING, SIMPLE, Api, build_multipart, calls_of, lab_dirs,  # noqa: F401
+                            pid_alive, start_server, up_dirs, wait_until)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -130,6 +130,27 @@ def test_sigterm_during_a_hung_up_kills_it_cleans_and_exits_0(start_server):
     assert lab_dirs(srv) == []
     t.join(5)
     assert result["r"][0] >= 500  # the acquire failed (no hang until the client gives up)
+
+
+def test_an_up_killed_by_a_stop_answers_503_with_retry_after(start_server):
+    """The acquire whose `netlab up` a stop killed was not the client's fault: 503 with
+    Retry-After, so the client retries it once the server is back (not a 502 'netlab failed')."""
+    srv, api = start_server()
+    sid = api.new_session()
+    srv.switch("up_hang")
+    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE)])
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=api.req(
+        "POST", "/lab", sid, body, {"Content-Type": ctype}, timeout=30)), daemon=True)
+    t.start()
+    wait_until(lambda: calls_of(srv, "up"), 5, what="up started")
+    srv.proc.send_signal(signal.SIGTERM)
+    t.join(15)
+    status, data, headers = result["r"]
+    assert status == 503, (status, data)
+    assert "stopping" in data["detail"] and "retry" in data["detail"], data
+    assert int(headers["Retry-After"]) >= 1
+    assert srv.proc.wait(15) == 0
 
 
 def test_shutdown_abort_racing_with_the_start_of_an_up_kills_it(monkeypatch, tmp_path):
