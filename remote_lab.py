@@ -11,7 +11,8 @@ Sections, top to bottom (banners ``# N. ...``):
   1 Settings (each default once)      2 SessionQueue (pure; injected clock and ids)
   3 NetlabRunner (the only code that spawns netlab; process records for crash recovery)
   4 Lab: pure planner (state + request -> action), executor (netlab I/O), the Lab applying it
-  5 Uploads (streaming multipart, safe paths)   5a @endpoint declarations -> dispatch + OpenAPI
+  5 Uploads (streaming multipart, safe paths)   5a Durable state (SQLite: StateStore, journal)
+  5b @endpoint declarations -> dispatch + OpenAPI
   6 Ops parts: EventLog, Metrics, status_view(), SystemdReporter
   7 HTTP: RequestGuard (Origin/Host), App (handlers: Request -> Response), FastRequestHead,
     RequestHandler (deadlines, caps), LabHTTPServer (connection cap, EMFILE back-off)
@@ -80,6 +81,8 @@ class Settings:
     debug: bool = False
     log_config: Optional[str] = None
     status_file: Optional[str] = None
+    teardown_on_exit: bool = False  # stop: tear the lab down (default: leave it to be adopted)
+    cleanup: bool = False  # --cleanup: tear down what the state dir holds, then exit
 
     @property
     def labs_dir(self) -> str:
@@ -184,6 +187,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="JSON logging.config.dictConfig file")
     p.add_argument("--status-file", metavar="PATH", default=d.status_file,
                    help="status file of the remote-http-launcher protocol")
+    p.add_argument("--teardown-on-exit", action="store_true", default=d.teardown_on_exit,
+                   help="tear the lab down when the server stops (default: leave it running "
+                        "for the next start to adopt; sessions survive either way)")
+    p.add_argument("--cleanup", action="store_true", default=d.cleanup,
+                   help="tear down everything the state dir holds (lab, lab dirs, netlab "
+                        "instances registered there), forget its sessions, and exit")
     p.add_argument("--version", action="version", version="remote-lab " + __version__)
     return p
 
@@ -267,7 +276,8 @@ class SessionQueue:
     def __init__(self, waiting_timeout=600.0, active_timeout=300.0, max_length=1000,
                  clock=None, new_id: Callable[[], str] = new_session_id,
                  on_activate: Optional[Callable[["Session"], None]] = None,
-                 on_drop: Optional[Callable[["Session"], None]] = None):
+                 on_drop: Optional[Callable[["Session"], None]] = None,
+                 journal: Optional["QueueJournal"] = None):
         self.waiting_timeout = waiting_timeout
         self.active_timeout = active_timeout
         self.max_length = max_length
@@ -281,6 +291,9 @@ class SessionQueue:
         self.version = 0
         self.on_activate = on_activate  # a session became active (lock held)
         self.on_drop = on_drop  # a waiter found dead at its turn, already dropped (lock held)
+        self.journal = journal  # writes each change to disk before the call returns (5a)
+        self._gone = []  # type: List[str]  # this call's changes, for the journal
+        self._promoted = []  # type: List[Session]
 
     # -- helpers (lock held) --
     def _bump(self):
@@ -308,15 +321,23 @@ class SessionQueue:
                 return None
             if head.pins == 0 and self.clock.now() - head.last_seen > self.active_timeout:
                 del self._sessions[head.id]
+                self._gone.append(head.id)
                 if self.on_drop is not None:
                     self.on_drop(head)
                 continue
             head.activated = self.clock.now()
             head.last_seen = head.activated  # the active timeout counts from promotion
+            self._promoted.append(head)
             if self.on_activate is not None:
                 self.on_activate(head)
             return head.id
         return None
+
+    def _journal_changes(self) -> None:
+        """Hand this call's removals and promotions to the journal, in one write."""
+        gone, promoted, self._gone, self._promoted = self._gone, self._promoted, [], []
+        if self.journal is not None and (gone or promoted):
+            self.journal.changed(gone, promoted)
 
     # -- API --
     def create(self) -> Tuple[str, int]:
@@ -325,10 +346,27 @@ class SessionQueue:
                 raise QueueFull("queue is full (%d sessions)" % self.max_length)
             sid = self.new_id()  # first: it may be slow (the first uuid4 imports uuid)
             now = self.clock.now()
-            self._sessions[sid] = Session(sid, now, now)
+            session = Session(sid, now, now)
+            if self.journal is not None:
+                self.journal.added(session)  # on disk first; if it fails nothing changed
+            self._sessions[sid] = session
             self._activate_head()
+            self._journal_changes()
             self._bump()
             return sid, len(self._sessions) - 1
+
+    def restore(self, saved: List[Tuple[str, float, Optional[float]]]) -> None:
+        """Start-up: the sessions a previous server saved, [(id, seconds since created,
+        seconds since activated or None)] in queue order. Each gets a full timeout from now;
+        only the head can be active (promoted now if it was not)."""
+        with self.lock:
+            now = self.clock.now()
+            for i, (sid, created_ago, activated_ago) in enumerate(saved):
+                activated = None if i > 0 or activated_ago is None else now - activated_ago
+                self._sessions[sid] = Session(sid, now - created_ago, now, activated)
+            self._activate_head()
+            self._journal_changes()
+            self._bump()
 
     def state(self, sid: str, touch: bool = True) -> Tuple[str, int]:
         with self.lock:
@@ -400,7 +438,9 @@ class SessionQueue:
             self._session(sid)
             was_active = next(iter(self._sessions)) == sid
             del self._sessions[sid]
+            self._gone.append(sid)
             promoted = self._activate_head()
+            self._journal_changes()
             self._bump()
             return was_active, promoted
 
@@ -415,8 +455,10 @@ class SessionQueue:
                     dead.append((s.id, i == 0))
             for sid, _ in dead:
                 del self._sessions[sid]
+                self._gone.append(sid)
             if dead:
                 self._activate_head()
+                self._journal_changes()
                 self._bump()
             return dead
 
@@ -491,62 +533,26 @@ def process_stat(pid: int) -> Optional[Tuple[str, int, int]]:
 
 
 class NetlabProcessRecords:
-    """One small JSON file per running netlab command in ``directory`` (<state-dir>/netlab-procs):
-    its process group, pid and start time. A server killed with SIGKILL leaves its netlab
-    commands running (each in its own process group); the next server kills them before it
-    cleans their lab dirs. The start time tells a reused pid from ours."""
+    """The running netlab commands (pid, process group, start time) in the state database (5a).
 
-    def __init__(self, directory: str):
-        self.directory = directory
-        me = process_stat(os.getpid())
-        self.server = [os.getpid(), me[2] if me else None]  # pid and start time: who wrote it
+    A server killed with SIGKILL leaves its netlab commands running (each in its own process
+    group); the next server kills them before it cleans their lab dirs. The start time tells a
+    reused pid from ours.
+    """
 
-    def _path(self, pid: int) -> str:
-        return os.path.join(self.directory, "%d.json" % pid)
+    def __init__(self, store: Optional["StateStore"] = None):
+        self.store = store  # None: not recorded
 
     def add(self, proc: "subprocess.Popen", verb: str, cwd: str) -> None:
+        if self.store is None:
+            return
         stat = process_stat(proc.pid)
-        record = {"pid": proc.pid, "pgid": proc.pid,  # start_new_session: it leads its group
-                  "start_time": stat[2] if stat else None, "verb": verb, "cwd": cwd,
-                  "server": self.server}
-        tmp = self._path(proc.pid) + ".tmp"
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, self._path(proc.pid))  # atomic: a crash leaves no half record
-        except OSError as e:  # a full disk must not fail the command itself
-            log.warning("cannot record netlab process %d in %s: %s", proc.pid, self.directory, e)
+        self.store.add_proc({"pid": proc.pid, "pgid": proc.pid,  # start_new_session: it leads
+                             "start_time": stat[2] if stat else None, "verb": verb, "cwd": cwd})
 
     def remove(self, pid: int) -> None:
-        self._unlink(self._path(pid))
-
-    @staticmethod
-    def _unlink(path: str) -> None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-    def leftovers(self) -> List[dict]:
-        """The records of earlier servers (this one's own commands excluded)."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except OSError:
-            return []
-        records = []
-        for name in names:
-            path = os.path.join(self.directory, name)
-            try:
-                with open(path) as f:
-                    record = json.load(f)
-                pid, pgid = int(record["pid"]), int(record["pgid"])
-            except (OSError, ValueError, KeyError, TypeError):
-                self._unlink(path)  # half-written or unreadable: nothing to act on
-                continue
-            if record.get("server") != self.server:  # pid and start time: a reused pid is not us
-                records.append(dict(record, pid=pid, pgid=pgid, path=path))
-        return records
+        if self.store is not None:
+            self.store.remove_proc(pid)
 
     @staticmethod
     def _group_members(pgid: int) -> List[int]:
@@ -571,14 +577,20 @@ class NetlabProcessRecords:
                                      for p in members)
 
     def kill_leftovers(self, records: List[dict], grace: float = 3.0) -> None:
-        """SIGTERM each recorded group still alive, SIGKILL after ``grace``; drop the records."""
+        """Start-up: the records a previous server left (none of ours runs yet). SIGTERM each
+        group still alive, SIGKILL after ``grace``; drop the records."""
         for record in records:
+            try:
+                pid, pgid = int(record["pid"]), int(record["pgid"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            record = dict(record, pid=pid, pgid=pgid)
             if self._still_ours(record):
                 log.warning("killing netlab %s left running by a previous server (pid %d, "
-                            "process group %d, in %s)", record.get("verb", "?"), record["pid"],
-                            record["pgid"], record.get("cwd", "?"), extra={"ctx": "-"})
-                self._kill_group(record["pgid"], grace)
-            self._unlink(record["path"])
+                            "process group %d, in %s)", record.get("verb", "?"), pid, pgid,
+                            record.get("cwd", "?"), extra={"ctx": "-"})
+                self._kill_group(pgid, grace)
+            self.remove(pid)
 
     def _kill_group(self, pgid: int, grace: float) -> None:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
@@ -613,6 +625,7 @@ class NetlabRunner:
         self._running = {}  # type: Dict[int, Tuple[str, "subprocess.Popen"]]  # pid -> (verb, proc)
         self._running_lock = threading.Lock()
         self.records = records  # running commands on disk, for the next server after a crash
+        self.bin_dir = None  # type: Optional[str]  # put first on netlab's PATH (netlab_bin_dir)
 
     def abort(self) -> None:
         """Server shutdown: refuse new `up`s, kill the `up`/`inspect` runs in flight (whole group)
@@ -625,17 +638,18 @@ class NetlabRunner:
             kill_process_group(proc)
 
     def run(self, args: List[str], cwd: str, timeout: float, check: bool = True,
-            ctx: str = "-") -> Tuple[int, str]:
+            ctx: str = "-", answer: Optional[bytes] = None) -> Tuple[int, str]:
         """Run ``netlab ARGS`` in ``cwd``; return (returncode, stdout). stderr goes to the log.
 
-        Raises NetlabError on timeout, and on a non-zero exit when ``check`` is set. The hooks
-        hear of every command: its start, then its duration and error (a failure too).
+        stdin is closed, or gives ``answer`` (to a confirmation prompt) and then closes. Raises
+        NetlabError on timeout, and on a non-zero exit when ``check`` is set. The hooks hear of
+        every command: its start, then its duration and error (a failure too).
         """
         verb = args[0] if args else "?"
         self._report(self.on_start, verb)
         started = time.monotonic()
         try:
-            rc, out = self._run(verb, args, cwd, timeout, check, ctx)
+            rc, out = self._run(verb, args, cwd, timeout, check, ctx, answer)
         except NetlabError as e:
             self._report(self.on_done, verb, time.monotonic() - started, e.detail, ctx)
             raise
@@ -652,7 +666,7 @@ class NetlabRunner:
                 log.exception("netlab hook failed")
 
     def _run(self, verb: str, args: List[str], cwd: str, timeout: float, check: bool,
-             ctx: str) -> Tuple[int, str]:
+             ctx: str, answer: Optional[bytes]) -> Tuple[int, str]:
         import subprocess
         argv = self.command + list(args)
         shown = "netlab " + " ".join(shlex.quote(a) for a in args)
@@ -662,11 +676,20 @@ class NetlabRunner:
             raise NetlabError("%s refused: the server is stopping; retry once it is back"
                               % shown, aborted=True)
         try:
-            proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
+            env = None if not self.bin_dir else dict(
+                os.environ, PATH=self.bin_dir + os.pathsep + os.environ.get("PATH", os.defpath))
+            proc = subprocess.Popen(argv, cwd=cwd, env=env,
+                                    stdin=subprocess.DEVNULL if answer is None else subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     start_new_session=True)
         except OSError as e:
             raise NetlabError("cannot run %s: %s" % (shown, e)) from None
+        if answer is not None:
+            try:
+                proc.stdin.write(answer)  # a few bytes: the pipe buffer takes them at once
+            except OSError:
+                pass  # it exited before reading: its output says why
+            proc.stdin.close()
         tail = collections.deque(maxlen=OUTPUT_TAIL_LINES)
         stdout_chunks = []
         tail_lock = threading.Lock()
@@ -769,6 +792,64 @@ class NetlabRunner:
         args = ["down", "--cleanup"] + (["--force"] if force else [])
         self.run(args, labdir, self.timeout, ctx=ctx)
 
+    def registry(self, cwd: str) -> Optional[Dict[str, dict]]:
+        """netlab's instances (``status --all --format json``): id -> {"dir", "status", ...};
+        {} when none is registered, None when netlab could not say."""
+        try:
+            rc, out = self.run(["status", "--all", "--format", "json"], cwd,
+                               min(self.timeout, 60.0), check=False)
+        except NetlabError as e:
+            log.error("cannot read netlab's registry: %s", e, extra={"ctx": "-"})
+            return None
+        try:
+            data = json.loads(out)
+        except ValueError:
+            data = None
+        if rc != 0 or not isinstance(data, dict):
+            if "No netlab-managed labs" in out:
+                return {}
+            log.error("cannot read netlab's registry: netlab status exited %d: %s", rc,
+                      out.strip()[-300:] or "(no output)", extra={"ctx": "-"})
+            return None
+        return {str(k): v for k, v in data.items() if isinstance(v, dict)}
+
+    def cleanup_instance(self, instance: str, cwd: str) -> bool:
+        """``netlab status -i ID --cleanup``, its confirmation answered: netlab's own way to drop
+        an instance from its registry (it runs ``down --cleanup`` in the instance's dir)."""
+        try:
+            self.run(["status", "-i", instance, "--cleanup"], cwd, self.timeout, answer=b"y\n")
+            return True
+        except NetlabError as e:
+            log.warning("netlab could not clean its instance %s: %s", instance,
+                        e.detail.splitlines()[-1] if e.detail else e, extra={"ctx": "-"})
+            return False
+
+
+def netlab_bin_dir(state_dir: str, netlab: str) -> Optional[str]:
+    """A dir holding a ``netlab`` that runs ``netlab`` (the one we were given), to put first on
+    netlab's PATH: netlab runs its own sub-commands as ``netlab`` from PATH (``status
+    --cleanup`` runs ``netlab down``), which a venv's netlab is not on under systemd."""
+    bin_dir = os.path.join(state_dir, "bin")
+    wrapper = os.path.join(bin_dir, "netlab")
+    text = '#!/bin/sh\nexec %s "$@"\n' % shlex.quote(netlab)
+    try:
+        os.makedirs(bin_dir, exist_ok=True)
+        try:
+            with open(wrapper) as f:
+                current = f.read()
+        except OSError:
+            current = None
+        if current != text:
+            with open(wrapper + ".tmp", "w") as f:
+                f.write(text)
+            os.chmod(wrapper + ".tmp", 0o755)
+            os.replace(wrapper + ".tmp", wrapper)
+    except OSError as e:
+        log.warning("cannot write %s (%s): netlab's own sub-commands use the netlab on PATH",
+                    wrapper, e, extra={"ctx": "-"})
+        return None
+    return bin_dir
+
 
 def kill_process_group(proc: "subprocess.Popen", grace: float = 3.0) -> None:
     """SIGTERM the child's whole process group, SIGKILL whatever is left after ``grace``."""
@@ -821,6 +902,34 @@ class LabInfo:
     reusable: bool = False  # the last acquire used reuse=true
     warm_until: Optional[float] = None  # keep-warm deadline (the lab's clock)
     last_error: Optional[str] = None
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)  # uploaded name -> sha256
+
+
+def lab_record(info: LabInfo, clock: "Clock") -> dict:
+    """``info`` as the state database keeps it: the keep-warm deadline on the wall clock."""
+    record = dataclasses.asdict(info)
+    if info.warm_until is not None:
+        record["warm_until"] = time.time() + (info.warm_until - clock.now())
+    return record
+
+
+def lab_from_record(record: Optional[dict], clock: "Clock") -> Optional[LabInfo]:
+    """The LabInfo a ``lab_record`` describes (None: no record, or one that cannot be read)."""
+    if not record:
+        return None
+    names = {f.name for f in dataclasses.fields(LabInfo)}
+    try:
+        info = LabInfo(**{k: v for k, v in record.items() if k in names})
+        if info.warm_until is not None:
+            info.warm_until = clock.now() + (float(info.warm_until) - time.time())
+        info.ref_count = int(info.ref_count)
+        if not (isinstance(info.devices, list) and isinstance(info.files, dict)):
+            raise TypeError("devices or files")
+    except (TypeError, ValueError) as e:
+        log.warning("state database: cannot read the lab's record (%s); ignored", e,
+                    extra={"ctx": "-"})
+        return None
+    return info
 
 
 # -- 4.1 the planner: what to do, from the lab's state and the request alone (no I/O) ----------
@@ -870,6 +979,48 @@ def warm_lab_expired(lab: LabInfo, now: float, holder_active: bool) -> bool:
             and lab.ref_count == 0 and not holder_active)
 
 
+@dataclasses.dataclass
+class RestorePlan:
+    adopt: Optional[LabInfo]  # the saved lab, which netlab still runs: kept as it is
+    lost: Optional[str]  # why the saved running lab is not adopted
+    stale_instances: List[str]  # netlab instances registered in our labs dir to clean
+    dirs: List[str]  # lab dirs to tear down and remove
+
+
+def plan_restore(saved: Optional[LabInfo], registry: Optional[Dict[str, dict]], dirs: List[str],
+                 labs_dir: str, fingerprint_now: Optional[str]) -> RestorePlan:
+    """Start-up: what to do with the lab a previous server saved, from what netlab runs
+    (``registry``: instance id -> entry, None if netlab could not say), the lab ``dirs`` there
+    are and the fingerprint of the saved lab's files as they are now (None: gone, or netlab's
+    snapshot is)."""
+    adopt = lost = None
+    if saved is not None and saved.state == RUNNING:
+        started = any(same_path(e.get("dir"), saved.workdir) and e.get("status") == "started"
+                      for e in (registry or {}).values())
+        if registry is None:
+            lost = "netlab could not tell whether it still runs"
+        elif not started:
+            lost = "netlab no longer runs it"
+        elif fingerprint_now is None:
+            lost = "its dir or netlab's snapshot in it is gone"
+        elif fingerprint_now != saved.fingerprint:
+            lost = "its files changed"
+        else:
+            adopt = saved
+    keep = adopt.workdir if adopt else None
+    stale = [iid for iid, entry in sorted((registry or {}).items())
+             if is_inside(entry.get("dir"), labs_dir) and not same_path(entry.get("dir"), keep)]
+    return RestorePlan(adopt, lost, stale, [d for d in dirs if not same_path(d, keep)])
+
+
+def same_path(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def is_inside(path: Optional[str], directory: str) -> bool:
+    return bool(path) and os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+
 # -- 4.2 the executor: netlab up/inspect/down in the lab dirs, and the dirs it could not clean -
 
 NETLAB_SNAPSHOT = "netlab.snapshot.pickle"  # netlab's record of a lab, in the lab's dir
@@ -884,12 +1035,14 @@ class LabExecutor:
     ``unclean`` (netlab can only clean a lab from its dir) and retried with a backoff.
     """
 
-    def __init__(self, runner: NetlabRunner, clock: Clock, retry_first: float):
+    def __init__(self, runner: NetlabRunner, clock: Clock, retry_first: float,
+                 on_unclean: Optional[Callable[[str, Optional[int]], None]] = None):
         self.runner = runner
         self.clock = clock
         self.retry_first = retry_first
         self.lock = threading.Lock()  # guards ``unclean``
         self.unclean = {}  # type: Dict[str, Tuple[int, float]]  # dir -> (attempts, next retry)
+        self.on_unclean = on_unclean  # (dir, failed attempts or None once cleaned): to disk
 
     def start(self, workdir: str, topology: str, ctx: str) -> List[dict]:
         """``netlab up`` then the devices; on any failure the dir is cleaned and the error
@@ -925,6 +1078,8 @@ class LabExecutor:
             attempts = self.unclean.get(workdir, (0, 0.0))[0] + 1
             delay = min(UNCLEAN_RETRY_MAX, self.retry_first * 2 ** (attempts - 1))
             self.unclean[workdir] = (attempts, self.clock.now() + delay)
+        if self.on_unclean is not None:
+            self.on_unclean(workdir, attempts)
         log.error("netlab still knows the lab in %s: keeping that dir, `netlab down --cleanup "
                   "--force` will be retried before the next `up` and every %.0f s (attempt %d)",
                   workdir, delay, attempts, extra={"ctx": ctx})
@@ -951,8 +1106,11 @@ class LabExecutor:
 
     def _forget_unclean(self, workdir: str) -> None:
         with self.lock:
-            if self.unclean.pop(workdir, None) is not None:
-                log.info("lab dir %s finally cleaned", workdir, extra={"ctx": "-"})
+            if self.unclean.pop(workdir, None) is None:
+                return
+        log.info("lab dir %s finally cleaned", workdir, extra={"ctx": "-"})
+        if self.on_unclean is not None:
+            self.on_unclean(workdir, None)
 
     def retry_due(self) -> bool:
         """Some kept dir's retry time came."""
@@ -968,20 +1126,41 @@ class LabExecutor:
         for d in dirs:
             self.teardown(d, ctx, force=True)
 
-    def leftovers(self, labs_dir: str) -> Tuple[List[str], List[dict]]:
-        """What a crashed predecessor left: lab dirs, and records of netlab commands it ran."""
+    @staticmethod
+    def lab_dirs(labs_dir: str) -> List[str]:
         try:
             dirs = [os.path.join(labs_dir, d) for d in sorted(os.listdir(labs_dir))]
         except FileNotFoundError:
-            dirs = []
-        records = self.runner.records
-        return ([d for d in dirs if os.path.isdir(d)],
-                records.leftovers() if records is not None else [])
+            return []
+        return [d for d in dirs if os.path.isdir(d)]
 
-    def clean_leftovers(self, dirs: List[str], orphans: List[dict]) -> None:
-        if orphans:  # netlab still running in a dir must die before the dir goes
+    def kill_orphans(self, orphans: List[dict]) -> None:
+        """netlab commands a killed predecessor left running die before their dirs are looked at."""
+        if orphans and self.runner.records is not None:
             self.runner.records.kill_leftovers(orphans)
-        for d in dirs:
+
+    def keep_unclean(self, attempts: Dict[str, int]) -> None:
+        """Start-up: the kept dirs' failed attempts so far (their retries go on from there)."""
+        with self.lock:
+            for d, n in attempts.items():
+                if os.path.isdir(d):
+                    self.unclean[d] = (n, self.clock.now())
+
+    @staticmethod
+    def fingerprint_now(info: Optional[LabInfo]) -> Optional[str]:
+        """The saved lab's fingerprint from its files now; None without netlab's snapshot."""
+        if info is None or not info.workdir or not info.topology or \
+                not os.path.exists(os.path.join(info.workdir, NETLAB_SNAPSHOT)):
+            return None
+        return fingerprint_on_disk(info.workdir, info.topology, info.files)
+
+    def clean_leftovers(self, plan: RestorePlan, labs_dir: str) -> None:
+        """netlab's stale instances in our labs dir (its own cleanup), then the leftover dirs."""
+        for instance in plan.stale_instances:
+            log.warning("netlab instance %s is registered in our labs dir but not ours to keep: "
+                        "netlab status -i %s --cleanup", instance, instance, extra={"ctx": "-"})
+            self.runner.cleanup_instance(instance, labs_dir)
+        for d in plan.dirs:
             log.warning("cleaning up lab dir left from a previous run: %s", d, extra={"ctx": "-"})
             self.teardown(d, "-", force=True)
 
@@ -993,17 +1172,28 @@ class Lab:
     """The one lab of this host. Transitions happen under ``cond``; netlab runs outside it."""
 
     def __init__(self, runner: NetlabRunner, settings: Settings,
-                 is_active: Callable[[str], bool], clock=None):
+                 is_active: Callable[[str], bool], clock=None,
+                 store: Optional["StateStore"] = None):
         self.runner = runner
         self.settings = settings
         self.is_active = is_active
         self.clock = as_clock(clock)
         self.cond = threading.Condition()
         self.info = LabInfo()
+        self.store = store  # every change of ``info`` is written there (5a)
+        self._saved = LabInfo()  # what the store holds
         self.teardowns = []  # type: List[threading.Thread]
         # short timeouts (tests) shorten the first retry too, as they do the housekeeping cadence
         retry_first = max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0))
-        self.netlab = LabExecutor(runner, self.clock, retry_first)
+        self.netlab = LabExecutor(runner, self.clock, retry_first,
+                                  store.save_unclean if store is not None else None)
+
+    def _save_locked(self) -> None:
+        """Write ``info`` to the store if it changed (``cond`` held: in the order of changes)."""
+        if self.store is None or self.info == self._saved:
+            return
+        self._saved = dataclasses.replace(self.info)
+        self.store.save_lab(lab_record(self.info, self.clock))
 
     @property
     def unclean(self) -> Dict[str, Tuple[int, float]]:
@@ -1036,9 +1226,12 @@ class Lab:
                 raise LabBusy(plan.reason)
             if plan.action == REUSE:
                 upload.discard()
-                return True, self._reuse_locked(sid, ctx)
+                devices = self._reuse_locked(sid, ctx)
+                self._save_locked()
+                return True, devices
             old_workdir = self.info.workdir if plan.action == REPLACE else None
             self.info = LabInfo(state=STOPPING if old_workdir else STARTING)
+            self._save_locked()
         if old_workdir:
             log.info("tearing down idle lab: %s", plan.reason, extra={"ctx": ctx})
             self._replace(sid, upload, old_workdir, ctx)
@@ -1064,6 +1257,7 @@ class Lab:
         with self.cond:
             gone = not self.is_active(sid)  # it ended during that teardown
             self.info.state = STOPPED if gone else STARTING
+            self._save_locked()
             self.cond.notify_all()
         if gone:
             upload.discard()
@@ -1078,12 +1272,14 @@ class Lab:
             failed = LabInfo(last_error=e.detail) if isinstance(e, NetlabError) else LabInfo()
             with self.cond:
                 self.info = failed
+                self._save_locked()
                 self.cond.notify_all()
             raise
         with self.cond:
             self.info = LabInfo(state=RUNNING, workdir=upload.workdir, topology=upload.topology,
                                 fingerprint=upload.fingerprint, ref_count=1, devices=devices,
-                                holder=sid, reusable=reuse)
+                                holder=sid, reusable=reuse, files=dict(upload.files))
+            self._save_locked()
             self.cond.notify_all()
             # the session ended while netlab was working: drop its reference before an acquire
             # waiting for this `up` sees the lab (held by nobody, it would still look busy)
@@ -1097,6 +1293,7 @@ class Lab:
             if self.info.state != RUNNING:
                 raise NoLab("no lab is running")
             self.info.ref_count = max(0, self.info.ref_count - 1)
+            self._save_locked()
             log.info("lab released (ref count %d)", self.info.ref_count,
                      extra={"ctx": log_context(sid, self.info.topology)})
             return self.info.ref_count
@@ -1125,6 +1322,7 @@ class Lab:
             ctx = log_context(sid, i.topology)
             if action == KEEP_WARM:
                 i.warm_until = self.clock.now() + self.settings.keep_warm
+                self._save_locked()
                 log.info("session ended; keeping the lab warm for %.0f s", self.settings.keep_warm,
                          extra={"ctx": ctx})
                 return
@@ -1142,6 +1340,7 @@ class Lab:
         workdir = self.info.workdir
         log.info("tearing down lab (%s)", reason, extra={"ctx": ctx})
         self.info = LabInfo(state=STOPPING)
+        self._save_locked()
         self.cond.notify_all()
 
         self._stop_in_background("lab-teardown", lambda: self.netlab.teardown(workdir, ctx))
@@ -1155,6 +1354,7 @@ class Lab:
                 with self.cond:
                     if self.info.state == STOPPING:
                         self.info.state = STOPPED
+                        self._save_locked()
                     self.cond.notify_all()
 
         t = threading.Thread(target=run, name=name, daemon=True)
@@ -1171,6 +1371,7 @@ class Lab:
             if self.info.state != STOPPED or not self.netlab.retry_due():
                 return
             self.info = LabInfo(state=STOPPING)  # a new `up` waits for this, as for any teardown
+            self._save_locked()
         self._stop_in_background("lab-retry-teardown",
                                  lambda: self.netlab.retry_unclean(due_only=True))
 
@@ -1187,34 +1388,62 @@ class Lab:
             t.join(max(0.0, deadline - self.clock.now()))
         return True
 
-    def shutdown(self) -> None:
-        """Server stop: tear down whatever runs, synchronously."""
+    def shutdown(self, teardown: bool) -> None:
+        """Server stop, once netlab's `up`s were aborted: wait for what is under way; then, with
+        ``teardown``, tear down whatever runs, synchronously. Without, a running lab stays up
+        (on disk: the next start adopts it)."""
         self.wait_idle(self.settings.up_timeout)
+        if not teardown:
+            return
         with self.cond:
             workdir = self.info.workdir if self.info.state == RUNNING else None
             self.info = LabInfo(state=STOPPING if workdir else STOPPED)
+            self._save_locked()
         if workdir:
             self.netlab.teardown(workdir, log_context(None, None))
         self.netlab.retry_unclean()  # what still fails stays for the next start's clean-up
         with self.cond:
             self.info = LabInfo()
+            self._save_locked()
 
-    def startup_cleanup(self) -> None:
-        """Lab dirs left by a crashed predecessor: ``down --cleanup --force`` each, then remove.
-
-        First the netlab commands it left running (NetlabProcessRecords) are killed, so none
-        works on in a dir being removed.
-
-        netlab registers the ``default`` instance even when ``up`` fails; it must be cleaned in
-        its directory before that directory is deleted, or the next ``up`` fails.
-        """
-        dirs, orphans = self.netlab.leftovers(self.settings.labs_dir)
-        if not dirs and not orphans:
-            return
+    def restore(self, saved: Optional[dict], unclean: Dict[str, int],
+                orphans: List[dict]) -> RestorePlan:
+        """Start-up: the netlab commands a previous server left running are killed; if it left
+        a lab or lab dirs, netlab is asked what it runs: the saved lab, still started in its
+        dir with the same files, is adopted as it was (devices, ref count, holder); anything
+        else in the labs dir is cleaned (netlab's stale instances first), in the background
+        unless a lab was adopted."""
+        self.netlab.kill_orphans(orphans)
+        info = lab_from_record(saved, self.clock)
+        labs_dir = self.settings.labs_dir
+        dirs = self.netlab.lab_dirs(labs_dir)
+        if not dirs and (info is None or info.state != RUNNING):
+            return RestorePlan(None, None, [], [])
+        registry = self.runner.registry(labs_dir)
+        plan = plan_restore(info, registry, dirs, labs_dir, self.netlab.fingerprint_now(info))
+        self.netlab.keep_unclean(unclean)
         with self.cond:
-            self.info = LabInfo(state=STOPPING)
-        self._stop_in_background("startup-cleanup",
-                                 lambda: self.netlab.clean_leftovers(dirs, orphans))
+            if plan.adopt is not None:
+                self.info = plan.adopt
+            else:
+                self.info = LabInfo(state=STOPPING if (plan.dirs or plan.stale_instances)
+                                    else STOPPED, last_error=self._lost_error(info, plan))
+            self._save_locked()
+        if plan.adopt is not None:
+            self.netlab.clean_leftovers(plan, labs_dir)  # rare: a crash in a replace
+        elif plan.dirs or plan.stale_instances:
+            self._stop_in_background("startup-cleanup",
+                                     lambda: self.netlab.clean_leftovers(plan, labs_dir))
+        return plan
+
+    @staticmethod
+    def _lost_error(info: Optional[LabInfo], plan: RestorePlan) -> Optional[str]:
+        if plan.lost is None:
+            return None
+        text = "the lab %s was lost in a restart: %s" % (info.topology, plan.lost)
+        log.warning("%s; cleaning it up", text, extra={"ctx": log_context(info.holder,
+                                                                          info.topology)})
+        return text
 
 
 # ============================================================================================
@@ -1280,6 +1509,35 @@ def netlab_topology_name(name: str) -> str:
     return name
 
 
+def lab_fingerprint(topology: str, files: Dict[str, str]) -> str:
+    """SHA-256 hex over the topology's name and content hash, then each extra file's (sorted
+    by name); ``files``: relative name -> SHA-256 hex of its content, the topology's included."""
+    import hashlib
+    h = hashlib.sha256()
+    h.update(b"topology\0" + topology.encode() + b"\0" + files[topology].encode())
+    for name in sorted(files):
+        if name != topology:
+            h.update(b"extra\0" + name.encode() + b"\0" + files[name].encode())
+    return h.hexdigest()
+
+
+def fingerprint_on_disk(workdir: str, topology: str, files: Dict[str, str]) -> Optional[str]:
+    """The fingerprint of the uploaded ``files`` as they are in ``workdir`` now (None: one is
+    missing or unreadable)."""
+    import hashlib
+    now = {}
+    for name in files:
+        digest = hashlib.sha256()
+        try:
+            with open(os.path.join(workdir, *name.split("/")), "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    digest.update(chunk)
+        except OSError:
+            return None
+        now[name] = digest.hexdigest()
+    return lab_fingerprint(topology, now) if topology in now else None
+
+
 class Upload:
     """The files of one POST /lab, written into a fresh work dir as they stream in."""
 
@@ -1294,13 +1552,7 @@ class Upload:
     def finish(self):
         if not self.topology:
             raise BadRequest("missing file field 'topology' (a .yml/.yaml file)")
-        import hashlib
-        h = hashlib.sha256()
-        h.update(b"topology\0" + self.topology.encode() + b"\0" + self.files[self.topology].encode())
-        for name in sorted(self.files):
-            if name != self.topology:
-                h.update(b"extra\0" + name.encode() + b"\0" + self.files[name].encode())
-        self.fingerprint = h.hexdigest()
+        self.fingerprint = lab_fingerprint(self.topology, self.files)
 
     def discard(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -1537,7 +1789,309 @@ def parse_bool(value: str, what: str) -> bool:
 
 
 # ============================================================================================
-# 5a. Endpoint declarations: one @endpoint per handler; the dispatch table and /openapi.json
+# 5a. Durable state: one SQLite database (WAL) in the state dir, written change by change
+# ============================================================================================
+
+STATE_DB_NAME = "state.db"
+STATE_SCHEMA_VERSION = 1
+STATE_EVENTS_KEPT = 200  # the recent event log kept on disk (as in memory: EVENT_LIMIT)
+STATE_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- the queue order
+    id TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,                  -- wall clock (Unix seconds)
+    activated REAL,                         -- wall clock; NULL while waiting
+    meta TEXT NOT NULL DEFAULT '{}');       -- JSON: who and why, as sessions carry it
+CREATE TABLE IF NOT EXISTS lab (slot INTEGER PRIMARY KEY, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unclean_dirs (dir TEXT PRIMARY KEY, attempts INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS netlab_procs (pid INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, time REAL NOT NULL,
+    kind TEXT NOT NULL, text TEXT NOT NULL, detail TEXT);
+"""
+
+
+class StateWriteError(Exception):
+    """A change that must be on disk before it is answered could not be written (503)."""
+
+
+class UnusableState(Exception):
+    """The database is there but cannot serve as our state (corrupt, newer schema, ...)."""
+
+
+@dataclasses.dataclass
+class SavedState:
+    """What a previous server left in the database."""
+    sessions: List[Tuple[str, float, Optional[float], dict]]  # (id, created, activated, meta),
+    #                                                          queue order, wall clock
+    lab: Optional[dict]  # LabInfo fields as saved (Lab.restore reads them)
+    unclean: Dict[str, int]  # kept lab dir -> failed teardowns so far
+    procs: List[dict]  # records of netlab commands that were running
+    events: List[dict]  # the recent event log, oldest first
+    counters: Dict[str, int]  # restarts_after_crash, sessions_restored, labs_adopted, ...
+    previous_exit: Optional[str] = None  # "stop", "reload"; "running": it never stopped cleanly
+
+    @property
+    def empty(self) -> bool:
+        return not (self.sessions or self.lab or self.unclean or self.procs)
+
+
+class StateStore:
+    """The server's state on disk: ``<state-dir>/state.db`` (SQLite, WAL).
+
+    One row per session, per lab, per kept lab dir, per running netlab command, per recent
+    event: a change writes its rows and nothing else, so its cost does not grow with the queue.
+    Sessions, the lab and netlab's processes are committed with a full sync before the answer
+    that reports them; events without one (a crash may lose the last few). Heartbeat times are
+    never written: a restored session gets a full timeout from the start-up anyway.
+
+    A write that fails (full disk, ...) is logged once per streak and counted; only
+    ``add_session`` raises (StateWriteError: the client gets 503, nothing is queued).
+    """
+
+    def __init__(self, path: Optional[str]):
+        import sqlite3
+        self.sqlite3 = sqlite3
+        self.path = path  # None: in memory (the state dir is unusable)
+        self.lock = threading.Lock()
+        self.write_errors = 0
+        self._failing = False
+        self._durable = None  # type: Optional[bool]  # the synchronous mode set now
+        self.db = sqlite3.connect(path or ":memory:", timeout=10, isolation_level=None,
+                                  check_same_thread=False)
+        try:
+            self._prepare()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _prepare(self) -> None:
+        db = self.db
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise UnusableState("integrity check failed")
+        if self.path and db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            log.warning("state database %s: WAL mode unavailable here", self.path)
+        db.executescript(STATE_TABLES)
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STATE_SCHEMA_VERSION),))
+        elif int(row[0]) > STATE_SCHEMA_VERSION:
+            raise UnusableState("written by a newer remote-lab (schema %s, this one reads %d)"
+                                % (row[0], STATE_SCHEMA_VERSION))
+
+    @classmethod
+    def open(cls, state_dir: str) -> Tuple["StateStore", bool]:
+        """(the store, whether a database was there). One that cannot be used is moved aside
+        (``state.db.corrupt-<time>``) with an ERROR and a clean one started; if even that
+        fails the state is kept in memory only. Never raises: a server never refuses to start
+        because of its own state."""
+        import sqlite3
+        path = os.path.join(state_dir, STATE_DB_NAME)
+        existed = os.path.exists(path)
+        try:
+            return cls(path), existed
+        except (sqlite3.Error, UnusableState, OSError, ValueError) as e:
+            problem = e
+        moved = move_aside(path) if existed else None
+        if moved:
+            log.error("state database %s is unusable (%s): moved aside to %s; starting with a "
+                      "clean state", path, problem, moved, extra={"ctx": "-"})
+        try:
+            return cls(path), False
+        except (sqlite3.Error, UnusableState, OSError) as e:
+            log.error("cannot use a state database in %s (%s; first problem: %s): the state "
+                      "is kept in memory only and will not survive a restart", state_dir, e,
+                      problem, extra={"ctx": "-"})
+            return cls(None), False
+
+    # -- writing --
+    def _write(self, statements, durable: bool = True, must: bool = False) -> bool:
+        """Run ``statements`` [(sql, args)] in one transaction; False (or StateWriteError with
+        ``must``) when it failed."""
+        sqlite3 = self.sqlite3
+        with self.lock:
+            try:
+                if durable is not self._durable:  # events need no sync of their own
+                    self.db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))
+                    self._durable = durable
+                if len(statements) == 1:
+                    self.db.execute(*statements[0])
+                else:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    for sql, args in statements:
+                        self.db.execute(sql, args)
+                    self.db.execute("COMMIT")
+                if self._failing:
+                    log.info("state database written again", extra={"ctx": "-"})
+                self._failing = False
+                return True
+            except sqlite3.Error as e:
+                if self.db.in_transaction:
+                    try:
+                        self.db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                self.write_errors += 1
+                if not self._failing:
+                    log.error("cannot write the state database %s: %s", self.path, e,
+                              extra={"ctx": "-"})
+                self._failing = True
+                if must:
+                    raise StateWriteError("cannot save the state (%s): %s" % (self.path, e))
+                return False
+
+    def add_session(self, sid: str, created: float, meta: Optional[dict] = None) -> None:
+        self._write([("INSERT INTO sessions (id, created, meta) VALUES (?, ?, ?)",
+                      (sid, created, json.dumps(meta or {})))], must=True)
+
+    def update_sessions(self, removed=(), activated=()) -> None:
+        """One queue operation: sessions ``removed`` [id], ``activated`` [(id, wall time)]."""
+        statements = [("DELETE FROM sessions WHERE id = ?", (sid,)) for sid in removed]
+        statements += [("UPDATE sessions SET activated = ? WHERE id = ?", (when, sid))
+                       for sid, when in activated]
+        if statements:
+            self._write(statements)
+
+    def clear_sessions(self) -> None:
+        self._write([("DELETE FROM sessions", ())])
+
+    def save_lab(self, info: Optional[dict], slot: int = 1) -> None:
+        if info is None:
+            self._write([("DELETE FROM lab WHERE slot = ?", (slot,))])
+        else:
+            self._write([("INSERT OR REPLACE INTO lab VALUES (?, ?)", (slot, json.dumps(info)))])
+
+    def save_unclean(self, workdir: str, attempts: Optional[int]) -> None:
+        """A lab dir kept for a retried teardown (``attempts`` so far), or gone (None)."""
+        if attempts is None:
+            self._write([("DELETE FROM unclean_dirs WHERE dir = ?", (workdir,))])
+        else:
+            self._write([("INSERT OR REPLACE INTO unclean_dirs VALUES (?, ?)",
+                          (workdir, attempts))])
+
+    def add_proc(self, record: dict) -> None:
+        self._write([("INSERT OR REPLACE INTO netlab_procs VALUES (?, ?)",
+                      (record["pid"], json.dumps(record)))])
+
+    def remove_proc(self, pid: int) -> None:
+        self._write([("DELETE FROM netlab_procs WHERE pid = ?", (pid,))])
+
+    def add_event(self, event: dict) -> None:
+        self._write([("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)",
+                      (event["seq"], event["time"], event["kind"], event["text"],
+                       event["detail"])),
+                     ("DELETE FROM events WHERE seq <= ?", (event["seq"] - STATE_EVENTS_KEPT,))],
+                    durable=False)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write([("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))])
+
+    def counters(self) -> Dict[str, int]:
+        """The counters kept over the state dir's life (restarts, labs adopted, ...)."""
+        with self.lock:
+            rows = self.db.execute("SELECT key, value FROM meta").fetchall()
+        return _counters(rows)
+
+    def bump(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``key`` (restarts, labs_adopted, ...)."""
+        self._write([("INSERT OR IGNORE INTO meta VALUES (?, '0')", (key,)),
+                     ("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = ?",
+                      (n, key))])
+
+    # -- reading --
+    def load(self) -> SavedState:
+        """Everything saved; rows that cannot be read are skipped with a WARNING."""
+        with self.lock:
+            rows = {name: self.db.execute(sql).fetchall() for name, sql in (
+                ("sessions", "SELECT id, created, activated, meta FROM sessions ORDER BY seq"),
+                ("lab", "SELECT info FROM lab ORDER BY slot"),
+                ("unclean", "SELECT dir, attempts FROM unclean_dirs"),
+                ("procs", "SELECT record FROM netlab_procs ORDER BY pid"),
+                ("events", "SELECT seq, time, kind, text, detail FROM events ORDER BY seq"),
+                ("meta", "SELECT key, value FROM meta"))}
+        sessions = [(sid, float(created), None if activated is None else float(activated),
+                     _json_object(meta, "session %s" % sid))
+                    for sid, created, activated, meta in rows["sessions"]]
+        labs = [_json_object(info, "the lab") for (info,) in rows["lab"]]
+        return SavedState(
+            sessions=sessions, lab=(labs[0] or None) if labs else None,
+            unclean={d: int(n) for d, n in rows["unclean"]},
+            procs=[r for r in (_json_object(rec, "a netlab process") for (rec,) in rows["procs"])
+                   if r],
+            events=[{"seq": seq, "time": t, "kind": kind, "text": text, "detail": detail}
+                    for seq, t, kind, text, detail in rows["events"]],
+            counters=_counters(rows["meta"]), previous_exit=dict(rows["meta"]).get("exit"))
+
+    def close(self) -> None:
+        with self.lock:
+            try:
+                self.db.close()  # the last connection: the WAL is checkpointed and removed
+            except self.sqlite3.Error as e:
+                log.warning("closing the state database: %s", e, extra={"ctx": "-"})
+
+
+def _counters(meta_rows) -> Dict[str, int]:
+    counters = {}
+    for key, value in meta_rows:
+        if key not in ("schema", "exit"):
+            try:
+                counters[key] = int(value)
+            except ValueError:
+                pass
+    return counters
+
+
+def _json_object(text: str, what: str) -> dict:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        log.warning("state database: cannot read the record of %s; ignored", what,
+                    extra={"ctx": "-"})
+        return {}
+    return value
+
+
+def move_aside(path: str) -> Optional[str]:
+    """Rename ``path`` (and its -wal file) to ``<path>.corrupt-<time>``; the new name, or None."""
+    target = "%s.corrupt-%s" % (path, time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        os.replace(path, target)
+    except OSError as e:
+        log.error("cannot move %s aside: %s", path, e, extra={"ctx": "-"})
+        return None
+    for suffix in ("-wal", "-shm"):
+        try:
+            if suffix == "-wal":
+                os.replace(path + suffix, target + suffix)
+            else:
+                os.unlink(path + suffix)
+        except OSError:
+            pass
+    return target
+
+
+class QueueJournal:
+    """Writes what the SessionQueue changes to the store, in the queue's call (lock held), with
+    the queue's clock turned into the wall clock."""
+
+    def __init__(self, store: StateStore, clock: "Clock"):
+        self.store = store
+        self.clock = clock
+
+    def _wall(self, t: float) -> float:
+        return time.time() - (self.clock.now() - t)
+
+    def added(self, session: "Session") -> None:
+        self.store.add_session(session.id, self._wall(session.created))  # StateWriteError
+
+    def changed(self, removed: List[str], activated: List["Session"]) -> None:
+        self.store.update_sessions(removed, [(s.id, self._wall(s.activated)) for s in activated])
+
+
+# ============================================================================================
+# 5b. Endpoint declarations: one @endpoint per handler; the dispatch table and /openapi.json
 #     are both built from them (App.endpoints)
 # ============================================================================================
 
@@ -1699,11 +2253,19 @@ class EventLog:
     listed right after the next event recorded with ``cause=True``; /status shows them meanwhile.
     """
 
-    def __init__(self, limit: int = EVENT_LIMIT):
+    def __init__(self, limit: int = EVENT_LIMIT, store: Optional["StateStore"] = None):
         self.events = collections.deque(maxlen=limit)  # type: collections.deque
         self.lock = threading.Lock()
         self.total = 0  # events recorded so far (the newest one's ``seq``)
         self._pending = []  # type: List[dict]
+        self.store = store  # each event is written there too (5a)
+
+    def restore(self, saved: List[dict]) -> None:
+        """Start-up: the recent events a previous server saved (oldest first)."""
+        with self.lock:
+            for event in saved:
+                self.events.append(event)
+                self.total = max(self.total, event["seq"])
 
     def record(self, kind: str, text: str, detail: Optional[str] = None,
                cause: bool = False) -> None:
@@ -1723,6 +2285,8 @@ class EventLog:
         self.total += 1
         event["seq"] = self.total
         self.events.append(event)
+        if self.store is not None:
+            self.store.add_event(event)
 
     def _flush_locked(self) -> None:
         while self._pending:
@@ -1754,6 +2318,13 @@ class EventLog:
     def waiter_dropped(self, sid: str, why: str) -> None:
         self.defer("expired", "waiting session %s expired (%s)" % (sid[:SHORT_ID], why))
 
+    def restarted(self, sessions: int, plan: "RestorePlan", was: str) -> None:
+        """The start-up found a previous server's state (``was``: how that one ended)."""
+        lab = ("the lab %s adopted" % plan.adopt.topology if plan.adopt is not None
+               else "the lab lost (%s)" % plan.lost if plan.lost else "no lab")
+        self.record("restart", "restarted after %s; %d session%s restored, %s"
+                    % (was, sessions, "" if sessions == 1 else "s", lab))
+
     def netlab_done(self, verb: str, seconds: float, error: Optional[str], ctx: str) -> None:
         where = "" if ctx in ("-", "", None) else " [%s]" % ctx
         if error:
@@ -1767,7 +2338,8 @@ class EventLog:
 class Metrics:
     """The server's counters and histograms, bumped from any thread; /metrics shows them."""
 
-    def __init__(self):
+    def __init__(self, store: Optional["StateStore"] = None):
+        self.store = store  # the counters kept over restarts (restarts, labs adopted, ...)
         self.counters = Counts()  # sessions_created, sessions_ended, sessions_expired, upload_bytes
         self.netlab_calls = Counts()  # verb -> commands run
         self.netlab_failures = Counts()  # verb -> commands that failed or timed out
@@ -1992,6 +2564,8 @@ def error_response(error: Exception, method: str, path: str) -> Response:
         status, detail, headers = 404, str(error), ()
     elif isinstance(error, QueueFull):
         status, detail, headers = 429, str(error), ()
+    elif isinstance(error, StateWriteError):  # e.g. a full disk: nothing was queued
+        status, detail, headers = 503, str(error), ()
     elif isinstance(error, NetlabError) and error.aborted:  # the server stops: not a failure
         status, detail, headers = 503, error.detail, (("Retry-After", RETRY_AFTER_RESTART),)
     elif isinstance(error, NetlabError):
@@ -2161,24 +2735,65 @@ class RequestGuard:
 class App:
     """The server's state and request logic; the handler only speaks HTTP."""
 
-    def __init__(self, settings: Settings, notifier: Optional["SystemdNotifier"] = None):
+    def __init__(self, settings: Settings, notifier: Optional["SystemdNotifier"] = None,
+                 store: Optional[StateStore] = None):
         self.settings = settings
         self.request_guard = RequestGuard(settings.allow_hosts, settings.allow_origins)
         self.started = time.time()
         self.started_mono = time.monotonic()
-        self.metrics = Metrics()  # section 6
-        self.events = EventLog()
+        self.store = store if store is not None else StateStore(None)  # 5a (None: in memory)
+        self.metrics = Metrics(self.store)  # section 6
+        self.events = EventLog(store=self.store)
+        clock = Clock()
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
-                                  settings.max_queue, on_activate=self._session_activated,
-                                  on_drop=self._waiter_dropped)
+                                  settings.max_queue, clock, on_activate=self._session_activated,
+                                  on_drop=self._waiter_dropped,
+                                  journal=QueueJournal(self.store, clock))
         self.runner = NetlabRunner(
             settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
-            settings.debug, NetlabProcessRecords(os.path.join(settings.state_dir, "netlab-procs")),
+            settings.debug, NetlabProcessRecords(self.store),
             on_start=self.metrics.netlab_started, on_done=self._netlab_done)
-        self.lab = Lab(self.runner, settings, self.queue.is_active, self.queue.clock)
+        if not settings.simulate and store is not None and store.path:  # a real server
+            self.runner.bin_dir = netlab_bin_dir(settings.state_dir, settings.netlab)
+        self.lab = Lab(self.runner, settings, self.queue.is_active, clock, self.store)
         self.stopping = threading.Event()
         self.systemd = SystemdReporter(notifier or SystemdNotifier(), self.ops_snapshot,
                                        self.queue.changed, self.stopping)
+
+    # -- start and stop --
+    def restore(self, existed: bool) -> None:
+        """Start-up: the state a previous server saved, reconciled with what netlab runs.
+        Sessions keep their ids and order, each with a full timeout from now."""
+        saved = self.store.load()
+        self.events.restore(saved.events)
+        now = time.time()
+        self.queue.restore([(sid, max(0.0, now - created),
+                             None if activated is None else max(0.0, now - activated))
+                            for sid, created, activated, _ in saved.sessions])
+        plan = self.lab.restore(saved.lab, saved.unclean, saved.procs)
+        if existed:
+            was = {"stop": "a stop", "reload": "a reload"}.get(saved.previous_exit or "stop",
+                                                                "a crash (no clean stop)")
+            self.store.bump("restarts_after_" + {"a stop": "stop", "a reload": "reload"}.get(
+                was, "crash"))
+            self.store.bump("sessions_restored", len(saved.sessions))
+            if plan.adopt is not None or plan.lost:
+                self.store.bump("labs_adopted" if plan.adopt is not None else "labs_lost")
+            self.events.restarted(len(saved.sessions), plan, was)
+            log.info("restored the state of %s: %d session(s), %s", was, len(saved.sessions),
+                     "lab adopted" if plan.adopt else "lab lost" if plan.lost else "no lab")
+        self.store.set_meta("exit", "running")  # until a clean stop says otherwise
+
+    def stop(self, teardown: bool, how: str = "stop") -> None:
+        """Stop serving state changes (the listener has stopped accepting): `up`s in flight are
+        killed (their acquires answer 503), long-polls answer now, what is under way finishes;
+        with ``teardown`` the lab goes, else it stays for the next start to adopt. ``how``
+        ("stop", "reload") is saved for the next start's restart event."""
+        self.stopping.set()
+        self.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
+        self.queue.close()  # long-polls answer now (their current state)
+        self.lab.shutdown(teardown)
+        self.store.set_meta("exit", how)
 
     # -- session lifecycle --
     def end_session(self, sid: str, why: str) -> None:
@@ -3698,11 +4313,34 @@ def render_metrics(metrics: "Metrics", snap: "OpsSnapshot") -> str:
              counters.get("upload_bytes", 0))
     m.simple("counter", "remote_lab_events_total", "Events recorded for the status page.",
              snap.events_total)
+    _state_metrics(m, metrics.store)
     m.simple("counter", "remote_lab_http_requests_total",
              "HTTP requests by route (handler name, 'unmatched' for 404/405) and status.",
              [((("route", r), ("status", s)), n)
               for (r, s), n in sorted(dict(metrics.http_requests).items())])
     return m.text()
+
+def _state_metrics(m: "MetricsText", store: Optional["StateStore"]) -> None:
+    """The figures the state database keeps over restarts (and its write errors)."""
+    kept = store.counters() if store is not None else {}
+    m.simple("counter", "remote_lab_restarts_total",
+             "Starts on an existing state (over the state dir's life), by how the previous "
+             "server ended: stop, reload, or crash (no clean stop: killed, power loss).",
+             [((("after", k),), kept.get("restarts_after_" + k, 0))
+              for k in ("stop", "reload", "crash")])
+    m.simple("counter", "remote_lab_sessions_restored_total",
+             "Sessions restored at start-up (over the state dir's life).",
+             kept.get("sessions_restored", 0))
+    m.simple("counter", "remote_lab_labs_adopted_total",
+             "Running labs adopted at start-up, no netlab up (over the state dir's life).",
+             kept.get("labs_adopted", 0))
+    m.simple("counter", "remote_lab_labs_lost_total",
+             "Saved running labs netlab no longer ran at start-up (over the state dir's life).",
+             kept.get("labs_lost", 0))
+    m.simple("counter", "remote_lab_state_write_errors_total",
+             "Failed writes to the state database since this server started.",
+             store.write_errors if store is not None else 0)
+
 
 # -- 9.3 the status page: server-rendered snapshot + a small inline script (no external asset) --
 
@@ -4329,6 +4967,56 @@ def sim_registry(update: Optional[Callable[[dict], None]] = None) -> dict:
         return data
 
 
+def simulated_down(labdir: str) -> int:
+    if not os.path.exists(os.path.join(labdir, SIM_SNAPSHOT)):
+        print("FatalError in down: cannot find netlab snapshot in %s" % labdir, file=sys.stderr)
+        return 1
+    for name in SIM_GENERATED:
+        try:
+            os.unlink(os.path.join(labdir, name))
+        except OSError:
+            pass
+    sim_registry(lambda d: [d.pop(k) for k in [k for k, v in d.items() if v.get("dir") == labdir]])
+    print("[SUCCESS] Lab removed (simulated)")
+    return 0
+
+
+def simulated_status(args: List[str]) -> int:
+    """``status [--all] [--format json]`` and ``status -i ID --cleanup``, as netlab 26.10 answers
+    them (the cleanup asks for confirmation on stdin, then runs ``down --cleanup`` in the dir)."""
+    reg = sim_registry()
+    as_json = "json" in args
+    if not reg:
+        print(json.dumps({"warning": "No netlab-managed labs"}) if as_json
+              else "No netlab-managed labs")
+        return 1
+    if "--cleanup" in args:
+        instance = args[args.index("-i") + 1] if "-i" in args else "default"
+        if instance not in reg:
+            print("FatalError in status: Unknown instance %s" % instance, file=sys.stderr)
+            return 1
+        labdir = reg[instance].get("dir")
+        print('Cleanup will remove lab instance "%s" in %s. Are you sure? [y/n]: ' % (
+            instance, labdir), end="", flush=True)
+        answer = sys.stdin.readline()
+        if not answer:
+            print("EOFError: EOF when reading a line", file=sys.stderr)
+            return 1
+        if answer.strip().lower() not in ("y", "yes"):
+            return 0
+        print("Shutting down lab %s in %s" % (instance, labdir))
+        if not os.path.isdir(labdir):
+            print("FatalError in status: Cannot change directory to %s" % labdir, file=sys.stderr)
+            return 1
+        return simulated_down(labdir)
+    if as_json:
+        print(json.dumps(reg, indent=2))
+        return 0
+    for key, entry in reg.items():
+        print("%s  %s  %s" % (key, entry.get("dir"), entry.get("status")))
+    return 0
+
+
 def simulated_netlab_main(argv: List[str]) -> int:
     """A faithful-enough netlab: up/inspect/down/status/version with the real outputs and traps."""
     if not argv:
@@ -4378,13 +5066,19 @@ def simulated_netlab_main(argv: List[str]) -> int:
         for extra in SIM_GENERATED[1:]:
             with open(os.path.join(cwd, extra), "w") as f:
                 f.write("# generated by the remote-lab netlab simulation\n")
-        sim_registry(lambda d: d.__setitem__("default", {"dir": cwd, "status": "started"}))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        sim_registry(lambda d: d.__setitem__("default", {
+            "dir": cwd, "status": "started", "name": os.path.basename(cwd),
+            "providers": ["simulated"], "log": [stamp + ": started"], "timestamp": stamp}))
         print("[SUCCESS] Lab started (simulated)")
         return 0
-    if verb in ("inspect", "down", "status"):
+    if verb == "status":
+        return simulated_status(args)
+    if verb in ("inspect", "down"):
         instance = None
-        if "--instance" in args:
-            instance = args[args.index("--instance") + 1]
+        for flag in ("--instance", "-i"):
+            if flag in args:
+                instance = args[args.index(flag) + 1]
         labdir = cwd
         if instance is not None:
             entry = sim_registry().get(instance)
@@ -4397,26 +5091,8 @@ def simulated_netlab_main(argv: List[str]) -> int:
                       file=sys.stderr)
                 return 1
         snap = os.path.join(labdir, SIM_SNAPSHOT)
-        if verb == "status":
-            reg = sim_registry()
-            if not reg:
-                print("No netlab-managed labs")
-                return 1
-            for key, entry in reg.items():
-                print("%s  %s  %s" % (key, entry.get("dir"), entry.get("status")))
-            return 0
         if verb == "down":
-            if not os.path.exists(snap):
-                print("FatalError in down: cannot find netlab snapshot in %s" % labdir, file=sys.stderr)
-                return 1
-            for name in SIM_GENERATED:
-                try:
-                    os.unlink(os.path.join(labdir, name))
-                except OSError:
-                    pass
-            sim_registry(lambda d: [d.pop(k) for k in [k for k, v in d.items() if v.get("dir") == labdir]])
-            print("[SUCCESS] Lab removed (simulated)")
-            return 0
+            return simulated_down(labdir)
         try:
             with open(snap) as f:
                 nodes = json.load(f)["nodes"]
@@ -4596,7 +5272,10 @@ def main(argv=None) -> int:
         return fail(str(e))
     if settings.simulate:
         os.environ.setdefault("REMOTE_LAB_SIM_HOME", os.path.join(settings.state_dir, "simulated-netlab"))
-    app = App(settings, SystemdNotifier.from_environ())  # a no-op without systemd (section 9)
+    store, existed = StateStore.open(settings.state_dir)  # never fails (section 5a)
+    if settings.cleanup:
+        return cleanup_state_dir(App(settings, store=store))
+    app = App(settings, SystemdNotifier.from_environ(), store)  # no-op without systemd (9)
     try:
         server = bind_server(settings, app, sd_listen_socket())
     except OSError as e:
@@ -4625,7 +5304,7 @@ def main(argv=None) -> int:
     log.log(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING,
             "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
             port, "simulated" if settings.simulate else settings.netlab)
-    app.lab.startup_cleanup()
+    app.restore(existed)
     app.systemd.ready()  # READY=1, then STATUS= on changes (section 6)
 
     keeper = threading.Thread(target=housekeeping_loop, args=(app,), name="housekeeping",
@@ -4637,15 +5316,43 @@ def main(argv=None) -> int:
         server.server_close()
         app.stopping.set()
         app.systemd.stopping()  # STOPPING=1 (once)
-        log.info("tearing down the lab before exit")
-        app.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
-        app.queue.close()  # long-polls answer now (their current state)
-        app.lab.shutdown()
+        if settings.teardown_on_exit:
+            log.info("tearing down the lab before exit (--teardown-on-exit)")
+        app.stop(teardown=settings.teardown_on_exit)
         if not server.wait_for_answers(2.0):
             log.warning("exiting with requests still unanswered")
+        store.close()
         status_file.mark_stopped()
-        log.info("stopped")
+        log.info("stopped; the state is saved in %s%s", store.path or "memory (not saved)",
+                 "" if settings.teardown_on_exit or app.lab.info.state != RUNNING
+                 else ", the lab left running for the next start")
     return 0
+
+
+def cleanup_state_dir(app: App) -> int:
+    """--cleanup: what a state dir holds is torn down for good -- netlab commands still running,
+    the saved lab (``netlab down --cleanup``), kept and leftover lab dirs, netlab instances
+    registered in the labs dir -- and its sessions forgotten. 0 when nothing is left."""
+    saved = app.store.load()
+    labs_dir = app.settings.labs_dir
+    executor = app.lab.netlab
+    executor.kill_orphans(saved.procs)
+    dirs = executor.lab_dirs(labs_dir)
+    registry = app.runner.registry(labs_dir) if dirs or saved.lab else {}
+    plan = plan_restore(None, registry or {}, [], labs_dir, None)
+    executor.keep_unclean(saved.unclean)
+    executor.clean_leftovers(plan, labs_dir)  # netlab's own instances first
+    for d in dirs:
+        print("remote-lab: tearing down %s" % d)
+        executor.teardown(d, "-", force=False)
+    app.store.clear_sessions()
+    app.store.save_lab(None)
+    left = executor.lab_dirs(labs_dir)
+    app.store.close()
+    print("remote-lab: %d session(s) forgotten, %d lab dir(s) torn down%s" % (
+        len(saved.sessions), len(dirs) - len(left),
+        "; NOT cleaned (see the log): %s" % ", ".join(left) if left else ""))
+    return 1 if left or registry is None else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Everything talks to a real server process over HTTP; nothing of the server is mo
 import json
 import re
 import socket
+import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,40 @@ def labs_dir(srv):
 def lab_dirs(srv):
     d = labs_dir(srv)
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def state_db(state_dir):
+    return Path(state_dir) / "state.db"
+
+
+def state_rows(state_dir, sql, args=()):
+    """Rows of a query on a server's state database, read as an operator would (read-only)."""
+    db = sqlite3.connect("file:%s?mode=ro" % state_db(state_dir), uri=True, timeout=10)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def saved_sessions(state_dir):
+    """[(session id, activated?)] in queue order, as the state database holds them."""
+    return [(sid, activated is not None) for sid, activated in
+            state_rows(state_dir, "SELECT id, activated FROM sessions ORDER BY seq")]
+
+
+def proc_records(state_dir):
+    """The records of running netlab commands in the state database."""
+    return [json.loads(r) for (r,) in state_rows(state_dir, "SELECT record FROM netlab_procs")]
+
+
+def seed_proc_record(state_dir, record):
+    """Leave a netlab process record in a state dir, as a killed server would have."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import remote_lab
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    store = remote_lab.StateStore(str(state_db(state_dir)))
+    store.add_proc(record)
+    store.close()
 
 
 def calls_of(srv, verb, since=0):

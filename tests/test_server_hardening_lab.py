@@ -1,7 +1,6 @@
 """Lab and session semantics: the topology name never reaches netlab as an option, a
 dead waiter is not promoted, netlab processes of a crashed server are killed at the next start,
 and /debug/health answers the seed's ``sessions`` count."""
-import json
 import os
 import signal
 import threading
@@ -10,7 +9,7 @@ import pytest
 
 from helpers import ServerProcess
 from server_support import (MAPPING, SIMPLE, Api, calls_of, lab_dirs, pid_alive,  # noqa: F401
-                            start_server, wait_until)
+                            proc_records, seed_proc_record, start_server, wait_until)
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,9 +145,8 @@ def test_a_restarted_server_kills_the_netlab_up_of_its_crashed_predecessor(tmp_p
         threading.Thread(target=_post_lab_until_the_server_dies, args=(api, sid),
                          daemon=True).start()
         up = wait_until(lambda: calls_of(first, "up"), 10, what="netlab up started")[0]
-        records = first.state_dir / "netlab-procs"
-        wait_until(lambda: list(records.glob("*.json")), 5, what="the running up recorded")
-        record = json.loads(next(records.glob("*.json")).read_text())
+        wait_until(lambda: proc_records(first.state_dir), 5, what="the running up recorded")
+        record = proc_records(first.state_dir)[0]
         assert (record["pid"], record["pgid"]) == (up["pid"], up["pgid"])
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
@@ -164,15 +162,18 @@ def test_a_restarted_server_kills_the_netlab_up_of_its_crashed_predecessor(tmp_p
         second.start()
         wait_until(lambda: not pid_alive(up["pid"]), 15, what="the orphaned up killed")
         wait_until(lambda: not os.path.exists(labdir), 15, what="the old lab dir cleaned")
-        wait_until(lambda: not list(records.glob("*")), 5, what="the process record removed")
+        wait_until(lambda: not proc_records(first.state_dir), 5,
+                   what="the process record removed")
         log = second.log()
         killed = log.index("killing netlab up left running by a previous server (pid %d"
                            % up["pid"])
         assert killed < log.index("cleaning up lab dir left from a previous run: %s" % labdir)
-        # the restarted server works
+        # the restarted server works: the session is still the active one and acquires again
         first.switch("up_hang", on=False)
         api2 = Api(second)
-        assert api2.post_lab(api2.new_session())[0] == 200
+        assert api2.session(sid)[1]["status"] == "active"
+        status, body = api2.post_lab(sid)
+        assert (status, body["reused"]) == (200, False), body
     finally:
         second.stop()
         try:
@@ -189,13 +190,11 @@ def test_a_recorded_pid_now_used_by_another_process_is_left_alone(tmp_path):
                              start_new_session=True)
     try:
         srv = ServerProcess(tmp_path)
-        records = srv.state_dir / "netlab-procs"
-        records.mkdir(parents=True)
-        (records / ("%d.json" % other.pid)).write_text(json.dumps(
-            {"pid": other.pid, "pgid": other.pid, "start_time": 1, "verb": "up",
-             "cwd": str(tmp_path), "server": [1, 1]}))
+        seed_proc_record(srv.state_dir, {"pid": other.pid, "pgid": other.pid, "start_time": 1,
+                                         "verb": "up", "cwd": str(tmp_path)})
         with srv:
-            wait_until(lambda: not list(records.glob("*")), 5, what="the stale record removed")
+            wait_until(lambda: not proc_records(srv.state_dir), 5,
+                       what="the stale record removed")
             assert pid_alive(other.pid)
             assert "killing netlab" not in srv.log()
     finally:
@@ -215,14 +214,12 @@ def test_the_children_of_a_dead_recorded_leader_are_killed_too(tmp_path):
     try:
         assert pid_alive(child) and os.getpgid(child) == leader.pid
         srv = ServerProcess(tmp_path)
-        records = srv.state_dir / "netlab-procs"
-        records.mkdir(parents=True)
-        (records / ("%d.json" % leader.pid)).write_text(json.dumps(
-            {"pid": leader.pid, "pgid": leader.pid, "start_time": int(started), "verb": "up",
-             "cwd": str(tmp_path), "server": [1, 1]}))
+        seed_proc_record(srv.state_dir, {"pid": leader.pid, "pgid": leader.pid,
+                                         "start_time": int(started), "verb": "up",
+                                         "cwd": str(tmp_path)})
         with srv:
             wait_until(lambda: not pid_alive(child), 10, what="the orphaned child killed")
-            wait_until(lambda: not list(records.glob("*")), 5, what="the record removed")
+            wait_until(lambda: not proc_records(srv.state_dir), 5, what="the record removed")
             assert "killing netlab up left running by a previous server (pid %d" % leader.pid \
                 in srv.log()
     finally:

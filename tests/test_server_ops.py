@@ -72,7 +72,7 @@ def test_missing_netlab_exits_1_with_a_clear_message(tmp_path):
 
 
 def test_simulate_needs_no_netlab(tmp_path):
-    srv = ServerProcess(tmp_path, simulate=True, env={"PATH": "/nonexistent"})
+    srv = ServerProcess(tmp_path, "--teardown-on-exit", simulate=True, env={"PATH": "/nonexistent"})
     srv.env.pop("REMOTE_LAB_SIM_HOME", None)
     srv.start()
     try:
@@ -95,8 +95,8 @@ def test_simulate_needs_no_netlab(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_tears_the_lab_down_and_exits_0(start_server, sig):
-    srv, api = start_server()
+def test_signal_with_teardown_on_exit_tears_the_lab_down_and_exits_0(start_server, sig):
+    srv, api = start_server("--teardown-on-exit")
     sid = api.new_session()
     assert api.post_lab(sid)[0] == 200
     workdir = up_dirs(srv)[0]
@@ -174,12 +174,16 @@ def test_shutdown_abort_racing_with_the_start_of_an_up_kills_it(monkeypatch, tmp
 
 
 def test_startup_cleans_lab_dirs_left_by_a_crash(tmp_path):
+    """Lab dirs the saved state does not account for (here: a crash, and the state database
+    lost with it, as from a server that kept none) are cleaned at the next start."""
     first = ServerProcess(tmp_path).start()
     api = Api(first)
     sid = api.new_session()
     assert api.post_lab(sid)[0] == 200
     workdir = up_dirs(first)[0]
     first.stop(sig=signal.SIGKILL)  # a crash: no teardown
+    for db in first.state_dir.glob("state.db*"):
+        db.unlink()
     assert lab_dirs(first) == [os.path.basename(workdir)]
     n = len(first.calls())
     os.rename(first.log_path, tmp_path / "crashed.log")
