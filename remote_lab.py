@@ -983,7 +983,7 @@ def warm_lab_expired(lab: LabInfo, now: float, holder_active: bool) -> bool:
 class RestorePlan:
     adopt: Optional[LabInfo]  # the saved lab, which netlab still runs: kept as it is
     lost: Optional[str]  # why the saved running lab is not adopted
-    stale_instances: List[str]  # netlab instances registered in our labs dir to clean
+    stale_instances: List[str]  # netlab instances registered in our labs dir, their dir gone
     dirs: List[str]  # lab dirs to tear down and remove
 
 
@@ -1008,8 +1008,10 @@ def plan_restore(saved: Optional[LabInfo], registry: Optional[Dict[str, dict]], 
         else:
             adopt = saved
     keep = adopt.workdir if adopt else None
+    # an instance whose dir is still there goes with that dir's teardown (`down` in it)
     stale = [iid for iid, entry in sorted((registry or {}).items())
-             if is_inside(entry.get("dir"), labs_dir) and not same_path(entry.get("dir"), keep)]
+             if is_inside(entry.get("dir"), labs_dir) and not same_path(entry.get("dir"), keep)
+             and not any(same_path(entry.get("dir"), d) for d in dirs)]
     return RestorePlan(adopt, lost, stale, [d for d in dirs if not same_path(d, keep)])
 
 
@@ -1155,14 +1157,22 @@ class LabExecutor:
         return fingerprint_on_disk(info.workdir, info.topology, info.files)
 
     def clean_leftovers(self, plan: RestorePlan, labs_dir: str) -> None:
-        """netlab's stale instances in our labs dir (its own cleanup), then the leftover dirs."""
-        for instance in plan.stale_instances:
-            log.warning("netlab instance %s is registered in our labs dir but not ours to keep: "
-                        "netlab status -i %s --cleanup", instance, instance, extra={"ctx": "-"})
-            self.runner.cleanup_instance(instance, labs_dir)
+        """netlab's stale instances (registered in our labs dir, their dir gone) with netlab's
+        own cleanup, then each leftover dir as any teardown."""
+        self.clean_stale_instances(plan.stale_instances, labs_dir)
         for d in plan.dirs:
             log.warning("cleaning up lab dir left from a previous run: %s", d, extra={"ctx": "-"})
             self.teardown(d, "-", force=True)
+
+    def clean_stale_instances(self, instances: List[str], labs_dir: str) -> None:
+        for instance in instances:
+            log.warning("netlab still registers instance %s in our labs dir, whose dir is gone: "
+                        "netlab status -i %s --cleanup", instance, instance, extra={"ctx": "-"})
+            if not self.runner.cleanup_instance(instance, labs_dir):
+                log.error("netlab cannot remove its instance %s (its dir is gone), which may make "
+                          "every later `netlab up` fail: `netlab status --reset` (as the user "
+                          "running the server) clears netlab's registry of ALL instances",
+                          instance, extra={"ctx": "-"})
 
 
 # -- 4.3 the lab: its state under one condition; netlab runs outside it, teardowns in threads --
@@ -5339,12 +5349,12 @@ def cleanup_state_dir(app: App) -> int:
     executor.kill_orphans(saved.procs)
     dirs = executor.lab_dirs(labs_dir)
     registry = app.runner.registry(labs_dir) if dirs or saved.lab else {}
-    plan = plan_restore(None, registry or {}, [], labs_dir, None)
+    plan = plan_restore(None, registry or {}, dirs, labs_dir, None)
     executor.keep_unclean(saved.unclean)
-    executor.clean_leftovers(plan, labs_dir)  # netlab's own instances first
     for d in dirs:
         print("remote-lab: tearing down %s" % d)
-        executor.teardown(d, "-", force=False)
+        executor.teardown(d, "-", force=False)  # `down --cleanup`, then --force if it fails
+    executor.clean_stale_instances(plan.stale_instances, labs_dir)
     app.store.clear_sessions()
     app.store.save_lab(None)
     left = executor.lab_dirs(labs_dir)

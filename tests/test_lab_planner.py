@@ -110,3 +110,53 @@ def test_a_warm_lab_expires_at_its_deadline_not_before():
 ])
 def test_a_warm_lab_in_use_or_not_warm_does_not_expire(lab, holder_active):
     assert not warm_lab_expired(lab, 1000.0, holder_active)
+
+
+# -- start-up: what to do with the lab a previous server saved (plan_restore) --
+
+LABS = "/labs"
+
+
+def saved(state=RUNNING, workdir="/labs/lab-a", fingerprint="A"):
+    return LabInfo(state=state, workdir=workdir, topology="a.yml", fingerprint=fingerprint,
+                   ref_count=2, holder="s0")
+
+
+def started(*dirs, status="started"):
+    return {("default" if i == 0 else "i%d" % i): {"dir": d, "status": status}
+            for i, d in enumerate(dirs)}
+
+
+def test_a_saved_lab_netlab_still_runs_with_the_same_files_is_adopted_as_it_was():
+    lab = saved()
+    p = remote_lab.plan_restore(lab, started("/labs/lab-a"), ["/labs/lab-a"], LABS, "A")
+    assert p.adopt is lab and p.lost is None
+    assert (p.stale_instances, p.dirs) == ([], [])
+
+
+@pytest.mark.parametrize("registry, fingerprint_now, why", [
+    ({}, "A", "netlab no longer runs it"),
+    (started("/labs/lab-a", status="failed"), "A", "netlab no longer runs it"),
+    (started("/labs/lab-b"), "A", "netlab no longer runs it"),
+    (None, "A", "netlab could not tell whether it still runs"),
+    (started("/labs/lab-a"), None, "its dir or netlab's snapshot in it is gone"),
+    (started("/labs/lab-a"), "B", "its files changed"),
+])
+def test_a_saved_lab_is_lost_unless_netlab_runs_it_in_its_dir_unchanged(registry,
+                                                                        fingerprint_now, why):
+    p = remote_lab.plan_restore(saved(), registry, ["/labs/lab-a"], LABS, fingerprint_now)
+    assert (p.adopt, p.lost, p.dirs) == (None, why, ["/labs/lab-a"])
+
+
+@pytest.mark.parametrize("state", [STARTING, STOPPING, STOPPED])
+def test_a_lab_saved_between_states_is_never_adopted_and_its_dir_is_cleaned(state):
+    p = remote_lab.plan_restore(saved(state), started("/labs/lab-a"), ["/labs/lab-a"], LABS, "A")
+    assert (p.adopt, p.lost, p.dirs) == (None, None, ["/labs/lab-a"])
+
+
+def test_every_other_dir_is_cleaned_and_only_instances_whose_dir_is_gone_are_stale():
+    registry = started("/labs/lab-a", "/labs/lab-gone", "/elsewhere/lab", "/labs/lab-c")
+    p = remote_lab.plan_restore(saved(), registry, ["/labs/lab-a", "/labs/lab-c"], LABS, "A")
+    assert p.adopt is not None
+    assert p.dirs == ["/labs/lab-c"]  # its instance goes with its teardown
+    assert p.stale_instances == ["i1"]  # /labs/lab-gone; never an instance outside our dir

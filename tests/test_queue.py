@@ -492,3 +492,75 @@ def test_close_ends_every_long_poll_with_the_current_state():
     t.join(2)
     assert not t.is_alive() and result["state"] == ("waiting", 1)
     assert q.wait_change(b, 30) == ("waiting", 1)
+
+
+# -- the journal (what goes to disk) and the start-up restore --
+
+
+class RecordingJournal:
+    def __init__(self, fail_add=False):
+        self.writes = []
+        self.fail_add = fail_add
+
+    def added(self, session):
+        if self.fail_add:
+            raise OSError("disk full")
+        self.writes.append(("added", session.id))
+
+    def changed(self, removed, activated):
+        self.writes.append(("changed", list(removed), [s.id for s in activated]))
+
+
+def test_each_queue_call_is_one_journal_write_before_it_returns(clock):
+    journal = RecordingJournal()
+    ids = iter("abc")
+    q = SessionQueue(600, 300, 10, clock, new_id=lambda: next(ids), journal=journal)
+    q.create()
+    q.create()
+    assert journal.writes == [("added", "a"), ("changed", [], ["a"]), ("added", "b")]
+    journal.writes.clear()
+    q.remove("a")  # the end and the promotion it causes: one write
+    assert journal.writes == [("changed", ["a"], ["b"])]
+    journal.writes.clear()
+    q.state("b")
+    q.touch("b")
+    q.pin("b")
+    q.unpin("b")
+    assert journal.writes == []  # signs of life are never written
+    clock.advance(301)
+    assert q.expire() == [("b", True)]
+    assert journal.writes == [("changed", ["b"], [])]
+
+
+def test_a_session_that_cannot_be_written_is_not_queued(clock):
+    q = SessionQueue(600, 300, 10, clock, journal=RecordingJournal(fail_add=True))
+    with pytest.raises(OSError):
+        q.create()
+    assert len(q) == 0 and q.version == 0
+
+
+def test_restored_sessions_keep_order_and_get_full_timeouts_from_now(clock):
+    journal = RecordingJournal()
+    q = SessionQueue(600, 300, 10, clock, journal=journal)
+    # saved long ago: created 5000 s and activated 4000 s before this start
+    q.restore([("a", 5000.0, 4000.0), ("b", 4500.0, None), ("c", 10.0, None)])
+    assert [s["session_id"] for s in q.snapshot()] == ["a", "b", "c"]
+    assert q.state("a", touch=False) == ("active", 0)
+    assert [s["age"] for s in q.snapshot()] == [5000.0, 4500.0, 10.0]
+    assert journal.writes == []  # nothing changed: nothing written
+    clock.advance(299)
+    assert q.expire() == []  # a full active timeout from the start-up
+    q.touch("b")  # b's client is back and polls; c's is not (yet)
+    clock.advance(2)
+    assert q.expire() == [("a", True)]
+    assert q.state("b", touch=False) == ("active", 0)
+    assert journal.writes == [("changed", ["a"], ["b"])]
+
+
+def test_a_restored_head_that_was_not_active_yet_is_promoted_at_once(clock):
+    journal = RecordingJournal()
+    q = SessionQueue(600, 300, 10, clock, journal=journal)
+    q.restore([("b", 100.0, None), ("c", 50.0, 20.0)])  # c's "activated" cannot be: ignored
+    assert q.state("b", touch=False) == ("active", 0)
+    assert q.state("c", touch=False) == ("waiting", 1)
+    assert journal.writes == [("changed", [], ["b"])]
