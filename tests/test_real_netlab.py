@@ -11,6 +11,7 @@ How it runs for real without containers (see shared notes netlab-cli.md / testin
 - ``provider: clab`` fails at ``up`` in ~1-2 s without containerlab, *after* registering
   ``default``: the real failure path (the trap the server must clean up).
 """
+import json
 import os
 import shutil
 import signal
@@ -92,10 +93,11 @@ class RealNetlab:
     def server(self, *args):
         return ServerProcess(self.tmp, *args, netlab=self.wrapper, env=self.env)
 
-    def status(self):
-        """`netlab status` with the private HOME: (rc, combined output)."""
+    def status(self, *args):
+        """`netlab status ARGS` with the private HOME: (rc, combined output)."""
         env = dict(os.environ, HOME=str(self.home))
-        p = subprocess.run([NETLAB, "status"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        p = subprocess.run([NETLAB, "status"] + list(args), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, env=env, cwd=str(self.tmp), timeout=60)
         return p.returncode, p.stdout.decode(errors="replace")
 
@@ -252,8 +254,8 @@ def test_extra_files_in_subdirectories(real):
         real.assert_no_lab_registered()
 
 
-def test_server_shutdown_tears_real_lab_down(real):
-    srv = real.server().start()
+def test_server_shutdown_with_teardown_on_exit_tears_real_lab_down(real):
+    srv = real.server("--teardown-on-exit").start()
     try:
         start_good_lab(srv)
     finally:
@@ -264,8 +266,9 @@ def test_server_shutdown_tears_real_lab_down(real):
 
 
 def test_restart_after_crash_cleans_stale_real_lab(real):
-    """A server killed with a real lab up leaves its dir and netlab's `default` registered; the
-    next server on the same state dir runs `down --cleanup --force` there, and `up` works again."""
+    """A server killed with a real lab up leaves its dir and netlab's `default` registered; a
+    next server that has no saved state for it (the database lost with the crash) runs
+    `down --cleanup --force` there, and `up` works again."""
     first = real.server().start()
     try:
         start_good_lab(first)
@@ -273,6 +276,8 @@ def test_restart_after_crash_cleans_stale_real_lab(real):
         first.stop(sig=signal.SIGKILL)
     stale = lab_dirs(first)
     assert len(stale) == 1 and stale[0] in real.registry_text()
+    for db in first.state_dir.glob("state.db*"):
+        db.unlink()
 
     (real.tmp / "second").mkdir()
     second = ServerProcess(real.tmp / "second", "--state-dir", first.state_dir,
@@ -285,3 +290,32 @@ def test_restart_after_crash_cleans_stale_real_lab(real):
         wait_teardown(second)
         real.assert_no_lab_registered()
     assert "cleaning up lab dir left from a previous run" in second.log()
+
+
+def test_restart_after_crash_adopts_the_running_real_lab(real):
+    """SIGKILL with a real lab up: the next server on the same state dir adopts it (netlab
+    still shows it; a reuse=true acquire is `reused` with no new `up`); a normal session end
+    then tears it down and netlab's registry is empty."""
+    first = real.server().start()
+    try:
+        sid, resp = start_good_lab(first)
+    finally:
+        first.stop(sig=signal.SIGKILL)
+    labdir = first.state_dir / "labs" / lab_dirs(first)[0]
+    (real.tmp / "second").mkdir()
+    second = ServerProcess(real.tmp / "second", "--state-dir", first.state_dir,
+                           netlab=real.wrapper, env=real.env)
+    with second:
+        rc, out = real.status("--all", "--format", "json")
+        assert rc == 0 and json.loads(out)["default"]["dir"] == str(labdir), out  # still up
+        status, lab, _ = http("GET", second.url + "/lab", headers={"X-Session-ID": sid})
+        assert status == 200 and lab["running"] is True and lab["ref_count"] == 1, lab
+        status, again, _ = post_lab(second, sid, GOOD)
+        assert status == 200 and again["reused"] is True, again
+        assert again["devices"] == resp["devices"]
+        assert "running netlab up" not in second.log()
+        assert "netlab status --all --format json" in second.log()
+        http("DELETE", second.url + "/session/" + sid)
+        wait_teardown(second)
+        real.assert_no_lab_registered()
+    assert "restored the state of a crash" in second.log()
