@@ -347,10 +347,13 @@ class SessionQueue:
             sid = self.new_id()  # first: it may be slow (the first uuid4 imports uuid)
             now = self.clock.now()
             session = Session(sid, now, now)
+            first = not self._sessions  # it is active at once: one write says both
             if self.journal is not None:
-                self.journal.added(session)  # on disk first; if it fails nothing changed
+                self.journal.added(session, first)  # on disk first; if it fails, no change
             self._sessions[sid] = session
             self._activate_head()
+            if first:
+                self._promoted.remove(session)
             self._journal_changes()
             self._bump()
             return sid, len(self._sessions) - 1
@@ -1950,9 +1953,10 @@ class StateStore:
                     raise StateWriteError("cannot save the state (%s): %s" % (self.path, e))
                 return False
 
-    def add_session(self, sid: str, created: float, meta: Optional[dict] = None) -> None:
-        self._write([("INSERT INTO sessions (id, created, meta) VALUES (?, ?, ?)",
-                      (sid, created, json.dumps(meta or {})))], must=True)
+    def add_session(self, sid: str, created: float, activated: Optional[float] = None,
+                    meta: Optional[dict] = None) -> None:
+        self._write([("INSERT INTO sessions (id, created, activated, meta) VALUES (?, ?, ?, ?)",
+                      (sid, created, activated, json.dumps(meta or {})))], must=True)
 
     def update_sessions(self, removed=(), activated=()) -> None:
         """One queue operation: sessions ``removed`` [id], ``activated`` [(id, wall time)]."""
@@ -2093,8 +2097,9 @@ class QueueJournal:
     def _wall(self, t: float) -> float:
         return time.time() - (self.clock.now() - t)
 
-    def added(self, session: "Session") -> None:
-        self.store.add_session(session.id, self._wall(session.created))  # StateWriteError
+    def added(self, session: "Session", active: bool) -> None:
+        created = self._wall(session.created)
+        self.store.add_session(session.id, created, created if active else None)  # may raise
 
     def changed(self, removed: List[str], activated: List["Session"]) -> None:
         self.store.update_sessions(removed, [(s.id, self._wall(s.activated)) for s in activated])

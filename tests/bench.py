@@ -16,6 +16,8 @@ simulated netlab by default or the fake netlab of tests/ with ``--fake``) and pr
   * start-up time: spawn → first 204 from /healthz (median of several fresh servers)
   * RSS of the server after the load (VmRSS of /proc/PID/status)
   * a 100 MiB upload (streamed, never in memory here): throughput and the server's RSS growth
+  * a queue of 10,000 sessions: POST /session (each committed to the state database before its
+    201) with an empty queue and with 10,000 queued, and the restart that restores them all
 
 Not collected by pytest (no test_ functions; the name does not match test_*.py).
 """
@@ -461,6 +463,55 @@ def startup(root, runs, fake):
             "python_nosite_ms": floor[("-S",)][0], "python_nosite_rss_mib": floor[("-S",)][1]}
 
 
+def big_queue(root, fake, n):
+    """POST /session latency with an empty queue and with ``n`` queued (each one on disk before
+    its 201), then the restart with ``n`` sessions to restore: start-up to the first /healthz."""
+    server = Server(root, "queue-%d" % n, fake=fake, extra=["--max-queue", str(n + 1000)])
+    server.start()
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=30)
+
+    def timed_creates(count):
+        spent = []
+        for _ in range(count):
+            t = time.perf_counter()
+            sid = new_session(conn)[0]
+            spent.append(time.perf_counter() - t)
+            request(conn, "DELETE", "/session/" + sid)
+        return spent
+
+    try:
+        empty = timed_creates(200)
+        t = time.perf_counter()
+        for _ in range(n):
+            new_session(conn)
+        fill_s = time.perf_counter() - t
+        full = timed_creates(200)
+        conn.close()
+    finally:
+        server.stop()
+    restarted = Server.__new__(Server)
+    restarted.__dict__.update(server.__dict__, proc=None, port=None)
+    os.unlink(os.path.join(server.state, "server.lock"))  # it names the old port until replaced
+    try:
+        restart_s = restarted.start(timeout=120)
+        conn = http.client.HTTPConnection(HOST, restarted.port, timeout=30)
+        queued = health_conn(conn)["queue_length"]
+        conn.close()
+    finally:
+        restarted.stop()
+    return {"n": n, "empty_median_ms": statistics.median(empty) * 1000,
+            "empty_p99_ms": percentile(empty, 99) * 1000,
+            "full_median_ms": statistics.median(full) * 1000,
+            "full_p99_ms": percentile(full, 99) * 1000, "fill_per_s": n / fill_s,
+            "restart_ms": restart_s * 1000, "restored": queued}
+
+
+def health_conn(conn):
+    conn.request("GET", "/debug/health")
+    resp = conn.getresponse()
+    return json.loads(resp.read())
+
+
 def fmt(v, unit=""):
     if isinstance(v, float):
         if v != v:
@@ -479,7 +530,9 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=16, help="keep-alive load clients (16)")
     ap.add_argument("--upload-mib", type=int, default=100, help="size of the big upload (100)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
-    ap.add_argument("--only", help="comma list of: startup,poll,heartbeat,handoff,cycles,rss,upload")
+    ap.add_argument("--queue", type=int, default=10000, help="sessions in the big queue (10000)")
+    ap.add_argument("--only", help="comma list of: startup,poll,heartbeat,handoff,cycles,rss,"
+                                   "upload,queue")
     a = ap.parse_args(argv)
     duration = a.duration or (1.5 if a.quick else 3.0)
     only = set(a.only.split(",")) if a.only else None
@@ -513,6 +566,8 @@ def main(argv=None):
         if want("upload"):
             res["upload"] = upload(server, a.upload_mib)
         conn.close()
+        if want("queue"):
+            res["queue"] = big_queue(root, a.fake, 2000 if a.quick else a.queue)
     finally:
         if server is not None:
             server.stop()
@@ -569,6 +624,16 @@ def main(argv=None):
         row("  upload end-to-end incl. netlab up", fmt(r["end_to_end_s"], "s"))
         row("  server RSS growth during upload", fmt(r["rss_growth_mib"], "MiB"), "< 10 MiB",
             r["rss_growth_mib"] < 10)
+    if "queue" in res:
+        r = res["queue"]
+        row("POST /session, empty queue: p50 / p99", "%s / %s" % (
+            fmt(r["empty_median_ms"]), fmt(r["empty_p99_ms"], "ms")))
+        row("POST /session, %d queued: p50 / p99" % r["n"], "%s / %s" % (
+            fmt(r["full_median_ms"]), fmt(r["full_p99_ms"], "ms")), "a few ms",
+            r["full_p99_ms"] <= 5)
+        row("  sessions created/s (one client, each on disk)", fmt(r["fill_per_s"]))
+        row("  restart restoring %d sessions, to /healthz" % r["restored"],
+            fmt(r["restart_ms"], "ms"))
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows)
     w3 = max(len(r[2]) for r in rows)
