@@ -2786,6 +2786,10 @@ class App:
                              None if activated is None else max(0.0, now - activated))
                             for sid, created, activated, _ in saved.sessions])
         plan = self.lab.restore(saved.lab, saved.unclean, saved.procs)
+        holder = self.lab.info.holder
+        if plan.adopt is not None and holder and plan.adopt.warm_until is None \
+                and not self.queue.is_active(holder):  # it ended just before a crash
+            self.lab.session_ended(holder)
         if existed:
             was = {"stop": "a stop", "reload": "a reload"}.get(saved.previous_exit or "stop",
                                                                 "a crash (no clean stop)")
@@ -5287,6 +5291,12 @@ def main(argv=None) -> int:
         return fail(str(e))
     if settings.simulate:
         os.environ.setdefault("REMOTE_LAB_SIM_HOME", os.path.join(settings.state_dir, "simulated-netlab"))
+    try:
+        import sqlite3  # noqa: F401  (part of every Debian/Ubuntu/RHEL python3)
+    except ImportError:
+        return fail("remote-lab: this Python (%s) has no sqlite3 module, which keeps the "
+                    "server's state: use the system's python3, or rebuild it with SQLite"
+                    % sys.executable)
     store, existed = StateStore.open(settings.state_dir)  # never fails (section 5a)
     if settings.cleanup:
         return cleanup_state_dir(App(settings, store=store))

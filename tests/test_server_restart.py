@@ -327,3 +327,21 @@ def test_teardown_on_exit_keeps_sessions_but_not_the_lab(restartable):
     assert session_order(api) == [(sid, "active")]
     assert api.lab(sid)[1]["running"] is False
     assert api.post_lab(sid)[1]["reused"] is False
+
+
+def test_an_adopted_lab_whose_session_ended_just_before_a_crash_is_torn_down(restartable):
+    r = restartable()
+    srv, api = r.start()
+    sid = api.new_session()
+    assert api.post_lab(sid)[0] == 200
+    r.stop(signal.SIGKILL)
+    # the crash came between the end of the session and the lab's teardown
+    import sqlite3
+    db = sqlite3.connect(str(state_db(r.first.state_dir)))
+    db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+    db.commit()
+    db.close()
+    srv, api = r.start()
+    api.wait_lab_state("stopped")
+    assert lab_dirs(srv) == []
+    assert calls_of(srv, "down"), "the lab nobody holds any more was not torn down"
