@@ -312,9 +312,10 @@ class SessionQueue:
         except KeyError:
             raise UnknownSession(sid) from None
 
-    def _activate_head(self):
-        """Promote the head if it is not active yet. A waiter already silent past the active
-        timeout is dropped instead (it would hold everyone up for that long again)."""
+    def _activate_head(self, at: Optional[float] = None):
+        """Promote the head if it is not active yet (``at``: when; default now). A waiter
+        already silent past the active timeout is dropped instead (it would hold everyone up
+        for that long again)."""
         while self._sessions:
             head = next(iter(self._sessions.values()))
             if head.activated is not None:
@@ -325,7 +326,7 @@ class SessionQueue:
                 if self.on_drop is not None:
                     self.on_drop(head)
                 continue
-            head.activated = self.clock.now()
+            head.activated = self.clock.now() if at is None else at
             head.last_seen = head.activated  # the active timeout counts from promotion
             self._promoted.append(head)
             if self.on_activate is not None:
@@ -351,7 +352,7 @@ class SessionQueue:
             if self.journal is not None:
                 self.journal.added(session, first)  # on disk first; if it fails, no change
             self._sessions[sid] = session
-            self._activate_head()
+            self._activate_head(now if first else None)  # (the write took time: not waiting)
             if first:
                 self._promoted.remove(session)
             self._journal_changes()
@@ -1870,6 +1871,8 @@ class StateStore:
         self.write_errors = 0
         self._failing = False
         self._durable = None  # type: Optional[bool]  # the synchronous mode set now
+        if path and not os.path.exists(path):  # session ids are secrets: owner only
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(path or ":memory:", timeout=10, isolation_level=None,
                                   check_same_thread=False)
         try:
@@ -2498,8 +2501,9 @@ class SystemdReporter:
             with self.changed:  # queue changes wake us at once, lab changes within 1 s
                 self.changed.wait(1.0)
 
-    def stopping(self, status: str = "stopping: tearing down the lab") -> None:
-        self.notifier.stopping(status)
+    def stopping(self, teardown: bool = False) -> None:
+        self.notifier.stopping("stopping: tearing down the lab" if teardown
+                               else "stopping: saving the state (the lab stays up)")
 
     def watchdog(self) -> None:
         """From the housekeeping thread: a wedged thread stops the pings and systemd restarts us."""
@@ -5316,7 +5320,7 @@ def main(argv=None) -> int:
         if not app.stopping.is_set():
             log.info("received %s: shutting down", signal.Signals(signum).name)
             app.stopping.set()
-            app.systemd.stopping()
+            app.systemd.stopping(settings.teardown_on_exit)
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -5340,7 +5344,7 @@ def main(argv=None) -> int:
     finally:
         server.server_close()
         app.stopping.set()
-        app.systemd.stopping()  # STOPPING=1 (once)
+        app.systemd.stopping(settings.teardown_on_exit)  # STOPPING=1 (once)
         if settings.teardown_on_exit:
             log.info("tearing down the lab before exit (--teardown-on-exit)")
         app.stop(teardown=settings.teardown_on_exit)
