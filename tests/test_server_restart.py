@@ -71,6 +71,14 @@ def restartable(tmp_path):
         r.close()
 
 
+def start_with_lab(r):
+    """The first server of ``r``, one session and its lab up: (srv, api, sid, lab dir)."""
+    srv, api = r.start()
+    sid = api.new_session()
+    assert api.post_lab(sid)[0] == 200
+    return srv, api, sid, up_dirs(srv)[0]
+
+
 def session_order(api):
     return [(s["session_id"], s["status"]) for s in api.health()["session_list"]]
 
@@ -139,10 +147,7 @@ def test_restored_sessions_get_a_full_timeout_from_the_start_up(restartable):
 
 def test_a_lab_netlab_no_longer_runs_is_cleaned_and_its_holder_told(restartable):
     r = restartable()
-    srv, api = r.start()
-    sid = api.new_session()
-    assert api.post_lab(sid)[0] == 200
-    workdir = up_dirs(srv)[0]
+    srv, api, sid, workdir = start_with_lab(r)
     r.stop(signal.SIGKILL)
     (r.first.fake_dir / "status.json").write_text("{}")  # e.g. the host rebooted
 
@@ -160,10 +165,7 @@ def test_a_lab_netlab_no_longer_runs_is_cleaned_and_its_holder_told(restartable)
 
 def test_a_lab_whose_files_changed_is_not_adopted(restartable):
     r = restartable()
-    srv, api = r.start()
-    sid = api.new_session()
-    assert api.post_lab(sid)[0] == 200
-    workdir = up_dirs(srv)[0]
+    srv, api, sid, workdir = start_with_lab(r)
     r.stop(signal.SIGTERM)
     with open(os.path.join(workdir, "simple.yml"), "ab") as f:
         f.write(b"# edited behind our back\n")
@@ -211,10 +213,8 @@ def test_a_first_start_asks_netlab_nothing(restartable):
 
 def test_restart_events_and_metrics(restartable):
     r = restartable()
-    srv, api = r.start()
-    sid = api.new_session()
+    srv, api, sid, _ = start_with_lab(r)
     api.new_session()
-    assert api.post_lab(sid)[0] == 200
     r.stop(signal.SIGTERM)
     srv, api = r.start()
     events = api.req("GET", "/status")[1]["events"]
@@ -295,11 +295,8 @@ def run_cleanup(state_dir, fake_dir, *extra):
 
 def test_cleanup_tears_down_what_a_state_dir_holds(restartable):
     r = restartable()
-    srv, api = r.start()
-    sid = api.new_session()
+    srv, api, sid, workdir = start_with_lab(r)
     api.new_session()
-    assert api.post_lab(sid)[0] == 200
-    workdir = up_dirs(srv)[0]
     # refused while a server runs on the state dir
     p = run_cleanup(r.first.state_dir, r.first.fake_dir)
     assert p.returncode == 1 and b"another server is already running" in p.stdout, p.stdout
