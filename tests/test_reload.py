@@ -4,6 +4,7 @@ Clients hammering it meanwhile see no refused connection and no error; a new fil
 even start (preflight) is refused and the running server keeps serving.
 """
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -125,6 +126,22 @@ def listening_inode(port):
     return None
 
 
+def open_files(pid):
+    """{fd: what it is} of the process ``pid`` (sockets as "socket")."""
+    fds = {}
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        fds[int(fd)] = "socket" if target.startswith("socket:") else target
+    return fds
+
+
+def lock_fds(pid):
+    return [fd for fd, target in open_files(pid).items() if target.endswith("server.lock")]
+
+
 def server_pid(srv):
     status, body, _ = http_request("GET", srv.url + "/")
     assert status == 200, body
@@ -169,8 +186,10 @@ def test_sighup_reexecs_in_place_while_clients_hammer_it(tmp_path, notify_socket
         waiter = api.new_session()
         status, view, _ = http_request("GET", srv.url + "/status")
         polls = {}
+        poller, idle = KeepAliveClient(srv.port), KeepAliveClient(srv.port)
+        assert idle.request("GET", "/healthz")[0] == 204  # then idle on its kept-alive connection
         session_poll = threading.Thread(target=lambda: polls.update(
-            session=api.session(waiter, wait=30, timeout=40)), daemon=True)
+            session=poller.request("GET", "/session/%s?wait=30" % waiter)), daemon=True)
         status_poll = threading.Thread(target=lambda: polls.update(status=http_request(
             "GET", srv.url + "/status?wait=30&since=" + view["token"], timeout=40)[:2]),
             daemon=True)
@@ -192,11 +211,14 @@ def test_sighup_reexecs_in_place_while_clients_hammer_it(tmp_path, notify_socket
         hammer.wait_for(20)
         failures = hammer.finish()
         assert failures == [], (failures, srv.log())
-        # the long-polls got their current state at once
-        assert polls["session"] == (200, {"session_id": waiter, "status": "waiting",
-                                          "position": 1}), polls
+        # the long-polls got their current state at once, closing their connection; the idle
+        # connection was closed at once (the reload waits for no connection to its limit)
+        assert polls["session"][0] == 200 and json.loads(polls["session"][1]) == {
+            "session_id": waiter, "status": "waiting", "position": 1}, polls
+        assert poller.closes == 1
         assert polls["status"][0] == 200, polls
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < 20 and "still open" not in srv.log()
+        assert idle.request("GET", "/healthz")[0] == 204 and idle.retries == 1
         # same process, same socket, started again from the file
         assert server_pid(srv) == pid and srv.proc.poll() is None
         assert listening_inode(srv.port) == inode
@@ -316,11 +338,18 @@ def test_sighup_with_socket_activation_hands_over_the_inherited_socket(tmp_path)
         srv.proc.send_signal(signal.SIGHUP)
         wait_reloaded(srv)
         hammer.wait_for(20)
+        files = {fd: t for fd, t in open_files(srv.proc.pid).items() if t != "socket"}
+        srv.proc.send_signal(signal.SIGHUP)  # again: what the first reload handed over works too
+        wait_reloaded(srv, starts=3)
+        hammer.wait_for(20)
         assert hammer.finish() == [], srv.log()
         assert os.readlink("/proc/%d/fd/3" % srv.proc.pid) == socket_fd3
-        assert HANDED_OVER in srv.log()
+        assert srv.log().count(HANDED_OVER) == 2
         assert srv.log().count("socket activation: serving the listening socket") == 1
         assert server_pid(srv) == srv.proc.pid
+        # nothing leaks from one program to the next: the same files, one lock fd
+        assert {fd: t for fd, t in open_files(srv.proc.pid).items() if t != "socket"} == files
+        assert len(lock_fds(srv.proc.pid)) == 1
     finally:
         rc = srv.stop()
     assert rc == 0, srv.log()
@@ -367,6 +396,7 @@ def test_a_failed_exec_goes_back_to_serving_on_the_same_socket(tmp_path, notify_
         api = Api(srv)
         wait_until(lambda: notify_socket.values("READY"), what="READY=1")
         inode = listening_inode(srv.port)
+        files = {fd: t for fd, t in open_files(srv.proc.pid).items() if t != "socket"}
         sid = api.new_session()
         assert api.post_lab(sid)[0] == 200
         srv.switch("down_delay", value="3")  # the reload waits for this teardown
@@ -381,6 +411,14 @@ def test_a_failed_exec_goes_back_to_serving_on_the_same_socket(tmp_path, notify_
         wait_until(lambda: len(notify_socket.values("READY")) == 2, 10, what="READY=1 again")
         assert listening_inode(srv.port) == inode
         assert srv.log().count(LISTENING) == 1
+        # the fds moved for the exec are back where they were (the lock too, still held)
+        assert {fd: t for fd, t in open_files(srv.proc.pid).items() if t != "socket"} == files
+        assert len(lock_fds(srv.proc.pid)) == 1
+        second = subprocess.run([sys.executable, str(SERVER), "--port", "0", "--state-dir",
+                                 str(srv.state_dir), "--netlab", str(FAKE_NETLAB)],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=20)
+        assert second.returncode == 1 and "already running" in second.stderr, second
         # serving as before: the queue and the runner work again
         assert api.queue_length() == 1
         api.wait_lab_state("stopped")
