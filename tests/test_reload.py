@@ -274,6 +274,7 @@ def test_sighup_keeps_sessions_and_the_running_lab(start_server):
     assert after["lab"]["state"] == "running"
     assert after["lab"]["devices"] == before["lab"]["devices"]
     assert len(calls_of(srv, "up")) == ups and calls_of(srv, "down") == []
+    assert "restored the state of a reload: 3 session(s), lab adopted" in srv.log()
 
 
 def test_a_new_file_that_does_not_start_is_refused_and_the_server_keeps_serving(
@@ -389,7 +390,8 @@ def test_a_failed_exec_goes_back_to_serving_on_the_same_socket(tmp_path, notify_
     bindir.mkdir()
     python = bindir / "python3"
     python.symlink_to(sys.executable)
-    srv = ServerProcess(tmp_path, env={"NOTIFY_SOCKET": notify_socket.address})
+    srv = ServerProcess(tmp_path, env={"NOTIFY_SOCKET": notify_socket.address,
+                                       "WATCHDOG_USEC": "1000000"})
     srv.cmd[0] = str(python)
     srv.start()
     try:
@@ -409,6 +411,9 @@ def test_a_failed_exec_goes_back_to_serving_on_the_same_socket(tmp_path, notify_
         line = [x for x in srv.log().splitlines() if "| ERROR |" in x][0]
         assert "reload" in line and "exec" in line, line
         wait_until(lambda: len(notify_socket.values("READY")) == 2, 10, what="READY=1 again")
+        seen = len(notify_socket.all())  # housekeeping runs again: the watchdog pings go on
+        wait_until(lambda: any("WATCHDOG" in m for m in notified(notify_socket)[seen:]),
+                   timeout=5, what="a watchdog ping after the failed exec")
         assert listening_inode(srv.port) == inode
         assert srv.log().count(LISTENING) == 1
         # the fds moved for the exec are back where they were (the lock too, still held)
