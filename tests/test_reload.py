@@ -436,3 +436,21 @@ def test_service_unit_reloads_with_sighup():
     svc = unit("remote-lab.service")["Service"]
     assert svc["Type"] == "notify"  # RELOADING=1 ... READY=1 works with plain notify too
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
+def test_sigterm_during_a_reload_stops_the_server_instead(start_server):
+    """A stop signal while the reload waits for a teardown: no exec, the ordinary stop (exit 0,
+    STOPPING), nothing started again."""
+    srv, api = start_server()
+    sid = api.new_session()
+    assert api.post_lab(sid)[0] == 200
+    srv.switch("down_delay", value="3")  # the reload waits for this teardown
+    assert api.req("DELETE", "/lab", sid)[0] == 202
+    wait_until(lambda: calls_of(srv, "down"), 5, what="down started")
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload: answering what is in flight" in srv.log(), 20,
+               what="the reload to drain")
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(30) == 0, srv.log()
+    assert srv.log().count(LISTENING) == 1 and "re-executing" not in srv.log()
+    assert "received SIGTERM: shutting down" in srv.log()
