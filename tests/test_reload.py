@@ -15,13 +15,14 @@ import time
 
 import pytest
 
-from helpers import FAKE_NETLAB, ROOT, SERVER, ServerProcess, http as http_request
+from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess, http as http_request
 from server_support import (SIMPLE, Api, build_multipart, calls_of, pid_alive,  # noqa: F401
                             start_server, wait_until)
 from test_systemd import BASH, NotifySocket, _listening_socket, spare_fd, start_process, unit
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
+import remote_lab_client  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -249,10 +250,12 @@ def test_sighup_reexecs_in_place_while_clients_hammer_it(tmp_path, notify_socket
 
 def test_sighup_keeps_sessions_and_the_running_lab(start_server):
     """4 clients poll their sessions and heartbeat in a loop across a SIGHUP: no failed request,
-    the same sessions in the same order, the lab still running (no new `up`, no `down`)."""
+    the same sessions in the same order, the lab still running (no new `up`, no `down`); the
+    RemoteLabClient holding the lab (heartbeating meanwhile) rides through and reuses it."""
     srv, api = start_server()
-    sids = [api.new_session() for _ in range(3)]
-    assert api.post_lab(sids[0])[0] == 200
+    client = remote_lab_client.RemoteLabClient(srv.url, heartbeat_interval=0.2, progress=False)
+    client.acquire(TOPOLOGIES / "simple.yml")
+    sids = [client.session_id, api.new_session(), api.new_session()]
     before = api.health()
     ups = len(calls_of(srv, "up"))
     plans = [[("GET", "/session/%s" % sids[1], {}, (200,))],
@@ -272,6 +275,10 @@ def test_sighup_keeps_sessions_and_the_running_lab(start_server):
     assert after["lab"]["devices"] == before["lab"]["devices"]
     assert len(calls_of(srv, "up")) == ups and calls_of(srv, "down") == []
     assert "restored the state of a reload: 3 session(s), lab adopted" in srv.log()
+    assert client.lost is None
+    client.acquire(TOPOLOGIES / "simple.yml")
+    assert client.reused is True and len(calls_of(srv, "up")) == ups
+    client.close()
 
 
 def test_a_new_file_that_does_not_start_is_refused_and_the_server_keeps_serving(
