@@ -17,7 +17,7 @@ Sections, top to bottom (banners ``# N. ...``):
   7 HTTP: RequestGuard (Origin/Host), App (handlers: Request -> Response), FastRequestHead,
     RequestHandler (deadlines, caps), LabHTTPServer (connection cap, EMFILE back-off)
   8 Housekeeping   9 Rendering: metrics text, status page, OpenAPI, /docs
-  10 Simulated netlab   11 main()
+  10 Simulated netlab   11 main(), Reload (SIGHUP: re-exec in place, socket and lock handed over)
 """
 
 import argparse
@@ -430,6 +430,11 @@ class SessionQueue:
             self.closed = True
             self.changed.notify_all()
 
+    def reopen(self) -> None:
+        """Serving again after all (a reload whose exec failed): long-polls wait again."""
+        with self.lock:
+            self.closed = False
+
     def long_polls(self) -> int:
         """How many wait_change calls are blocked now (each is woken by the next change)."""
         with self.lock:
@@ -640,6 +645,11 @@ class NetlabRunner:
         for proc in procs:
             log.warning("shutting down: killing netlab (pid %d)", proc.pid)
             kill_process_group(proc)
+
+    def reopen(self) -> None:
+        """Serving again after all (a reload whose exec failed): `up` runs again."""
+        with self._running_lock:
+            self.closing = False
 
     def run(self, args: List[str], cwd: str, timeout: float, check: bool = True,
             ctx: str = "-", answer: Optional[bytes] = None) -> Tuple[int, str]:
@@ -2863,6 +2873,18 @@ class App:
         self.lab.expire_warm()
         self.lab.retry_unclean_due()
 
+    def resume(self) -> None:
+        """Undo stop(teardown=False): a reload that could not exec serves on. The threads that
+        ended with the stop (housekeeping, sd-status) have ended before ``stopping`` is cleared;
+        the caller starts them again."""
+        for thread in threading.enumerate():
+            if thread.name in ("housekeeping", "sd-status"):
+                thread.join(5)
+        self.stopping.clear()
+        self.queue.reopen()
+        self.runner.reopen()
+        self.store.set_meta("exit", "running")
+
     def cadence(self) -> float:
         """~5 s busy, ~15 s one active session, ~30 s idle; shorter for short timeouts."""
         n = len(self.queue)
@@ -3562,6 +3584,7 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
     server_version = "remote-lab/" + __version__
     disable_nagle_algorithm = True  # TCP_NODELAY: small responses go out at once
     app = None  # type: App  # set on the subclass made by make_server
+    kept_alive = False  # answered a request already (a new connection gets its first answer)
 
     # -- helpers --
     def header(self, name: str, default=None):
@@ -3586,7 +3609,7 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         built in one go (those helpers cost more than the rest of a poll).
         """
         status, body = response.status, response.body
-        if response.close:
+        if response.close or self.server.draining:  # a reload closes every connection
             self.close_connection = True
         if response.content_type is not None and status != 204:  # HTML, metrics, extra headers
             data = body
@@ -3661,6 +3684,7 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         reader = self.reader
         reader.start(*self.header_deadline)  # a new connection has no reason to wait
         self.handle_one_request()
+        self.kept_alive = True  # from now on it waits between two requests (a reload closes it)
         while not self.close_connection:
             reader.deadline = reader.pending = None  # between requests: --socket-timeout only
             self.handle_one_request()
@@ -3675,8 +3699,9 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             # wait for the request's first byte (peek: the read readline() would do), idle:
             # the server may close this connection to make room (LabHTTPServer.make_room)
             idle[self] = self.connection
-            try:
-                ready = self.rfile.peek(1)
+            try:  # draining (a reload): kept alive, close unless a request is already there
+                ready = (b"" if self.server.draining and self.kept_alive
+                         and not request_waiting(self.connection) else self.rfile.peek(1))
             finally:
                 mine = idle.pop(self, None) is not None  # atomic: the server may pop it first
             if not (ready and mine):
@@ -3850,6 +3875,17 @@ def raise_open_files_limit() -> int:
     return 0 if soft == resource.RLIM_INFINITY else soft
 
 
+def request_waiting(sock) -> bool:
+    """Bytes (or EOF) are ready to read on ``sock`` now."""
+    import select
+    try:
+        poller = select.poll()  # not select(): no limit on the fd number
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 class LabHTTPServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer that counts its connections: beyond the cap the oldest idle one is
     closed to make room, else the new one gets 503 (/healthz still answers); EMFILE on accept
@@ -3859,6 +3895,7 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 512
     connection_cap = 0  # 0: no cap (limit_connections() sets it)
+    draining = False  # a reload: every connection closes once its current answer is written
 
     def __init__(self, *args, **kwargs):
         self.connections_lock = threading.Lock()
@@ -3952,11 +3989,34 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
-    def wait_for_answers(self, timeout: float) -> bool:
-        """At exit: until every connection is idle (its answer written) or ``timeout`` passes;
-        worker threads are daemons and would otherwise die with an answer unsent."""
+    def start_draining(self) -> None:
+        """A reload: from now on every answer says ``Connection: close``; kept-alive connections
+        waiting for their next request are closed at once (their handler's read ends), unless
+        that request is already there. A new connection still gets its first request answered.
+        serve_forever() has returned: no connection is added."""
+        self.draining = True
+        idle = self.idle_connections
+        while True:
+            try:
+                waiting = list(idle.items())
+                break
+            except RuntimeError:  # changed meanwhile: handlers come and go without the lock
+                continue
+        with self.connections_lock:  # its handler cannot close the socket meanwhile
+            for handler, sock in waiting:
+                if handler.kept_alive and not request_waiting(sock) and \
+                        idle.pop(handler, None) is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def wait_for_answers(self, timeout: float, closed: bool = False) -> bool:
+        """At exit: until every connection is idle (its answer written) -- or, ``closed``,
+        closed -- or ``timeout`` passes; worker threads are daemons and would otherwise die
+        with an answer unsent."""
         deadline = time.monotonic() + timeout
-        while self.open_connections > len(self.idle_connections):
+        while self.open_connections > (0 if closed else len(self.idle_connections)):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
@@ -4004,12 +4064,12 @@ def address_family(host: str) -> int:
     return socket.AF_INET  # let bind() report the name
 
 
-def bind_server(settings: Settings, app: App,
-                listen_socket: Optional[socket.socket] = None) -> LabHTTPServer:
+def bind_server(settings: Settings, app: App, listen_socket: Optional[socket.socket] = None,
+                handed_over: bool = False) -> LabHTTPServer:
     handler = type("BoundRequestHandler", (RequestHandler,),
                    {"app": app, "timeout": settings.socket_timeout})
-    if listen_socket is not None:  # socket activation (section 9)
-        return server_from_socket(listen_socket, handler)
+    if listen_socket is not None:  # socket activation, or a reload's (section 9)
+        return server_from_socket(listen_socket, handler, handed_over)
     server_class = (LabHTTPServer6 if address_family(settings.host) == socket.AF_INET6
                     else LabHTTPServer)
     if settings.port_range:
@@ -4041,6 +4101,13 @@ def housekeeping_loop(app: App) -> None:
         app.stopping.wait(app.systemd.cadence(app.cadence()))
 
 
+def start_housekeeping(app: App) -> threading.Thread:
+    keeper = threading.Thread(target=housekeeping_loop, args=(app,), name="housekeeping",
+                              daemon=True)
+    keeper.start()
+    return keeper
+
+
 # ============================================================================================
 # 9. Operations: systemd integration, metrics, status page, OpenAPI document, API docs
 #    (the state they show is in section 6; nothing here runs on the request hot path)
@@ -4067,6 +4134,7 @@ class SystemdNotifier:
         self.sock = None  # type: Optional[socket.socket]
         self.last_status = None  # type: Optional[str]
         self.stopping_sent = False
+        self.environ = {}  # type: Dict[str, str]  # the variables from_environ() removed
 
     @classmethod
     def from_environ(cls, environ=None, unset: bool = True) -> "SystemdNotifier":
@@ -4081,10 +4149,14 @@ class SystemdNotifier:
                 usec = max(0, int(env.get("WATCHDOG_USEC") or 0))
         except ValueError:
             usec = 0
+        keys = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+        found = {key: env[key] for key in keys if key in env}
         if unset:
-            for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            for key in keys:
                 env.pop(key, None)
-        return cls(address, usec)
+        notifier = cls(address, usec)
+        notifier.environ = found  # a reload hands them to the re-executed server
+        return notifier
 
     @property
     def enabled(self) -> bool:
@@ -4129,6 +4201,13 @@ class SystemdNotifier:
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
+
+    def reloading(self, status: str = "reloading") -> bool:
+        """RELOADING=1 with the CLOCK_MONOTONIC time (systemd >= 253 wants it); READY=1 from
+        the re-executed server ends the reload."""
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        self.last_status = status
+        return self.notify("RELOADING=1", "MONOTONIC_USEC=%d" % usec, self._status_field(status))
 
     def stopping(self, status: str = "stopping") -> bool:
         """STOPPING=1 (once)."""
@@ -4185,16 +4264,21 @@ def sd_listen_socket(environ=None) -> Optional[socket.socket]:
     return sock
 
 
-def server_from_socket(sock: socket.socket, handler) -> "LabHTTPServer":
-    """A LabHTTPServer on an already bound and listening socket (socket activation)."""
+def server_from_socket(sock: socket.socket, handler,
+                       handed_over: bool = False) -> "LabHTTPServer":
+    """A LabHTTPServer on an already bound and listening socket (socket activation, or the
+    socket a reload handed over: ``handed_over``)."""
     server = LabHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     server.address_family = sock.family
     server.server_address = sock.getsockname()
     server.server_name, server.server_port = server.server_address[:2]
-    log.info("socket activation: serving the listening socket passed by systemd (fd %d); "
-             "--host/--port are ignored", sock.fileno())
+    if handed_over:
+        log.info("reload: serving the listening socket handed over (fd %d)", sock.fileno())
+    else:
+        log.info("socket activation: serving the listening socket passed by systemd (fd %d); "
+                 "--host/--port are ignored", sock.fileno())
     return server
 
 
@@ -5141,7 +5225,7 @@ def simulated_netlab_main(argv: List[str]) -> int:
 
 
 # ============================================================================================
-# 11. main(): CLI, logging, single-instance lock, status file, signals
+# 11. main(): CLI, logging, single-instance lock, status file, signals, reload (SIGHUP re-exec)
 # ============================================================================================
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(ctx)s | %(message)s"
@@ -5175,8 +5259,11 @@ class InstanceLock:
         self.path = os.path.join(state_dir, "server.lock")
         self.fd = None
 
-    def acquire(self) -> None:
+    def acquire(self, handed_over: Optional[int] = None) -> None:
+        """Lock the file, or adopt the lock a reload handed over (fd ``handed_over``)."""
         import fcntl
+        if handed_over is not None and self._adopt(handed_over):
+            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -5191,6 +5278,24 @@ class InstanceLock:
                              % (os.path.dirname(self.path), info.get("pid", "?"),
                                 info.get("port", "?")))
         self.fd = fd
+
+    def _adopt(self, fd: int) -> bool:
+        """The lock fd a reload handed over, still locked all along (no second server could
+        start in between): kept if it is this very file."""
+        import fcntl
+        try:
+            have, want = os.fstat(fd), os.stat(self.path)
+            if (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
+                log.warning("reload: fd %d handed over is not %s; locking it again", fd, self.path)
+                return False
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: a no-op that proves it
+            os.set_inheritable(fd, False)
+        except OSError as e:
+            log.warning("reload: the lock handed over (fd %d) is unusable (%s); locking %s again",
+                        fd, e, self.path)
+            return False
+        self.fd = fd
+        return True
 
     def record(self, **info) -> None:
         data = json.dumps(dict(info, pid=os.getpid())).encode()
@@ -5267,6 +5372,154 @@ class StatusFile:
                 pass
 
 
+SCRIPT = os.path.abspath(__file__)  # what a reload re-executes (the upgraded file, if any)
+RELOAD_PID_ENV = "REMOTE_LAB_RELOAD_PID"  # to the re-executed server: you are a reload of pid N
+LOCK_FD_ENV = "REMOTE_LAB_LOCK_FD"  # ... and this fd is your instance lock, still locked
+PREFLIGHT_TIMEOUT = 30.0  # s for `remote_lab.py --version` before a reload
+RELOAD_DRAIN_TIMEOUT = 30.0  # s for the answers in flight before the exec
+
+
+class Reload:
+    """SIGHUP: re-execute this server in place (same pid, for systemd's Type=notify), with the
+    same arguments, once the new file passed a preflight and what was in flight is answered.
+
+    The listening socket (never closed) goes to the new program on fd 3 with LISTEN_FDS and
+    LISTEN_PID, as socket activation passes it; the instance lock's fd goes along too (named by
+    REMOTE_LAB_LOCK_FD). A new file that does not run, or an exec that fails, leaves this server
+    serving as before.
+    """
+
+    def __init__(self, argv: List[str], app: App, server: "LabHTTPServer", lock: InstanceLock,
+                 stop_signal: threading.Event):
+        self.argv = list(argv)
+        self.app, self.server, self.lock = app, server, lock
+        self.stop_signal = stop_signal  # SIGTERM/SIGINT came: no exec, main() stops
+        self.requested = False  # the preflight passed: serve_forever() returns for run()
+        self.busy = False  # a reload is under way: another SIGHUP meanwhile is ignored
+
+    @staticmethod
+    def handed_over(environ=None) -> Optional[int]:
+        """In the re-executed server: the lock fd its predecessor handed over; None on an
+        ordinary start. The variables go (netlab must not see them)."""
+        env = os.environ if environ is None else environ
+        pid, fd = env.pop(RELOAD_PID_ENV, None), env.pop(LOCK_FD_ENV, None)
+        try:
+            return int(fd) if pid and int(pid) == os.getpid() and fd else None
+        except ValueError:
+            return None
+
+    def request(self) -> None:
+        """From the SIGHUP handler: the preflight in a thread; serving goes on meanwhile."""
+        if self.busy or self.stop_signal.is_set():
+            log.info("received SIGHUP: a reload or stop is already under way")
+            return
+        self.busy = True
+        log.info("received SIGHUP: reloading (checking %s first)", SCRIPT)
+        threading.Thread(target=self._check_then_stop_serving, name="reload", daemon=True).start()
+
+    def _check_then_stop_serving(self) -> None:
+        problem = self.preflight()
+        if problem:
+            log.error("reload refused, still serving the running version: %s", problem)
+            self.busy = False
+        elif not self.stop_signal.is_set():
+            self.requested = True
+            self.server.shutdown()  # serve_forever() returns: main() calls run()
+
+    @staticmethod
+    def preflight() -> Optional[str]:
+        """What is wrong with the file to re-execute (it must at least run ``--version``)."""
+        import subprocess
+        try:
+            p = subprocess.run([sys.executable, SCRIPT, "--version"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=PREFLIGHT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return "%s --version did not answer within %.0f s" % (SCRIPT, PREFLIGHT_TIMEOUT)
+        except OSError as e:
+            return "cannot run %s: %s" % (sys.executable, e)
+        if p.returncode != 0:
+            tail = p.stderr.decode("utf-8", "replace").strip().splitlines()[-4:]
+            return "%s --version failed (exit %d): %s" % (
+                SCRIPT, p.returncode, " / ".join(x.strip() for x in tail) or "no output")
+        log.info("reload: %s runs (%s)", SCRIPT, p.stdout.decode("utf-8", "replace").strip())
+        return None
+
+    def run(self) -> None:
+        """serve_forever() returned for the reload: drain, save, exec. Returns only when the
+        exec failed (serving again) or a stop signal came meanwhile."""
+        self.requested = False
+        app, server = self.app, self.server
+        app.systemd.notifier.reloading()
+        log.info("reload: answering what is in flight, closing connections")
+        server.start_draining()
+        app.stop(teardown=False, how="reload")  # the lab stays; the state is on disk
+        if not server.wait_for_answers(RELOAD_DRAIN_TIMEOUT, closed=True):
+            log.warning("reload: %d connections still open after %.0f s; re-executing anyway",
+                        server.open_connections, RELOAD_DRAIN_TIMEOUT)
+        if self.stop_signal.is_set():
+            return
+        try:
+            self.exec()
+        except OSError as e:
+            log.error("reload: cannot exec %s %s: %s; serving on with the running version",
+                      sys.executable, SCRIPT, e)
+        app.resume()
+        server.draining = False
+        self.busy = False
+        start_housekeeping(app)
+        app.systemd.ready()  # READY=1: the reload is over
+
+    def exec(self) -> None:
+        """execve() this program with the fds and variables handed over; raises OSError."""
+        argv = [sys.executable, SCRIPT] + self.argv
+        log.info("reload: re-executing %s (pid %d)", " ".join(shlex.quote(a) for a in argv),
+                 os.getpid())
+        for handler in log.handlers + logging.getLogger().handlers:
+            handler.flush()
+        lock_fd, undo = self._hand_over_fds()  # no logging from here: fd 3 changed
+        env = dict(os.environ, **self.app.systemd.notifier.environ)
+        env.pop("LISTEN_FDNAMES", None)
+        env.update({"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()),
+                    RELOAD_PID_ENV: str(os.getpid()), LOCK_FD_ENV: str(lock_fd)})
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the new server's handler
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError:
+            signal.signal(signal.SIGHUP, previous)
+            undo()
+            raise
+
+    def _hand_over_fds(self) -> Tuple[int, Callable[[], None]]:
+        """The listening socket on fd 3 (where sd_listen_fds() looks), the lock on another fd,
+        both inheritable. Returns the lock's fd and what undoes it all."""
+        import fcntl
+        listen_fd, lock_fd, target = self.server.socket.fileno(), self.lock.fd, SD_LISTEN_FDS_START
+        saved = None  # what fd 3 was, moved aside (the lock, a log file...)
+        if listen_fd != target:
+            try:
+                saved = fcntl.fcntl(target, fcntl.F_DUPFD_CLOEXEC, target + 1)
+                saved_inheritable = os.get_inheritable(target)
+            except OSError:  # fd 3 is free
+                pass
+            if lock_fd == target:
+                lock_fd = saved
+            os.dup2(listen_fd, target)
+        os.set_inheritable(target, True)
+        os.set_inheritable(lock_fd, True)
+
+        def undo():
+            os.set_inheritable(lock_fd, False)
+            if listen_fd == target:
+                os.set_inheritable(target, False)
+            elif saved is None:
+                os.close(target)
+            else:
+                os.dup2(saved, target, inheritable=saved_inheritable)
+                os.close(saved)
+        return lock_fd, undo
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [SIMULATED_NETLAB_FLAG]:
@@ -5288,9 +5541,10 @@ def main(argv=None) -> int:
                         "pass --netlab PATH, or use --simulate to try the server without it"
                         % settings.netlab)
         settings.netlab = os.path.abspath(found)
+    handed_over = Reload.handed_over()  # the lock fd, when this start is a reload
     lock = InstanceLock(settings.state_dir)
     try:
-        lock.acquire()
+        lock.acquire(handed_over)
     except SystemExit as e:
         return fail(str(e))
     if settings.simulate:
@@ -5306,7 +5560,7 @@ def main(argv=None) -> int:
         return cleanup_state_dir(App(settings, store=store))
     app = App(settings, SystemdNotifier.from_environ(), store)  # no-op without systemd (9)
     try:
-        server = bind_server(settings, app, sd_listen_socket())
+        server = bind_server(settings, app, sd_listen_socket(), handed_over is not None)
     except OSError as e:
         where = ("ports %d-%d" % settings.port_range if settings.port_range
                  else "port %d" % settings.port)
@@ -5315,10 +5569,16 @@ def main(argv=None) -> int:
     host, port = server.server_address[:2]
     lock.record(port=port, host=host)
 
+    stop_signal = threading.Event()
+    reload = Reload(argv, app, server, lock, stop_signal)
+
     # before anything reports us as running: a launcher may signal us as soon as it reads that
     def on_signal(signum, frame):
-        if not app.stopping.is_set():
+        if signum == signal.SIGHUP:
+            reload.request()
+        elif not stop_signal.is_set():
             log.info("received %s: shutting down", signal.Signals(signum).name)
+            stop_signal.set()
             app.stopping.set()
             app.systemd.stopping(settings.teardown_on_exit)
             threading.Thread(target=server.shutdown, daemon=True).start()
@@ -5336,11 +5596,13 @@ def main(argv=None) -> int:
     app.restore(existed)
     app.systemd.ready()  # READY=1, then STATUS= on changes (section 6)
 
-    keeper = threading.Thread(target=housekeeping_loop, args=(app,), name="housekeeping",
-                              daemon=True)
-    keeper.start()
+    start_housekeeping(app)
     try:
-        server.serve_forever(poll_interval=0.5)
+        while True:
+            server.serve_forever(poll_interval=0.5)
+            if stop_signal.is_set() or not reload.requested:
+                break
+            reload.run()  # re-executes this server; returns when that failed: serve on
     finally:
         server.server_close()
         app.stopping.set()
