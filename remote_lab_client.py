@@ -1883,8 +1883,28 @@ def _host_stop(files, st, running):
             _write_json_file(files.status, fresh)
     other = None if stopped else _external_server(files.workdir, time.time())
     _answer(ok=True, stopped=stopped, pid=st.get("pid"),
-            external_pid=other.get("pid") if other else None)
+            external_pid=other.get("pid") if other else None,
+            cleaned=_host_cleanup(st) if stopped else None)
     return 0
+
+
+def _host_cleanup(st):
+    """``stop`` is for good: a stopped server leaves its lab running for its next start, so
+    ``remote_lab.py --cleanup`` (same command, same state dir) tears it down. Its summary."""
+    command = list(st.get("command") or [])
+    if "--status-file" in command:
+        at = command.index("--status-file")
+        del command[at:at + 2]
+    if not command:
+        return None
+    try:
+        p = subprocess.run(command + ["--cleanup"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "cleanup failed: %s" % e
+    lines = [l.strip() for l in p.stdout.decode("utf-8", "replace").splitlines() if l.strip()]
+    return (lines[-1] if lines else "") + ("" if p.returncode == 0 else
+                                           " (exit %d)" % p.returncode)
 
 
 def _server_command(params, files):
@@ -2409,6 +2429,7 @@ class Launcher:
             except FileNotFoundError:
                 pass
             self.external_pid = answer.get("external_pid")  # a server it must leave alone
+            self.cleaned = answer.get("cleaned")  # what --cleanup tore down after the stop
             return bool(answer.get("stopped"))
 
     def status(self):
@@ -3007,6 +3028,8 @@ def _cmd_stop(args, command):
         return 0
     print("stopped the server on %s" % launcher.where if stopped
           else "no server was running on %s" % launcher.where)
+    if getattr(launcher, "cleaned", None):
+        print(launcher.cleaned)  # e.g. "remote-lab: 0 session(s) forgotten, 1 lab dir(s) ..."
     return 0
 
 

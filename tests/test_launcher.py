@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 import client_support
 from helpers import (CLIENT, ROOT, SERVER, TOPOLOGIES, http, kill_if_running, pid_alive, read_json,
                      stop_launched, wait_until)
+from server_support import Api
 from sshd_support import sshd  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
@@ -275,6 +277,23 @@ def test_local_launch_reconnect_stop(home):
     wait_until(lambda: not pid_alive(first.server_pid), what="server exit")
     assert read_json(server_files[0])["status"] == "stopped"
     assert not client_file.exists()
+
+
+def test_stop_is_for_good_it_tears_down_the_lab_the_server_left(home):
+    """A stopped server leaves its lab running for its next start; `stop` runs the server's
+    --cleanup on its state dir after it, so nothing is left on the lab host."""
+    launched = rlc.launch()
+    api = Api(types.SimpleNamespace(url=launched.url))
+    assert api.post_lab(api.new_session())[0] == 200
+    labs = [p for p in home.rglob("labs") if p.is_dir()]
+    assert len(labs) == 1 and list(labs[0].iterdir()), "the lab's dir"
+    out = cli("stop")
+    assert out.returncode == 0, out.stderr
+    assert "stopped the server" in out.stdout
+    assert "1 lab dir(s) torn down" in out.stdout, out.stdout
+    assert list(labs[0].iterdir()) == []
+    registry = [json.loads(p.read_text()) for p in home.rglob("simulated-netlab/status.json")]
+    assert registry == [{}]
 
 
 def test_two_concurrent_launches_make_one_server(home):
