@@ -1,0 +1,257 @@
+"""The client rides through a server restart (issue 11, item 5).
+
+A server that restarts refuses or resets connections for a while, answers work a stop cut short
+with ``503`` + ``Retry-After``, and closes idle keep-alive connections; the client retries all of
+these within its reconnect window and goes on with the same session. Real server processes
+throughout; the only thing in between is StaleProxy, a TCP forwarder that closes a reused
+keep-alive connection just as the next request arrives on it (the race a server closing idle
+connections loses now and then, made certain).
+"""
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from client_support import (SIMPLE, accept_each, active_session, cli, client, client_env,
+                            close_quietly, free_port, loopback_listener, pump, sessions,
+                            wait_until)
+from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
+from helpers import CLIENT, ServerProcess, in_thread, kill_if_running
+
+import remote_lab  # noqa: E402  (after client_support: repo root on sys.path)
+import remote_lab_client as rlc  # noqa: E402
+
+DURABLE = hasattr(remote_lab, "StateStore")  # the server keeps its state across restarts
+needs_durable_server = pytest.mark.skipif(not DURABLE, reason="needs the durable server")
+
+
+def requests_logged(srv, request_line, status=None):
+    """How many answers to ``request_line`` (e.g. "POST /session") the server logged (it runs
+    with --log-level DEBUG), only those with ``status`` if given."""
+    mark = 'http: "%s HTTP/1.1" %s' % (request_line, "" if status is None else "%d " % status)
+    return srv.log().count(mark)
+
+
+class HeldConnections:
+    """``n`` connections that take the server's connection slots: each sent the first byte of
+    a request line and nothing more, so the server neither closes them as idle (make_room())
+    nor lets them go before --header-timeout."""
+
+    def __init__(self, port, n):
+        self.socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+        for s in self.socks:
+            s.sendall(b"G")
+
+    def release(self):
+        close_quietly(*self.socks)
+
+
+class StaleProxy:
+    """A TCP forwarder to ``target_port``. Armed (``arm(how)``), it closes the next connection
+    that already carried a request as the next request arrives on it, passing nothing on: how
+    = "eof" closes it plainly, "reset" with an RST (``fresh_drops``: the first request of new
+    connections too, closed plainly). ``dropped`` counts those."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.armed = None
+        self.fresh_drops = 0  # also drop the first request of this many new connections
+        self.dropped = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        self.sockets = []
+        self.listener = loopback_listener()
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=accept_each, args=(self.listener, self._serve,
+                                                   lambda: self.closed), daemon=True).start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def arm(self, how):
+        with self.lock:
+            self.armed = how
+
+    def _serve(self, conn):
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        self.sockets += [conn, upstream]
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        carried = False
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    how, self.armed = (self.armed, None) if carried else (None, self.armed)
+                    if not carried and not how and self.fresh_drops:
+                        self.fresh_drops -= 1
+                        how = "eof"
+                if how:
+                    self.dropped += 1
+                    if how == "reset":
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                    break
+                carried = True
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            close_quietly(conn, upstream)
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        close_quietly(*self.sockets)
+
+
+@pytest.fixture
+def proxy():
+    made = []
+    yield lambda port: made.append(StaleProxy(port)) or made[-1]
+    for p in made:
+        p.close()
+
+
+def restarted(servers, old, *args, sig=signal.SIGTERM):
+    """Stop ``old`` with ``sig`` and start a server again on its port and state dir, with the
+    same fake netlab (its registry), and the flags ``args``: a restart, as systemd does it."""
+    old.stop(sig)
+    srv = ServerProcess(old.tmp.parent / ("%s-%d" % (old.tmp.name, len(servers.started))),
+                        "--port", old.port, "--state-dir", old.state_dir, *args,
+                        env={"FAKE_NETLAB_DIR": str(old.fake_dir)})
+    srv.fake_dir = old.fake_dir
+    servers.started.append(srv)
+    return srv.start()
+
+
+# ------------------------------------------------------------------------------------------
+# 503 with Retry-After: not processed, try later (any method)
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_session_is_created_after_503s_of_the_connection_cap(servers):
+    srv = servers.start("--max-connections", 2, "--log-level", "DEBUG")
+    held = HeldConnections(srv.port, 2)
+    t, result = in_thread(lambda: client(srv.url, heartbeat_interval=0))
+    try:
+        wait_until(lambda: requests_logged(srv, "POST /session", 503), timeout=10,
+                   what="a 503 for POST /session")
+    finally:
+        held.release()
+    t.join(20)
+    assert "value" in result, result
+    c = result["value"]
+    assert [s["session_id"] for s in sessions(srv)] == [c.session_id]
+    assert requests_logged(srv, "POST /session", 201) == 1
+    c.close()
+
+
+def test_without_a_session_a_503_with_retry_after_is_retried_the_usual_number_of_times(servers):
+    srv = servers.start("--max-connections", 2, "--log-level", "DEBUG")
+    held = HeldConnections(srv.port, 2)
+    try:
+        with pytest.raises(rlc.QueueFull) as info:
+            client(srv.url, heartbeat_interval=0, retries=3)
+    finally:
+        held.release()
+    assert info.value.status == 503 and "too many connections" in info.value.detail
+    assert requests_logged(srv, "POST /session", 503) == 4  # the first try and 3 retries
+    assert requests_logged(srv, "POST /session") == 4
+
+
+@pytest.mark.timeout(60)
+def test_with_a_session_a_503_with_retry_after_is_retried_within_the_reconnect_window(servers):
+    srv = servers.start("--max-connections", 2, "--log-level", "DEBUG",
+                        "--header-timeout", 40)
+    c = client(srv.url, heartbeat_interval=0, retries=2, reconnect_timeout=30)
+    c._http.close()  # (its keep-alive connection would take a slot)
+    held = HeldConnections(srv.port, 2)
+    t, result = in_thread(lambda: c.acquire(SIMPLE))
+    try:  # more 503s than retries: the reconnect window counts, not the retries
+        wait_until(lambda: requests_logged(srv, "POST /lab", 503) >= 4, timeout=30,
+                   what="four 503s for POST /lab")
+        assert t.is_alive(), result
+    finally:
+        held.release()
+    t.join(30)
+    assert [d.name for d in result.get("value", [])] == ["r1", "r2"], result
+    assert requests_logged(srv, "POST /lab", 200) == 1
+    assert c.lost is None and active_session(srv) == c.session_id
+    c.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_acquire_a_stop_cut_short_is_retried_on_the_next_server(servers):
+    """The stop kills `netlab up` and answers 503 + Retry-After: the client sends the acquire
+    again once a server answers. This one is new (another state dir), so the session is lost:
+    SessionLost, not the 503 as a ServerError."""
+    port = free_port()
+    first = servers.start("--port", port, name="first")
+    c = client(first.url, heartbeat_interval=0)
+    first.switch("up_hang")
+    t, result = in_thread(lambda: c.acquire(SIMPLE))
+    wait_until(lambda: first.netlab_verbs().count("up") == 1, timeout=10, what="netlab up")
+    assert first.stop() == 0
+    time.sleep(1.0)
+    assert t.is_alive(), result  # waiting for a server, not failed with the 503
+    second = servers.start("--port", port, "--log-level", "DEBUG", name="second")
+    t.join(30)
+    assert isinstance(result.get("error"), rlc.SessionLost), result
+    assert requests_logged(second, "POST /lab", 404) == 1
+    c.close()
+
+
+# ------------------------------------------------------------------------------------------
+# a stale keep-alive connection: sent again at once on a new one (any method)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["eof", "reset"])
+def test_a_post_on_a_keep_alive_connection_the_server_closed_is_sent_again(servers, proxy, how):
+    srv = servers.start("--log-level", "DEBUG")
+    p = proxy(srv.port)
+    c = client(p.url, heartbeat_interval=0, start_session=False, retries=0)
+    assert c.server_info()["service"] == "remote-lab"  # the keep-alive connection is open
+    p.arm(how)
+    c.start_session()  # POST /session on that connection: dropped, sent again on a new one
+    assert p.dropped == 1
+    assert [s["session_id"] for s in sessions(srv)] == [c.session_id]
+    assert requests_logged(srv, "POST /session") == 1
+    p.arm(how)
+    assert [d.name for d in c.acquire(SIMPLE)] == ["r1", "r2"]  # an upload, the same
+    assert p.dropped == 2 and requests_logged(srv, "POST /lab") == 1
+    c.close()
+    assert sessions(srv) == []
+
+
+def test_a_post_failing_again_on_the_new_connection_is_not_sent_a_third_time(servers, proxy):
+    """Only a reused connection is taken for closed while idle: a new connection failing the
+    same way keeps the usual rule (a POST that may have been processed is not sent again)."""
+    srv = servers.start("--log-level", "DEBUG")
+    p = proxy(srv.port)
+    c = client(p.url, heartbeat_interval=0)
+    p.arm("eof")
+    p.fresh_drops = 1
+    with pytest.raises(rlc.ConnectionFailed):
+        c.acquire(SIMPLE)
+    assert p.dropped == 2 and requests_logged(srv, "POST /lab") == 0
+    c.close()  # (a DELETE, on a new connection)
+    assert sessions(srv) == []
+
+
+def test_after_the_server_dropped_an_idle_connection_a_post_succeeds(servers):
+    """A real server closing idle keep-alive connections (--socket-timeout 1)."""
+    srv = servers.start("--socket-timeout", 1, "--log-level", "DEBUG")
+    c = client(srv.url, heartbeat_interval=0)
+    time.sleep(1.5)
+    assert [d.name for d in c.acquire(SIMPLE)] == ["r1", "r2"]
+    assert requests_logged(srv, "POST /lab") == 1
+    c.close()
