@@ -7,6 +7,7 @@ throughout; the only thing in between is StaleProxy, a TCP forwarder that closes
 keep-alive connection just as the next request arrives on it (the race a server closing idle
 connections loses now and then, made certain).
 """
+import logging
 import signal
 import socket
 import struct
@@ -17,7 +18,7 @@ import time
 
 import pytest
 
-from client_support import (SIMPLE, accept_each, active_session, cli, client, client_env,
+from client_support import (SIMPLE, accept_each, active_session, client, client_env,
                             close_quietly, free_port, loopback_listener, pump, sessions,
                             wait_until)
 from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
@@ -255,3 +256,130 @@ def test_after_the_server_dropped_an_idle_connection_a_post_succeeds(servers):
     assert [d.name for d in c.acquire(SIMPLE)] == ["r1", "r2"]
     assert requests_logged(srv, "POST /lab") == 1
     c.close()
+
+
+# ------------------------------------------------------------------------------------------
+# across a real restart: the same session, the same lab (the durable server)
+# ------------------------------------------------------------------------------------------
+
+
+def client_lines(caplog, level=logging.INFO):
+    """The client's log lines at ``level`` and above: [(level name, message)]."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "remote_lab_client" and r.levelno >= level]
+
+
+@needs_durable_server
+@pytest.mark.timeout(90)
+def test_an_acquire_a_stop_cut_short_succeeds_on_the_restarted_server(servers, caplog):
+    caplog.set_level(logging.INFO, logger="remote_lab_client")
+    srv = servers.start("--port", free_port(), name="first")
+    c = client(srv.url, heartbeat_interval=0.3)
+    srv.switch("up_hang")
+    t, result = in_thread(lambda: c.acquire(SIMPLE))
+    wait_until(lambda: srv.netlab_verbs().count("up") == 1, timeout=10, what="netlab up")
+    srv.switch("up_hang", on=False)
+    again = restarted(servers, srv)
+    t.join(30)
+    assert [d.name for d in result.get("value", [])] == ["r1", "r2"], result
+    assert c.lost is None and active_session(again) == c.session_id
+    assert again.netlab_verbs().count("up") == 2  # the killed one, and the one sent again
+    c.close()
+    assert sessions(again) == []
+    assert not [line for line in client_lines(caplog) if line[0] != "INFO"], caplog.text
+
+
+HOLDING_TEST = '''
+import os
+import time
+
+
+def test_holding_the_lab_across_a_restart(lab, remote_lab_client):
+    open(os.environ["STARTED"], "w").close()
+    while not os.path.exists(os.environ["GO"]):
+        time.sleep(0.1)
+    assert [d.name for d in lab] == ["r1", "r2"]
+    assert remote_lab_client.status()["ref_count"] == 1  # the same lab, still ours
+'''
+
+
+def holding_client(how, url, tmp_path):
+    """A client process that holds the lab until the file ``go`` exists: the CLI's ``run`` or
+    a pytest run with the plugin. Returns (Popen, started file, go file)."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    env = client_env(REMOTE_LAB_URL=url, REMOTE_LAB_HEARTBEAT_INTERVAL="0.3",
+                     STARTED=started, GO=go)
+    if how == "run":
+        script = ("import os, time\nopen(os.environ['STARTED'], 'w').close()\n"
+                  "while not os.path.exists(os.environ['GO']): time.sleep(0.1)")
+        argv = [CLIENT, "run", SIMPLE, "--", sys.executable, "-c", script]
+    else:
+        suite = tmp_path / "suite"
+        suite.mkdir()
+        (suite / "conftest.py").write_text(
+            "from remote_lab_client import remote_lab_fixture\n"
+            "pytest_plugins = ['remote_lab_client']\n"
+            "lab = remote_lab_fixture(%r)\n" % str(SIMPLE))
+        (suite / "test_hold.py").write_text(HOLDING_TEST)
+        argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)]
+    proc = subprocess.Popen([sys.executable] + [str(a) for a in argv], cwd=str(tmp_path),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    return proc, started, go
+
+
+@needs_durable_server
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["run", "pytest"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_client_holding_the_lab_finishes_normally_across_a_restart(servers, tmp_path, how,
+                                                                     sig):
+    srv = servers.start("--port", free_port(), name="first")
+    proc, started, go = holding_client(how, srv.url, tmp_path)
+    try:
+        wait_until(started.exists, timeout=30, what="the lab held")
+        sid = active_session(srv)
+        ups = srv.netlab_verbs().count("up")
+        again = restarted(servers, srv, sig=sig)
+        time.sleep(1.0)  # heartbeats reach the new server meanwhile
+        assert proc.poll() is None, proc.communicate()
+        assert active_session(again) == sid
+        go.write_text("")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_if_running(proc)
+    assert proc.returncode == 0, (out, err)
+    assert "lost" not in err and "Traceback" not in err, err
+    if how == "pytest":
+        assert "1 passed" in out, out
+    assert again.netlab_verbs().count("up") == ups  # adopted: not brought up again
+    wait_until(lambda: sessions(again) == [], timeout=10, what="the session ended")
+
+
+@needs_durable_server
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_waiting_clients_get_their_turns_in_order_across_a_restart(servers, caplog, sig):
+    caplog.set_level(logging.INFO, logger="remote_lab_client")
+    srv = servers.start("--port", free_port(), name="first")
+    holder = client(srv.url, heartbeat_interval=0.3)
+    holder.acquire(SIMPLE)
+    waiters = []
+    for n in (2, 3):
+        waiters.append(in_thread(lambda: client(srv.url, heartbeat_interval=0.3)))
+        wait_until(lambda: len(sessions(srv)) == n, timeout=10, what="%d sessions" % n)
+    order = [s["session_id"] for s in sessions(srv)]
+    again = restarted(servers, srv, sig=sig)
+    assert [s["session_id"] for s in sessions(again)] == order
+    time.sleep(1.0)  # the waiters' polls reach the new server
+    assert all(t.is_alive() for t, _ in waiters), waiters
+    holder.close()
+    for n, (t, result) in enumerate(waiters, 1):
+        t.join(30)
+        assert "value" in result, result
+        assert result["value"].session_id == order[n] == active_session(again)
+        if n == 1:
+            assert waiters[1][0].is_alive(), waiters[1][1]  # still waiting its turn
+        result["value"].close()
+    assert sessions(again) == []
+    assert not [line for line in client_lines(caplog) if line[0] != "INFO"], caplog.text
