@@ -19,16 +19,12 @@ import time
 import pytest
 
 from client_support import (SIMPLE, accept_each, active_session, client, client_env,
-                            close_quietly, free_port, loopback_listener, pump, sessions,
+                            close_quietly, free_port, lab_idle, loopback_listener, pump, sessions,
                             wait_until)
 from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, ServerProcess, in_thread, kill_if_running
 
-import remote_lab  # noqa: E402  (after client_support: repo root on sys.path)
-import remote_lab_client as rlc  # noqa: E402
-
-DURABLE = hasattr(remote_lab, "StateStore")  # the server keeps its state across restarts
-needs_durable_server = pytest.mark.skipif(not DURABLE, reason="needs the durable server")
+import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
 
 def requests_logged(srv, request_line, status=None):
@@ -121,10 +117,13 @@ def proxy():
         p.close()
 
 
-def restarted(servers, old, *args, sig=signal.SIGTERM):
-    """Stop ``old`` with ``sig`` and start a server again on its port and state dir, with the
-    same fake netlab (its registry), and the flags ``args``: a restart, as systemd does it."""
+def restarted(servers, old, *args, sig=signal.SIGTERM, meanwhile=None):
+    """Stop ``old`` with ``sig`` (then call ``meanwhile``) and start a server again on its port
+    and state dir, with the same fake netlab (its registry), and the flags ``args``: a
+    restart, as systemd does it."""
     old.stop(sig)
+    if meanwhile is not None:
+        meanwhile()
     srv = ServerProcess(old.tmp.parent / ("%s-%d" % (old.tmp.name, len(servers.started))),
                         "--port", old.port, "--state-dir", old.state_dir, *args,
                         env={"FAKE_NETLAB_DIR": str(old.fake_dir)})
@@ -269,7 +268,6 @@ def client_lines(caplog, level=logging.INFO):
             if r.name == "remote_lab_client" and r.levelno >= level]
 
 
-@needs_durable_server
 @pytest.mark.timeout(90)
 def test_an_acquire_a_stop_cut_short_succeeds_on_the_restarted_server(servers, caplog):
     caplog.set_level(logging.INFO, logger="remote_lab_client")
@@ -299,13 +297,15 @@ def test_holding_the_lab_across_a_restart(lab, remote_lab_client):
     while not os.path.exists(os.environ["GO"]):
         time.sleep(0.1)
     assert [d.name for d in lab] == ["r1", "r2"]
-    assert remote_lab_client.status()["ref_count"] == 1  # the same lab, still ours
+    if open(os.environ["GO"]).read() == "check":  # (else: end without a request)
+        assert remote_lab_client.status()["ref_count"] == 1  # the same lab, still ours
 '''
 
 
 def holding_client(how, url, tmp_path):
     """A client process that holds the lab until the file ``go`` exists: the CLI's ``run`` or
-    a pytest run with the plugin. Returns (Popen, started file, go file)."""
+    a pytest run with the plugin (whose test then checks the lab if ``go`` says "check").
+    Returns (Popen, started file, go file)."""
     started, go = tmp_path / "started", tmp_path / "go"
     env = client_env(REMOTE_LAB_URL=url, REMOTE_LAB_HEARTBEAT_INTERVAL="0.3",
                      STARTED=started, GO=go)
@@ -328,7 +328,6 @@ def holding_client(how, url, tmp_path):
     return proc, started, go
 
 
-@needs_durable_server
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["run", "pytest"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -344,7 +343,7 @@ def test_a_client_holding_the_lab_finishes_normally_across_a_restart(servers, tm
         time.sleep(1.0)  # heartbeats reach the new server meanwhile
         assert proc.poll() is None, proc.communicate()
         assert active_session(again) == sid
-        go.write_text("")
+        go.write_text("check")
         out, err = proc.communicate(timeout=60)
     finally:
         kill_if_running(proc)
@@ -356,7 +355,32 @@ def test_a_client_holding_the_lab_finishes_normally_across_a_restart(servers, tm
     wait_until(lambda: sessions(again) == [], timeout=10, what="the session ended")
 
 
-@needs_durable_server
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["run", "pytest"])
+def test_a_client_ending_while_the_server_restarts_ends_its_session_once_it_is_back(
+        servers, tmp_path, how):
+    """The command (or the test) ends while the server is down: the release and the session's
+    end wait for the server, rather than leave the lab held until the session times out."""
+    srv = servers.start("--port", free_port(), name="first")
+    proc, started, go = holding_client(how, srv.url, tmp_path)
+    try:
+        wait_until(started.exists, timeout=30, what="the lab held")
+
+        def the_command_ends():
+            go.write_text("")
+            time.sleep(2.0)  # the client ends meanwhile: it waits for the server
+            assert proc.poll() is None, proc.communicate()
+
+        again = restarted(servers, srv, meanwhile=the_command_ends)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_if_running(proc)
+    assert proc.returncode == 0, (out, err)
+    assert "releasing the lab" not in err and "ending session" not in err, err
+    wait_until(lambda: sessions(again) == [], timeout=10, what="the session ended")
+    wait_until(lambda: lab_idle(again), timeout=10, what="the lab released")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_waiting_clients_get_their_turns_in_order_across_a_restart(servers, caplog, sig):
