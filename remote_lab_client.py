@@ -753,8 +753,8 @@ class HttpTransport:
 
         ``body``: bytes, a JSON-able dict/list, or a :class:`MultipartBody`. ``timeout`` bounds
         each attempt as a whole (connect, send, answer); ``reconnect`` (default
-        ``reconnect_timeout``) how long connection failures are retried, unless the Event
-        ``stop`` is set. Raises ConnectionFailed / RequestTimeout / ProtocolError; HTTP error
+        ``reconnect_timeout``) how long connection failures (and 503s with Retry-After) are
+        retried, unless the Event ``stop`` is set. Raises ConnectionFailed / RequestTimeout / ProtocolError; HTTP error
         statuses are returned, not raised.
         """
         timeout = self.timeout if timeout is None else float(timeout)
@@ -934,14 +934,16 @@ def _broken(error, unanswered_reuse):
 def _retry_after(resp):
     """The seconds a 503's Retry-After asks for (at most RETRY_AFTER_CAP; a date: 1 s), or None
     when the answer is no 503 with Retry-After: the server did not process the request."""
-    value = resp.headers.get("Retry-After") if resp.status == 503 and resp.headers else None
+    if resp.status != 503 or resp.headers is None:
+        return None
+    value = resp.headers.get("Retry-After")
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        seconds = 1.0
-    return min(RETRY_AFTER_CAP, max(0.1, seconds)) if seconds == seconds else 1.0
+        return 1.0
+    return min(RETRY_AFTER_CAP, max(0.1, seconds)) if seconds == seconds else 1.0  # (NaN)
 
 
 def _describe(error):
