@@ -8,6 +8,7 @@ keep-alive connection just as the next request arrives on it (the race a server 
 connections loses now and then, made certain).
 """
 import logging
+import select
 import signal
 import socket
 import struct
@@ -40,12 +41,42 @@ class HeldConnections:
     nor lets them go before --header-timeout."""
 
     def __init__(self, port, n):
-        self.socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
-        for s in self.socks:
-            s.sendall(b"G")
+        self.port = port
+        self.socks = []
+        for _ in range(50):  # until a probe over the cap closes none of them
+            self.socks += [self._one() for _ in range(n - len(self.socks))]
+            self._probe()
+            alive = [s for s in self.socks if not _closed_by_peer(s)]
+            close_quietly(*(s for s in self.socks if s not in alive))
+            if len(alive) == n:
+                return
+            self.socks = alive
+        raise AssertionError("the server keeps closing the held connections")
+
+    def _one(self):
+        s = socket.create_connection(("127.0.0.1", self.port))
+        s.sendall(b"G")
+        return s
+
+    def _probe(self):
+        """GET /healthz over the cap: the server first closes a connection that has sent
+        nothing yet (idle to it: its handler did not see the byte yet), if there is one."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            while s.recv(65536):
+                pass
 
     def release(self):
         close_quietly(*self.socks)
+
+
+def _closed_by_peer(sock):
+    if not select.select([sock], [], [], 0.1)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class StaleProxy:
