@@ -273,8 +273,11 @@ grandchild = subprocess.Popen([sys.executable, "-c",
     "    open(sys.argv[1], 'w').write('SIGTERM')\n"
     "    sys.exit(0)\n"
     "signal.signal(signal.SIGTERM, term)\n"
+    "open(sys.argv[1] + '.ready', 'w').close()\n"
     "time.sleep(120)\n", out + ".grandchild"])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the command itself needs the SIGKILL
+while not os.path.exists(out + ".grandchild.ready"):  # its handler is in place
+    time.sleep(0.01)
 with open(out + ".tmp", "w") as f:
     json.dump({"child": os.getpid(), "grandchild": grandchild.pid,
                "session": os.environ["REMOTE_LAB_SESSION"]}, f)
