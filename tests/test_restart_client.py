@@ -20,8 +20,8 @@ import time
 import pytest
 
 from client_support import (SIMPLE, accept_each, active_session, client, client_env,
-                            close_quietly, free_port, lab_idle, loopback_listener, pump, sessions,
-                            wait_until)
+                            close_quietly, free_port, http, lab_idle, loopback_listener, pump,
+                            sessions, wait_until)
 from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, ServerProcess, in_thread, kill_if_running
 
@@ -438,3 +438,41 @@ def test_waiting_clients_get_their_turns_in_order_across_a_restart(servers, capl
         result["value"].close()
     assert sessions(again) == []
     assert not [line for line in client_lines(caplog) if line[0] != "INFO"], caplog.text
+
+
+@pytest.mark.timeout(90)
+def test_clients_hammering_posts_across_reloads_see_no_error(servers):
+    """A reload (SIGHUP) closes idle keep-alive connections: a POST that meets one just closed
+    is sent again on a new connection (4 clients, each a GET and a POST in turn, 3 reloads)."""
+    srv = servers.start()
+    sids = [http("POST", srv.url + "/session")[1]["session_id"] for _ in range(4)]
+    errors, rounds = [], [0]
+    stop = threading.Event()
+
+    def hammer(sid):
+        c = client(srv.url, heartbeat_interval=0, start_session=False)
+        c._http.reconnect_timeout = 30  # (set once a session is created; this one has none)
+        while not stop.is_set():
+            try:
+                c.server_info()
+                resp = c._http.request("POST", "/session/heartbeat", idempotent=False,
+                                       headers={"X-Session-ID": sid})
+                assert resp.status == 204, (resp.status, resp.detail)
+                rounds[0] += 1
+            except (rlc.RemoteLabError, AssertionError) as e:
+                errors.append(e)
+        c.close()
+
+    threads = [threading.Thread(target=hammer, args=(sid,), daemon=True) for sid in sids]
+    for t in threads:
+        t.start()
+    for n in range(3):
+        wait_until(lambda: rounds[0] >= 200 * (n + 1), timeout=20, what="rounds")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: srv.log().count("Listening on") >= n + 2, timeout=20,
+                   what="reload %d" % (n + 1))
+    wait_until(lambda: rounds[0] >= 800, timeout=20, what="rounds after the reloads")
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert errors == [], errors
