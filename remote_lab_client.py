@@ -78,6 +78,7 @@ _log = logging.getLogger("remote_lab_client")
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # the server's default active timeout is 300 s
 LONG_POLL_SECONDS = 20.0  # per GET /session/{id}?wait=S (the server allows S <= 60)
 FALLBACK_POLL_SECONDS = 0.5  # polling cadence against a server that ignores ?wait=
+RETRY_AFTER_CAP = 5.0  # s: the longest wait a 503's Retry-After gets (then ask again)
 DEFAULT_RECONNECT_TIMEOUT = 60.0  # riding through a server restart (systemd: RestartSec=5s)
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # an answer above this is refused unread
 EXIT_LAB_LOST = 75  # `run` / `acquire`: the session ended under us (EX_TEMPFAIL: try again)
@@ -479,6 +480,12 @@ class _Broken(Exception):
     """The connection failed after (part of) the request was sent."""
 
 
+class _Stale(_Broken):
+    """A reused keep-alive connection was closed or reset before any byte of the answer: the
+    server had closed it while idle and never processed the request (any request may be sent
+    again, once, on a new connection)."""
+
+
 def _quote_filename(name):
     return name.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -538,6 +545,7 @@ class _DeadlineSocket:
     def __init__(self, sock):
         self._sock = sock
         self.deadline = None
+        self.received = 0  # bytes of the answer so far (reset for each exchange)
 
     def _arm(self):
         if self.deadline is not None:
@@ -548,11 +556,15 @@ class _DeadlineSocket:
 
     def recv_into(self, *args):
         self._arm()
-        return self._sock.recv_into(*args)
+        n = self._sock.recv_into(*args)
+        self.received += n
+        return n
 
     def recv(self, *args):
         self._arm()
-        return self._sock.recv(*args)
+        data = self._sock.recv(*args)
+        self.received += len(data)
+        return data
 
     def sendall(self, *args):
         self._arm()
@@ -608,10 +620,13 @@ class HttpTransport:
 
     Requests never interleave on the connection. A caller that cannot get the lock within
     ``lock_timeout`` (the heartbeat thread while a long request runs) uses a one-off connection.
-    Connection failures before anything was sent are retried for every request; after that,
-    and for 502/503/504, only idempotent requests are retried (with exponential backoff).
-    With ``reconnect_timeout`` (the client sets it once it has a session) connection failures
-    are retried for that many seconds, idempotent requests' timeouts too: a restart is waited for.
+    Connection failures before anything was sent are retried for every request, and so is a
+    503 with Retry-After (not processed: a stop, the connection cap; after the time it asks,
+    at most RETRY_AFTER_CAP) and a reused keep-alive connection closed before any byte of the
+    answer (the server closed it idle: sent again at once, once). After that, and for 502,
+    504 and a 503 without Retry-After, only idempotent requests are retried (with exponential
+    backoff). With ``reconnect_timeout`` (the client sets it once it has a session) these are
+    retried for that many seconds, idempotent requests' timeouts too: a restart is waited for.
     """
 
     def __init__(self, base_url, timeout=30.0, token=None, ca_file=None, insecure=False,
@@ -629,6 +644,8 @@ class HttpTransport:
         self._lock = threading.Lock()
         self._conn = None
         self._ssl_context = None
+        self._outage = None  # since when the server does not answer (any request's failures)
+        self._outage_lock = threading.Lock()
 
     def _target(self, base_url):
         try:
@@ -667,6 +684,28 @@ class HttpTransport:
             self._target(new_url)
         _log.info("server reached again at %s", self.base_url)
         return True
+
+    # -- outages: one line when the server stops answering, one when it answers again --
+    def _outage_begins(self, why, reconnect):
+        with self._outage_lock:
+            if self._outage is not None:  # (another request, or the heartbeat, said it)
+                return
+            self._outage = time.monotonic()
+        _log.info("%s; retrying for up to %s", why, _duration(reconnect))
+
+    def _answered(self):
+        if self._outage is None:  # (the usual case, without the lock)
+            return
+        with self._outage_lock:
+            since, self._outage = self._outage, None
+        if since is not None:
+            _log.info("the remote lab server at %s answers again (after %s)", self.base_url,
+                      _duration(time.monotonic() - since))
+
+    def outage_for(self):
+        """Seconds since the server stopped answering, 0 while it answers."""
+        since = self._outage
+        return 0.0 if since is None else time.monotonic() - since
 
     # -- connections --
     def _context(self):
@@ -714,8 +753,8 @@ class HttpTransport:
 
         ``body``: bytes, a JSON-able dict/list, or a :class:`MultipartBody`. ``timeout`` bounds
         each attempt as a whole (connect, send, answer); ``reconnect`` (default
-        ``reconnect_timeout``) how long connection failures are retried, unless the Event
-        ``stop`` is set. Raises ConnectionFailed / RequestTimeout / ProtocolError; HTTP error
+        ``reconnect_timeout``) how long connection failures (and 503s with Retry-After) are
+        retried, unless the Event ``stop`` is set. Raises ConnectionFailed / RequestTimeout / ProtocolError; HTTP error
         statuses are returned, not raised.
         """
         timeout = self.timeout if timeout is None else float(timeout)
@@ -725,14 +764,15 @@ class HttpTransport:
         retries = self.retries if retries is None else retries
         hdrs, body = self._prepare(method, headers, body, content_type)
         attempt = 0
-        relocated = False
-        outage = None  # when the connection failures of this request began
+        relocated = resent = False
+        outage = None  # when the connection failures (or 503s) of this request began
         while True:
             url = self.url(path, query)  # (again after a relocation)
             what = "%s %s%s" % (method, self.base_url, path)
             failure = None
             safe = True  # to send again: nothing reached the server, or the request is idempotent
             counted = True  # retried `retries` times at least (timeouts: only while reconnecting)
+            delay = None  # the server's Retry-After, else exponential backoff
             try:
                 resp = self._send_once(method, url, hdrs, body, timeout, lock_timeout)
                 resp.request = (method, self.base_url, path)
@@ -743,6 +783,14 @@ class HttpTransport:
                         continue
                 failure = ConnectionFailed("cannot connect to the remote lab at %s: %s"
                                            % (self.base_url, _describe(e.args[0])))
+            except _Stale as e:
+                if not resent:  # closed while idle: the request never got there
+                    resent = True
+                    _log.debug("%s: %s; sending it again on a new connection", what,
+                               _describe(e.args[0]))
+                    continue
+                failure = ConnectionFailed("%s failed: %s" % (what, _describe(e.args[0])))
+                safe = idempotent
             except _Broken as e:
                 failure = ConnectionFailed("%s failed: %s" % (what, _describe(e.args[0])))
                 safe = idempotent
@@ -751,22 +799,33 @@ class HttpTransport:
                 safe = idempotent
                 counted = False
             else:
-                if resp.status in (502, 503, 504) and idempotent and attempt < retries:
+                delay = _retry_after(resp)
+                if delay is not None:  # not processed (a stop, the connection cap): any method
+                    now = time.monotonic()
+                    outage = outage or now
+                    if not (attempt < retries or now - outage < reconnect) \
+                            or (stop is not None and stop.is_set()):
+                        return resp
+                    if reconnect > 0:
+                        self._outage_begins("%s -> 503 (%s)" % (what, resp.detail), reconnect)
+                elif resp.status in (502, 503, 504) and idempotent and attempt < retries:
                     _log.debug("%s -> %d, retrying", what, resp.status)
                 else:
+                    self._answered()
                     return resp
             if failure is not None:
                 now = time.monotonic()
                 if self.server_gone:
                     reconnect = 0.0
-                if outage is None:
-                    outage = now
-                    if reconnect > 0 and safe:
-                        _log.info("%s; retrying for up to %s", failure, _duration(reconnect))
+                outage = outage or now
+                if reconnect > 0 and safe:
+                    self._outage_begins(failure, reconnect)
                 if not safe or not ((counted and attempt < retries) or now - outage < reconnect) \
                         or (stop is not None and stop.is_set()):
                     raise failure from None
-            delay = min(2.0, self.backoff * 2 ** min(attempt, 8)) * (0.8 + 0.4 * random.random())
+            if delay is None:
+                delay = min(2.0, self.backoff * 2 ** min(attempt, 8)) \
+                    * (0.8 + 0.4 * random.random())
             attempt += 1
             _log.debug("%s: retry %d in %.2f s", what, attempt, delay)
             if stop is not None:
@@ -820,13 +879,16 @@ class HttpTransport:
     def _exchange(self, conn, method, url, headers, body, timeout):
         deadline = time.monotonic() + timeout  # for all of it: connect, send, answer
         what = "%s %s%s" % (method, self.base_url, url[len(self.prefix):])
+        reused = conn.sock is not None  # an open keep-alive connection
         try:
             if conn.sock is None:
                 conn.timeout = timeout
                 conn.connect()
             if not isinstance(conn.sock, _DeadlineSocket):
                 conn.sock = _DeadlineSocket(conn.sock)
-            conn.sock.deadline = deadline
+            sock = conn.sock  # (http.client drops conn.sock when the answer fails)
+            sock.deadline = deadline
+            sock.received = 0
         except ssl.SSLError as e:  # certificate problems are not worth retrying
             raise ConnectionFailed(
                 "TLS with %s:%s failed: %s (for a private CA set REMOTE_LAB_CA_FILE=PEM; "
@@ -850,14 +912,38 @@ class HttpTransport:
                 except ProtocolError:
                     raise
                 except Exception:
-                    raise _Broken(e) from None
+                    raise _broken(e, reused and not sock.received) from None
             resp = conn.getresponse()
             data = _read_body(resp, what)
         except socket.timeout:
             raise RequestTimeout("%s: no answer within %.0f s" % (what, timeout)) from None
         except (OSError, http.client.HTTPException) as e:
-            raise _Broken(e) from None
+            raise _broken(e, reused and not sock.received) from None
         return Response(resp.status, resp.reason, resp.headers, data)
+
+
+def _broken(error, unanswered_reuse):
+    """_Stale for a reused connection closed or reset before any byte of its answer (the
+    server closed it idle: http.client's RemoteDisconnected is a ConnectionResetError), else
+    _Broken."""
+    if unanswered_reuse and isinstance(error, (ConnectionResetError, BrokenPipeError)):
+        return _Stale(error)
+    return _Broken(error)
+
+
+def _retry_after(resp):
+    """The seconds a 503's Retry-After asks for (at most RETRY_AFTER_CAP; a date: 1 s), or None
+    when the answer is no 503 with Retry-After: the server did not process the request."""
+    if resp.status != 503 or resp.headers is None:
+        return None
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return 1.0
+    return min(RETRY_AFTER_CAP, max(0.1, seconds)) if seconds == seconds else 1.0  # (NaN)
 
 
 def _describe(error):
@@ -1368,12 +1454,13 @@ class RemoteLabClient:
         if self.session_id is None:
             self.start_session()
 
-    def _delete_session(self):
+    def _delete_session(self, reconnect=0.0):
         sid = self.session_id
         if sid is None:
             return
         try:
-            resp = self._http.request("DELETE", self._session_path(), retries=1, reconnect=0)
+            resp = self._http.request("DELETE", self._session_path(), retries=1,
+                                      reconnect=reconnect)
             if resp.status not in (200, 204, 404):
                 _log.warning("ending session %s: %s (HTTP %d)", sid, resp.detail, resp.status)
         except RemoteLabError as e:
@@ -1404,17 +1491,22 @@ class RemoteLabClient:
         try:
             if self.session_id is not None and (not self._lost or self._lost_unreachable):
                 headers = {"X-Session-ID": self.session_id}
+                # a restart is waited for (else the session holds the lab until it times out),
+                # a server that stayed away for the reconnect window already is not
+                reconnect = None
+                if self._lost_unreachable or self._http.outage_for() >= self.reconnect_timeout:
+                    reconnect = 0.0
                 while self._held > 0:
                     self._held -= 1
                     try:
                         resp = self._http.request("POST", "/lab/release", headers=headers,
-                                                  retries=1, reconnect=0)
+                                                  retries=1, reconnect=reconnect)
                     except RemoteLabError as e:
                         _log.warning("releasing the lab: %s", e)
                         break
                     if resp.status not in (200, 204):
                         break  # no lab / not active: the session's end cleans up anyway
-                self._delete_session()
+                self._delete_session(reconnect)
         finally:
             self._http.close()
 

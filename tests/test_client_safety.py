@@ -6,6 +6,7 @@ our server never gives (slow, huge, malformed), and a TCP gate (Gate) on a fixed
 refuse connections for a while, like a server being restarted by systemd.
 """
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,8 +20,8 @@ import time
 import pytest
 
 from client_support import (SIMPLE, accept_each, active_session, cli, client, client_env,
-                            free_port, health, http, loopback_listener, one_error_line, pump,
-                            sessions, wait_until)
+                            free_port, health, http, lab_idle, loopback_listener,
+                            one_error_line, pump, sessions, wait_until)
 from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, in_thread, kill_if_running, made_by, parse_head, pid_alive
 
@@ -272,8 +273,11 @@ grandchild = subprocess.Popen([sys.executable, "-c",
     "    open(sys.argv[1], 'w').write('SIGTERM')\n"
     "    sys.exit(0)\n"
     "signal.signal(signal.SIGTERM, term)\n"
+    "open(sys.argv[1] + '.ready', 'w').close()\n"
     "time.sleep(120)\n", out + ".grandchild"])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the command itself needs the SIGKILL
+while not os.path.exists(out + ".grandchild.ready"):  # its handler is in place
+    time.sleep(0.01)
 with open(out + ".tmp", "w") as f:
     json.dump({"child": os.getpid(), "grandchild": grandchild.pid,
                "session": os.environ["REMOTE_LAB_SESSION"]}, f)
@@ -547,6 +551,52 @@ def test_refused_connections_are_ridden_through_waiting_and_holding_the_lab(srv,
     assert "value" in waiter, waiter
     assert active_session(srv) == waiter["value"].session_id
     waiter["value"].close()
+
+
+def client_lines(caplog, level=logging.INFO):
+    """The client's log lines at ``level`` and above: [(level name, message)]."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "remote_lab_client" and r.levelno >= level]
+
+
+@pytest.mark.timeout(90)
+def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(srv, gates, caplog):
+    caplog.set_level(logging.INFO, logger="remote_lab_client")
+    gate = gates(srv.port)
+    holder = client(gate.url, heartbeat_interval=0.3)
+    holder.acquire(SIMPLE)
+    caplog.clear()
+    gate.down()
+    t, call = in_thread(holder.status)
+    time.sleep(3)  # the call and the heartbeats retry meanwhile
+    gate.up()
+    t.join(30)
+    assert call.get("value", {}).get("ref_count") == 1, call
+    wait_until(lambda: len(client_lines(caplog)) >= 2, timeout=10, what="the outage's end")
+    time.sleep(1)  # heartbeats after it add nothing
+    lines = client_lines(caplog)
+    assert [level for level, _ in lines] == ["INFO", "INFO"], lines
+    assert "retrying for up to 1 min" in lines[0][1] and "answers again" in lines[1][1], lines
+    assert holder.lost is None
+    holder.close()
+
+
+@pytest.mark.timeout(90)
+def test_close_during_an_outage_waits_for_the_server_and_ends_the_session(srv, gates, caplog):
+    caplog.set_level(logging.INFO, logger="remote_lab_client")
+    gate = gates(srv.port)
+    holder = client(gate.url, heartbeat_interval=0.3)
+    holder.acquire(SIMPLE)
+    gate.down()
+    t, result = in_thread(holder.close)
+    time.sleep(3)
+    assert t.is_alive(), result  # waiting for the server, not given up with a warning
+    gate.up()
+    t.join(30)
+    assert "error" not in result, result
+    assert sessions(srv) == []
+    wait_until(lambda: lab_idle(srv), timeout=10, what="the lab released")
+    assert [level for level, _ in client_lines(caplog)] == ["INFO", "INFO"], caplog.text
 
 
 @pytest.mark.timeout(90)
