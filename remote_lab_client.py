@@ -1249,6 +1249,7 @@ class RemoteLabClient:
         self._closed = False
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
+        self.stop_waiting = threading.Event()  # set: close() no longer waits for a server away
         self._heartbeat_thread = None
         if start_session:
             self.start_session()
@@ -1460,7 +1461,7 @@ class RemoteLabClient:
             return
         try:
             resp = self._http.request("DELETE", self._session_path(), retries=1,
-                                      reconnect=reconnect)
+                                      reconnect=reconnect, stop=self.stop_waiting)
             if resp.status not in (200, 204, 404):
                 _log.warning("ending session %s: %s (HTTP %d)", sid, resp.detail, resp.status)
         except RemoteLabError as e:
@@ -1500,7 +1501,8 @@ class RemoteLabClient:
                     self._held -= 1
                     try:
                         resp = self._http.request("POST", "/lab/release", headers=headers,
-                                                  retries=1, reconnect=reconnect)
+                                                  retries=1, reconnect=reconnect,
+                                                  stop=self.stop_waiting)
                     except RemoteLabError as e:
                         _log.warning("releasing the lab: %s", e)
                         break
@@ -3259,8 +3261,9 @@ def _raise_signalled(signum, frame):
 
 
 def _close_quietly(client):
-    """close() with signals held off, so a second Ctrl-C cannot skip the cleanup."""
-    old = _install_handlers(lambda signum, frame: None)
+    """close() with signals held off, so a second Ctrl-C cannot skip the cleanup; it only stops
+    the waiting for a server that does not answer (restarting, or gone)."""
+    old = _install_handlers(lambda signum, frame: client.stop_waiting.set())
     try:
         client.close()
     finally:

@@ -285,3 +285,27 @@ def test_on_a_tty_waiting_shows_one_updating_status_line(srv):
     waiting, _, after = text.rpartition("\r\x1b[K")  # the status line is erased at the end
     assert "\n" not in waiting  # no new lines while waiting
     assert after.startswith("remote-lab-client: remote lab session ") and "is active after" in after
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_stops_the_wait_for_a_server_that_went_away(tmp_path):
+    """Ending a session waits for a restarting server (within REMOTE_LAB_RECONNECT_TIMEOUT, 60 s
+    by default); a second Ctrl-C meanwhile ends that wait, not the cleanup of a server that
+    answers."""
+    from helpers import ServerProcess
+    server = ServerProcess(tmp_path).start()
+    p = spawn("--url", server.url, "acquire", SIMPLE)
+    try:
+        assert p.stdout.readline().strip() == "["
+        wait_until(lambda: health(server)["lab"]["ref_count"] == 1, what="the lab")
+        server.stop(signal.SIGKILL)  # gone, and nobody restarts it
+        p.send_signal(signal.SIGINT)  # release: the client waits for the server to come back
+        time.sleep(1.5)
+        assert p.poll() is None, "it did not wait for the server"
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        kill_if_running(p)
+    assert time.monotonic() - t0 < 10, "the second Ctrl-C did not end the wait"
+    assert "Traceback" not in err, err
