@@ -5534,13 +5534,9 @@ def main(argv=None) -> int:
         status_file.update(status="failed", error=message)
         return 1
 
-    if not settings.simulate:
-        found = shutil.which(settings.netlab)
-        if not found:
-            return fail("remote-lab: netlab not found (%r): install it (pip install networklab), "
-                        "pass --netlab PATH, or use --simulate to try the server without it"
-                        % settings.netlab)
-        settings.netlab = os.path.abspath(found)
+    problem = check_requirements(settings)
+    if problem:
+        return fail(problem)
     handed_over = Reload.handed_over()  # the lock fd, when this start is a reload
     lock = InstanceLock(settings.state_dir)
     try:
@@ -5549,12 +5545,6 @@ def main(argv=None) -> int:
         return fail(str(e))
     if settings.simulate:
         os.environ.setdefault("REMOTE_LAB_SIM_HOME", os.path.join(settings.state_dir, "simulated-netlab"))
-    try:
-        import sqlite3  # noqa: F401  (part of every Debian/Ubuntu/RHEL python3)
-    except ImportError:
-        return fail("remote-lab: this Python (%s) has no sqlite3 module, which keeps the "
-                    "server's state: use the system's python3, or rebuild it with SQLite"
-                    % sys.executable)
     store, existed = StateStore.open(settings.state_dir)  # never fails (section 5a)
     if settings.cleanup:
         return cleanup_state_dir(App(settings, store=store))
@@ -5568,34 +5558,13 @@ def main(argv=None) -> int:
     server.limit_connections(settings.max_connections, open_files)
     host, port = server.server_address[:2]
     lock.record(port=port, host=host)
-
     stop_signal = threading.Event()
     reload = Reload(argv, app, server, lock, stop_signal)
-
     # before anything reports us as running: a launcher may signal us as soon as it reads that
-    def on_signal(signum, frame):
-        if signum == signal.SIGHUP:
-            reload.request()
-        elif not stop_signal.is_set():
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            stop_signal.set()
-            app.stopping.set()
-            app.systemd.stopping(settings.teardown_on_exit)
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    if not status_file.update(status="running", port=port, host=host):
-        log.warning("status file %s did not appear within %.0f s; wrote it myself",
-                    status_file.path, StatusFile.WAIT_FOR_FILE)
-    shown_host = "[%s]" % host if ":" in host else host
-    # where we listen is worth a line even at --log-level WARNING (with --port 0 it is news)
-    log.log(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING,
-            "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
-            port, "simulated" if settings.simulate else settings.netlab)
+    install_signal_handlers(app, server, reload, stop_signal)
+    announce(settings, status_file, host, port)
     app.restore(existed)
     app.systemd.ready()  # READY=1, then STATUS= on changes (section 6)
-
     start_housekeeping(app)
     try:
         while True:
@@ -5604,20 +5573,74 @@ def main(argv=None) -> int:
                 break
             reload.run()  # re-executes this server; returns when that failed: serve on
     finally:
-        server.server_close()
-        app.stopping.set()
-        app.systemd.stopping(settings.teardown_on_exit)  # STOPPING=1 (once)
-        if settings.teardown_on_exit:
-            log.info("tearing down the lab before exit (--teardown-on-exit)")
-        app.stop(teardown=settings.teardown_on_exit)
-        if not server.wait_for_answers(2.0):
-            log.warning("exiting with requests still unanswered")
-        store.close()
-        status_file.mark_stopped()
-        log.info("stopped; the state is saved in %s%s", store.path or "memory (not saved)",
-                 "" if settings.teardown_on_exit or app.lab.info.state != RUNNING
-                 else ", the lab left running for the next start")
+        stop_serving(app, server, status_file)
     return 0
+
+
+def check_requirements(settings: Settings) -> Optional[str]:
+    """What keeps the server from starting (netlab missing, no sqlite3), or None. Makes
+    ``settings.netlab`` absolute."""
+    if not settings.simulate:
+        found = shutil.which(settings.netlab)
+        if not found:
+            return ("remote-lab: netlab not found (%r): install it (pip install networklab), "
+                    "pass --netlab PATH, or use --simulate to try the server without it"
+                    % settings.netlab)
+        settings.netlab = os.path.abspath(found)
+    try:
+        import sqlite3  # noqa: F401  (part of every Debian/Ubuntu/RHEL python3)
+    except ImportError:
+        return ("remote-lab: this Python (%s) has no sqlite3 module, which keeps the server's "
+                "state: use the system's python3, or rebuild it with SQLite" % sys.executable)
+    return None
+
+
+def install_signal_handlers(app: App, server: "LabHTTPServer", reload: "Reload",
+                            stop_signal: threading.Event) -> None:
+    """SIGTERM/SIGINT stop the server (serve_forever returns), SIGHUP reloads it."""
+    def on_signal(signum, frame):
+        if signum == signal.SIGHUP:
+            reload.request()
+        elif not stop_signal.is_set():
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            stop_signal.set()
+            app.stopping.set()
+            app.systemd.stopping(app.settings.teardown_on_exit)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
+def announce(settings: Settings, status_file: StatusFile, host: str, port: int) -> None:
+    """The status file says running; the log says where we listen."""
+    if not status_file.update(status="running", port=port, host=host):
+        log.warning("status file %s did not appear within %.0f s; wrote it myself",
+                    status_file.path, StatusFile.WAIT_FOR_FILE)
+    shown_host = "[%s]" % host if ":" in host else host
+    # where we listen is worth a line even at --log-level WARNING (with --port 0 it is news)
+    log.log(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING,
+            "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
+            port, "simulated" if settings.simulate else settings.netlab)
+
+
+def stop_serving(app: App, server: "LabHTTPServer", status_file: StatusFile) -> None:
+    """The end: stop (the lab stays up, or goes with --teardown-on-exit), answer what is in
+    flight, close the state database."""
+    teardown = app.settings.teardown_on_exit
+    server.server_close()
+    app.stopping.set()
+    app.systemd.stopping(teardown)  # STOPPING=1 (once)
+    if teardown:
+        log.info("tearing down the lab before exit (--teardown-on-exit)")
+    app.stop(teardown=teardown)
+    if not server.wait_for_answers(2.0):
+        log.warning("exiting with requests still unanswered")
+    app.store.close()
+    status_file.mark_stopped()
+    log.info("stopped; the state is saved in %s%s", app.store.path or "memory (not saved)",
+             "" if teardown or app.lab.info.state != RUNNING
+             else ", the lab left running for the next start")
 
 
 def cleanup_state_dir(app: App) -> int:
