@@ -3904,7 +3904,54 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
         self.overflowing = set()  # sockets accepted beyond the cap
         self.accept_failures = 0  # EMFILE & co in a row
         self.last_accept_failure = self.last_over_cap = -BURST_QUIET
+        self._wake_r, self._wake_w = os.pipe()  # shutdown() wakes serve_forever() through it
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stop_requested = False
+        self._serving_done = threading.Event()
         super().__init__(*args, **kwargs)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """socketserver's loop, but woken at once by shutdown() (a pipe) rather than noticing
+        it within ``poll_interval``: a stop or a reload takes effect now."""
+        import selectors
+        self._serving_done.clear()
+        try:
+            with selectors.PollSelector() as selector:  # not select(): no fd number limit
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    ready = selector.select(poll_interval)
+                    if self._stop_requested:
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._stop_requested = False
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except OSError:  # empty (EAGAIN)
+                pass
+            self._serving_done.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() (from another thread) and wait until it has returned."""
+        self._stop_requested = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # the pipe is full: a wake-up is pending anyway
+            pass
+        self._serving_done.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def limit_connections(self, max_connections: int, open_files: int) -> None:
         """The cap: --max-connections, lowered to what the open-files limit leaves."""

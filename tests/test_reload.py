@@ -127,14 +127,16 @@ def listening_inode(port):
 
 
 def open_files(pid):
-    """{fd: what it is} of the process ``pid`` (sockets as "socket")."""
+    """{fd: what it is} of the process ``pid`` (sockets as "socket", pipes as "pipe": a new
+    program makes its own, e.g. the server's wake-up pipe)."""
     fds = {}
     for fd in os.listdir("/proc/%d/fd" % pid):
         try:
             target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
         except OSError:
             continue
-        fds[int(fd)] = "socket" if target.startswith("socket:") else target
+        fds[int(fd)] = ("socket" if target.startswith("socket:") else
+                        "pipe" if target.startswith("pipe:") else target)
     return fds
 
 
