@@ -134,11 +134,11 @@ def test_a_201_means_the_session_is_on_disk(restartable):
 
 
 def test_restored_sessions_get_a_full_timeout_from_the_start_up(restartable):
-    r = restartable("--waiting-timeout", "3", "--active-timeout", "3")
+    r = restartable("--waiting-timeout", "2", "--active-timeout", "2")
     srv, api = r.start()
     a, b = api.new_session(), api.new_session()
     r.stop(signal.SIGKILL)
-    time.sleep(3.5)  # longer than both timeouts, while no server runs
+    time.sleep(2.5)  # longer than both timeouts, while no server runs
     srv, api = r.start()
     assert session_order(api) == [(a, "active"), (b, "waiting")]
     # nobody comes back: they expire a timeout after the start-up
@@ -235,11 +235,11 @@ def test_restart_events_and_metrics(restartable):
 
 
 def test_keep_warm_deadline_survives_a_restart(restartable):
-    r = restartable("--keep-warm", "3")
+    r = restartable("--keep-warm", "2")
     srv, api = r.start()
     sid = api.new_session()
     assert api.post_lab(sid, reuse=True)[0] == 200
-    api.delete_session(sid)  # kept warm for 3 s
+    api.delete_session(sid)  # kept warm for 2 s
     r.stop()
     srv, api = r.start()
     assert api.lab_state() == "running"
