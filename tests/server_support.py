@@ -138,6 +138,20 @@ def seed_proc_record(state_dir, record):
     store.close()
 
 
+def acquire_while_up_hangs(srv, api, sid, timeout=30):
+    """POST /lab of ``sid`` in a thread, with the fake `up` hanging; returns once that `up`
+    runs: (the thread, a dict whose "r" is the answer (status, body, headers) once it came)."""
+    import threading
+    srv.switch("up_hang")
+    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE)])
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=api.req(
+        "POST", "/lab", sid, body, {"Content-Type": ctype}, timeout=timeout)), daemon=True)
+    t.start()
+    wait_until(lambda: calls_of(srv, "up"), 5, what="up started")
+    return t, result
+
+
 def calls_of(srv, verb, since=0):
     return [c for c in srv.calls()[since:] if c["argv"][:1] == [verb]]
 

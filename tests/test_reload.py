@@ -16,9 +16,9 @@ import time
 import pytest
 
 from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess, http as http_request
-from server_support import (SIMPLE, Api, build_multipart, calls_of, pid_alive,  # noqa: F401
+from server_support import (SIMPLE, Api, acquire_while_up_hangs, calls_of, pid_alive,  # noqa: F401
                             start_server, wait_until)
-from test_systemd import BASH, NotifySocket, _listening_socket, spare_fd, start_process, unit
+from systemd_support import BASH, NotifySocket, _listening_socket, spare_fd, start_process, unit
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -367,13 +367,8 @@ def test_sighup_during_a_netlab_up_answers_503_and_the_server_comes_back(start_s
     Retry-After, and the re-executed server answers again on the same port."""
     srv, api = start_server()
     sid = api.new_session()
-    srv.switch("up_hang")
-    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE)])
-    result = {}
-    t = threading.Thread(target=lambda: result.update(r=api.req(
-        "POST", "/lab", sid, body, {"Content-Type": ctype}, timeout=40)), daemon=True)
-    t.start()
-    up = wait_until(lambda: calls_of(srv, "up"), 5, what="up started")[0]
+    t, result = acquire_while_up_hangs(srv, api, sid, timeout=40)
+    up = calls_of(srv, "up")[0]
     pid = srv.proc.pid
     srv.proc.send_signal(signal.SIGHUP)
     t.join(30)

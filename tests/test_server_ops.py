@@ -12,8 +12,8 @@ import time
 import pytest
 
 from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess
-from server_support import (MAPPING, SIMPLE, Api, build_multipart, calls_of, lab_dirs,  # noqa: F401
-                            pid_alive, start_server, up_dirs, wait_until)
+from server_support import (MAPPING, SIMPLE, Api, acquire_while_up_hangs, calls_of,  # noqa: F401
+                            lab_dirs, pid_alive, start_server, up_dirs, wait_until)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -136,14 +136,7 @@ def test_an_up_killed_by_a_stop_answers_503_with_retry_after(start_server):
     """The acquire whose `netlab up` a stop killed was not the client's fault: 503 with
     Retry-After, so the client retries it once the server is back (not a 502 'netlab failed')."""
     srv, api = start_server()
-    sid = api.new_session()
-    srv.switch("up_hang")
-    body, ctype = build_multipart({}, [("topology", "simple.yml", SIMPLE)])
-    result = {}
-    t = threading.Thread(target=lambda: result.update(r=api.req(
-        "POST", "/lab", sid, body, {"Content-Type": ctype}, timeout=30)), daemon=True)
-    t.start()
-    wait_until(lambda: calls_of(srv, "up"), 5, what="up started")
+    t, result = acquire_while_up_hangs(srv, api, api.new_session())
     srv.proc.send_signal(signal.SIGTERM)
     t.join(15)
     status, data, headers = result["r"]
