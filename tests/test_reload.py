@@ -16,9 +16,10 @@ import time
 import pytest
 
 from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess, http as http_request
-from server_support import (SIMPLE, Api, acquire_while_up_hangs, calls_of, pid_alive,  # noqa: F401
+from server_support import (Api, acquire_while_up_hangs, calls_of, pid_alive,  # noqa: F401
                             start_server, wait_until)
-from systemd_support import BASH, NotifySocket, _listening_socket, spare_fd, start_process, unit
+from systemd_support import (BASH, _listening_socket, notify_socket, spare_fd,  # noqa: F401
+                             start_process, unit)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -155,13 +156,6 @@ def wait_reloaded(srv, starts=2, timeout=30):
                timeout, what="the server to start again")
     assert srv.proc.poll() is None, srv.log()
     assert srv.log().count(LISTENING) == starts, srv.log()
-
-
-@pytest.fixture
-def notify_socket(tmp_path):
-    s = NotifySocket(tmp_path / "notify.sock")
-    yield s
-    s.close()
 
 
 def notified(notify_socket):
