@@ -377,6 +377,17 @@ def test_sighup_during_a_netlab_up_answers_503_and_the_server_comes_back(start_s
     assert api.post_lab(sid)[0] == 200  # the same session, kept across the reload
 
 
+def start_a_slow_teardown(srv, api):
+    """A session with its lab up, then a 3 s `netlab down` of it under way (a reload waits for
+    that teardown); returns the session id."""
+    sid = api.new_session()
+    assert api.post_lab(sid)[0] == 200
+    srv.switch("down_delay", value="3")
+    assert api.req("DELETE", "/lab", sid)[0] == 202
+    wait_until(lambda: calls_of(srv, "down"), 5, what="down started")
+    return sid
+
+
 def test_a_failed_exec_goes_back_to_serving_on_the_same_socket(tmp_path, notify_socket):
     """The interpreter vanishes between the preflight and the exec (the exec fails): an ERROR,
     READY=1 again, and the same process serves on, the lock and the socket still its own."""
@@ -393,11 +404,7 @@ def test_a_failed_exec_goes_back_to_serving_on_the_same_socket(tmp_path, notify_
         wait_until(lambda: notify_socket.values("READY"), what="READY=1")
         inode = listening_inode(srv.port)
         files = {fd: t for fd, t in open_files(srv.proc.pid).items() if t != "socket"}
-        sid = api.new_session()
-        assert api.post_lab(sid)[0] == 200
-        srv.switch("down_delay", value="3")  # the reload waits for this teardown
-        assert api.req("DELETE", "/lab", sid)[0] == 202
-        wait_until(lambda: calls_of(srv, "down"), 5, what="down started")
+        sid = start_a_slow_teardown(srv, api)
         srv.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: notify_socket.values("RELOADING"), 20, what="RELOADING=1")
         python.unlink()
@@ -440,11 +447,7 @@ def test_sigterm_during_a_reload_stops_the_server_instead(start_server):
     """A stop signal while the reload waits for a teardown: no exec, the ordinary stop (exit 0,
     STOPPING), nothing started again."""
     srv, api = start_server()
-    sid = api.new_session()
-    assert api.post_lab(sid)[0] == 200
-    srv.switch("down_delay", value="3")  # the reload waits for this teardown
-    assert api.req("DELETE", "/lab", sid)[0] == 202
-    wait_until(lambda: calls_of(srv, "down"), 5, what="down started")
+    start_a_slow_teardown(srv, api)
     srv.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "reload: answering what is in flight" in srv.log(), 20,
                what="the reload to drain")
