@@ -83,6 +83,7 @@ class Settings:
     status_file: Optional[str] = None
     teardown_on_exit: bool = False  # stop: tear the lab down (default: leave it to be adopted)
     cleanup: bool = False  # --cleanup: tear down what the state dir holds, then exit
+    auth_file: Optional[str] = None  # users and tokens; None: the API is open (the seed's)
 
     @property
     def labs_dir(self) -> str:
@@ -193,6 +194,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--cleanup", action="store_true", default=d.cleanup,
                    help="tear down everything the state dir holds (lab, lab dirs, netlab "
                         "instances registered there), forget its sessions, and exit")
+    p.add_argument("--auth-file", metavar="FILE", default=d.auth_file,
+                   help="users and tokens, NAME:TOKEN[:admin] a line (mode 600): every request "
+                        "but /healthz then needs its token, and sessions belong to their user")
     p.add_argument("--version", action="version", version="remote-lab " + __version__)
     return p
 
@@ -265,6 +269,7 @@ class Session:
     last_seen: float
     activated: Optional[float] = None
     pins: int = 0  # requests in flight: a session busy talking to us is alive
+    meta: Dict[str, str] = dataclasses.field(default_factory=dict)  # owner, note, link, user
 
 
 class SessionQueue:
@@ -341,13 +346,15 @@ class SessionQueue:
             self.journal.changed(gone, promoted)
 
     # -- API --
-    def create(self) -> Tuple[str, int]:
+    def create(self, meta: Optional[Dict[str, str]] = None) -> Tuple[str, int]:
+        """A new session at the end of the queue: (id, position). ``meta``: who and why
+        (owner, note, link; user: the authenticated name), kept with it and on disk."""
         with self.lock:
             if len(self._sessions) >= self.max_length:
                 raise QueueFull("queue is full (%d sessions)" % self.max_length)
             sid = self.new_id()  # first: it may be slow (the first uuid4 imports uuid)
             now = self.clock.now()
-            session = Session(sid, now, now)
+            session = Session(sid, now, now, meta=dict(meta or {}))
             first = not self._sessions  # it is active at once: one write says both
             if self.journal is not None:
                 self.journal.added(session, first)  # on disk first; if it fails, no change
@@ -359,15 +366,16 @@ class SessionQueue:
             self._bump()
             return sid, len(self._sessions) - 1
 
-    def restore(self, saved: List[Tuple[str, float, Optional[float]]]) -> None:
+    def restore(self, saved: List[tuple]) -> None:
         """Start-up: the sessions a previous server saved, [(id, seconds since created,
-        seconds since activated or None)] in queue order. Each gets a full timeout from now;
-        only the head can be active (promoted now if it was not)."""
+        seconds since activated or None[, meta])] in queue order. Each gets a full timeout from
+        now; only the head can be active (promoted now if it was not)."""
         with self.lock:
             now = self.clock.now()
-            for i, (sid, created_ago, activated_ago) in enumerate(saved):
+            for i, (sid, created_ago, activated_ago, *meta) in enumerate(saved):
                 activated = None if i > 0 or activated_ago is None else now - activated_ago
-                self._sessions[sid] = Session(sid, now - created_ago, now, activated)
+                self._sessions[sid] = Session(sid, now - created_ago, now, activated,
+                                              meta=dict(meta[0]) if meta else {})
             self._activate_head()
             self._journal_changes()
             self._bump()
@@ -398,16 +406,16 @@ class SessionQueue:
                 s.last_seen = self.clock.now()
 
     def wait_change(self, sid: str, timeout: float,
-                    known: Optional[int] = None) -> Tuple[str, int]:
+                    known: Optional[int] = None, touch: bool = True) -> Tuple[str, int]:
         """Block until ``sid``'s status/position changes or ``timeout`` passes; return the state.
 
         ``known``: the position the caller last saw; if it differs already, return at once
         (the change happened between two long-polls). An active session returns at once too:
         there is nothing left to wait for. Raises UnknownSession if the session is (or becomes)
-        unknown.
+        unknown. ``touch``: the call is a sign of life of ``sid``.
         """
         with self.lock:
-            first = self.state(sid)
+            first = self.state(sid, touch)
             if first[1] == 0 or (known is not None and known != first[1]):
                 return first
             deadline = self.clock.now() + timeout
@@ -416,9 +424,9 @@ class SessionQueue:
                 while True:
                     remaining = deadline - self.clock.now()
                     if remaining <= 0 or self.closed:
-                        return self.state(sid)
+                        return self.state(sid, touch)
                     self.clock.wait(self.changed, remaining)
-                    now = self.state(sid)
+                    now = self.state(sid, touch)
                     if now != first:
                         return now
             finally:
@@ -475,6 +483,17 @@ class SessionQueue:
         with self.lock:
             return next(iter(self._sessions), None)
 
+    def meta(self, sid: str) -> Dict[str, str]:
+        """Who and why (owner, note, link; user); UnknownSession if unknown."""
+        with self.lock:
+            return dict(self._session(sid).meta)
+
+    def held(self, sid: str) -> Optional[float]:
+        """Seconds since ``sid`` became active; None while it waits."""
+        with self.lock:
+            s = self._session(sid)
+            return None if s.activated is None else max(0.0, self.clock.now() - s.activated)
+
     def is_active(self, sid: str) -> bool:
         return self.active_id() == sid
 
@@ -486,7 +505,8 @@ class SessionQueue:
         with self.lock:
             now = self.clock.now()
             return [{"session_id": s.id, "position": i, "status": "active" if i == 0 else "waiting",
-                     "age": round(now - s.created, 3), "idle": round(now - s.last_seen, 3)}
+                     "age": round(now - s.created, 3), "idle": round(now - s.last_seen, 3),
+                     "owner": s.meta.get("owner"), "user": s.meta.get("user")}
                     for i, s in enumerate(self._sessions.values())]
 
 
@@ -1322,8 +1342,9 @@ class Lab:
                      extra={"ctx": log_context(sid, self.info.topology)})
             return self.info.ref_count
 
-    def destroy(self, sid: str, force: bool) -> bool:
-        """Tear the lab down in the background. False when there is no lab."""
+    def destroy(self, sid: str, force: bool, by: Optional[str] = None) -> bool:
+        """Tear the lab down in the background (asked by ``sid``'s client, or ``by`` someone
+        else, e.g. an admin). False when there is no lab."""
         with self.cond:
             while self.info.state == STARTING:
                 self.cond.wait()
@@ -1332,7 +1353,8 @@ class Lab:
             if self.info.ref_count > 0 and not force:
                 raise LabBusy("lab is in use (ref count %d); use force=true"
                               % self.info.ref_count)
-            self._teardown_async_locked(log_context(sid, self.info.topology), "destroy requested")
+            self._teardown_async_locked(log_context(sid, self.info.topology), "destroy requested"
+                                        + (" by " + by if by else ""))
             return True
 
     def session_ended(self, sid: str) -> None:
@@ -1812,6 +1834,52 @@ def parse_bool(value: str, what: str) -> bool:
     raise BadRequest("%s must be true or false, not %r" % (what, value))
 
 
+# who and why, as POST /session may say it: field -> longest accepted length
+SESSION_META_FIELDS = {"owner": 64, "note": 200, "link": 500}
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def parse_session_body(body: bytes) -> Dict[str, str]:
+    """The optional JSON body of POST /session: {"owner", "note", "link"}, short strings
+    without control characters, ``link`` an http(s) URL. Empty body: {} (as in the seed)."""
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadRequest("the body must be a JSON object: %s" % e) from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object like {\"owner\": \"me\", \"note\": "
+                         "\"why\", \"link\": \"https://...\"}")
+    unknown = sorted(set(data) - set(SESSION_META_FIELDS))
+    if unknown:
+        raise BadRequest("unknown field(s) %s (known: %s)" % (
+            ", ".join(map(repr, unknown)), ", ".join(SESSION_META_FIELDS)))
+    meta = {}
+    for field, limit in SESSION_META_FIELDS.items():
+        value = data.get(field)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise BadRequest("%s must be a string" % field)
+        if len(value) > limit:
+            raise BadRequest("%s is too long (%d characters, at most %d)" % (field, len(value),
+                                                                             limit))
+        if _CONTROL_CHARS.search(value):
+            raise BadRequest("%s must not contain control characters" % field)
+        meta[field] = value.strip()
+    link = meta.get("link")
+    if link is not None and not re.match(r"https?://[^\s/]+", link, re.IGNORECASE):
+        raise BadRequest("link must be an http:// or https:// URL, not %r" % link[:80])
+    return meta
+
+
+def saved_session_meta(meta: dict) -> Dict[str, str]:
+    """A session's meta as read back from disk: the known string fields only."""
+    return {k: v for k, v in meta.items()
+            if (k in SESSION_META_FIELDS or k == "user") and isinstance(v, str)}
+
+
 # ============================================================================================
 # 5a. Durable state: one SQLite database (WAL) in the state dir, written change by change
 # ============================================================================================
@@ -2112,7 +2180,8 @@ class QueueJournal:
 
     def added(self, session: "Session", active: bool) -> None:
         created = self._wall(session.created)
-        self.store.add_session(session.id, created, created if active else None)  # may raise
+        self.store.add_session(session.id, created, created if active else None,  # may raise
+                               session.meta)
 
     def changed(self, removed: List[str], activated: List["Session"]) -> None:
         self.store.update_sessions(removed, [(s.id, self._wall(s.activated)) for s in activated])
@@ -2125,8 +2194,9 @@ class QueueJournal:
 
 # the session a request must name (X-Session-ID): none, any queued one, the active one
 NO_SESSION, ANY_SESSION, ACTIVE_SESSION = "none", "any", "active"
-# its body: none (one up to MAX_JSON_BODY is read and dropped), multipart streamed to the handler
-NO_BODY, MULTIPART_BODY = "none", "multipart"
+# its body: none (one up to MAX_JSON_BODY is read and dropped), multipart streamed to the handler,
+# JSON (up to MAX_JSON_BODY, read into Request.body as bytes)
+NO_BODY, MULTIPART_BODY, JSON_BODY = "none", "multipart", "json"
 _PATH_PARAM_RE = re.compile(r"\{(\w+)\}")
 
 
@@ -2157,6 +2227,13 @@ _ORIGIN_ERROR = {"403": _error(
     "own origin nor one given with `--allow-origin` (`null` included).",
     "cross-origin request refused: Origin 'http://evil.example' is not this server's own "
     "origin (a page of another site; allow it with --allow-origin)")}
+_AUTH_ERROR = {"401": _error(
+    "Only with `--auth-file`: no `Authorization` header, or a wrong token (Bearer TOKEN, or "
+    "HTTP Basic with the user's name and token). Comes with `WWW-Authenticate`.",
+    "invalid token")}
+_OWNER_DETAIL = "session 3f2b9c4e belongs to alice: only its owner may use it"
+_OWNER_ERROR = _error("Only with `--auth-file`: the session belongs to another user (admins "
+                      "may end any session and tear down the lab).", _OWNER_DETAIL)
 _SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
 _SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
 _SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
@@ -2168,12 +2245,13 @@ class Endpoint:
     """One endpoint as declared next to its handler: routing, session and body handling, and
     its OpenAPI operation."""
     __slots__ = ("method", "path", "name", "session", "body", "sign_of_life", "openapi",
-                 "regex")
+                 "regex", "public")
 
     def __init__(self, method: str, path: str, name: str, session: str, body: str,
-                 sign_of_life: bool, openapi: dict):
+                 sign_of_life: bool, openapi: dict, public: bool = False):
         self.method, self.path, self.name = method, path, name
         self.session, self.body, self.sign_of_life = session, body, sign_of_life
+        self.public = public  # answered without credentials, also with --auth-file
         self.openapi = openapi
         parts = _PATH_PARAM_RE.split(path)  # literal, name, literal, ...
         self.regex = re.compile("".join(re.escape(part) if i % 2 == 0 else "(?P<%s>[^/]+)" % part
@@ -2191,6 +2269,12 @@ class Endpoint:
                 del responses["423"]
         if self.method not in RequestGuard.SAFE_METHODS:
             responses.update(_ORIGIN_ERROR)
+        if not self.public:
+            responses.update(_AUTH_ERROR)
+        if self.session != NO_SESSION or (self.method == "DELETE" and "{" in self.path):
+            responses["403"] = _OWNER_ERROR if "403" not in responses else _error(
+                _OWNER_ERROR["description"] + " Or: " + _ORIGIN_ERROR["403"]["description"],
+                _OWNER_DETAIL)
         responses.update(op["responses"])
         responses.setdefault("default", {"$ref": "#/components/responses/GenericError"})
         op["responses"] = dict(sorted(responses.items()))  # 2xx first, "default" last
@@ -2198,13 +2282,14 @@ class Endpoint:
 
 
 def endpoint(method: str, path: str, session: str = NO_SESSION, body: str = NO_BODY,
-             sign_of_life: bool = False, openapi: Optional[dict] = None):
+             sign_of_life: bool = False, openapi: Optional[dict] = None, public: bool = False):
     """Declare the decorated App handler ``handler(self, request) -> Response`` as the endpoint
     ``method path`` (``{name}`` in the path: a path parameter). ``sign_of_life``: a request
-    naming a session (header or path) keeps that session alive."""
+    naming a session (header or path) keeps that session alive. ``public``: no credentials
+    needed with --auth-file."""
     def declare(handler):
         handler.endpoint = Endpoint(method, path, handler.__name__, session, body, sign_of_life,
-                                    openapi or {})
+                                    openapi or {}, public)
         return handler
     return declare
 
@@ -2407,8 +2492,8 @@ class OpsSnapshot:
     token: str  # changes whenever what the status page shows (besides clocks) changes
     now: float  # wall clock
     mono: float  # the queue's clock at the same moment
-    sessions: List[Tuple[str, float, float, Optional[float]]]  # (id, created, last_seen,
-    #                                                  activated) on the queue's clock, active first
+    sessions: List[Tuple[str, float, float, Optional[float], dict]]  # (id, created, last_seen,
+    #                                  activated, meta) on the queue's clock, active first
     lab: dict  # Lab.snapshot()
     events: List[dict]  # the last PAGE_EVENTS events, newest last
     events_total: int
@@ -2417,26 +2502,39 @@ class OpsSnapshot:
     timeouts: Dict[str, float]  # waiting, active
 
 
-def status_view(snap: OpsSnapshot, viewer: Optional[str] = None) -> dict:
-    """What /status answers (and the page shows): session ids shortened but the viewer's own,
-    the queue's times on the wall clock, the devices reduced to name, type and address."""
+def sees_session(user: Optional["User"], meta: dict) -> bool:
+    """May ``user`` see the full id of a session with ``meta`` (and act on it as its owner)?
+    Without --auth-file (``user`` None) everyone may, as in the seed's API."""
+    return user is None or user.admin or meta.get("user") == user.name
+
+
+def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
+                user: Optional["User"] = None) -> dict:
+    """What /status answers (and the page shows): session ids shortened but the viewer's own
+    (and, with --auth-file, those ``user`` owns; all for an admin), the queue's times on the
+    wall clock, who and why, the devices reduced to name, type and address."""
     def wall(t):
         return round(snap.now - (snap.mono - t), 3)
 
-    def shown(sid):
-        return sid if sid == viewer else sid[:SHORT_ID]
+    def shown(sid, meta):
+        full = sid == viewer or (user is not None and sees_session(user, meta))
+        return sid if full else sid[:SHORT_ID]
+
+    def who(meta):
+        return {"owner": meta.get("owner"), "note": meta.get("note"), "link": meta.get("link")}
 
     lab = snap.lab
     holder = None
     if snap.sessions:
-        sid, created, last_seen, activated = snap.sessions[0]
-        holder = {"session": shown(sid), "you": sid == viewer,
-                  "since": wall(activated if activated is not None else created),
-                  "last_seen": wall(last_seen),
-                  "topology": lab["topology"] if lab["holder"] == sid else None}
-    queue = [{"position": i, "session": shown(sid), "you": sid == viewer,
-              "joined": wall(created), "last_seen": wall(last_seen)}
-             for i, (sid, created, last_seen, _) in enumerate(snap.sessions) if i > 0]
+        sid, created, last_seen, activated, meta = snap.sessions[0]
+        since = activated if activated is not None else created
+        holder = dict({"session": shown(sid, meta), "you": sid == viewer, "since": wall(since),
+                       "last_seen": wall(last_seen),
+                       "topology": lab["topology"] if lab["holder"] == sid else None},
+                      held_s=round(max(0.0, snap.mono - since), 1), **who(meta))
+    queue = [dict({"position": i, "session": shown(sid, meta), "you": sid == viewer,
+                   "joined": wall(created), "last_seen": wall(last_seen)}, **who(meta))
+             for i, (sid, created, last_seen, _, meta) in enumerate(snap.sessions) if i > 0]
     return {
         "service": "remote-lab", "version": __version__, "token": snap.token,
         "server_time": round(snap.now, 3), "started": round(snap.started, 3),
@@ -2553,7 +2651,7 @@ class Request:
     """What a handler gets: the request, its path parameters, the session its endpoint needs
     (resolved by App.resolve_session) and, for a multipart endpoint, the body stream."""
     __slots__ = ("method", "path", "query", "headers", "params", "named_session", "session",
-                 "body", "connection")
+                 "body", "connection", "user")
 
     def __init__(self, method: str, path: str, query: Dict[str, str], headers,
                  params: Optional[Dict[str, str]] = None, body=None, connection=None):
@@ -2564,6 +2662,7 @@ class Request:
         self.session = None  # type: Optional[str]
         self.body = body  # the body stream (a multipart endpoint's only)
         self.connection = connection  # the socket: a long-poll stops when its client is gone
+        self.user = None  # type: Optional[User]  # with --auth-file: who sent it
 
     def header(self, name: str, default=None):
         return header_value(self.headers, name, default)
@@ -2678,6 +2777,11 @@ def is_loopback_name(name: str) -> bool:
     return name in ("localhost", "[::1]") or bool(_LOOPBACK_V4_RE.match(name))
 
 
+def is_loopback_address(host: str) -> bool:
+    """A listening address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    return host in ("localhost", "::1") or bool(_LOOPBACK_V4_RE.match(host))
+
+
 def is_ip_literal(name: str) -> bool:
     """An address, not a name: DNS cannot rebind it to another host."""
     family, text = (socket.AF_INET6, name[1:-1]) if name[:1] == "[" else (socket.AF_INET, name)
@@ -2686,6 +2790,107 @@ def is_ip_literal(name: str) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+class User:
+    """Who sent a request (with --auth-file): a name from the auth file, maybe an admin."""
+    __slots__ = ("name", "admin")
+
+    def __init__(self, name: str, admin: bool = False):
+        self.name, self.admin = name, admin
+
+    def __repr__(self):
+        return "User(%r%s)" % (self.name, ", admin" if self.admin else "")
+
+
+class AuthFileError(Exception):
+    """The auth file cannot be used: the server refuses to start, saying why."""
+
+
+AUTH_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+MIN_TOKEN_LENGTH = 16
+AUTH_CHALLENGE = (("WWW-Authenticate", 'Basic realm="remote-lab", charset="UTF-8"'),
+                  ("WWW-Authenticate", 'Bearer realm="remote-lab"'))
+
+
+class AuthTable:
+    """The users of ``--auth-file``: one a line, ``NAME:TOKEN`` or ``NAME:TOKEN:admin``, ``#``
+    comments. A request names its user with ``Authorization: Bearer TOKEN`` or HTTP Basic
+    (the name, and the token as password: what a browser asks for)."""
+
+    def __init__(self, users: List[Tuple[str, str, bool]]):
+        self._tokens = [(token.encode(), User(name, admin)) for name, token, admin in users]
+
+    @classmethod
+    def load(cls, path: str) -> "AuthTable":
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AuthFileError("remote-lab: cannot read the auth file %s: %s" % (path, e))
+        if mode & 0o077:
+            raise AuthFileError("remote-lab: the auth file %s is readable by group or others "
+                                "(mode %03o): its tokens are passwords; chmod 600 %s"
+                                % (path, mode & 0o777, shlex.quote(path)))
+        users = [cls._parse_line(path, n, line) for n, line in enumerate(text.splitlines(), 1)
+                 if line.strip() and not line.strip().startswith("#")]
+        if not users:
+            raise AuthFileError("remote-lab: the auth file %s names no user (NAME:TOKEN a line)"
+                                % path)
+        for i, what in ((0, "name"), (1, "token")):
+            seen = [u[i] for u in users]
+            if len(set(seen)) < len(seen):
+                raise AuthFileError("remote-lab: the auth file %s gives a %s twice" % (path, what))
+        return cls(users)
+
+    @staticmethod
+    def _parse_line(path: str, n: int, line: str) -> Tuple[str, str, bool]:
+        fields = line.strip().split(":")
+        where = "remote-lab: %s line %d:" % (path, n)
+        if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] != "admin"):
+            raise AuthFileError("%s expected NAME:TOKEN or NAME:TOKEN:admin" % where)
+        name, token = fields[0], fields[1]
+        if not AUTH_NAME_RE.match(name):
+            raise AuthFileError("%s the name %r is not 1-64 letters, digits or ._@+- " % (where, name))
+        if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            raise AuthFileError("%s the token of %s is shorter than %d characters (make one with "
+                                "python3 -c \"import secrets; print(secrets.token_urlsafe(24))\")"
+                                % (where, name, MIN_TOKEN_LENGTH))
+        return name, token, len(fields) == 3
+
+    def user_for(self, authorization: Optional[str]) -> User:
+        """The user an Authorization header names, or HTTPError 401 (with the challenges).
+        Every token is compared, in constant time: the answer's timing tells nothing."""
+        import base64
+        import hmac
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        name = None
+        if scheme.lower() == "bearer":
+            token = credentials.strip()
+        elif scheme.lower() == "basic":
+            try:
+                name, _, token = base64.b64decode(credentials.strip(), validate=True).decode(
+                    "utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise self._refused("malformed Basic credentials") from None
+        elif not authorization:
+            raise self._refused("authentication required: send Authorization: Bearer TOKEN "
+                                "(or HTTP Basic with your name and token)")
+        else:
+            raise self._refused("unsupported Authorization scheme %r (use Bearer or Basic)"
+                                % scheme[:20])
+        given, found = token.encode(), None
+        for known, user in self._tokens:
+            if hmac.compare_digest(known, given):
+                found = user
+        if found is None or (name is not None and name != found.name):
+            raise self._refused("invalid token" if name is None else "invalid name or token")
+        return found
+
+    @staticmethod
+    def _refused(detail: str) -> "HTTPError":
+        return HTTPError(401, detail, headers=AUTH_CHALLENGE)
 
 
 class RequestGuard:
@@ -2765,9 +2970,12 @@ class App:
     """The server's state and request logic; the handler only speaks HTTP."""
 
     def __init__(self, settings: Settings, notifier: Optional["SystemdNotifier"] = None,
-                 store: Optional[StateStore] = None):
+                 store: Optional[StateStore] = None, auth: Optional[AuthTable] = None):
         self.settings = settings
         self.request_guard = RequestGuard(settings.allow_hosts, settings.allow_origins)
+        if auth is None and settings.auth_file:
+            auth = AuthTable.load(settings.auth_file)  # AuthFileError: main refuses to start
+        self.auth = auth  # None: the API is open (the seed's)
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.store = store if store is not None else StateStore(None)  # 5a (None: in memory)
@@ -2797,8 +3005,9 @@ class App:
         self.events.restore(saved.events)
         now = time.time()
         self.queue.restore([(sid, max(0.0, now - created),
-                             None if activated is None else max(0.0, now - activated))
-                            for sid, created, activated, _ in saved.sessions])
+                             None if activated is None else max(0.0, now - activated),
+                             saved_session_meta(meta))
+                            for sid, created, activated, meta in saved.sessions])
         plan = self.lab.restore(saved.lab, saved.unclean, saved.procs)
         holder = self.lab.info.holder
         if plan.adopt is not None and holder and plan.adopt.warm_until is None \
@@ -2904,24 +3113,53 @@ class App:
         except Exception as e:
             return error_response(e, request.method, request.path)
 
+    def authenticate(self, endpoint: "Endpoint", request: "Request") -> Optional[User]:
+        """The request's user with --auth-file (401 without valid credentials), else None."""
+        if self.auth is None or endpoint.public:
+            return None
+        try:
+            return self.auth.user_for(request.header("Authorization"))
+        except HTTPError:
+            self.metrics.count("auth_failures")
+            raise
+
+    def owns(self, user: Optional[User], sid: str) -> bool:
+        """``user`` created ``sid`` (always true without --auth-file). UnknownSession: 404."""
+        return user is None or self.queue.meta(sid).get("user") == user.name
+
+    def check_owner(self, request: "Request", sid: str, admin_too: bool = False) -> None:
+        """403 unless the request's user owns ``sid`` (or, ``admin_too``, is an admin)."""
+        user = request.user
+        if self.owns(user, sid) or (admin_too and user.admin):
+            return
+        owner = self.queue.meta(sid).get("user")
+        raise HTTPError(403, "session %s belongs to %s: only its owner%s may use it" % (
+            sid[:SHORT_ID], owner or "nobody (it was created without a token)",
+            " or an admin" if admin_too else ""))
+
     def resolve_session(self, endpoint: "Endpoint", request: "Request") -> Optional[str]:
-        """The session ``endpoint`` needs (400 none named, 404 unknown, 423 not active), or None.
+        """The session ``endpoint`` needs (400 none named, 404 unknown, 403 another user's,
+        423 not active), or None.
 
         On an endpoint whose requests are signs of life each session named (header or path) is
-        touched, once; a monitor or a status page sending the header along keeps nobody alive.
+        touched, once, if the caller owns it; a monitor or a status page sending the header
+        along keeps nobody alive.
         """
         named = request.named_session
         if endpoint.session == NO_SESSION:
             if endpoint.sign_of_life:
                 for sid in {named, request.params.get("session_id")} - {None}:
                     try:
-                        self.queue.touch(sid)
+                        if self.owns(request.user, sid):
+                            self.queue.touch(sid)
                     except UnknownSession:
                         pass  # its handler answers 404 where that matters
             return None
         if not named:
             raise HTTPError(400, "missing X-Session-ID header")
-        status, _ = self.queue.state(named, touch=endpoint.sign_of_life)
+        self.check_owner(request, named, admin_too=endpoint.name == "delete_lab")
+        status, _ = self.queue.state(named, touch=endpoint.sign_of_life
+                                     and self.owns(request.user, named))  # not an admin's
         if endpoint.session == ACTIVE_SESSION and status != "active":
             raise HTTPError(423, "session %s is not active (still waiting in the queue)" % named)
         return named
@@ -2948,19 +3186,30 @@ class App:
         return Response(200, {"service": "remote-lab", "version": __version__,
                               "uptime": round(time.monotonic() - self.started_mono, 3),
                               "queue_length": len(self.queue),
-                              "active_session": self.queue.active_id(),
+                              "active_session": self.shown_id(request, self.queue.active_id()),
                               "lab": self.lab_summary(), "docs": "/docs",
                               # which server this is: clients show it, and local mode compares it
                               "pid": os.getpid(), "simulated": self.settings.simulate,
                               "netlab": "simulated (built into remote_lab.py)"
                               if self.settings.simulate else self.settings.netlab})
 
+    def shown_id(self, request: "Request", sid: Optional[str]) -> Optional[str]:
+        """``sid`` in full for whoever may see it (without --auth-file: everyone), else its
+        first SHORT_ID characters."""
+        if sid is None or request.user is None:
+            return sid
+        try:
+            meta = self.queue.meta(sid)
+        except UnknownSession:  # it ended meanwhile
+            meta = {}
+        return sid if sees_session(request.user, meta) else sid[:SHORT_ID]
+
     def lab_summary(self):
         s = self.lab.snapshot()
         return {"state": s["state"], "topology": s["topology"], "ref_count": s["ref_count"],
                 "devices": [d["name"] for d in s["devices"]]}
 
-    @endpoint("GET", "/healthz", openapi={
+    @endpoint("GET", "/healthz", public=True, openapi={
         "tags": ["server"], "summary": "Liveness probe", "responses": {"204": _NO_CONTENT}})
     def get_healthz(self, request):
         return Response(204)
@@ -2973,30 +3222,50 @@ class App:
         "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})
     def get_debug_health(self, request):
         sessions = self.queue.snapshot()
+        lab = self.lab.snapshot()
+        if request.user is not None:  # others' sessions by short id only
+            for s in sessions:
+                if not sees_session(request.user, s):
+                    s["session_id"] = s["session_id"][:SHORT_ID]
+            lab["holder"] = self.shown_id(request, lab["holder"])
         # "sessions" is a count, as the seed's server answers (monitoring reads it); the list
         # goes under its own key
         return Response(200, {"status": "ok", "timestamp": time.time(),
                               "uptime": round(time.monotonic() - self.started_mono, 3),
                               "sessions": len(sessions), "session_list": sessions,
                               "queue_length": len(sessions),
-                              "lab": self.lab.snapshot(), "version": __version__,
+                              "lab": lab, "version": __version__,
                               "netlab_calls": dict(self.metrics.netlab_calls),
                               "netlab_failures": dict(self.metrics.netlab_failures),
                               "counters": dict(self.metrics.counters)})
 
-    @endpoint("POST", "/session", openapi={
+    @endpoint("POST", "/session", body=JSON_BODY, openapi={
         "tags": ["sessions"], "summary": "Join the queue",
         "description": "Creates a session at the end of the queue; the head of the queue is "
-                       "active at once.",
+                       "active at once. The optional JSON body says who and why (shown on the "
+                       "status page, in `/status` and `GET /session/{session_id}`); with "
+                       "`--auth-file` the owner is always the authenticated user.",
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": _ref("SessionRequest"),
+            "example": {"owner": "alice@laptop", "note": "CI: core-routing #812",
+                        "link": "https://ci.example.com/jobs/812"}}}},
         "responses": {
             "201": _json_response("Session created.", _ref("SessionCreated"),
                                   {"session_id": _SESSION_EXAMPLE, "position": 0,
                                    "status": "active"}),
+            "400": _error("The body is not a JSON object of short strings (owner up to 64 "
+                          "characters, note 200, link 500 and an http(s) URL).",
+                          "link must be an http:// or https:// URL, not 'javascript:1'"),
             "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)")}})
     def post_session(self, request):
-        sid, pos = self.queue.create()  # QueueFull: 429
+        meta = parse_session_body(request.body or b"")  # BadRequest: 400
+        if request.user is not None:  # with tokens the owner is who authenticated
+            meta["owner"] = meta["user"] = request.user.name
+        sid, pos = self.queue.create(meta)  # QueueFull: 429
         self.metrics.count("sessions_created")
-        log.info("created session (position %d)", pos, extra={"ctx": log_context(sid, None)})
+        log.info("created session (position %d)%s", pos,
+                 " for %s" % meta["owner"] if meta.get("owner") else "",
+                 extra={"ctx": log_context(sid, None)})
         return Response(201, {"session_id": sid, "position": pos,
                               "status": "active" if pos == 0 else "waiting"})
 
@@ -3031,12 +3300,25 @@ class App:
                 known = None if known is None else int(known)
             except ValueError:
                 raise HTTPError(400, "position must be an integer") from None
-            self.queue.pin(sid)
+            own = self.owns(request.user, sid)  # another user's long-poll keeps nobody alive
+            if own:
+                self.queue.pin(sid)
             try:
-                status, pos = self.queue.wait_change(sid, seconds, known)
+                status, pos = self.queue.wait_change(sid, seconds, known, touch=own)
             finally:
-                self.queue.unpin(sid)
-        return Response(200, {"session_id": sid, "status": status, "position": pos})
+                if own:
+                    self.queue.unpin(sid)
+        return Response(200, self.session_fields(request, sid, status, pos))
+
+    def session_fields(self, request: "Request", sid: str, status: str, pos: int) -> dict:
+        """GET /session/{id}'s answer: the seed's three fields, then who and why and for how
+        long (additive)."""
+        meta, held = self.queue.meta(sid), self.queue.held(sid)
+        return {"session_id": sid if sees_session(request.user, meta) else sid[:SHORT_ID],
+                "status": status, "position": pos, "owner": meta.get("owner"),
+                "note": meta.get("note"), "link": meta.get("link"),
+                "held_s": None if held is None else round(held, 1),
+                "eta_s": 0 if status == "active" else None, "hold_left_s": None}
 
     @endpoint("DELETE", "/session/{session_id}", sign_of_life=True, openapi={
         "tags": ["sessions"], "summary": "Leave the queue",
@@ -3045,7 +3327,14 @@ class App:
         "parameters": [_SID_PATH],
         "responses": {"204": _NO_CONTENT, "404": _SID_ERRORS["404"]}})
     def delete_session(self, request):
-        self.end_session(request.params["session_id"], "deleted by client")
+        sid = request.params["session_id"]
+        self.check_owner(request, sid, admin_too=True)  # 404 unknown, 403 another's
+        if self.owns(request.user, sid):
+            self.end_session(sid, "deleted by client")
+        else:  # an admin's kick: the lab is handled as on any session end
+            log.warning("session %s kicked by admin %s", sid[:SHORT_ID], request.user.name,
+                        extra={"ctx": log_context(sid, None)})
+            self.end_session(sid, "kicked by admin %s" % request.user.name)
         return Response(204)
 
     @endpoint("POST", "/session/heartbeat", session=ANY_SESSION, sign_of_life=True, openapi={
@@ -3065,7 +3354,8 @@ class App:
         sid = self.queue.active_id()
         if sid is None:
             raise HTTPError(404, "no active session")
-        return Response(200, {"session_id": sid, "status": "active", "position": 0})
+        return Response(200, {"session_id": self.shown_id(request, sid), "status": "active",
+                              "position": 0})
 
     @endpoint("POST", "/lab", session=ACTIVE_SESSION, body=MULTIPART_BODY, sign_of_life=True,
               openapi={
@@ -3182,8 +3472,12 @@ class App:
                           "lab is in use (ref count 1); use force=true")}})
     def delete_lab(self, request):
         force = parse_bool(request.query.get("force", "true"), "force")
+        sid = request.session
+        by = None if self.owns(request.user, sid) else "admin %s" % request.user.name
+        if by:  # resolve_session let an admin name another's session
+            log.warning("lab destroy requested by %s", by, extra={"ctx": log_context(sid, None)})
         try:
-            destroyed = self.lab.destroy(request.session, force)
+            destroyed = self.lab.destroy(sid, force, by)
         except LabBusy as e:
             raise HTTPError(409, str(e)) from None
         if not destroyed:
@@ -3201,7 +3495,8 @@ class App:
         q = self.queue
         with q.lock:
             mono = q.clock()
-            sessions = [(s.id, s.created, s.last_seen, s.activated) for s in q._sessions.values()]
+            sessions = [(s.id, s.created, s.last_seen, s.activated, s.meta)
+                        for s in q._sessions.values()]
         token = self.ops_token()
         now = time.time()
         lab = self.lab.snapshot()
@@ -3237,7 +3532,7 @@ class App:
             seconds = wait_seconds(wait)
             if since is not None and seconds > 0:
                 self.wait_status_change(since, seconds, request.connection)
-        view = status_view(self.ops_snapshot(), request.query.get("sid"))
+        view = status_view(self.ops_snapshot(), request.query.get("sid"), request.user)
         view["html"] = render_status_sections(view)  # the page swaps these in (section 9)
         return Response(200, view)
 
@@ -3257,7 +3552,7 @@ class App:
             self.metrics.watchers(-1)
 
     def get_status_page(self, request):  # GET / with Accept: text/html
-        view = status_view(self.ops_snapshot(), request.query.get("sid"))
+        view = status_view(self.ops_snapshot(), request.query.get("sid"), request.user)
         return Response(200, render_status_page(view), "text/html; charset=utf-8", PAGE_HEADERS)
 
     @endpoint("GET", "/openapi.json", openapi={
@@ -3643,12 +3938,18 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _discard_body(self) -> None:
+        self._read_body(keep=False)
+
+    def _read_body(self, keep: bool = True) -> bytes:
+        """A small body (up to MAX_JSON_BODY): read, and returned if ``keep``."""
         length = self.header("Content-Length")
         if self.header("Transfer-Encoding") is not None:  # chunked (see body_framing_problem)
             self.close_connection = True
-            return
+            if keep:
+                raise HTTPError(400, "a chunked body is not supported here: send Content-Length")
+            return b""
         if not length:
-            return
+            return b""
         try:
             n = int(length)
         except ValueError:
@@ -3656,6 +3957,7 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         if n > MAX_JSON_BODY:
             self.close_connection = True
             raise HTTPError(413, "request body too large")
+        chunks = []
         while n > 0:
             try:
                 chunk = self.rfile.read(min(CHUNK, n))
@@ -3666,6 +3968,9 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             if not chunk:
                 break
             n -= len(chunk)
+            if keep:
+                chunks.append(chunk)
+        return b"".join(chunks)
 
     def setup(self):
         super().setup()
@@ -3804,8 +4109,11 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         request = Request(self.command, path, query, self.headers, params,
                           self.rfile if endpoint.body == MULTIPART_BODY else None, self.connection)
         set_log_context(params.get("session_id") or request.named_session)
+        request.user = self.app.authenticate(endpoint, request)  # 401 before any body is read
         if endpoint.body == NO_BODY:
             self._discard_body()
+        elif endpoint.body == JSON_BODY:
+            request.body = self._read_body()
         return request
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = dispatch
@@ -4743,10 +5051,26 @@ OPENAPI_SCHEMAS = {
     "SessionCreated": {"type": "object", "required": ["session_id", "position"], "properties": {
         "session_id": {"type": "string"}, "position": {"type": "integer", "minimum": 0},
         "status": {"type": "string", "enum": ["active", "waiting"]}}},
+    "SessionRequest": {"type": "object", "additionalProperties": False, "properties": {
+        "owner": {"type": "string", "maxLength": 64,
+                  "description": "Who (the client sends user@host); with `--auth-file` the "
+                                 "authenticated name replaces it."},
+        "note": {"type": "string", "maxLength": 200, "description": "Why, e.g. the CI job."},
+        "link": {"type": "string", "maxLength": 500, "format": "uri",
+                 "description": "An http(s) URL, e.g. the CI run."}}},
     "SessionState": {"type": "object", "required": ["session_id", "status", "position"],
-                     "properties": {"session_id": {"type": "string"},
-                                    "status": {"type": "string", "enum": ["active", "waiting"]},
-                                    "position": {"type": "integer", "minimum": 0}}},
+                     "properties": {
+        "session_id": {"type": "string", "description": "With `--auth-file`, another user's "
+                       "session shows its first 8 characters only."},
+        "status": {"type": "string", "enum": ["active", "waiting"]},
+        "position": {"type": "integer", "minimum": 0},
+        "owner": _NULLABLE_STR, "note": _NULLABLE_STR, "link": _NULLABLE_STR,
+        "held_s": {"type": ["number", "null"], "description": "Active: seconds it has held "
+                   "the lab."},
+        "eta_s": {"type": ["number", "null"], "description": "Waiting: estimated seconds until "
+                  "it is active (null: unknown, no history yet); active: 0."},
+        "hold_left_s": {"type": ["number", "null"], "description": "Active, with "
+                        "`--max-hold`: seconds until it is ended; else null."}}},
     "Device": {"type": "object", "required": ["name", "raw"], "properties": {
         "name": {"type": "string"},
         "raw": {"type": "object", "description": "`netlab inspect --node NAME` output "
@@ -4781,7 +5105,8 @@ OPENAPI_SCHEMAS = {
         "session_list": {"type": "array", "items": {"type": "object", "properties": {
             "session_id": {"type": "string"}, "position": {"type": "integer"},
             "status": {"type": "string", "enum": ["active", "waiting"]},
-            "age": {"type": "number"}, "idle": {"type": "number"}}}},
+            "age": {"type": "number"}, "idle": {"type": "number"},
+            "owner": _NULLABLE_STR, "user": _NULLABLE_STR}}},
         "lab": {"type": "object"}, "version": {"type": "string"},
         "netlab_calls": {"type": "object", "additionalProperties": {"type": "integer"}},
         "netlab_failures": {"type": "object", "additionalProperties": {"type": "integer"}},
@@ -4797,11 +5122,13 @@ OPENAPI_SCHEMAS = {
         "holder": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
             "session": {"type": "string"}, "you": {"type": "boolean"},
             "since": {"type": "number"}, "last_seen": {"type": "number"},
-            "topology": _NULLABLE_STR}}]},
+            "topology": _NULLABLE_STR, "held_s": {"type": "number"}, "owner": _NULLABLE_STR,
+            "note": _NULLABLE_STR, "link": _NULLABLE_STR}}]},
         "queue": {"type": "array", "items": {"type": "object", "properties": {
             "position": {"type": "integer"}, "session": {"type": "string"},
             "you": {"type": "boolean"}, "joined": {"type": "number"},
-            "last_seen": {"type": "number"}}}},
+            "last_seen": {"type": "number"}, "owner": _NULLABLE_STR, "note": _NULLABLE_STR,
+            "link": _NULLABLE_STR}}},
         "lab": {"type": "object", "properties": {
             "state": {"type": "string"}, "running": {"type": "boolean"},
             "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},
@@ -4840,6 +5167,11 @@ def openapi_document() -> dict:
         "paths": paths,
         "components": {
             "schemas": OPENAPI_SCHEMAS,
+            "securitySchemes": {  # used only with --auth-file (see the 401 answers)
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "A token of the server's `--auth-file`."},
+                "basic": {"type": "http", "scheme": "basic",
+                          "description": "The user's name, and the token as password."}},
             "parameters": {
                 "SessionHeader": {"name": "X-Session-ID", "in": "header", "required": True,
                                   "schema": {"type": "string"},
@@ -5584,6 +5916,10 @@ def main(argv=None) -> int:
     problem = check_requirements(settings)
     if problem:
         return fail(problem)
+    try:
+        auth = AuthTable.load(settings.auth_file) if settings.auth_file else None
+    except AuthFileError as e:
+        return fail(str(e))
     handed_over = Reload.handed_over()  # the lock fd, when this start is a reload
     lock = InstanceLock(settings.state_dir)
     try:
@@ -5595,7 +5931,7 @@ def main(argv=None) -> int:
     store, existed = StateStore.open(settings.state_dir)  # never fails (section 5a)
     if settings.cleanup:
         return cleanup_state_dir(App(settings, store=store))
-    app = App(settings, SystemdNotifier.from_environ(), store)  # no-op without systemd (9)
+    app = App(settings, SystemdNotifier.from_environ(), store, auth)  # no-op without systemd
     try:
         server = bind_server(settings, app, sd_listen_socket(), handed_over is not None)
     except OSError as e:
@@ -5610,6 +5946,9 @@ def main(argv=None) -> int:
     # before anything reports us as running: a launcher may signal us as soon as it reads that
     install_signal_handlers(app, server, reload, stop_signal)
     announce(settings, status_file, host, port)
+    if auth is None and not is_loopback_address(host):
+        log.warning("listening on %s without --auth-file: anyone who can reach this port may "
+                    "end others' sessions and run netlab on this host (README: Security)", host)
     app.restore(existed)
     app.systemd.ready()  # READY=1, then STATUS= on changes (section 6)
     start_housekeeping(app)

@@ -21,18 +21,38 @@ MAPPING = (TOPOLOGIES / "mapping.yml").read_bytes()
 SINGLE = b"provider: external\ndefaults.device: frr\nnodes: [solo]\n"
 
 
+SEED_SESSION_FIELDS = ("session_id", "status", "position")
+ADDED_SESSION_FIELDS = ("owner", "note", "link", "held_s", "eta_s", "hold_left_s")
+
+
+def seed_fields(answer):
+    """(status, body) of GET /session/{id} with only the seed's fields, after checking that
+    a 200's other fields are exactly the additive ones of issue 12."""
+    status, body = answer
+    if status != 200 or not isinstance(body, dict):
+        return status, body
+    assert sorted(body) == sorted(SEED_SESSION_FIELDS + ADDED_SESSION_FIELDS), body
+    return status, {k: body[k] for k in SEED_SESSION_FIELDS}
+
+
 class Api:
     """A small client bound to one ServerProcess."""
 
-    def __init__(self, srv):
+    def __init__(self, srv, token=None):
         self.srv = srv
+        self.token = token  # sent as Authorization: Bearer (a server with --auth-file)
+
+    def as_user(self, token):
+        """The same server, as the user of ``token``."""
+        return Api(self.srv, token)
 
     @property
     def url(self):
         return self.srv.url
 
     def req(self, method, path, sid=None, body=None, headers=None, timeout=15):
-        hdrs = dict(headers or {})
+        hdrs = {"Authorization": "Bearer " + self.token} if self.token else {}
+        hdrs.update(headers or {})
         if sid is not None:
             hdrs["X-Session-ID"] = sid
         return http(method, self.url + path, body, hdrs, timeout=timeout)
@@ -43,6 +63,12 @@ class Api:
         return body["session_id"]
 
     def session(self, sid, wait=None, timeout=15):
+        """GET /session/{sid}: (status, the seed's fields). The additive fields are checked to
+        be exactly the documented ones, then left out: the seed's answer compares as it was."""
+        return seed_fields(self.session_full(sid, wait, timeout))
+
+    def session_full(self, sid, wait=None, timeout=15):
+        """GET /session/{sid}: (status, the whole answer)."""
         path = "/session/%s" % sid + ("" if wait is None else "?wait=%s" % wait)
         return self.req("GET", path, timeout=timeout)[:2]
 
@@ -190,6 +216,22 @@ def parse_raw_response(raw):
     status = int(status_line.split()[1])
     body = rest[:int(headers.get("content-length", "0"))]
     return status, (json.loads(body) if body else None)
+
+
+# users of the auth files of tests: name -> token (admin: the last one)
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab",
+          "root": "root-token-0123456789a"}
+
+
+def write_auth_file(path, text=None, mode=0o600):
+    """An --auth-file (alice, bob; root an admin unless ``text`` says otherwise)."""
+    if text is None:
+        text = "# users of this test\nalice:%s\nbob:%s\nroot:%s:admin\n" % (
+            TOKENS["alice"], TOKENS["bob"], TOKENS["root"])
+    path = Path(path)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
 
 
 @pytest.fixture

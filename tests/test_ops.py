@@ -3,6 +3,7 @@ the status page (GET / for browsers) and its JSON long-poll (GET /status), the e
 Prometheus /metrics parsed line by line, the OpenAPI document against App.endpoints and against
 the status codes the server really answers, and the /docs page.
 """
+import functools
 import math
 import re
 import socket
@@ -13,7 +14,8 @@ import time
 import pytest
 
 from helpers import ROOT, file_size_limit
-from server_support import SIMPLE, build_multipart, start_server, wait_until  # noqa: F401
+from server_support import (SIMPLE, TOKENS, build_multipart, start_server,  # noqa: F401
+                            wait_until, write_auth_file)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -467,14 +469,14 @@ def test_openapi_documents_exactly_the_routes(start_server):
 def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     """Drive every endpoint through its success and error paths; each status the server answers
     must be documented for that operation (and each documented code is seen at least once)."""
-    srv, api = start_server("--max-upload-mb", "0.01", "--up-timeout", "1")
+    srv, api = start_server("--max-upload-mb", "0.01", "--up-timeout", "4")
     doc = _openapi(api)
     documented = {op["operationId"]: set(op["responses"]) - {"default"}
                   for _, _, op in _operations(doc)}
     seen = {}
 
-    def call(method, path, sid=None, body=None, headers=None, expect=None, timeout=15):
-        status, data, _ = api.req(method, path, sid, body, headers, timeout=timeout)
+    def call(method, path, sid=None, body=None, headers=None, expect=None, timeout=15, on=api):
+        status, data, _ = on.req(method, path, sid, body, headers, timeout=timeout)
         handler = remote_lab.App.endpoints.match(method, path.split("?")[0])[0].name
         seen.setdefault(handler, set()).add(str(status))
         if expect is not None:
@@ -495,6 +497,7 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     call("GET", "/docs", expect=200)
     call("GET", "/metrics", expect=200)
     call("GET", "/active-session", expect=404)
+    call("POST", "/session", body=b'{"link": "javascript:1"}', expect=400)
     a = call("POST", "/session", expect=201)[1]["session_id"]
     b = call("POST", "/session", expect=201)[1]["session_id"]
     call("GET", "/active-session", expect=200)
@@ -556,12 +559,34 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     assert status == 503
     seen["post_lab"].add("503")
 
+    # with --auth-file: 401 on every endpoint but /healthz, 403 on another user's session
+    _drive_auth_errors(start_server, tmp_path, call)
+
     for handler, codes in seen.items():
         assert codes <= documented[handler], \
             "%s answered %s, documented %s" % (handler, sorted(codes), sorted(documented[handler]))
     assert set(seen) == set(documented), set(documented) - set(seen)
     for handler, codes in documented.items():
         assert codes <= seen[handler], "%s: documented %s never seen" % (handler, codes - seen[handler])
+
+
+def _drive_auth_errors(start_server, tmp_path, call):
+    """401 (no credentials) on every endpoint but /healthz; 403 with another user's session
+    on each endpoint that takes one (``call`` records what the server answered)."""
+    auth = write_auth_file(tmp_path / "users")
+    srv, api = start_server("--auth-file", str(auth), sub="auth")
+    alice, bob = ({"Authorization": "Bearer " + TOKENS[n]} for n in ("alice", "bob"))
+    call_auth = functools.partial(call, on=api)
+    for e in remote_lab.App.endpoints.endpoints:
+        if not e.public:
+            call_auth(e.method, e.path.replace("{session_id}", "x"), expect=401)
+    a = api.as_user(TOKENS["alice"]).new_session()
+    call_auth("GET", "/healthz", expect=204)
+    for method, path in (("DELETE", "/session/" + a), ("POST", "/session/heartbeat"),
+                         ("POST", "/lab"), ("GET", "/lab"), ("GET", "/lab/devices"),
+                         ("POST", "/lab/release"), ("DELETE", "/lab")):
+        call_auth(method, path, a, headers=bob, expect=403)
+    call_auth("DELETE", "/session/" + a, headers=alice, expect=204)
 
 
 def test_docs_page_renders_every_operation(start_server):

@@ -23,7 +23,9 @@ LAB = {"state": "running", "running": True, "topology": "simple.yml", "ref_count
                    {"name": "r2", "raw": {"device": "eos", "ansible_host": "10.0.0.2"}}]}
 
 
-def snapshot(sessions=((A, 10.0, 95.0, 12.0), (B, 20.0, 99.0, None)), lab=LAB, events=()):
+def snapshot(sessions=((A, 10.0, 95.0, 12.0, {"owner": "alice@laptop", "note": "CI #7",
+                                              "link": "https://ci.example/7"}),
+                       (B, 20.0, 99.0, None, {})), lab=LAB, events=()):
     return remote_lab.OpsSnapshot(
         token="t1", now=1000.0, mono=100.0, sessions=list(sessions), lab=lab,
         events=list(events), events_total=len(events), started=900.0, uptime=100.0,
@@ -35,9 +37,10 @@ def test_status_view_is_a_function_of_the_snapshot():
               {"time": 960.0, "kind": "failure", "text": "two", "detail": "out", "seq": 2}]
     view = remote_lab.status_view(snapshot(events=events), viewer=B)
     assert view["holder"] == {"session": A[:8], "you": False, "since": 912.0, "last_seen": 995.0,
-                              "topology": "simple.yml"}
+                              "topology": "simple.yml", "held_s": 88.0, "owner": "alice@laptop",
+                              "note": "CI #7", "link": "https://ci.example/7"}
     assert view["queue"] == [{"position": 1, "session": B, "you": True, "joined": 920.0,
-                              "last_seen": 999.0}]
+                              "last_seen": 999.0, "owner": None, "note": None, "link": None}]
     assert view["lab"]["holder"] == A[:8]
     assert view["lab"]["devices"] == [{"name": "r1", "device": "frr", "mgmt": "10.0.0.1"},
                                       {"name": "r2", "device": "eos", "mgmt": "10.0.0.2"}]
@@ -55,7 +58,7 @@ def test_systemd_status_line_from_the_snapshot():
         "lab r1,r2 (simple.yml) held by sid=%s, 1 waiting" % A[:8]
     stopped = dict(LAB, state="stopped", running=False, devices=[], holder=None)
     assert remote_lab.systemd_status_line(snapshot(sessions=(), lab=stopped)) == "idle"
-    assert remote_lab.systemd_status_line(snapshot(sessions=[(A, 1.0, 1.0, 1.0)], lab=stopped)) \
+    assert remote_lab.systemd_status_line(snapshot(sessions=[(A, 1.0, 1.0, 1.0, {})], lab=stopped)) \
         == "sid=%s active, no lab" % A[:8]
 
 
