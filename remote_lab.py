@@ -2523,16 +2523,19 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
     def who(meta):
         return {"owner": meta.get("owner"), "note": meta.get("note"), "link": meta.get("link")}
 
+    def you(sid, meta):  # the viewer's own session (by id, or with --auth-file by its user)
+        return sid == viewer or (user is not None and meta.get("user") == user.name)
+
     lab = snap.lab
     holder = None
     if snap.sessions:
         sid, created, last_seen, activated, meta = snap.sessions[0]
         since = activated if activated is not None else created
-        holder = dict({"session": shown(sid, meta), "you": sid == viewer, "since": wall(since),
+        holder = dict({"session": shown(sid, meta), "you": you(sid, meta), "since": wall(since),
                        "last_seen": wall(last_seen),
                        "topology": lab["topology"] if lab["holder"] == sid else None},
                       held_s=round(max(0.0, snap.mono - since), 1), **who(meta))
-    queue = [dict({"position": i, "session": shown(sid, meta), "you": sid == viewer,
+    queue = [dict({"position": i, "session": shown(sid, meta), "you": you(sid, meta),
                    "joined": wall(created), "last_seen": wall(last_seen)}, **who(meta))
              for i, (sid, created, last_seen, _, meta) in enumerate(snap.sessions) if i > 0]
     return {
@@ -3117,11 +3120,7 @@ class App:
         """The request's user with --auth-file (401 without valid credentials), else None."""
         if self.auth is None or endpoint.public:
             return None
-        try:
-            return self.auth.user_for(request.header("Authorization"))
-        except HTTPError:
-            self.metrics.count("auth_failures")
-            raise
+        return self.auth.user_for(request.header("Authorization"))  # (counted as 401s)
 
     def owns(self, user: Optional[User], sid: str) -> bool:
         """``user`` created ``sid`` (always true without --auth-file). UnknownSession: 404."""
@@ -5797,7 +5796,7 @@ class Reload:
         threading.Thread(target=self._check_then_stop_serving, name="reload", daemon=True).start()
 
     def _check_then_stop_serving(self) -> None:
-        problem = self.preflight()
+        problem = self.preflight() or self.auth_file_problem()
         if problem:
             log.error("reload refused, still serving the running version: %s", problem)
             self.busy = False
@@ -5822,6 +5821,15 @@ class Reload:
             return "%s --version failed (exit %d): %s" % (
                 SCRIPT, p.returncode, " / ".join(x.strip() for x in tail) or "no output")
         log.info("reload: %s runs (%s)", SCRIPT, p.stdout.decode("utf-8", "replace").strip())
+        return None
+
+    def auth_file_problem(self) -> Optional[str]:
+        """The new server reads --auth-file again: a file it would refuse keeps this one on."""
+        if self.app.settings.auth_file:
+            try:
+                AuthTable.load(self.app.settings.auth_file)
+            except AuthFileError as e:
+                return str(e)
         return None
 
     def run(self) -> None:

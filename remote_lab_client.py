@@ -68,7 +68,8 @@ __all__ = [
     "RemoteLabClient", "ClientConfig", "Device", "DeviceList", "remote_lab_fixture",
     "load_dotenv", "read_dotenv", "parse_dotenv", "main",
     "RemoteLabError", "ConfigError", "ConnectionFailed", "RequestTimeout", "BadRequest",
-    "NotFound", "SessionLost", "NoLab", "NotActive", "LabBusy", "AcquireTimeout", "LabInUse",
+    "AuthFailed", "Forbidden", "NotFound", "SessionLost", "NoLab", "NotActive", "LabBusy",
+    "AcquireTimeout", "LabInUse",
     "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed", "ProtocolError",
     "launch", "Launcher", "Launched", "LaunchError", "running_servers", "resolve_base_url",
 ]
@@ -126,6 +127,14 @@ class RequestTimeout(RemoteLabError, TimeoutError):
 
 class BadRequest(RemoteLabError):
     """400: the server rejected the request (bad upload, bad file name, ...)."""
+
+
+class AuthFailed(RemoteLabError):
+    """401: the server wants a token (``REMOTE_LAB_TOKEN``), or refused the one given."""
+
+
+class Forbidden(RemoteLabError):
+    """403: not allowed, e.g. another user's session (a server with ``--auth-file``)."""
 
 
 class NotFound(RemoteLabError):
@@ -196,6 +205,8 @@ class LabFailed(ServerError):
 # (RemoteLabClient._raise_for).
 _STATUS_ERRORS = {
     (None, 400): (BadRequest, None),
+    (None, 401): (AuthFailed, None),
+    (None, 403): (Forbidden, None),
     (None, 404): (NotFound, None),
     (None, 409): (LabInUse, None),
     (None, 413): (UploadTooLarge, None),
@@ -227,7 +238,9 @@ def _error_for(resp, what, request=None, subject=None):
         cls, message = RemoteLabError, None
     if message:
         what = message % {"subject": subject}
-    return cls("%s: %s (HTTP %d)" % (what, resp.detail, resp.status), resp.status, resp.detail)
+    hint = "; the token comes from REMOTE_LAB_TOKEN" if resp.status == 401 else ""
+    return cls("%s: %s (HTTP %d%s)" % (what, resp.detail, resp.status, hint), resp.status,
+               resp.detail)
 
 
 def _not_remote_lab(resp):

@@ -18,7 +18,7 @@ import pytest
 
 from client_support import client_env, free_port, sessions
 from helpers import ROOT, SERVER, ServerProcess, http, wait_until
-from server_support import Api
+from server_support import TOKENS, Api, write_auth_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -205,6 +205,32 @@ def test_curl_session_stops_when_its_session_is_gone(curl_server, env):
     assert "HTTP 404" in err, err
     assert time.monotonic() - t0 < 45
     assert [s["status"] for s in sessions(srv)] == ["active"]  # the holder only, untouched
+
+
+def test_curl_session_with_a_token_added_works_against_auth_file(tmp_path, env):
+    """README "Security": the curl session with `-H "Authorization: Bearer ..."` added to each
+    curl works with --auth-file; unchanged, it stops at the first call (401)."""
+    has("curl")
+    has("jq")
+    srv = ServerProcess(tmp_path / "auth", "--auth-file",
+                        write_auth_file(tmp_path / "users"), simulate=True)
+    srv.start()
+    try:
+        assert "Authorization: Bearer $REMOTE_LAB_TOKEN" in section("Security")
+        plain = start_script(curl_script(srv.url), env)
+        out, err = finish(plain)
+        assert plain.returncode == 1, (out, err)
+        script = curl_script(srv.url).replace(
+            "curl ", 'curl -H "Authorization: Bearer $REMOTE_LAB_TOKEN" ')
+        proc = start_script(script, dict(env, REMOTE_LAB_TOKEN=TOKENS["alice"]))
+        out, err = finish(proc)
+        assert proc.returncode == 0, err
+        assert '"name": "r1"' in out and '"reused": false' in out, out
+        assert "lab released" in srv.log()
+        admin = Api(srv, TOKENS["root"])
+        assert admin.health()["session_list"] == []
+    finally:
+        srv.stop()
 
 
 def systemd_steps():
