@@ -5203,7 +5203,8 @@ DOCS_JS = r"""
     ev.preventDefault();
     var f = ev.target, path = f.getAttribute("data-path"), q = [], headers = {}, body = null;
     var out = f.querySelector("pre.out"), inputs = f.querySelectorAll("[data-in]"), i, j;
-    if (f.getAttribute("data-body") === "multipart") body = new FormData();
+    var kind = f.getAttribute("data-body"), json = {}, filled = false;
+    if (kind === "multipart") body = new FormData();
     for (i = 0; i < inputs.length; i++) {
       var el = inputs[i], where = el.getAttribute("data-in"), name = el.name, v = el.value;
       if (where === "path") path = path.replace("{" + name + "}", encodeURIComponent(v));
@@ -5211,7 +5212,9 @@ DOCS_JS = r"""
       else if (where === "header" && v !== "") headers[name] = v;
       else if (where === "form" && el.type === "file") { for (j = 0; j < el.files.length; j++) body.append(name, el.files[j], el.files[j].name); }
       else if (where === "form" && v !== "") body.append(name, v);
+      else if (where === "json" && v !== "") { json[name] = v; filled = true; }
     }
+    if (kind === "json" && filled) { body = JSON.stringify(json); headers["Content-Type"] = "application/json"; }
     var url = path.replace(/^\//, "") + (q.length ? "?" + q.join("&") : "");
     out.textContent = f.getAttribute("data-method") + " " + path + " ...";
     fetch(url || ".", {method: f.getAttribute("data-method"), headers: headers, body: body}).then(function (r) {
@@ -5298,11 +5301,12 @@ def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
                           _h(schema_text(doc, p.get("schema", {}))), _md(p.get("description", ""))))
         out.append("</tbody></table></div>")
     body = op.get("requestBody")
-    fields = {}
+    fields, body_kind = {}, None
     if body:
         for ctype, media in body["content"].items():
             schema = _resolve(doc, media["schema"])
             fields = schema.get("properties", {})
+            body_kind = "multipart" if ctype == "multipart/form-data" else "json"
             out.append("<p>Request body <code>%s</code>:</p><ul>" % _h(ctype))
             for k, v in fields.items():
                 out.append("<li><code>%s</code>%s: %s. %s</li>"
@@ -5327,7 +5331,7 @@ def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
     out.append("</tbody></table></div>")
     # the "try it" form
     out.append('<form class="try" data-method="%s" data-path="%s"%s>'
-               % (method.upper(), _h(path), ' data-body="multipart"' if fields else ""))
+               % (method.upper(), _h(path), ' data-body="%s"' % body_kind if fields else ""))
     for p in params:
         if p["in"] == "header" and p["name"] == "Accept":
             continue
@@ -5335,7 +5339,9 @@ def _docs_operation(doc: dict, method: str, path: str, op: dict) -> str:
                    % (_h(p["name"]), _h(p["name"]), _h(p["in"]),
                       " required" if p.get("required") else ""))
     for k, v in fields.items():
-        if v.get("type") == "array" or v.get("contentMediaType"):
+        if body_kind == "json":  # a JSON object of strings: one text field each
+            out.append('<label>%s <input name="%s" data-in="json"></label>' % (_h(k), _h(k)))
+        elif v.get("type") == "array" or v.get("contentMediaType"):
             out.append('<label>%s <input type="file" name="%s" data-in="form"%s></label>'
                        % (_h(k), _h(k), " multiple" if v.get("type") == "array" else ""))
         else:

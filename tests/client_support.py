@@ -96,8 +96,10 @@ def active_session(srv):
 
 
 def session_state(srv, sid):
+    """GET /session/{sid}: (status, the seed's fields; the additive ones checked, then left out)."""
+    from server_support import seed_fields
     status, body, _ = http("GET", srv.url + "/session/" + sid)
-    return status, body
+    return seed_fields((status, body))
 
 
 def lab_idle(srv):

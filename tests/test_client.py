@@ -22,6 +22,7 @@ from client_support import (MAPPING, SIMPLE, TcpForwarder, active_session, clien
                             tls_server_context, wait_until)
 from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, file_size_limit, http, in_thread, kill_if_running
+from server_support import seed_fields
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -103,8 +104,8 @@ def test_drop_in_flow_acquire_reuse_release_destroy_close(srv, tmp_path):
 
 def test_destroy_without_force_refuses_a_lab_in_use(srv):
     with client(srv.url) as c:
-        assert c.session_status() == {"session_id": c.session_id, "status": "active",
-                                      "position": 0}
+        assert seed_fields((200, c.session_status())) == (200, {
+            "session_id": c.session_id, "status": "active", "position": 0})
         c.acquire(SIMPLE)
         with pytest.raises(rlc.LabInUse) as info:
             c.destroy(force=False)

@@ -115,6 +115,7 @@ def test_docs_try_it_forms_in_headless_chromium(start_server, chromium, tmp_path
     assert status == 200
     driver = """<script>
     function go(op) { document.querySelector("#op-" + op + " form").requestSubmit(); }
+    document.querySelector('#op-post_session input[name="note"]').value = "tried in /docs";
     go("post_session");
     setTimeout(function () { go("get_healthz"); }, 200);
     setTimeout(function () { go("get_session"); }, 400);
@@ -131,4 +132,5 @@ def test_docs_try_it_forms_in_headless_chromium(start_server, chromium, tmp_path
     assert out_of(dom, "get_healthz").startswith("204 No Content")
     got = out_of(dom, "get_session")
     assert got.startswith("200 OK") and '"status": "active"' in got and sid in got, got
+    assert '"note": "tried in /docs"' in got and '"owner": null' in got, got  # the JSON body
     assert [s["session_id"] for s in api.health()["session_list"]] == [sid]
