@@ -19,8 +19,7 @@ import warnings
 import pytest
 
 import client_support
-from helpers import (ROOT, SERVER, TOPOLOGIES, ServerProcess, kill_if_running, read_json,
-                     stop_launched, wait_until)
+from helpers import ROOT, SERVER, TOPOLOGIES, ServerProcess, read_json, stop_launched, wait_until
 from sshd_support import sshd  # noqa: F401  (fixture)
 from systemd_support import BASH, _listening_socket, spare_fd, start_process
 
@@ -301,6 +300,24 @@ def test_a_silent_connection_does_not_hold_up_others(tls_server, certs):
     no_traceback(srv)
 
 
+def test_the_connection_cap_closes_an_idle_tls_connection_to_make_room(tls_server, certs):
+    srv = tls_server("--max-connections", "2")
+    kept = []
+    for _ in range(2):  # two kept-alive connections, idle after their first answer
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, timeout=10,
+                                           context=verifying(certs.cert))
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b""
+        kept.append(conn)
+    assert https(srv.port, "GET", "/healthz", certs.cert)[0] == 204  # room was made
+    assert kept[0].sock.recv(1) == b""  # the oldest idle one was closed for it
+    kept[1].request("GET", "/healthz")
+    assert kept[1].getresponse().status == 204
+    for conn in kept:
+        conn.close()
+    no_traceback(srv)
+
+
 def test_a_long_poll_over_https_ends_when_its_client_goes(tls_server, certs):
     """_peer_closed() on a TLS socket: a status page watcher that closes stops watching."""
     srv = tls_server()
@@ -433,3 +450,101 @@ def https_serves(port, cafile, name):
                 return True
     except (OSError, ssl.SSLError):
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# The launchers: the flags in --server-args, the scheme from the status file
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private HOME for the launcher's files; what it started is stopped at the end."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("HOME", str(h))
+    yield h
+    stop_launched(h)
+
+
+def records(folder):
+    return [read_json(p) for p in sorted(folder.glob("remote-lab-*.json"))]
+
+
+def test_the_local_launcher_serves_https_with_tls_server_args(home, certs, monkeypatch):
+    """Local mode: the certificate is checked for "localhost" (the URL says 127.0.0.1)."""
+    monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", " ".join(["--simulate"] + certs.args(named=True)))
+    monkeypatch.setenv("REMOTE_LAB_CA_FILE", str(certs.named_cert))
+    with client_support.client(None) as lab:
+        assert lab.base_url.startswith("https://127.0.0.1:")
+        lab.acquire(SIMPLE)
+        lab.release()
+    (server,) = records(home / ".remote-http-launcher" / "server")
+    assert server["status"] == "running" and server["scheme"] == "https"
+    (conn,) = records(home / ".remote-http-launcher" / "client")
+    assert conn["url"] == lab.base_url and conn["tls_name"] == "localhost"
+    out = client_support.cli("ps", env=os.environ.copy())
+    assert "https://127.0.0.1:%d" % server["port"] in out.stdout, out.stdout
+    out = client_support.cli("health", env=os.environ.copy())
+    assert out.returncode == 0, out.stderr
+    assert rlc.Launcher().stop() is True
+
+
+def test_the_ssh_launcher_with_tls_server_args_gives_an_https_client(home, sshd, certs,  # noqa: F811
+                                                                      monkeypatch):
+    """Through the tunnel the URL says 127.0.0.1; the certificate is checked for the lab host's
+    name as the ssh:// URL gives it (here "localhost", the only name the certificate has)."""
+    target = "%s@localhost:%d" % (sshd.user, sshd.port)
+    monkeypatch.setenv("REMOTE_LAB_SSH_ARGS", sshd.ssh_args)
+    monkeypatch.setenv("REMOTE_LAB_URL", "ssh://" + target)
+    monkeypatch.setenv("REMOTE_LAB_SERVER_ARGS", " ".join(["--simulate"] + certs.args(named=True)))
+    monkeypatch.setenv("REMOTE_LAB_CA_FILE", str(certs.named_cert))
+    try:
+        with client_support.client(None) as lab:
+            assert lab.base_url.startswith("https://127.0.0.1:")
+            lab.acquire(SIMPLE)
+            lab.release()
+        (server,) = records(sshd.remote_home / ".remote-http-launcher" / "server")
+        assert server["scheme"] == "https" and server["port"] != int(lab.base_url.split(":")[2])
+        (conn,) = records(home / ".remote-http-launcher" / "client")
+        assert conn["tls_name"] == "localhost" and conn["url"] == lab.base_url
+        # a certificate the client does not trust: one clear error naming what was checked
+        with pytest.raises(rlc.ConnectionFailed) as caught:
+            client_support.client(None, ca_file=str(certs.other_cert), retries=0)
+        assert "(certificate checked for localhost) failed" in str(caught.value)
+        assert "certificate verify failed" in str(caught.value)
+    finally:
+        rlc.Launcher(target).stop()
+        stop_launched(sshd.remote_home)
+
+
+# --------------------------------------------------------------------------------------------
+# The README's example, as written
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_readme_tls_example_works_as_written(tmp_path, certs):
+    import shlex
+
+    from test_readme import commands, section, sh_blocks
+
+    text = section("TLS")
+    make, chmod, serve = commands(sh_blocks(text)[0])
+    assert make.startswith("openssl req ") and chmod == "chmod 600 key.pem"
+    subprocess.run(shlex.split(make), cwd=str(tmp_path), check=True, capture_output=True,
+                   timeout=60)
+    subprocess.run(shlex.split(chmod), cwd=str(tmp_path), check=True, timeout=10)
+    assert oct((tmp_path / "key.pem").stat().st_mode & 0o777) == "0o600"
+    words = shlex.split(serve)
+    assert words[:2] == ["python3", "remote_lab.py"], serve
+    words[words.index("--port") + 1] = "0"
+    words[words.index("--host") + 1] = "127.0.0.1"  # (tests talk to loopback only)
+    srv = ServerProcess(tmp_path / "srv", *words[2:], simulate=True)
+    # (the files are named relative to the working directory, as in the README: clean_env
+    # made it tmp_path)
+    with srv:
+        assert "Listening on https://127.0.0.1:" in srv.log()
+        for name in ("127.0.0.1", "localhost"):  # the names its subjectAltName lists
+            assert https_serves(srv.port, tmp_path / "cert.pem", name)
+        assert https(srv.port, "GET", "/healthz", tmp_path / "cert.pem")[0] == 204
+    assert 'REMOTE_LAB_CA_FILE=' in text and "--server-args" in text
