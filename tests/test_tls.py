@@ -20,6 +20,7 @@ import pytest
 
 import client_support
 from helpers import ROOT, SERVER, TOPOLOGIES, ServerProcess, read_json, stop_launched, wait_until
+from chromium_support import chromium  # noqa: F401  (fixture)
 from sshd_support import sshd  # noqa: F401  (fixture)
 from systemd_support import BASH, _listening_socket, spare_fd, start_process
 
@@ -331,6 +332,33 @@ def test_a_long_poll_over_https_ends_when_its_client_goes(tls_server, certs):
     wait_until(lambda: "remote_lab_status_page_watchers 0" in
                https(srv.port, "GET", "/metrics", certs.cert)[1], timeout=5,
                what="the watcher to go")
+
+
+def test_the_status_page_updates_itself_over_https_in_chromium(tls_server, certs, chromium):  # noqa: F811
+    """The page's script long-polls its relative URL "status?...": over https too. The page
+    loads, its long-poll waits; a new session changes the status and the script renders it."""
+    srv = tls_server()
+
+    def watchers():
+        text = https(srv.port, "GET", "/metrics", certs.cert)[1]
+        return "remote_lab_status_page_watchers 0" not in text
+
+    proc = chromium("--ignore-certificate-errors", "--virtual-time-budget=500", "--dump-dom",
+                    url_of(srv) + "/", background=True)
+    try:
+        wait_until(lambda: watchers() or proc.poll() is not None, timeout=60,
+                   what="the page's long-poll")
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+        status, body, _ = https(srv.port, "POST", "/session", certs.cert)
+        assert status == 201
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    dom = out.decode(errors="replace")
+    assert 'data-holder="%s"' % body["session_id"][:8] in dom, dom[:3000]
+    assert '<span id="live" class="on">live, updated ' in dom
 
 
 # --------------------------------------------------------------------------------------------
