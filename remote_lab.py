@@ -81,7 +81,7 @@ class Settings:
     debug: bool = False
     log_config: Optional[str] = None
     status_file: Optional[str] = None
-    tls_cert: Optional[str] = None  # --tls-cert / --tls-key: serve HTTPS (section 7.3)
+    tls_cert: Optional[str] = None  # --tls-cert / --tls-key: serve HTTPS (section 7.2)
     tls_key: Optional[str] = None
     teardown_on_exit: bool = False  # stop: tear the lab down (default: leave it to be adopted)
     cleanup: bool = False  # --cleanup: tear down what the state dir holds, then exit
@@ -4269,7 +4269,7 @@ def tls_context(settings: Settings):
                             ) from None
     except (ssl.SSLError, OSError) as e:
         why = ("the key does not belong to the certificate" if "MISMATCH" in str(e)
-               else "unusable certificate or key: %s" % (e.reason or e))
+               else "unusable certificate or key: %s" % (getattr(e, "reason", None) or e))
         raise TLSSetupError("remote-lab: --tls-cert %s / --tls-key %s: %s" % (cert, key, why)
                             ) from None
     return context

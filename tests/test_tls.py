@@ -282,7 +282,7 @@ def test_the_python_client_with_an_http_url_is_told_to_use_https(tls_server, cer
 def test_a_silent_connection_does_not_hold_up_others(tls_server, certs):
     """The handshake happens in the connection's thread: one that connects and says nothing
     (or stops halfway through its ClientHello) waits alone, and is dropped at --header-timeout."""
-    srv = tls_server("--header-timeout", "2", "--debug")
+    srv = tls_server("--header-timeout", "5", "--debug")
     silent = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
     halfway = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
     halfway.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
@@ -290,10 +290,10 @@ def test_a_silent_connection_does_not_hold_up_others(tls_server, certs):
         started = time.monotonic()
         for _ in range(3):
             assert https(srv.port, "GET", "/healthz", certs.cert, timeout=5)[0] == 204
-        assert time.monotonic() - started < 1.5  # not after the silent ones' 2 s deadline
+        assert time.monotonic() - started < 4  # not after the silent ones' 5 s deadline
         for conn in (silent, halfway):
             assert conn.recv(1) == b""  # dropped by the server, within the timeouts
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 30
         assert "TLS handshake with 127.0.0.1 failed" in srv.log()
     finally:
         silent.close()
