@@ -81,6 +81,8 @@ class Settings:
     debug: bool = False
     log_config: Optional[str] = None
     status_file: Optional[str] = None
+    tls_cert: Optional[str] = None  # --tls-cert / --tls-key: serve HTTPS (section 7.2)
+    tls_key: Optional[str] = None
     teardown_on_exit: bool = False  # stop: tear the lab down (default: leave it to be adopted)
     cleanup: bool = False  # --cleanup: tear down what the state dir holds, then exit
     auth_file: Optional[str] = None  # users and tokens; None: the API is open (the seed's)
@@ -188,6 +190,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="JSON logging.config.dictConfig file")
     p.add_argument("--status-file", metavar="PATH", default=d.status_file,
                    help="status file of the remote-http-launcher protocol")
+    p.add_argument("--tls-cert", metavar="FILE", default=d.tls_cert,
+                   help="serve HTTPS (TLS >= 1.2) with this PEM certificate (chain); needs "
+                        "--tls-key")
+    p.add_argument("--tls-key", metavar="FILE", default=d.tls_key,
+                   help="the PEM private key of --tls-cert (not passphrase-protected)")
     p.add_argument("--teardown-on-exit", action="store_true", default=d.teardown_on_exit,
                    help="tear the lab down when the server stops (default: leave it running "
                         "for the next start to adopt; sessions survive either way)")
@@ -2347,11 +2354,13 @@ def _peer_closed(conn) -> bool:
         return False
     import select
     try:
+        if is_tls(conn) and conn.pending():  # decrypted bytes waiting: not closed
+            return False
         poller = select.poll()  # not select(): no limit on the fd number
         poller.register(conn, select.POLLIN)
         if not poller.poll(0):
             return False
-        return conn.recv(1, socket.MSG_PEEK) == b""
+        return raw_peek(conn) == b""  # (TLS: a close_notify alert before the EOF cannot tell)
     except ConnectionError:  # reset by the peer
         return True
     except (OSError, ValueError):
@@ -3987,11 +3996,57 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         reader = self.reader
         reader.start(*self.header_deadline)  # a new connection has no reason to wait
+        if is_tls(self.connection) and not self._tls_handshake():
+            return
         self.handle_one_request()
         self.kept_alive = True  # from now on it waits between two requests (a reload closes it)
         while not self.close_connection:
             reader.deadline = reader.pending = None  # between requests: --socket-timeout only
             self.handle_one_request()
+
+    def _tls_handshake(self) -> bool:
+        """The TLS handshake, here in the connection's thread (one that says nothing holds up
+        no other), within --header-timeout. A plain HTTP request gets a plain 400 telling so.
+        False: the connection is to be closed (why is logged at debug)."""
+        sock, deadline = self.connection, self.reader.deadline  # the header deadline
+
+        def time_left():  # (ssl: a handshake's timeout bounds it as a whole)
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            return min(left, self.timeout) if left and self.timeout else left or self.timeout
+        try:
+            sock.settimeout(time_left())
+            first = raw_peek(sock)
+            if first[:1].isalpha():  # "GET /...": a TLS handshake starts with byte 0x16
+                self._plain_http_refused()
+                return False
+            if first:
+                sock.settimeout(time_left())
+                sock.do_handshake()
+            return bool(first)
+        except (OSError, ValueError) as e:  # ssl.SSLError, timeout, reset
+            log.debug("TLS handshake with %s failed: %s", self.client_address[0],
+                      e if str(e) else type(e).__name__)
+            return False
+        finally:
+            try:
+                sock.settimeout(self.timeout)
+            except OSError:
+                pass
+
+    def _plain_http_refused(self) -> None:
+        log.debug("plain HTTP request from %s on the HTTPS port: answered 400",
+                  self.client_address[0])
+        body = json.dumps({"detail": "this server speaks HTTPS (TLS): use https:// in the "
+                           "URL"}).encode()
+        head = ("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)).encode()
+        try:
+            socket.socket.sendall(self.connection, head + body)  # not encrypted, as asked
+            raw_shutdown(self.connection, socket.SHUT_WR)
+            self.connection.settimeout(0.5)  # the unread request: a reset could eat the answer
+            socket.socket.recv(self.connection, CHUNK)
+        except OSError:
+            pass
 
     def handle_one_request(self):
         """BaseHTTPRequestHandler.handle_one_request, with the deadlines of DeadlineSocketIO:
@@ -4049,6 +4104,11 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         except ConnectionError as e:  # reset or broken by the client: nothing to answer
             log.debug("connection from %s lost: %s", self.client_address[0], e)
+            self.close_connection = True
+        except OSError as e:
+            if not is_tls(self.connection):
+                raise
+            log.debug("TLS connection from %s failed: %s", self.client_address[0], e)
             self.close_connection = True
 
     def _serve_overflow(self) -> bool:
@@ -4159,6 +4219,79 @@ class RequestHandler(FastRequestHead, http.server.BaseHTTPRequestHandler):
             pass
 
 
+# -- 7.2 TLS (--tls-cert / --tls-key): the ssl module; handshakes in the connections' threads --
+
+
+class TLSSetupError(Exception):
+    """The certificate or key cannot be used: one line for the log and the status file."""
+
+
+class _Passphrase(Exception):
+    """The key asked for a passphrase (load_cert_chain would otherwise prompt on the tty)."""
+
+
+def _refuse_passphrase():
+    raise _Passphrase()
+
+
+def _tls_file(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except OSError as e:
+        raise TLSSetupError("remote-lab: cannot read %s %s: %s" % (flag, path, e.strerror or e)
+                            ) from None
+
+
+def tls_context(settings: Settings):
+    """The server's ssl.SSLContext (TLS >= 1.2) or None without --tls-cert/--tls-key; raises
+    TLSSetupError. Run at every start, so a reload (SIGHUP) takes a renewed certificate."""
+    cert, key = settings.tls_cert, settings.tls_key
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise TLSSetupError("remote-lab: --tls-cert and --tls-key go together (only %s given)"
+                            % ("--tls-cert" if cert else "--tls-key"))
+    import ssl
+    if b"-----BEGIN CERTIFICATE-----" not in _tls_file("--tls-cert", cert):
+        raise TLSSetupError("remote-lab: --tls-cert %s is not a PEM certificate (no BEGIN "
+                            "CERTIFICATE line)" % cert)
+    if b"PRIVATE KEY-----" not in _tls_file("--tls-key", key):
+        raise TLSSetupError("remote-lab: --tls-key %s is not a PEM private key (no BEGIN ... "
+                            "PRIVATE KEY line)" % key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _Passphrase:
+        raise TLSSetupError("remote-lab: --tls-key %s is protected by a passphrase: decrypt it "
+                            "(openssl pkey -in KEY -out KEY.plain) and keep it mode 0600" % key
+                            ) from None
+    except (ssl.SSLError, OSError) as e:
+        why = ("the key does not belong to the certificate" if "MISMATCH" in str(e)
+               else "unusable certificate or key: %s" % (getattr(e, "reason", None) or e))
+        raise TLSSetupError("remote-lab: --tls-cert %s / --tls-key %s: %s" % (cert, key, why)
+                            ) from None
+    return context
+
+
+def is_tls(sock) -> bool:
+    """An ssl.SSLSocket (without importing ssl on plain HTTP servers)."""
+    return hasattr(sock, "pending")
+
+
+def raw_shutdown(sock, how: int) -> None:
+    """sock.shutdown() on the TCP socket itself: SSLSocket.shutdown() also drops its TLS state,
+    which a handler thread reading it at that moment would trip over (make_room, draining)."""
+    socket.socket.shutdown(sock, how)
+
+
+def raw_peek(sock, n: int = 1) -> bytes:
+    """The next bytes on the wire, left there (SSLSocket.recv refuses MSG_PEEK): TLS records
+    on a TLS socket, b"" at EOF."""
+    return socket.socket.recv(sock, n, socket.MSG_PEEK)
+
+
 FD_RESERVE = 64  # open files kept free of connections: lab files, netlab pipes, logs
 OVERFLOW_CONNECTIONS = 16  # beyond the cap, each read for a 503 (or /healthz) answer
 _ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -4183,8 +4316,10 @@ def raise_open_files_limit() -> int:
 
 
 def request_waiting(sock) -> bool:
-    """Bytes (or EOF) are ready to read on ``sock`` now."""
+    """Bytes (or EOF) are ready to read on ``sock`` now (TLS: decrypted ones, or on the wire)."""
     import select
+    if is_tls(sock) and sock.pending():
+        return True
     try:
         poller = select.poll()  # not select(): no limit on the fd number
         poller.register(sock, select.POLLIN)
@@ -4203,6 +4338,7 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
     request_queue_size = 512
     connection_cap = 0  # 0: no cap (limit_connections() sets it)
     draining = False  # a reload: every connection closes once its current answer is written
+    tls_context = None  # --tls-cert: accepted sockets are wrapped (ssl.SSLSocket)
 
     def __init__(self, *args, **kwargs):
         self.connections_lock = threading.Lock()
@@ -4280,6 +4416,14 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
                 self._accept_failed(e)
             raise  # _handle_request_noblock() ignores it
         self.accept_failures = 0
+        if self.tls_context is not None:  # the handshake is the handler's (it may wait)
+            sock, address = request
+            try:
+                request = (self.tls_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False), address)
+            except OSError:
+                sock.close()
+                raise
         return request
 
     def _accept_failed(self, error: OSError) -> None:
@@ -4328,19 +4472,20 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
                 if sock is not None:
                     break
             try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes its handler's read with EOF
+                raw_shutdown(sock, socket.SHUT_RDWR)  # wakes its handler's read with EOF
             except OSError:
                 pass
         return True
 
     def _refuse_at_once(self, request) -> None:
-        try:
-            request.setblocking(False)
-            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 34\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-                         b'{"detail": "too many connections"}')
-        except OSError:
-            pass
+        if not is_tls(request):  # TLS: no handshake here (it may wait), so closed unanswered
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                             b"\r\nContent-Length: 34\r\nRetry-After: 1\r\nConnection: close"
+                             b'\r\n\r\n{"detail": "too many connections"}')
+            except OSError:
+                pass
         self.shutdown_request(request)
 
     def start_draining(self) -> None:
@@ -4361,7 +4506,7 @@ class LabHTTPServer(http.server.ThreadingHTTPServer):
                 if handler.kept_alive and not request_waiting(sock) and \
                         idle.pop(handler, None) is not None:
                     try:
-                        sock.shutdown(socket.SHUT_RDWR)
+                        raw_shutdown(sock, socket.SHUT_RDWR)
                     except OSError:
                         pass
 
@@ -5802,7 +5947,7 @@ class Reload:
         threading.Thread(target=self._check_then_stop_serving, name="reload", daemon=True).start()
 
     def _check_then_stop_serving(self) -> None:
-        problem = self.preflight() or self.auth_file_problem()
+        problem = self.preflight() or self.auth_file_problem() or self.tls_problem()
         if problem:
             log.error("reload refused, still serving the running version: %s", problem)
             self.busy = False
@@ -5836,6 +5981,15 @@ class Reload:
                 AuthTable.load(self.app.settings.auth_file)
             except AuthFileError as e:
                 return str(e)
+        return None
+
+    def tls_problem(self) -> Optional[str]:
+        """What the re-executed server would refuse to start with in --tls-cert/--tls-key
+        (a renewed certificate that does not load): refused now, while this one serves."""
+        try:
+            tls_context(self.app.settings)
+        except TLSSetupError as e:
+            return str(e)
         return None
 
     def run(self) -> None:
@@ -5934,6 +6088,10 @@ def main(argv=None) -> int:
         auth = AuthTable.load(settings.auth_file) if settings.auth_file else None
     except AuthFileError as e:
         return fail(str(e))
+    try:
+        tls = tls_context(settings)  # before the lock: a bad certificate changes nothing
+    except TLSSetupError as e:
+        return fail(str(e))
     handed_over = Reload.handed_over()  # the lock fd, when this start is a reload
     lock = InstanceLock(settings.state_dir)
     try:
@@ -5948,18 +6106,20 @@ def main(argv=None) -> int:
     app = App(settings, SystemdNotifier.from_environ(), store, auth)  # no-op without systemd
     try:
         server = bind_server(settings, app, sd_listen_socket(), handed_over is not None)
+        server.tls_context = tls
     except OSError as e:
         where = ("ports %d-%d" % settings.port_range if settings.port_range
                  else "port %d" % settings.port)
         return fail("remote-lab: cannot listen on %s %s: %s" % (settings.host, where, e))
     server.limit_connections(settings.max_connections, open_files)
     host, port = server.server_address[:2]
-    lock.record(port=port, host=host)
+    scheme = "https" if tls else "http"
+    lock.record(port=port, host=host, scheme=scheme)
     stop_signal = threading.Event()
     reload = Reload(argv, app, server, lock, stop_signal)
     # before anything reports us as running: a launcher may signal us as soon as it reads that
     install_signal_handlers(app, server, reload, stop_signal)
-    announce(settings, status_file, host, port)
+    announce(settings, status_file, host, port, scheme)
     if auth is None and not is_loopback_address(host):
         log.warning("listening on %s without --auth-file: anyone who can reach this port may "
                     "end others' sessions and run netlab on this host (README: Security)", host)
@@ -6012,16 +6172,18 @@ def install_signal_handlers(app: App, server: "LabHTTPServer", reload: "Reload",
         signal.signal(sig, on_signal)
 
 
-def announce(settings: Settings, status_file: StatusFile, host: str, port: int) -> None:
-    """The status file says running; the log says where we listen."""
-    if not status_file.update(status="running", port=port, host=host):
+def announce(settings: Settings, status_file: StatusFile, host: str, port: int,
+             scheme: str = "http") -> None:
+    """The status file says running (and ``scheme``: the launcher's client needs it); the log
+    says where we listen."""
+    if not status_file.update(status="running", port=port, host=host, scheme=scheme):
         log.warning("status file %s did not appear within %.0f s; wrote it myself",
                     status_file.path, StatusFile.WAIT_FOR_FILE)
     shown_host = "[%s]" % host if ":" in host else host
     # where we listen is worth a line even at --log-level WARNING (with --port 0 it is news)
     log.log(logging.INFO if log.isEnabledFor(logging.INFO) else logging.WARNING,
-            "remote-lab %s: Listening on http://%s:%d (netlab: %s)", __version__, shown_host,
-            port, "simulated" if settings.simulate else settings.netlab)
+            "remote-lab %s: Listening on %s://%s:%d (netlab: %s)", __version__, scheme,
+            shown_host, port, "simulated" if settings.simulate else settings.netlab)
 
 
 def stop_serving(app: App, server: "LabHTTPServer", status_file: StatusFile) -> None:

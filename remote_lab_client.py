@@ -628,6 +628,23 @@ def _connection_dropped(sock):
     return bool(readable)
 
 
+# base URL -> the name its server's certificate must show, where the URL's host stands for
+# another: a launcher's tunnel (127.0.0.1 for the lab host) and local mode ("localhost")
+_TLS_NAMES = {}
+
+
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPSConnection that checks the certificate for ``tls_name``, not for its host."""
+
+    def __init__(self, host, port, tls_name, **kwargs):
+        super().__init__(host, port, **kwargs)
+        self.tls_name = tls_name
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.tls_name)
+
+
 class HttpTransport:
     """The client's HTTP layer: one keep-alive ``http.client`` connection guarded by a lock.
 
@@ -734,6 +751,10 @@ class HttpTransport:
         return self._ssl_context
 
     def _new_connection(self, timeout):
+        name = _TLS_NAMES.get(self.base_url) if self.scheme == "https" else None
+        if name:
+            return _NamedHTTPSConnection(self.host, self.port, name, timeout=timeout,
+                                         context=self._context())
         if self.scheme == "https":
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
                                                context=self._context())
@@ -903,10 +924,12 @@ class HttpTransport:
             sock.deadline = deadline
             sock.received = 0
         except ssl.SSLError as e:  # certificate problems are not worth retrying
+            name = _TLS_NAMES.get(self.base_url)
             raise ConnectionFailed(
-                "TLS with %s:%s failed: %s (for a private CA set REMOTE_LAB_CA_FILE=PEM; "
-                "REMOTE_LAB_INSECURE=1 skips verification)" % (self.host, self.port, _describe(e))
-            ) from None
+                "TLS with %s:%s%s failed: %s (for a private CA set REMOTE_LAB_CA_FILE=PEM; "
+                "REMOTE_LAB_INSECURE=1 skips verification)" % (
+                    self.host, self.port, " (certificate checked for %s)" % name if name else "",
+                    _describe(e))) from None
         except (OSError, http.client.HTTPException) as e:
             raise _NotSent(e) from None
         try:
@@ -1760,11 +1783,26 @@ def _terminate(pid, start_time, grace=5.0):
     return True
 
 
+def _probe_connection(url, timeout):
+    """An http.client connection for a probe of ``url`` (is it up, what is it): https without
+    checking the certificate, as the probes send nothing secret -- never add a token here;
+    the client's own requests check it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https":
+        return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
+                                       context=context)
+
+
 def _healthz(url, timeout=2.0):
-    """True when ``GET /healthz`` at the (plain http) ``url`` answers 2xx."""
+    """True when ``GET /healthz`` at the http(s) ``url`` answers 2xx."""
     parts = urllib.parse.urlsplit(url)
     try:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        conn = _probe_connection(url, timeout)
         try:
             conn.request("GET", parts.path.rstrip("/") + "/healthz")
             return 200 <= conn.getresponse().status < 300
@@ -1778,8 +1816,7 @@ def _root_json(url, timeout=2.0):
     """The ``GET /`` summary of the remote-lab server at ``url``, or None (no answer, not one)."""
     parts = urllib.parse.urlsplit(url)
     try:
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parts.hostname, parts.port, timeout=timeout)
+        conn = _probe_connection(url, timeout)
         try:
             conn.request("GET", parts.path.rstrip("/") + "/", headers={"Accept": "application/json"})
             data = json.loads(conn.getresponse().read(1 << 20).decode("utf-8"))
@@ -1815,7 +1852,12 @@ def _host_url(record):
         host = "127.0.0.1"
     if ":" in host:
         host = "[%s]" % host
-    return "http://%s:%s" % (host, record.get("port"))
+    return "%s://%s:%s" % (_scheme(record), host, record.get("port"))
+
+
+def _scheme(record):
+    """The scheme a status, lock or client record says its server speaks (before: http)."""
+    return "https" if record.get("scheme") == "https" else "http"
 
 
 def _answer(**fields):
@@ -1935,7 +1977,8 @@ def _use_external(other, params, state_dir):
                 % (state_dir, where, kind, differs, _host_url(other)))
         return 1
     _answer(ok=True, reused=True, external=True, pid=other.get("pid"), port=other.get("port"),
-            host=other.get("host"), start_time=_proc_start_time(other.get("pid") or 0))
+            host=other.get("host"), start_time=_proc_start_time(other.get("pid") or 0),
+            scheme=_scheme(other))
     return 0
 
 
@@ -2409,6 +2452,8 @@ class Launcher:
             return path, f.read()
 
     def _launched(self, conn, reused, answer=None):
+        if conn.get("tls_name"):
+            _TLS_NAMES[conn["url"]] = conn["tls_name"]
         info = _root_json(conn["url"]) or {}
         answer = answer or {}
         return Launched(conn["url"], self.key, reused, conn.get("server_pid"),
@@ -2468,25 +2513,29 @@ class Launcher:
         """The client file's record of the server the answer names (through a new tunnel)."""
         rport = int(answer["port"])
         rhost = answer.get("host") or bind
+        scheme = _scheme(answer)
         conn = {"key": self.key, "ssh": str(self.target) if self.target else None,
                 "workdir": self.workdir, "server_pid": answer.get("pid"),
                 "server_start_time": answer.get("start_time"),
-                "external": bool(answer.get("external"))}
+                "external": bool(answer.get("external")), "scheme": scheme}
+        if scheme == "https" and (self.tunnel or self.target is None):
+            # what the certificate must name where the URL says 127.0.0.1: the lab host
+            conn["tls_name"] = self.target.host if self.target else "localhost"
         if self.tunnel:
-            lport, tpid, tstart = self._open_tunnel(rhost, rport, deadline)
+            lport, tpid, tstart = self._open_tunnel(rhost, rport, deadline, scheme)
             conn.update({"hostname": "localhost", "port": lport,
                          "tunneled-host": self.target.host, "tunneled-port": rport,
                          "tunneled-network-interface": rhost,
                          "tunnel_pid": tpid, "tunnel_start_time": tstart,
-                         "url": "http://127.0.0.1:%d" % lport})
+                         "url": "%s://127.0.0.1:%d" % (scheme, lport)})
         else:
             hostname = self.target.host if self.target else "127.0.0.1"
             shown = "[%s]" % hostname if ":" in hostname else hostname
             conn.update({"hostname": hostname, "port": rport,
-                         "url": "http://%s:%d" % (shown, rport)})
+                         "url": "%s://%s:%d" % (scheme, shown, rport)})
         return conn
 
-    def _open_tunnel(self, rhost, rport, deadline):
+    def _open_tunnel(self, rhost, rport, deadline, scheme="http"):
         """ssh -N -L 127.0.0.1:LPORT:RHOST:RPORT; ready when /healthz answers through it."""
         fwd = "127.0.0.1" if rhost in ("0.0.0.0", "::", "") else rhost
         if ":" in fwd:
@@ -2503,7 +2552,7 @@ class Launcher:
             with open(fd, "wb") as errf:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=errf, start_new_session=True)
-            url = "http://127.0.0.1:%d" % lport
+            url = "%s://127.0.0.1:%d" % (scheme, lport)
             try:
                 while time.monotonic() < deadline:
                     if proc.poll() is not None:
@@ -2579,7 +2628,7 @@ def running_servers():
                 alive = (data.get("status") == "running"
                          and _same_process(data.get("pid"), data.get("start_time")))
                 rows.append({"side": "server", "key": name[:-5], "where": "local",
-                             "url": "http://127.0.0.1:%s" % data.get("port") if data.get("port") else None,
+                             "url": _host_url(data) if data.get("port") else None,
                              "pid": data.get("pid"), "status": data.get("status"), "alive": alive})
     return rows
 

@@ -20,7 +20,7 @@ CLIENT = ROOT / "remote_lab_client.py"
 FAKE_NETLAB = ROOT / "tests" / "fake_netlab.py"
 TOPOLOGIES = ROOT / "tests" / "topologies"
 
-_LISTEN_RE = re.compile(r"Listening on http://([^:/\s]+|\[[^\]]+\]):(\d+)")
+_LISTEN_RE = re.compile(r"Listening on https?://([^:/\s]+|\[[^\]]+\]):(\d+)")
 
 
 class ServerProcess:
