@@ -235,11 +235,11 @@ def test_restart_events_and_metrics(restartable):
 
 
 def test_keep_warm_deadline_survives_a_restart(restartable):
-    r = restartable("--keep-warm", "2")
+    r = restartable("--keep-warm", "6")  # long enough for a stop and a start on a busy machine
     srv, api = r.start()
     sid = api.new_session()
     assert api.post_lab(sid, reuse=True)[0] == 200
-    api.delete_session(sid)  # kept warm for 2 s
+    api.delete_session(sid)  # kept warm for 6 s
     r.stop()
     srv, api = r.start()
     assert api.lab_state() == "running"
