@@ -54,3 +54,15 @@ def test_a_fake_netlab_call_does_not_import_the_server(tmp_path):
                          env={"FAKE_NETLAB_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_cached_compiled_simulation_is_the_same_code(tmp_path, monkeypatch):
+    fresh = fake_netlab.load_simulation()
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path))
+    written = fake_netlab.load_simulation()  # compiles, writes the cache
+    assert len(list(tmp_path.glob("fake_netlab.*.marshal"))) == 1
+    cached = fake_netlab.load_simulation()  # reads it
+    for name in ("simulated_netlab_main", "sim_registry", "simple_topology_nodes"):
+        code = getattr(fresh, name).__code__
+        assert getattr(written, name).__code__ == code == getattr(cached, name).__code__, name
+        assert getattr(cached, name).__code__.co_filename == str(fake_netlab.REMOTE_LAB)
