@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S python3 -S
 """A faithful fake `netlab` for tests: records every call, switchable failures.
 
 Behaviour (outputs, the instance registry and its traps) comes from remote_lab's simulated netlab,
@@ -21,6 +21,7 @@ remote_lab.py (argparse, http.server, email, dataclasses, ...) took most of each
 only remote_lab.py's section 10 (the simulation: stdlib json/os/re/sys/time only), compiled from
 remote_lab.py's own text with its line numbers -- the same code, not a copy -- and falls back to
 importing the module when that section cannot be found (tests/test_fake_netlab.py checks both).
+It runs without `site` (python3 -S): it needs nothing beyond the standard library.
 """
 import json
 import os
