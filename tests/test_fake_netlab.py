@@ -1,6 +1,8 @@
 """The fake netlab (tests/fake_netlab.py) runs remote_lab.py's own simulation without importing
 all of remote_lab.py: these tests keep that fast path working and the code the same."""
 import __future__
+import builtins
+import dis
 import subprocess
 import sys
 import types
@@ -66,3 +68,24 @@ def test_the_cached_compiled_simulation_is_the_same_code(tmp_path, monkeypatch):
         code = getattr(fresh, name).__code__
         assert getattr(written, name).__code__ == code == getattr(cached, name).__code__, name
         assert getattr(cached, name).__code__.co_filename == str(fake_netlab.REMOTE_LAB)
+
+
+def globals_used(code):
+    """The global names ``code`` (and the code nested in it) loads."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= globals_used(const)
+    return names
+
+
+def test_the_simulation_needs_nothing_the_fake_leaves_out():
+    """A name section 10 starts using from elsewhere in remote_lab.py would be a NameError in
+    every fake call: add it to SECTION_NEEDS (or keep the section self-contained)."""
+    sim = fake_netlab.load_simulation()
+    used = set()
+    for func in vars(sim).values():
+        if isinstance(func, types.FunctionType):
+            used |= globals_used(func.__code__)
+    missing = sorted(n for n in used if n not in vars(sim) and not hasattr(builtins, n))
+    assert missing == []
