@@ -24,7 +24,7 @@ def pytest_configure(config):
             del os.environ[key]
     _home = tempfile.mkdtemp(prefix="remote-lab-test-home-")
     os.environ["HOME"] = _home
-    # the fake netlab imports remote_lab.py at every call (hundreds per run): compile it once,
+    # every server start and CLI run imports remote_lab*.py (hundreds per run): compile them once,
     # caching bytecode outside the checkout, even where the environment turns caching off
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(_home, ".pycache")

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S python3 -S
 """A faithful fake `netlab` for tests: records every call, switchable failures.
 
 Behaviour (outputs, the instance registry and its traps) comes from remote_lab's simulated netlab,
@@ -15,15 +15,103 @@ $FAKE_NETLAB_DIR switch failures on:
 Every call is appended to $FAKE_NETLAB_DIR/calls.jsonl as {"argv", "cwd", "pid", "time",
 "pgid", "stdin"} (stdin: what fd 0 is, e.g. /dev/null).
 The registry lives in $FAKE_NETLAB_DIR too (REMOTE_LAB_SIM_HOME), so each test is isolated.
+
+Speed: the server runs this script hundreds of times per test run, and importing all of
+remote_lab.py (argparse, http.server, email, dataclasses, ...) took most of each call. So it runs
+only remote_lab.py's section 10 (the simulation: stdlib json/os/re/sys/time only), compiled from
+remote_lab.py's own text with its line numbers -- the same code, not a copy -- and falls back to
+importing the module when that section cannot be found (tests/test_fake_netlab.py checks both).
+It runs without `site` (python3 -S): it needs nothing beyond the standard library.
 """
 import json
 import os
 import sys
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import remote_lab  # noqa: E402
+REMOTE_LAB = os.path.join(ROOT, "remote_lab.py")
+SECTION_START = "# 10. Simulated netlab"
+SECTION_END = "# 11. "
+# what the section takes from the rest of the file: one constant and five stdlib modules (their
+# import lines kept too, so the compiled code is the module's own, byte for byte)
+SECTION_NEEDS = ("NETLAB_SNAPSHOT = ", "import json\n", "import os\n", "import re\n",
+                 "import sys\n", "import time\n")
+
+
+def section_text(source):
+    """remote_lab.py's text with only section 10 and the lines it needs kept, the others blank
+    (so tracebacks point at remote_lab.py's real line numbers); None when the file's layout is
+    not the expected one."""
+    spans = []
+    for need in SECTION_NEEDS:
+        if source.count("\n" + need) != 1:
+            return None
+        begin = source.index("\n" + need) + 1
+        spans.append((begin, source.index("\n", begin) + 1))
+    if source.count("\n" + SECTION_START) != 1:
+        return None
+    begin = source.index("\n" + SECTION_START) + 1
+    end = source.find("\n" + SECTION_END, begin)
+    if end < 0:
+        return None
+    spans.append((begin, end + 1))
+    out, at = [], 0
+    for begin, end in sorted(spans):
+        if begin >= at:  # (a needed line inside the section is in it already)
+            out += ["\n" * source.count("\n", at, begin), source[begin:end]]
+            at = end
+    return "".join(out)
+
+
+def compiled(text, path):
+    """``text`` compiled (annotations kept as strings: the section's typing names need no
+    import), cached under PYTHONPYCACHEPREFIX when the tests set it (compiling is ~1/4 of a
+    call), keyed by the CRC of the path and the text (the code names its file) and the text's
+    length."""
+    import __future__
+    import marshal
+    import zlib
+    cache = None
+    if sys.pycache_prefix:
+        cache = os.path.join(sys.pycache_prefix, "fake_netlab.%s.%08x.%d.marshal" % (
+            sys.implementation.cache_tag, zlib.crc32((path + "\0" + text).encode()), len(text)))
+        try:
+            with open(cache, "rb") as f:
+                return marshal.load(f)
+        except (OSError, EOFError, ValueError, TypeError):
+            pass
+    code = compile(text, path, "exec", flags=__future__.annotations.compiler_flag,
+                   dont_inherit=True)
+    if cache:
+        try:
+            os.makedirs(sys.pycache_prefix, exist_ok=True)
+            tmp = "%s.%d.tmp" % (cache, os.getpid())
+            with open(tmp, "wb") as f:
+                marshal.dump(code, f)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return code
+
+
+def load_simulation(path=REMOTE_LAB):
+    """remote_lab.py's simulated netlab (section 10) as a module, or None when the file's
+    layout is not the expected one."""
+    with open(path) as f:
+        text = section_text(f.read())
+    if text is None:
+        return None
+    module = types.ModuleType("remote_lab")
+    module.__file__ = path
+    exec(compiled(text, path), module.__dict__)
+    return module
+
+
+remote_lab = load_simulation()
+if remote_lab is None:  # remote_lab.py's sections moved: slower, same behaviour
+    sys.path.insert(0, ROOT)
+    import remote_lab  # noqa: E402
 
 
 def main(argv):
