@@ -1340,14 +1340,15 @@ class RemoteLabClient:
     and ``REMOTE_LAB_ACQUISITION_TIMEOUT``. Keyword-only extras: ``heartbeat_interval``
     (``REMOTE_LAB_HEARTBEAT_INTERVAL``, default 30 s, 0 = none), ``token``
     (``REMOTE_LAB_TOKEN``), ``ca_file`` (``REMOTE_LAB_CA_FILE``), ``insecure``
-    (``REMOTE_LAB_INSECURE=1``), ``owner`` / ``note`` / ``link`` (who and why, shown on the
-    status page: ``REMOTE_LAB_OWNER`` etc., else ``user@host`` and the CI job), ``progress`` (None = status line on a TTY else log lines,
+    (``REMOTE_LAB_INSECURE=1``), ``progress`` (None = status line on a TTY else log lines,
     False, or a callable(position, waited)), ``start_session`` (False: create the session
     lazily, on first use) and ``reconnect_timeout`` (``REMOTE_LAB_RECONNECT_TIMEOUT``, default
     60 s: how long a server that cannot be reached is waited for once we have a session;
     heartbeats that fail that long lose the session); these arguments win over the variables.
     Variables come from the environment, else ``.env`` (``os.environ`` is left as it is).
     ``config``: a :class:`ClientConfig` resolved already, used instead of all of these.
+    ``owner`` / ``note`` / ``link``: who and why, sent with the session and shown on the status
+    page (``REMOTE_LAB_OWNER`` / ``_NOTE`` / ``_LINK``; default ``user@host`` and the CI job).
     """
 
     def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
@@ -3126,14 +3127,13 @@ def _header_server(url, source=None, token=None):
     info = _root_json(url)
     lines = ["%s%s (%s)" % (where, url if where else named(url), ", ".join(_server_facts(info))
                             if info else "not answering as remote-lab")]
-    if info:
-        lines.append(_header_holder(url, token))
-    return lines
+    holder = _header_holder(url, token) if info else None
+    return lines + [holder] if holder else lines
 
 
 def _header_holder(url, token=None, timeout=2.0):
     """The header's words on the lab: "lab held by alice@laptop for 4 min (CI: core #812), 2
-    waiting", "lab free", or "queue unknown" (no GET /status)."""
+    waiting" or "lab free"; None from a server without GET /status."""
     transport = None
     try:
         transport = HttpTransport(url, timeout, token=token, retries=0)
@@ -3145,7 +3145,7 @@ def _header_holder(url, token=None, timeout=2.0):
         if transport is not None:
             transport.close()
     if status is None:
-        return "queue unknown (no GET /status)"
+        return None
     waiting = len(status.get("queue") or [])
     return "%s%s" % (holder_text(status) or "lab free",
                      ", %d waiting" % waiting if waiting else "")

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(120)
 
 JSON = {"Content-Type": "application/json"}
 # every alert() a page would run is recorded instead (and so is any other sign of injection)
-RECORD_ALERTS = "window.__alerts = []; window.alert = function (m) { window.__alerts.push(String(m)); };"
+RECORD_ALERTS = ("window.__alerts = []; "
+                 "window.alert = function (m) { window.__alerts.push(String(m)); };")
 
 
 def new_session(api, **who):
@@ -89,7 +90,8 @@ LOOK = """(function () {
     }
     var links = document.querySelectorAll('#holder-body a, #queue-body a');
     return {alerts: window.__alerts, handlers: handlers, scripts: document.scripts.length,
-            imgs: document.images.length, bold: document.querySelectorAll('main b:not(.owner)').length,
+            imgs: document.images.length,
+            bold: document.querySelectorAll('main b:not(.owner)').length,
             links: Array.prototype.map.call(links, function (a) {
                 return [a.getAttribute('href'), a.textContent, a.rel]; }),
             owners: Array.prototype.map.call(document.querySelectorAll('b.owner'),
