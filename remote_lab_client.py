@@ -1261,8 +1261,11 @@ class _Progress:
             if changed:
                 self.mode(position, waited)
         elif self.mode == "tty":
-            self.stream.write("\r\x1b[Kremote lab: waiting in the queue at position %d (%s)%s"
-                              % (position, _duration(waited), self.about()))
+            text = "remote lab: waiting in the queue at position %d (%s)%s" % (
+                position, _duration(waited), self.about())
+            width = _columns(self.stream) - 1  # a wrapped line could not be rewritten
+            self.stream.write("\r\x1b[K" + (text if len(text) <= width
+                                             else text[:width - 3] + "..."))
             self.stream.flush()
             self.shown = True
         elif changed and self.mode == "log":
@@ -1285,6 +1288,14 @@ def _duration(seconds):
     if seconds < 60:
         return "%d s" % seconds
     return "%d min %02d s" % divmod(seconds, 60)
+
+
+def _columns(stream):
+    """The width of the terminal ``stream`` writes to (80 when it does not say)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def _held_for(seconds):

@@ -262,3 +262,39 @@ def test_holder_text_of_a_status_answer():
         "lab held by session d013cd02 for 2 h 01 min (CI: core #812)"
     assert rlc.holder_text({"holder": None}) is None and rlc.holder_text(None) is None
 
+
+
+@pytest.mark.timeout(90)
+def test_on_a_narrow_terminal_the_waiting_line_is_cut_to_fit(srv):
+    """The status line is rewritten in place: a line longer than the terminal would wrap and
+    leave a trail of copies; it is cut to the width instead."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    holder = client(srv.url, owner="alice@laptop", note="a long note " * 10)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([sys.executable, str(CLIENT), "--url", srv.url, "run", SIMPLE, "--",
+                             sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=slave, env=client_env())
+    os.close(slave)
+    seen = b""
+    try:
+        while seen.count(b"\r\x1b[K") < 3 and proc.poll() is None:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+        holder.close()
+        assert proc.wait(30) == 0
+    finally:
+        kill_if_running(proc)
+        holder.close()
+        os.close(master)
+    lines = [x for x in seen.decode().split("\r\x1b[K") if x.startswith("remote lab: waiting")]
+    assert len(lines) >= 3, seen
+    for line in lines:
+        assert len(line) <= 79 and "\n" not in line, line
+        assert line.startswith("remote lab: waiting in the queue at position 1 (")
+        assert line.endswith("..."), line  # "; lab held by alice@laptop for ..." cut
+        assert "; lab held by alice@" in line
