@@ -97,6 +97,16 @@ def test_the_variables_override_and_an_empty_one_says_nothing(srv, monkeypatch, 
     assert dict(os.environ).get("REMOTE_LAB_LINK") is None  # read, never written
 
 
+def test_with_tokens_the_server_names_the_owner_and_keeps_the_note(servers, tmp_path,
+                                                                   monkeypatch):
+    from server_support import TOKENS, write_auth_file
+    srv = servers.start("--auth-file", write_auth_file(tmp_path / "users"))
+    monkeypatch.setenv("REMOTE_LAB_NOTE", "nightly")
+    with client(srv.url, token=TOKENS["bob"]) as c:
+        status = c.session_status()
+        assert (status["owner"], status["note"]) == ("bob", "nightly"), status
+
+
 def test_values_are_cut_to_the_servers_limits_and_bad_links_dropped(srv, monkeypatch):
     monkeypatch.setenv("REMOTE_LAB_OWNER", "o" * 100)
     monkeypatch.setenv("REMOTE_LAB_NOTE", "line one\nline\ttwo \x1b[31mred " + "n" * 300)
