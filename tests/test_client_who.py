@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from client_support import SIMPLE, cli, client, client_env, session_state, wait_until
+from client_support import SIMPLE, cli, client, client_env, wait_until
 from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
-from helpers import CLIENT, kill_if_running
+from helpers import CLIENT, http as http_request, kill_if_running
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -39,7 +39,8 @@ def no_ci(monkeypatch):
 
 
 def who(srv, sid):
-    status, body = session_state(srv, sid)
+    """The owner, note and link GET /session/{sid} answers."""
+    status, body, _ = http_request("GET", srv.url + "/session/" + sid)
     assert status == 200, body
     return {k: body[k] for k in ("owner", "note", "link")}
 
