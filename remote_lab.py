@@ -4994,6 +4994,7 @@ max-height:18em;overflow:auto;font-size:.85em;margin:4px 0}
 footer{font-size:.85em;padding-bottom:20px}
 #live.on{color:var(--ok)}#live.off{color:var(--bad)}
 a{color:var(--accent)}
+.why{font-size:.9em}.why a,dd a{word-break:break-all}
 @media (max-width:560px){body{font-size:14px}.hide-narrow{display:none}}
 """
 
@@ -5041,7 +5042,10 @@ STATUS_JS = r"""
     el.textContent = text;
   }
   function poll() {
-    var url = "status?wait=25&since=" + encodeURIComponent(st.token) + (sid ? "&sid=" + encodeURIComponent(sid) : "");
+    // absolute, from location (which has no user:token@): fetch() refuses a URL with
+    // credentials, and a relative one resolves against the address the page was opened with
+    var url = location.origin + location.pathname.replace(/[^\/]*$/, "") + "status?wait=25&since=" +
+      encodeURIComponent(st.token) + (sid ? "&sid=" + encodeURIComponent(sid) : "");
     fetch(url, {cache: "no-store"}).then(function (r) {
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.json();
@@ -5093,6 +5097,28 @@ def _who_html(session: str, you: bool) -> str:
     return "<code>%s</code>" % _h(session)
 
 
+def _owner_html(entry: dict) -> str:
+    """Who (the session's owner), put before its id; "" when it did not say."""
+    return '<b class="owner">%s</b> ' % _h(entry["owner"]) if entry.get("owner") else ""
+
+
+def _link_html(link: Optional[str]) -> str:
+    """A session's link: clickable only when it is http(s) (never javascript: and the like),
+    opened without handing the page to it."""
+    if not link:
+        return ""
+    if not re.match(r"https?://", link, re.IGNORECASE):
+        return _h(link)
+    return '<a href="%s" rel="noopener noreferrer" target="_blank">%s</a>' % (_h(link), _h(link))
+
+
+def _why_html(entry: dict) -> str:
+    """A waiting session's note and link, under its id; "" when it gave neither."""
+    parts = ['<span class="note">%s</span>' % _h(entry["note"])] if entry.get("note") else []
+    parts += [_link_html(entry.get("link"))] if entry.get("link") else []
+    return '<div class="why muted">%s</div>' % " ".join(parts) if parts else ""
+
+
 def render_status_sections(st: dict) -> Dict[str, str]:
     """The page's sections for a status_view(): the page shows them, /status carries them
     (``html``) for the page's script to swap in."""
@@ -5103,15 +5129,22 @@ def render_status_sections(st: dict) -> Dict[str, str]:
     else:
         topo = ("<code>%s</code>" % _h(h["topology"]) if h["topology"]
                 else '<span class="muted">none uploaded yet</span>')
-        holder = ('<div class="big">%s holds the lab</div><dl><dt>topology</dt><dd>%s</dd>'
-                  "<dt>since</dt><dd>%s (%s ago)</dd><dt>last sign of life</dt><dd>%s ago</dd></dl>"
-                  % (_who_html(h["session"], h["you"]), topo, _clock_html(h["since"]),
-                     _ago_html(h["since"], now), _ago_html(h["last_seen"], now)))
+        held = now - h["held_s"] if h.get("held_s") is not None else h["since"]
+        why = "".join("<dt>%s</dt><dd>%s</dd>" % (name, text) for name, text in (
+            ("note", '<span class="note">%s</span>' % _h(h.get("note"))),
+            ("link", _link_html(h.get("link")))) if h.get(name))
+        holder = ('<div class="big">%s%s holds the lab <span class="muted">for %s</span></div>'
+                  "<dl>%s<dt>topology</dt><dd>%s</dd><dt>since</dt><dd>%s (%s ago)</dd>"
+                  "<dt>last sign of life</dt><dd>%s ago</dd></dl>"
+                  % (_owner_html(h), _who_html(h["session"], h["you"]), _ago_html(held, now),
+                     why, topo, _clock_html(h["since"]), _ago_html(h["since"], now),
+                     _ago_html(h["last_seen"], now)))
     if not st["queue"]:
         queue = '<p class="muted">Nobody is waiting.</p>'
     else:
         rows = "".join('<tr><td>%d</td><td>%s</td><td>%s</td><td class="hide-narrow">%s ago</td></tr>'
-                       % (q["position"], _who_html(q["session"], q["you"]),
+                       % (q["position"], _owner_html(q) + _who_html(q["session"], q["you"])
+                          + _why_html(q),
                           _ago_html(q["joined"], now), _ago_html(q["last_seen"], now))
                        for q in st["queue"])
         queue = ('<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for'

@@ -370,9 +370,77 @@ _VARIABLES = {
     "insecure": ("REMOTE_LAB_INSECURE", _flag),
     "server_args": ("REMOTE_LAB_SERVER_ARGS", lambda name, raw: raw),
     "ssh_args": ("REMOTE_LAB_SSH_ARGS", lambda name, raw: raw),
+    # who and why, sent with POST /session (unset: user@host and the CI job; "": none)
+    "owner": ("REMOTE_LAB_OWNER", _text),
+    "note": ("REMOTE_LAB_NOTE", _text),
+    "link": ("REMOTE_LAB_LINK", _text),
 }
 _NUMBERS = ("request_timeout", "session_timeout", "lab_acquisition_timeout",
             "heartbeat_interval", "reconnect_timeout")
+# the server's limits of POST /session's fields (longer owner and note are cut)
+SESSION_META_LIMITS = {"owner": 64, "note": 200, "link": 500}
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_HTTP_URL = re.compile(r"https?://[^\s/]+\S*\Z", re.IGNORECASE)
+
+
+def _local_user(environ):
+    """This process's user name as getpass.getuser() finds it (from ``environ``, then the
+    password database), or ``uidN`` where neither knows it (a container's arbitrary uid)."""
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if environ.get(name, "").strip():
+            return environ[name].strip()
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, OSError, AttributeError):
+        return "uid%d" % os.getuid() if hasattr(os, "getuid") else "unknown"
+
+
+def _local_owner(environ):
+    """``user@host`` (the host's first label), as far as this machine can tell."""
+    try:
+        host = socket.gethostname().strip()
+    except OSError:
+        host = ""
+    if host and not host.replace(".", "").isdigit():
+        host = host.split(".")[0]
+    return "%s@%s" % (_local_user(environ), host) if host else _local_user(environ)
+
+
+def ci_session_meta(environ):
+    """The CI job this runs in, from its variables: {"note", "link"} (GitHub Actions, GitLab CI,
+    Jenkins), plus ``source``: the variable that told; {} outside CI."""
+    env = {k: v.strip() for k, v in environ.items() if isinstance(v, str)}
+
+    def words(*parts):
+        return " ".join(p for p in parts if p)
+
+    if env.get("GITHUB_ACTIONS") == "true":
+        repo, run = env.get("GITHUB_REPOSITORY", ""), env.get("GITHUB_RUN_ID", "")
+        number = env.get("GITHUB_RUN_NUMBER", "")
+        actor = env.get("GITHUB_TRIGGERING_ACTOR") or env.get("GITHUB_ACTOR", "")
+        link = ("%s/%s/actions/runs/%s" % (env.get("GITHUB_SERVER_URL") or "https://github.com",
+                                           repo, run) if repo and run else "")
+        note = words("GitHub Actions:", repo, env.get("GITHUB_WORKFLOW", ""),
+                     "#" + number if number else "", "by " + actor if actor else "")
+        return {"note": note, "link": link, "source": "GITHUB_ACTIONS"}
+    if env.get("GITLAB_CI"):
+        job = env.get("CI_JOB_ID", "")
+        user = env.get("GITLAB_USER_LOGIN", "")
+        note = words("GitLab CI:", env.get("CI_PROJECT_PATH", ""), env.get("CI_JOB_NAME", ""),
+                     "#" + job if job else "", "by " + user if user else "")
+        return {"note": note, "link": env.get("CI_JOB_URL", ""), "source": "GITLAB_CI"}
+    if env.get("JENKINS_URL") or env.get("BUILD_URL"):
+        number = env.get("BUILD_NUMBER", "")
+        note = words("Jenkins:", env.get("JOB_NAME", ""), "#" + number if number else "")
+        return {"note": note, "link": env.get("BUILD_URL", ""),
+                "source": "JENKINS_URL" if env.get("JENKINS_URL") else "BUILD_URL"}
+    return {}
+
+
+def _meta_text(value):
+    """One line of text: control characters (newlines, escapes) as spaces, spaces collapsed."""
+    return " ".join(_CONTROL_CHARS.sub(" ", value or "").split())
 
 
 @dataclass(frozen=True)
@@ -394,6 +462,9 @@ class ClientConfig:
     insecure: bool = False
     server_args: str = ""
     ssh_args: str = ""
+    owner: Optional[str] = None
+    note: Optional[str] = None
+    link: Optional[str] = None
     sources: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
     dotenv: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
 
@@ -422,10 +493,32 @@ class ClientConfig:
             if value is not None:
                 values[name] = float(value) if name in _NUMBERS else value
                 sources[name] = source
+        cls._fill_session_meta(environ, values, sources)
         if values.get("request_timeout", 1) <= 0:
             raise ConfigError("the request timeout must be positive, not %r"
                               % values["request_timeout"])
         return cls(sources=sources, dotenv=dotenv, **values)
+
+    @staticmethod
+    def _fill_session_meta(environ, values, sources):
+        """Who and why where nothing set them: ``user@host`` and the CI job's note and link."""
+        found = dict(ci_session_meta(environ), owner=_local_owner(environ))
+        for name in ("owner", "note", "link"):
+            if name not in values and found.get(name):
+                values[name] = found[name]
+                sources[name] = found.get("source", "default") if name != "owner" else "default"
+
+    def session_meta(self):
+        """POST /session's body: who and why, one line each, cut to the server's limits; a
+        link that is not http(s) or too long to be whole is left out. {}: nothing to say."""
+        meta = {}
+        for name, limit in SESSION_META_LIMITS.items():
+            value = _meta_text(getattr(self, name))
+            if name == "link" and (len(value) > limit or not _HTTP_URL.match(value)):
+                continue
+            if value:
+                meta[name] = value if len(value) <= limit else value[:limit - 3].rstrip() + "..."
+        return meta
 
     @property
     def launches(self):
@@ -1177,16 +1270,22 @@ class _Progress:
     """Shows the queue position while waiting: a status line on a TTY, else a log line per
     change, written to stderr when nobody configured logging (a CI job must not look hung)."""
 
-    def __init__(self, mode, stream=None, page=None):
+    def __init__(self, mode, stream=None, page=None, holder=None):
         self.mode = mode  # "tty", "log", "off", a _LineProgress or a callable(position, waited)
         self.stream = stream or sys.stderr
         self.page = page  # the status page URL, shown with each line
+        self.holder = holder  # () -> "lab held by ..." or None: whom we wait for
         self.last = None
         self.shown = False
 
+    def about(self):
+        """What each line says after the position: who holds the lab ("" if unknown)."""
+        text = self.holder() if self.holder is not None else None
+        return "; " + text if text else ""
+
     def line(self, position, waited):
-        return "remote lab: waiting in the queue at position %d (waited %s), status page %s" % (
-            position, _duration(waited), self.page)
+        return "remote lab: waiting in the queue at position %d (waited %s), status page %s%s" % (
+            position, _duration(waited), self.page, self.about())
 
     def update(self, position, waited):
         changed = position != self.last
@@ -1198,14 +1297,17 @@ class _Progress:
             if changed:
                 self.mode(position, waited)
         elif self.mode == "tty":
-            self.stream.write("\r\x1b[Kremote lab: waiting in the queue at position %d (%s)"
-                              % (position, _duration(waited)))
+            text = "remote lab: waiting in the queue at position %d (%s)%s" % (
+                position, _duration(waited), self.about())
+            width = _columns(self.stream) - 1  # a wrapped line could not be rewritten
+            self.stream.write("\r\x1b[K" + (text if len(text) <= width
+                                             else text[:width - 3] + "..."))
             self.stream.flush()
             self.shown = True
         elif changed and self.mode == "log":
             if _log.hasHandlers():  # this logger's or an ancestor's (root) handler
-                _log.info("waiting for the remote lab: queue position %d (%s), status page %s",
-                          position, _duration(waited), self.page)
+                _log.info("waiting for the remote lab: queue position %d (%s), status page %s%s",
+                          position, _duration(waited), self.page, self.about())
             else:  # logging.lastResort would drop an INFO line
                 self.stream.write(self.line(position, waited) + "\n")
                 self.stream.flush()
@@ -1222,6 +1324,43 @@ def _duration(seconds):
     if seconds < 60:
         return "%d s" % seconds
     return "%d min %02d s" % divmod(seconds, 60)
+
+
+def _columns(stream):
+    """The width of the terminal ``stream`` writes to (80 when it does not say)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+def _held_for(seconds):
+    """A hold time, coarse: "40 s", "4 min", "2 h 05 min"."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min" % (seconds // 60)
+    return "%d h %02d min" % divmod(seconds // 60, 60)
+
+
+def holder_text(status, later=0.0):
+    """Who holds the lab, from a GET /status answer, ``later`` seconds after it came: "lab held
+    by alice@laptop for 4 min (CI: core #812)"; None when nobody does or it does not say."""
+    holder = status.get("holder") if isinstance(status, dict) else None
+    if not isinstance(holder, dict):
+        return None
+    who = _meta_text(holder.get("owner") if isinstance(holder.get("owner"), str) else "") \
+        or "session %s" % _meta_text(str(holder.get("session") or "?"))[:36]
+    held = holder.get("held_s")
+    if not isinstance(held, (int, float)) or isinstance(held, bool):
+        try:  # a server before held_s: since which wall-clock time
+            held = float(status["server_time"]) - float(holder["since"])
+        except (KeyError, TypeError, ValueError):
+            held = None
+    note = _meta_text(holder.get("note") if isinstance(holder.get("note"), str) else "")
+    return "lab held by %s%s%s" % (who, "" if held is None else " for " + _held_for(held + later),
+                                   " (%s)" % note if note else "")
 
 
 def _progress_mode(progress):
@@ -1255,18 +1394,21 @@ class RemoteLabClient:
     heartbeats that fail that long lose the session); these arguments win over the variables.
     Variables come from the environment, else ``.env`` (``os.environ`` is left as it is).
     ``config``: a :class:`ClientConfig` resolved already, used instead of all of these.
+    ``owner`` / ``note`` / ``link``: who and why, sent with the session and shown on the status
+    page (``REMOTE_LAB_OWNER`` / ``_NOTE`` / ``_LINK``; default ``user@host`` and the CI job).
     """
 
     def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
                  lab_acquisition_timeout=600, *, heartbeat_interval=None, token=None,
                  ca_file=None, insecure=None, progress=None, retries=4, start_session=True,
-                 reconnect_timeout=None, config=None):
+                 reconnect_timeout=None, config=None, owner=None, note=None, link=None):
         if config is None:
             config = ClientConfig.resolve(
                 defaults={"request_timeout": request_timeout, "session_timeout": session_timeout,
                           "lab_acquisition_timeout": lab_acquisition_timeout},
                 url=base_url, heartbeat_interval=heartbeat_interval, token=token,
-                ca_file=ca_file, insecure=insecure, reconnect_timeout=reconnect_timeout)
+                ca_file=ca_file, insecure=insecure, reconnect_timeout=reconnect_timeout,
+                owner=owner, note=note, link=link)
         self.config = config
         self.request_timeout = config.request_timeout
         self.session_timeout = config.session_timeout
@@ -1279,6 +1421,8 @@ class RemoteLabClient:
         self.position = None
         self.reused = None  # of the last acquire
         self._held = 0  # acquisitions not yet released
+        self._send_meta = True  # False once the server refused POST /session's body
+        self._holder_seen = None  # (our position, GET /status, when): whom we wait for
         self._lost = None  # message when the server forgot our session
         self._lost_unreachable = False  # ... or could not be reached for reconnect_timeout
         self._on_lost = None  # called (heartbeat thread) with the message instead of a warning
@@ -1337,8 +1481,21 @@ class RemoteLabClient:
             self._abandon()
             raise
 
+    def _post_session(self):
+        """POST /session, saying who and why (ClientConfig.session_meta) to a server that
+        takes it: one that refuses the body (400, 415, 422: older than this) is asked again
+        without it, and not sent one again."""
+        meta = self.config.session_meta() if self._send_meta else {}
+        resp = self._http.request("POST", "/session", body=meta or None)
+        if meta and resp.status in (400, 415, 422):
+            _log.debug("POST /session refused who and why (HTTP %d: %s); asking without",
+                       resp.status, resp.detail)
+            self._send_meta = False
+            resp = self._http.request("POST", "/session")
+        return resp
+
     def _create_session(self):
-        resp = self._http.request("POST", "/session")
+        resp = self._post_session()
         if resp.status not in (200, 201) or not isinstance(resp.data, dict) \
                 or "session_id" not in resp.data:
             raise _error_for(resp, "cannot create a remote lab session", "join")
@@ -1357,7 +1514,8 @@ class RemoteLabClient:
         deadline = started + self.session_timeout
         status = "active" if self.position == 0 else "waiting"
         progress = _Progress(self._progress_mode,
-                             page="%s/?sid=%s" % (self.base_url, self.session_id))
+                             page="%s/?sid=%s" % (self.base_url, self.session_id),
+                             holder=self._holder_now)
         path = self._session_path()
         long_poll = True
         try:
@@ -1412,6 +1570,20 @@ class RemoteLabClient:
         if waited >= 1:
             _log.info("remote lab session %s is active after %s", self.session_id,
                       _duration(waited))
+
+    def _holder_now(self):
+        """holder_text() of the server's GET /status, asked again when our position changed
+        (the holder changes only then); None when the server does not say."""
+        seen = self._holder_seen
+        if seen is None or seen[0] != self.position:
+            try:
+                resp = self._http.request("GET", "/status", retries=0, reconnect=0,
+                                          timeout=min(self.request_timeout, 5.0))
+                status = resp.data if resp.status == 200 else None
+            except RemoteLabError:
+                status = None
+            seen = self._holder_seen = (self.position, status, time.monotonic())
+        return holder_text(seen[1], time.monotonic() - seen[2])
 
     def _start_heartbeat(self):
         if self.heartbeat_interval <= 0 or self._heartbeat_thread is not None:
@@ -1667,6 +1839,14 @@ class RemoteLabClient:
         if root.status == 200 and isinstance(root.data, dict):
             return root.data
         raise _error_for(resp, "getting the server status")
+
+    def queue_view(self):
+        """The server's ``GET /status``: ``holder`` and ``queue`` with who and why (owner,
+        note, link; the holder's ``held_s``), the lab, recent events."""
+        resp = self._http.request("GET", "/status")
+        if resp.status == 200 and isinstance(resp.data, dict):
+            return resp.data
+        raise _error_for(resp, "getting the queue")
 
     def server_info(self):
         """The server's ``GET /`` summary: version, uptime, queue_length, pid, simulated, ..."""
@@ -2976,7 +3156,8 @@ def _make_pytest_plugin():
                 settings, source = _plugin_config(config)
             except RemoteLabError as e:  # (the fixture fails with it too)
                 return "remote lab: %s" % e
-            return "remote lab: %s" % _header_server(settings.url, source)
+            return ["remote lab: %s" % line
+                    for line in _header_server(settings.url, source, settings.token)]
 
     return RemoteLabPlugin(), fixtures
 
@@ -2997,9 +3178,10 @@ def _plugin_config(config):
     return settings, source
 
 
-def _header_server(url, source=None):
-    """The pytest header's words for the server: its URL, where the URL came from (``source``)
-    and, when it answers, what it is (version, pid, simulated). Nothing is started for this."""
+def _header_server(url, source=None, token=None):
+    """The pytest header's lines for the server: its URL, where the URL came from (``source``)
+    and, when it answers, what it is (version, pid, simulated), then who holds its lab.
+    Nothing is started for this."""
     def named(u):
         return "%s (%s)" % (u, source) if source else u
     if not url or url.startswith("ssh://"):
@@ -3009,15 +3191,37 @@ def _header_server(url, source=None):
         except (RemoteLabError, OSError, ValueError):
             conn = None
         if conn is None:
-            return ("%s (launched on first use)" % named(url) if url else
+            return ["%s (launched on first use)" % named(url) if url else
                     "REMOTE_LAB_URL not set (local mode: a server on this machine, started on "
-                    "first use)")
+                    "first use)"]
         where, url = ("%s via " % named(url) if url else "local mode, "), conn["url"]
     else:
         where, url = "", url if "://" in url else "http://" + url
     info = _root_json(url)
-    return "%s%s (%s)" % (where, url if where else named(url),
-                          ", ".join(_server_facts(info)) if info else "not answering as remote-lab")
+    lines = ["%s%s (%s)" % (where, url if where else named(url), ", ".join(_server_facts(info))
+                            if info else "not answering as remote-lab")]
+    holder = _header_holder(url, token) if info else None
+    return lines + [holder] if holder else lines
+
+
+def _header_holder(url, token=None, timeout=2.0):
+    """The header's words on the lab: "lab held by alice@laptop for 4 min (CI: core #812), 2
+    waiting" or "lab free"; None from a server without GET /status."""
+    transport = None
+    try:
+        transport = HttpTransport(url, timeout, token=token, retries=0)
+        resp = transport.request("GET", "/status", reconnect=0)
+        status = resp.data if resp.status == 200 and isinstance(resp.data, dict) else None
+    except RemoteLabError:
+        status = None
+    finally:
+        if transport is not None:
+            transport.close()
+    if status is None:
+        return None
+    waiting = len(status.get("queue") or [])
+    return "%s%s" % (holder_text(status) or "lab free",
+                     ", %d waiting" % waiting if waiting else "")
 
 
 def _pytest_progress(config):
@@ -3249,6 +3453,7 @@ def _cmd_status(args, command):
             info = client.server_info()  # pid, simulated (not in /debug/health)
         except RemoteLabError:
             info = {}
+        holder = _status_holder(client)
     finally:
         client.close()
     # /debug/health: "sessions" is a count (as the seed answers) and the list is "session_list";
@@ -3265,20 +3470,24 @@ def _cmd_status(args, command):
                           "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
                           "sessions": sessions if isinstance(sessions, list) else [],
                           "active_session": active, "lab": lab, "pid": info.get("pid"),
-                          "simulated": info.get("simulated"), "netlab": info.get("netlab")},
+                          "simulated": info.get("simulated"), "netlab": info.get("netlab"),
+                          "holder": holder},
                          indent=2, sort_keys=True))
         return 0
     facts = _server_facts(dict(info, version=data.get("version", info.get("version", "?"))))
     out = ["server   %s (%s, up %s)" % (client.base_url, ", ".join(facts),
                                         _duration(float(data.get("uptime") or 0)))]
+    out += _holder_lines(holder)
     if isinstance(sessions, list):
         out.append("queue    %d session%s" % (len(sessions), "" if len(sessions) == 1 else "s"))
         if sessions:
-            out.append("  %-4s %-8s %-36s %9s %9s" % ("POS", "STATUS", "SESSION", "AGE", "IDLE"))
+            out.append("  %-4s %-8s %-36s %9s %9s  %s" % ("POS", "STATUS", "SESSION", "AGE",
+                                                         "IDLE", "OWNER"))
             for s in sessions:
-                out.append("  %-4s %-8s %-36s %8.1fs %8.1fs" % (
+                out.append("  %-4s %-8s %-36s %8.1fs %8.1fs  %s" % (
                     s.get("position"), s.get("status"), s.get("session_id"),
-                    float(s.get("age") or 0), float(s.get("idle") or 0)))
+                    float(s.get("age") or 0), float(s.get("idle") or 0),
+                    _meta_text(s.get("owner") if isinstance(s.get("owner"), str) else "") or "-"))
     else:
         out.append("queue    %s session(s); active: %s" % (data.get("queue_length"),
                                                            data.get("active_session") or "none"))
@@ -3299,6 +3508,31 @@ def _cmd_status(args, command):
                 d.raw.get("ansible_host") or mgmt.get("ipv4") or "-"))
     print("\n".join(out))
     return 0
+
+
+def _status_holder(client):
+    """Who holds the lab, from GET /status: {"session", "owner", "note", "link", "held_s"}, or
+    None (nobody, or a server without /status)."""
+    try:
+        holder = client.queue_view().get("holder")
+    except RemoteLabError:
+        return None
+    if not isinstance(holder, dict):
+        return None
+    return {key: holder.get(key) for key in ("session", "owner", "note", "link", "held_s")}
+
+
+def _holder_lines(holder):
+    """``status``'s lines on the holder: who, for how long, why (note) and the link."""
+    if holder is None:
+        return []
+    text = lambda key: _meta_text(holder[key] if isinstance(holder[key], str) else "")  # noqa
+    held = holder["held_s"]
+    lines = ["holder   %s%s (session %s)" % (
+        text("owner") or "unknown", " for %s" % _held_for(held)
+        if isinstance(held, (int, float)) else "", text("session"))]
+    lines += ["         %s  %s" % (key, text(key)) for key in ("note", "link") if text(key)]
+    return lines
 
 
 def _install_handlers(handler, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):

@@ -121,11 +121,15 @@ class Chromium:
         assert "error" not in answer, (method, answer)
         return answer["result"]
 
-    def open(self, url):
-        """A new tab showing ``url`` (after its load event): the tab's session id."""
+    def open(self, url, init_script=None):
+        """A new tab showing ``url`` (after its load event): the tab's session id.
+        ``init_script``: JavaScript run in the page before any of its own."""
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         tab = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self.call("Page.enable", session=tab)
+        if init_script:
+            self.call("Page.addScriptToEvaluateOnNewDocument", {"source": init_script},
+                      session=tab)
         nav = self.call("Page.navigate", {"url": url}, session=tab)
         assert "errorText" not in nav, nav
         self._wait_for(lambda m: m.get("method") == "Page.loadEventFired"

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -670,10 +671,14 @@ def test_progress_goes_to_stderr_when_nobody_configured_logging(srv, tmp_path):
     out, lines = waiting_script(srv, tmp_path, "plain")
     sid = out.split()[1]
     page = "%s/?sid=%s" % (srv.url, sid)
-    assert lines == [
-        "remote lab: waiting in the queue at position 2 (waited 0 s), status page " + page,
-        "remote lab: waiting in the queue at position 1 (waited %s), status page %s"
-        % (lines[1].split("(waited ")[1].split(")")[0], page)], lines
+    # each line ends naming who holds the lab: a, then b (this process's clients: user@host)
+    held = r"; lab held by %s for \d+ s" % re.escape(rlc._local_owner(os.environ))
+    assert len(lines) == 2, lines
+    assert re.fullmatch(re.escape("remote lab: waiting in the queue at position 2 (waited 0 s), "
+                                  "status page " + page) + held, lines[0]), lines
+    assert re.fullmatch(re.escape("remote lab: waiting in the queue at position 1 (waited %s), "
+                                  "status page %s" % (lines[1].split("(waited ")[1].split(")")[0],
+                                                      page)) + held, lines[1]), lines
     assert http("GET", page, headers={"Accept": "text/html"})[0] == 200
 
 
