@@ -3197,26 +3197,34 @@ def _header_server(url, source=None, token=None):
         where, url = ("%s via " % named(url) if url else "local mode, "), conn["url"]
     else:
         where, url = "", url if "://" in url else "http://" + url
-    info = _root_json(url)
+    info = _root_json(url) if not token else _get_json(url, "/", token)  # (a token: verified TLS)
+    if info is not None and info.get("service") != "remote-lab":
+        info = None
     lines = ["%s%s (%s)" % (where, url if where else named(url), ", ".join(_server_facts(info))
                             if info else "not answering as remote-lab")]
     holder = _header_holder(url, token) if info else None
     return lines + [holder] if holder else lines
 
 
-def _header_holder(url, token=None, timeout=2.0):
-    """The header's words on the lab: "lab held by alice@laptop for 4 min (CI: core #812), 2
-    waiting" or "lab free"; None from a server without GET /status."""
+def _get_json(url, path, token=None, timeout=2.0):
+    """``GET path`` at ``url`` through the client's own transport (certificate checked, the
+    token sent): the JSON object of a 200, else None."""
     transport = None
     try:
         transport = HttpTransport(url, timeout, token=token, retries=0)
-        resp = transport.request("GET", "/status", reconnect=0)
-        status = resp.data if resp.status == 200 and isinstance(resp.data, dict) else None
+        resp = transport.request("GET", path, reconnect=0)
+        return resp.data if resp.status == 200 and isinstance(resp.data, dict) else None
     except RemoteLabError:
-        status = None
+        return None
     finally:
         if transport is not None:
             transport.close()
+
+
+def _header_holder(url, token=None, timeout=2.0):
+    """The header's words on the lab: "lab held by alice@laptop for 4 min (CI: core #812), 2
+    waiting" or "lab free"; None from a server without GET /status."""
+    status = _get_json(url, "/status", token, timeout)
     if status is None:
         return None
     waiting = len(status.get("queue") or [])

@@ -1,12 +1,15 @@
 """The client against a server with --auth-file (issue 12): the token sent, 401/403 as clear
 errors, the CLI's one line. Real server processes."""
+import shutil
+
 import pytest
 
 from client_support import (SIMPLE, clean_env, cli, client, client_env,  # noqa: F401
                             one_error_line, rlc, servers)
-from helpers import http
+from helpers import CLIENT, http
 from server_support import TOKENS, write_auth_file
 
+pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -49,3 +52,19 @@ def test_the_cli_uses_remote_lab_token_and_says_in_one_line_when_it_is_missing(a
     run = cli("--url", auth_srv.url, "run", SIMPLE, "--", "true",
               env=client_env(REMOTE_LAB_TOKEN=TOKENS["bob"]))
     assert run.returncode == 0, run.stderr
+
+
+def test_the_pytest_header_reads_the_server_with_the_token(auth_srv, pytester, monkeypatch):
+    shutil.copy(str(CLIENT), str(pytester.path / "remote_lab_client.py"))
+    pytester.makeconftest('pytest_plugins = ["remote_lab_client"]\n')
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    monkeypatch.setenv("REMOTE_LAB_URL", auth_srv.url)
+    monkeypatch.setenv("REMOTE_LAB_TOKEN", TOKENS["bob"])
+    holder = client(auth_srv.url, token=TOKENS["alice"])
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
+    finally:
+        holder.close()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["remote lab: %s (REMOTE_LAB_URL) (remote-lab *)" % auth_srv.url,
+                                 "remote lab: lab held by alice for *"])
