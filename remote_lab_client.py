@@ -79,6 +79,7 @@ _log = logging.getLogger("remote_lab_client")
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # the server's default active timeout is 300 s
 LONG_POLL_SECONDS = 20.0  # per GET /session/{id}?wait=S (the server allows S <= 60)
 FALLBACK_POLL_SECONDS = 0.5  # polling cadence against a server that ignores ?wait=
+HOLD_WARNING_SECONDS = 60.0  # warn this long before the server's --max-hold ends the session
 RETRY_AFTER_CAP = 5.0  # s: the longest wait a 503's Retry-After gets (then ask again)
 DEFAULT_RECONNECT_TIMEOUT = 60.0  # riding through a server restart (systemd: RestartSec=5s)
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # an answer above this is refused unread
@@ -1183,10 +1184,11 @@ class _Progress:
         self.page = page  # the status page URL, shown with each line
         self.last = None
         self.shown = False
+        self.eta = None  # the server's estimated wait (eta_s), None: unknown
 
     def line(self, position, waited):
-        return "remote lab: waiting in the queue at position %d (waited %s), status page %s" % (
-            position, _duration(waited), self.page)
+        return ("remote lab: waiting in the queue at position %d, %s (waited %s), status page %s"
+                % (position, eta_text(self.eta), _duration(waited), self.page))
 
     def update(self, position, waited):
         changed = position != self.last
@@ -1198,14 +1200,14 @@ class _Progress:
             if changed:
                 self.mode(position, waited)
         elif self.mode == "tty":
-            self.stream.write("\r\x1b[Kremote lab: waiting in the queue at position %d (%s)"
-                              % (position, _duration(waited)))
+            self.stream.write("\r\x1b[Kremote lab: waiting in the queue at position %d, %s (%s)"
+                              % (position, eta_text(self.eta), _duration(waited)))
             self.stream.flush()
             self.shown = True
         elif changed and self.mode == "log":
             if _log.hasHandlers():  # this logger's or an ancestor's (root) handler
-                _log.info("waiting for the remote lab: queue position %d (%s), status page %s",
-                          position, _duration(waited), self.page)
+                _log.info("waiting for the remote lab: queue position %d, %s (%s), status page %s",
+                          position, eta_text(self.eta), _duration(waited), self.page)
             else:  # logging.lastResort would drop an INFO line
                 self.stream.write(self.line(position, waited) + "\n")
                 self.stream.flush()
@@ -1222,6 +1224,27 @@ def _duration(seconds):
     if seconds < 60:
         return "%d s" % seconds
     return "%d min %02d s" % divmod(seconds, 60)
+
+
+def eta_text(eta_s):
+    """The server's estimated wait (``eta_s`` seconds; None: no history yet) in words."""
+    if eta_s is None:
+        return "wait unknown"
+    if eta_s < 1:
+        return "any moment now"
+    if eta_s < 60:
+        return "about %d s" % round(eta_s)
+    if eta_s < 120 * 60:
+        return "about %d min" % round(eta_s / 60.0)
+    return "about %d h" % round(eta_s / 3600.0)
+
+
+def _seconds_field(data, key):
+    """``data[key]`` when it is a number of seconds (eta_s, hold_left_s, ...), else None."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return None
+    return float(value)
 
 
 def _progress_mode(progress):
@@ -1282,6 +1305,8 @@ class RemoteLabClient:
         self._lost = None  # message when the server forgot our session
         self._lost_unreachable = False  # ... or could not be reached for reconnect_timeout
         self._on_lost = None  # called (heartbeat thread) with the message instead of a warning
+        self._hold_ends = None  # monotonic time the server's --max-hold ends the session
+        self._max_hold = None  # that --max-hold, in seconds
         self._closed = False
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
@@ -1360,10 +1385,12 @@ class RemoteLabClient:
                              page="%s/?sid=%s" % (self.base_url, self.session_id))
         path = self._session_path()
         long_poll = True
+        answer = None  # the last poll's answer
         try:
             while status != "active":
                 now = time.monotonic()
-                progress.update(self.position, now - started)
+                if answer is not None:  # (the first poll does not wait: its ETA is shown)
+                    progress.update(self.position, now - started)
                 remaining = deadline - now
                 if remaining <= 0:
                     sid = self.session_id
@@ -1373,7 +1400,7 @@ class RemoteLabClient:
                         "queue position %d; the session was deleted"
                         % (self.base_url, _duration(self.session_timeout), self.position),
                         position=self.position, waited=now - started, session_id=sid)
-                wait = min(LONG_POLL_SECONDS, remaining)
+                wait = min(LONG_POLL_SECONDS, remaining) if answer is not None else 0.0
                 if progress.mode == "tty":
                     wait = min(wait, 1.0)  # refresh the time shown once a second
                 # position: what we saw last, so a change between two polls answers at once
@@ -1396,6 +1423,8 @@ class RemoteLabClient:
                 if resp.status != 200 or not isinstance(resp.data, dict):
                     self._raise_for(resp, "cannot poll the remote lab session", "session")
                 before = (status, self.position)
+                answer = resp.data
+                progress.eta = _seconds_field(answer, "eta_s")
                 status = resp.data.get("status", status)
                 if status not in ("waiting", "active"):
                     raise ProtocolError("polling the remote lab session: the server answered "
@@ -1412,6 +1441,23 @@ class RemoteLabClient:
         if waited >= 1:
             _log.info("remote lab session %s is active after %s", self.session_id,
                       _duration(waited))
+        self._note_hold_limit(answer)
+
+    def _note_hold_limit(self, answer=None):
+        """Active now: when the server's --max-hold ends the session (``hold_left_s`` of
+        ``answer``, the poll that said active, else of one GET /session/{id}), so that the
+        heartbeat thread warns a minute before and a loss then says why."""
+        if answer is None:
+            try:
+                resp = self._http.request("GET", self._session_path(), retries=1)
+                answer = resp.data if resp.status == 200 else None
+            except RemoteLabError as e:  # (only the warning is lost)
+                _log.debug("cannot read the session's hold limit: %s", e)
+        self._hold_ends = self._max_hold = None
+        left = _seconds_field(answer, "hold_left_s")
+        if left is not None:
+            self._max_hold = left + (_seconds_field(answer, "held_s") or 0.0)
+            self._hold_ends = time.monotonic() + left
 
     def _start_heartbeat(self):
         if self.heartbeat_interval <= 0 or self._heartbeat_thread is not None:
@@ -1425,7 +1471,9 @@ class RemoteLabClient:
         headers = {"X-Session-ID": self.session_id}
         interval = self.heartbeat_interval
         unreachable_since = None
-        while not self._stop.wait(interval):
+        warned = False
+        while not self._stop.wait(self._heartbeat_wait(interval, warned)):
+            warned = warned or self._warn_hold_ending()
             started = time.monotonic()
             try:
                 resp = self._http.request(
@@ -1451,6 +1499,31 @@ class RemoteLabClient:
             if resp.status >= 400:
                 _log.warning("heartbeat: %s (HTTP %d)", resp.detail, resp.status)
 
+    def _heartbeat_wait(self, interval, warned):
+        """Seconds until the next heartbeat, or until the hold warning is due if sooner."""
+        if warned or self._hold_ends is None:
+            return interval
+        due = self._hold_ends - HOLD_WARNING_SECONDS - time.monotonic()
+        return max(0.0, min(interval, due))
+
+    def _warn_hold_ending(self):
+        """Log that the server's --max-hold ends the session soon; True once said."""
+        if self._hold_ends is None:
+            return False
+        left = self._hold_ends - time.monotonic()
+        if left > HOLD_WARNING_SECONDS:
+            return False
+        _log.warning("the remote lab server ends session %s in %s: held longer than its "
+                     "--max-hold (%s)", self.session_id, _duration(max(0.0, left)),
+                     _duration(round(self._max_hold or 0.0)))
+        return True
+
+    def _held_too_long(self, detail):
+        """Did the server end the session for its --max-hold (its 404 says so, or the hold
+        limit has passed)?"""
+        return "--max-hold" in (detail or "") or (
+            self._hold_ends is not None and time.monotonic() >= self._hold_ends - 1.0)
+
     def _session_lost(self, what=None, detail=None, unreachable_for=None, error=None):
         """The one way a session gets lost: the server forgot it (404), or it could not be
         reached for ``unreachable_for`` seconds (``error``). The first reason is kept in
@@ -1462,6 +1535,11 @@ class RemoteLabClient:
                                   "(session %s): %s"
                                   % (_duration(unreachable_for), self.session_id, error))
                     self._lost_unreachable = True
+                elif self._held_too_long(detail):
+                    self._lost = ("the remote lab server ended session %s: it held the lab "
+                                  "longer than the server's maximum hold (%s--max-hold)"
+                                  % (self.session_id, "%s, " % _duration(round(self._max_hold))
+                                     if self._max_hold else ""))
                 else:
                     self._lost = ("the remote lab server no longer knows session %s (it "
                                   "expired or the server restarted)%s"
@@ -1812,13 +1890,15 @@ def _healthz(url, timeout=2.0):
         return False
 
 
-def _root_json(url, timeout=2.0):
-    """The ``GET /`` summary of the remote-lab server at ``url``, or None (no answer, not one)."""
+def _root_json(url, timeout=2.0, path="/"):
+    """The ``GET /`` summary (or ``path``'s JSON) of the remote-lab server at ``url``, or None
+    (no answer, not one)."""
     parts = urllib.parse.urlsplit(url)
     try:
         conn = _probe_connection(url, timeout)
         try:
-            conn.request("GET", parts.path.rstrip("/") + "/", headers={"Accept": "application/json"})
+            conn.request("GET", parts.path.rstrip("/") + path,
+                         headers={"Accept": "application/json"})
             data = json.loads(conn.getresponse().read(1 << 20).decode("utf-8"))
         finally:
             conn.close()
@@ -3016,8 +3096,21 @@ def _header_server(url, source=None):
     else:
         where, url = "", url if "://" in url else "http://" + url
     info = _root_json(url)
+    facts = _server_facts(info) + _wait_facts(_root_json(url, path="/status")) if info else None
     return "%s%s (%s)" % (where, url if where else named(url),
-                          ", ".join(_server_facts(info)) if info else "not answering as remote-lab")
+                          ", ".join(facts) if facts else "not answering as remote-lab")
+
+
+def _wait_facts(status):
+    """["lab in use, 2 waiting, about 3 min"]: the wait a new session can expect, from a
+    ``GET /status`` answer (none without one)."""
+    if not isinstance(status, dict):
+        return []
+    if status.get("holder") is None:
+        return ["lab free"]
+    queue = status.get("queue") if isinstance(status.get("queue"), list) else []
+    return ["lab in use%s, %s" % (", %d waiting" % len(queue) if queue else "",
+                                  eta_text(_seconds_field(status, "join_eta_s")))]
 
 
 def _pytest_progress(config):
