@@ -69,6 +69,7 @@ class Settings:
     state_dir: str = os.path.join("~", ".remote-lab")
     waiting_timeout: float = 600.0
     active_timeout: float = 300.0
+    max_hold: float = 0.0  # end an active session after holding the lab this long (0: never)
     keep_warm: float = 0.0
     up_timeout: float = 1800.0
     netlab_timeout: float = 300.0  # down / inspect
@@ -160,6 +161,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--active-timeout", default=d.active_timeout, **seconds,
                    help="end an active session after S seconds without a sign of life (%g)"
                         % d.active_timeout)
+    p.add_argument("--max-hold", default=d.max_hold, **seconds,
+                   help="end an active session after it held the lab S seconds, as if it had "
+                        "expired (%g = never)" % d.max_hold)
     p.add_argument("--keep-warm", default=d.keep_warm, **seconds,
                    help="keep an idle reusable lab up S seconds after its session ends (%g)"
                         % d.keep_warm)
@@ -279,6 +283,51 @@ class Session:
     meta: Dict[str, str] = dataclasses.field(default_factory=dict)  # owner, note, link, user
 
 
+HOLD_TIMES_KEPT = 20  # recent hold times the estimated waits are made of
+ENDED_REASONS_KEPT = 100  # sessions whose 404 says why the server ended them
+
+
+class HoldTimes:
+    """How long the last ``keep`` active sessions held the lab (ended or expired), and the
+    waits estimated from them: the holder's expected rest, then one typical (median) hold per
+    session ahead. ``cap`` (--max-hold, 0: none) bounds every hold. Not thread-safe: the
+    queue's lock guards it."""
+
+    def __init__(self, keep: int = HOLD_TIMES_KEPT):
+        self.times = collections.deque(maxlen=keep)  # type: collections.deque
+
+    def add(self, seconds: float) -> None:
+        self.times.append(round(max(0.0, seconds), 1))
+
+    def restore(self, saved) -> None:
+        """Hold times saved by a previous server (oldest first); anything else is skipped."""
+        for t in saved if isinstance(saved, list) else ():
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0:
+                self.add(float(t))
+
+    def _capped(self, cap: float) -> List[float]:
+        return [min(t, cap) if cap > 0 else t for t in self.times]
+
+    def waits(self, held: float, waiting: int, cap: float = 0.0) -> List[Optional[float]]:
+        """Estimated seconds until each of ``waiting`` sessions (in queue order) gets the lab,
+        behind a holder that has held it ``held`` seconds; None each without history."""
+        import statistics
+        times = self._capped(cap)
+        if not times:
+            return [None] * waiting
+        typical = statistics.median(times)
+        # the holder: how much longer the recent holds that lasted longer than it went on
+        longer = [t - held for t in times if t > held]
+        rest = statistics.median(longer) if longer else 0.0
+        if cap > 0:
+            rest = min(rest, max(0.0, cap - held))
+        return [round(rest + i * typical, 1) for i in range(waiting)]
+
+
+def _rounded(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else round(seconds, 1)
+
+
 class SessionQueue:
     """FIFO of sessions; the head is active. Thread-safe; long-poll waits on the condition.
 
@@ -289,9 +338,12 @@ class SessionQueue:
                  clock=None, new_id: Callable[[], str] = new_session_id,
                  on_activate: Optional[Callable[["Session"], None]] = None,
                  on_drop: Optional[Callable[["Session"], None]] = None,
-                 journal: Optional["QueueJournal"] = None):
+                 journal: Optional["QueueJournal"] = None, max_hold: float = 0.0):
         self.waiting_timeout = waiting_timeout
         self.active_timeout = active_timeout
+        self.max_hold = max_hold  # seconds an active session may hold the lab (0: no limit)
+        self.holds = HoldTimes()  # how long the recent active sessions held it
+        self._ended_why = collections.OrderedDict()  # type: collections.OrderedDict[str, str]
         self.max_length = max_length
         self.clock = as_clock(clock)  # a Clock, or a function returning monotonic seconds
         self.new_id = new_id
@@ -322,7 +374,13 @@ class SessionQueue:
         try:
             return self._sessions[sid]
         except KeyError:
-            raise UnknownSession(sid) from None
+            why = self._ended_why.get(sid)  # ended by the server for a reason its client needs
+            raise (UnknownSession(sid) if why is None else UnknownSession(sid, why)) from None
+
+    def _held_until_now(self, s: Session) -> None:
+        """``s``, the active session, is leaving: remember how long it held the lab."""
+        if s.activated is not None:
+            self.holds.add(self.clock.now() - s.activated)
 
     def _activate_head(self, at: Optional[float] = None):
         """Promote the head if it is not active yet (``at``: when; default now). A waiter
@@ -461,6 +519,8 @@ class SessionQueue:
         with self.lock:
             self._session(sid)
             was_active = next(iter(self._sessions)) == sid
+            if was_active:
+                self._held_until_now(self._sessions[sid])
             del self._sessions[sid]
             self._gone.append(sid)
             promoted = self._activate_head()
@@ -477,7 +537,9 @@ class SessionQueue:
                 limit = self.active_timeout if i == 0 else self.waiting_timeout
                 if s.pins == 0 and now - s.last_seen > limit:
                     dead.append((s.id, i == 0))
-            for sid, _ in dead:
+            for sid, was_active in dead:
+                if was_active:
+                    self._held_until_now(self._sessions[sid])
                 del self._sessions[sid]
                 self._gone.append(sid)
             if dead:
@@ -485,6 +547,44 @@ class SessionQueue:
                 self._journal_changes()
                 self._bump()
             return dead
+
+    def end_overheld(self) -> Optional[str]:
+        """End the active session if it has held the lab longer than ``max_hold``: its id, or
+        None. A session with a request in flight (a long ``netlab up``) ends when that request
+        is over, at the next call; its 404s then say why (UnknownSession's second argument)."""
+        with self.lock:
+            head = next(iter(self._sessions.values()), None)
+            if self.max_hold <= 0 or head is None or head.activated is None or head.pins > 0 \
+                    or self.clock.now() - head.activated <= self.max_hold:
+                return None
+            self._held_until_now(head)
+            del self._sessions[head.id]
+            self._gone.append(head.id)
+            self._ended_why[head.id] = ("the server ended it: held the lab longer than %s "
+                                        "(--max-hold)" % fmt_duration(self.max_hold))
+            while len(self._ended_why) > ENDED_REASONS_KEPT:
+                self._ended_why.popitem(last=False)
+            self._activate_head()
+            self._journal_changes()
+            self._bump()
+            return head.id
+
+    def waits(self, joining: int = 0) -> List[Optional[float]]:
+        """Each session's estimated wait in queue order: 0 for the active one, then estimates
+        (HoldTimes.waits; None: no history yet); then those of ``joining`` sessions more."""
+        with self.lock:
+            if not self._sessions:
+                return [0.0] + [None] * (joining - 1) if joining else []
+            head = next(iter(self._sessions.values()))
+            held = 0.0 if head.activated is None else max(0.0, self.clock.now() - head.activated)
+            return [0.0] + self.holds.waits(held, len(self._sessions) - 1 + joining,
+                                            self.max_hold)
+
+    def hold_left(self, sid: str) -> Optional[float]:
+        """Seconds until the active ``sid`` is ended for holding the lab too long (at least 0);
+        None while it waits or without --max-hold."""
+        held = self.held(sid)
+        return None if held is None or self.max_hold <= 0 else max(0.0, self.max_hold - held)
 
     def active_id(self) -> Optional[str]:
         with self.lock:
@@ -1894,6 +1994,7 @@ def saved_session_meta(meta: dict) -> Dict[str, str]:
 STATE_DB_NAME = "state.db"
 STATE_SCHEMA_VERSION = 1
 STATE_EVENTS_KEPT = 200  # the recent event log kept on disk (as in memory: EVENT_LIMIT)
+HOLD_TIMES_KEY = "hold_times"  # meta key: the recent hold times, a JSON list (HoldTimes)
 STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -1929,6 +2030,7 @@ class SavedState:
     events: List[dict]  # the recent event log, oldest first
     counters: Dict[str, int]  # restarts_after_crash, sessions_restored, labs_adopted, ...
     previous_exit: Optional[str] = None  # "stop", "reload"; "running": it never stopped cleanly
+    hold_times: List[float] = dataclasses.field(default_factory=list)  # oldest first
 
     @property
     def empty(self) -> bool:
@@ -2122,7 +2224,8 @@ class StateStore:
                    if r],
             events=[{"seq": seq, "time": t, "kind": kind, "text": text, "detail": detail}
                     for seq, t, kind, text, detail in rows["events"]],
-            counters=_counters(rows["meta"]), previous_exit=dict(rows["meta"]).get("exit"))
+            counters=_counters(rows["meta"]), previous_exit=dict(rows["meta"]).get("exit"),
+            hold_times=_json_list(dict(rows["meta"]).get(HOLD_TIMES_KEY)))
 
     def close(self) -> None:
         with self.lock:
@@ -2135,12 +2238,21 @@ class StateStore:
 def _counters(meta_rows) -> Dict[str, int]:
     counters = {}
     for key, value in meta_rows:
-        if key not in ("schema", "exit"):
+        if key not in ("schema", "exit", HOLD_TIMES_KEY):
             try:
                 counters[key] = int(value)
             except ValueError:
                 pass
     return counters
+
+
+def _json_list(text: Optional[str]) -> list:
+    """A JSON list saved in the meta table ([] when missing or unreadable)."""
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 def _json_object(text: str, what: str) -> dict:
@@ -2437,6 +2549,10 @@ class EventLog:
         self.record(kind, "%s session %s %s (%s)" % ("active" if was_active else "waiting",
                                                      sid[:SHORT_ID], kind, why), cause=True)
 
+    def session_overheld(self, sid: str, max_hold: float) -> None:
+        self.record("expired", "active session %s ended: held longer than %s (--max-hold)"
+                    % (sid[:SHORT_ID], fmt_duration(max_hold)), cause=True)
+
     def waiter_dropped(self, sid: str, why: str) -> None:
         self.defer("expired", "waiting session %s expired (%s)" % (sid[:SHORT_ID], why))
 
@@ -2509,6 +2625,9 @@ class OpsSnapshot:
     started: float  # wall clock
     uptime: float
     timeouts: Dict[str, float]  # waiting, active
+    waits: List[Optional[float]] = dataclasses.field(default_factory=list)  # per session,
+    #                                  and one joining now: SessionQueue.waits(joining=1)
+    max_hold: float = 0.0  # --max-hold (0: none)
 
 
 def sees_session(user: Optional["User"], meta: dict) -> bool:
@@ -2540,18 +2659,24 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
     if snap.sessions:
         sid, created, last_seen, activated, meta = snap.sessions[0]
         since = activated if activated is not None else created
+        held = max(0.0, snap.mono - since)
         holder = dict({"session": shown(sid, meta), "you": you(sid, meta), "since": wall(since),
                        "last_seen": wall(last_seen),
                        "topology": lab["topology"] if lab["holder"] == sid else None},
-                      held_s=round(max(0.0, snap.mono - since), 1), **who(meta))
+                      held_s=round(held, 1), **who(meta),
+                      hold_left_s=round(max(0.0, snap.max_hold - held), 1)
+                      if snap.max_hold > 0 else None)
     queue = [dict({"position": i, "session": shown(sid, meta), "you": you(sid, meta),
-                   "joined": wall(created), "last_seen": wall(last_seen)}, **who(meta))
+                   "joined": wall(created), "last_seen": wall(last_seen)}, **who(meta),
+                  eta_s=snap.waits[i] if i < len(snap.waits) else None)
              for i, (sid, created, last_seen, _, meta) in enumerate(snap.sessions) if i > 0]
     return {
         "service": "remote-lab", "version": __version__, "token": snap.token,
         "server_time": round(snap.now, 3), "started": round(snap.started, 3),
         "uptime": round(snap.uptime, 3), "timeouts": dict(snap.timeouts),
-        "holder": holder, "queue": queue,
+        "max_hold": snap.max_hold, "holder": holder, "queue": queue,
+        "join_eta_s": snap.waits[len(snap.sessions)] if len(snap.waits) > len(snap.sessions)
+        else None,
         "lab": {"state": lab["state"], "running": lab["running"], "topology": lab["topology"],
                 "ref_count": lab["ref_count"],
                 "holder": lab["holder"][:SHORT_ID] if lab["holder"] else None,
@@ -2700,6 +2825,8 @@ def error_response(error: Exception, method: str, path: str) -> Response:
         status, detail, headers = error.status, str(error), ()
     elif isinstance(error, UnknownSession):
         status, detail, headers = 404, "unknown session %s" % error.args[0], ()
+        if len(error.args) > 1:  # why the server ended it (--max-hold)
+            detail += ": %s" % error.args[1]
     elif isinstance(error, NoLab):
         status, detail, headers = 404, str(error), ()
     elif isinstance(error, QueueFull):
@@ -2997,7 +3124,8 @@ class App:
         self.queue = SessionQueue(settings.waiting_timeout, settings.active_timeout,
                                   settings.max_queue, clock, on_activate=self._session_activated,
                                   on_drop=self._waiter_dropped,
-                                  journal=QueueJournal(self.store, clock))
+                                  journal=QueueJournal(self.store, clock),
+                                  max_hold=settings.max_hold)
         self.runner = NetlabRunner(
             settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
             settings.debug, NetlabProcessRecords(self.store),
@@ -3015,6 +3143,8 @@ class App:
         Sessions keep their ids and order, each with a full timeout from now."""
         saved = self.store.load()
         self.events.restore(saved.events)
+        with self.queue.lock:
+            self.queue.holds.restore(saved.hold_times)
         now = time.time()
         self.queue.restore([(sid, max(0.0, now - created),
                              None if activated is None else max(0.0, now - activated),
@@ -3065,7 +3195,28 @@ class App:
         log.log(logging.WARNING if expired else logging.INFO, "session %s (%s)%s", kind, why,
                 " [was active]" if was_active else "", extra={"ctx": log_context(sid, None)})
         if was_active:
+            self._save_hold_times()
             self.lab.session_ended(sid)
+
+    def _save_hold_times(self) -> None:
+        """The recent hold times to disk (the estimated waits survive a restart)."""
+        with self.queue.lock:
+            times = list(self.queue.holds.times)
+        self.store.set_meta(HOLD_TIMES_KEY, json.dumps(times))
+
+    def _end_overheld(self) -> None:
+        """Housekeeping: the active session held the lab longer than --max-hold: ended as if
+        it had expired (counted, logged and listed so; its lab handled as on any end)."""
+        sid = self.queue.end_overheld()
+        if sid is None:
+            return
+        limit = self.settings.max_hold
+        self.metrics.count("sessions_expired")
+        self.events.session_overheld(sid, limit)
+        log.warning("session ended: held the lab longer than %s (--max-hold)",
+                    fmt_duration(limit), extra={"ctx": log_context(sid, None)})
+        self._save_hold_times()
+        self.lab.session_ended(sid)
 
     def _waiter_dropped(self, session) -> None:
         """SessionQueue hook (queue lock held): a waiter was silent past the active timeout when
@@ -3091,6 +3242,7 @@ class App:
     def housekeeping_once(self) -> None:
         for sid, was_active in self.queue.expire():
             self._session_gone(sid, was_active, "no sign of life", expired=True)
+        self._end_overheld()
         self.lab.expire_warm()
         self.lab.retry_unclean_due()
 
@@ -3110,7 +3262,8 @@ class App:
         """~5 s busy, ~15 s one active session, ~30 s idle; shorter for short timeouts."""
         n = len(self.queue)
         base = 30.0 if n == 0 else 15.0 if n == 1 else 5.0
-        limits = [self.settings.waiting_timeout, self.settings.active_timeout]
+        limits = [self.settings.waiting_timeout, self.settings.active_timeout,
+                  self.settings.max_hold]
         if self.settings.keep_warm > 0:
             limits.append(self.settings.keep_warm)
         return max(0.05, min([base] + [t / 4.0 for t in limits if t > 0]))
@@ -3322,11 +3475,14 @@ class App:
         """GET /session/{id}'s answer: the seed's three fields, then who and why and for how
         long (additive)."""
         meta, held = self.queue.meta(sid), self.queue.held(sid)
+        waits = self.queue.waits()
+        eta = waits[pos] if status == "waiting" and pos < len(waits) else None
         return {"session_id": sid if sees_session(request.user, meta) else sid[:SHORT_ID],
                 "status": status, "position": pos, "owner": meta.get("owner"),
                 "note": meta.get("note"), "link": meta.get("link"),
                 "held_s": None if held is None else round(held, 1),
-                "eta_s": 0 if status == "active" else None, "hold_left_s": None}
+                "eta_s": 0 if status == "active" else eta,
+                "hold_left_s": _rounded(self.queue.hold_left(sid))}
 
     @endpoint("DELETE", "/session/{session_id}", sign_of_life=True, openapi={
         "tags": ["sessions"], "summary": "Leave the queue",
@@ -3505,6 +3661,7 @@ class App:
             mono = q.clock()
             sessions = [(s.id, s.created, s.last_seen, s.activated, s.meta)
                         for s in q._sessions.values()]
+            waits = q.waits(joining=1)  # and that of a session joining now
         token = self.ops_token()
         now = time.time()
         lab = self.lab.snapshot()
@@ -3513,7 +3670,8 @@ class App:
                            events=events, events_total=total, started=self.started,
                            uptime=time.monotonic() - self.started_mono,
                            timeouts={"waiting": self.settings.waiting_timeout,
-                                     "active": self.settings.active_timeout})
+                                     "active": self.settings.active_timeout},
+                           waits=waits, max_hold=self.settings.max_hold)
 
     @endpoint("GET", "/status", openapi={
         "tags": ["operations"], "summary": "Status page data (long-poll)",
@@ -5300,12 +5458,19 @@ OPENAPI_SCHEMAS = {
             "session": {"type": "string"}, "you": {"type": "boolean"},
             "since": {"type": "number"}, "last_seen": {"type": "number"},
             "topology": _NULLABLE_STR, "held_s": {"type": "number"}, "owner": _NULLABLE_STR,
-            "note": _NULLABLE_STR, "link": _NULLABLE_STR}}]},
+            "note": _NULLABLE_STR, "link": _NULLABLE_STR,
+            "hold_left_s": {"type": ["number", "null"], "description": "With `--max-hold`: "
+                            "seconds until it is ended; else null."}}}]},
         "queue": {"type": "array", "items": {"type": "object", "properties": {
             "position": {"type": "integer"}, "session": {"type": "string"},
             "you": {"type": "boolean"}, "joined": {"type": "number"},
             "last_seen": {"type": "number"}, "owner": _NULLABLE_STR, "note": _NULLABLE_STR,
-            "link": _NULLABLE_STR}}},
+            "link": _NULLABLE_STR,
+            "eta_s": {"type": ["number", "null"], "description": "Estimated seconds until it "
+                      "is active (null: unknown, no history yet)."}}}},
+        "max_hold": {"type": "number", "description": "`--max-hold` in seconds (0: none)."},
+        "join_eta_s": {"type": ["number", "null"], "description": "The estimated wait of a "
+                       "session joining now (0: the lab is free; null: unknown)."},
         "lab": {"type": "object", "properties": {
             "state": {"type": "string"}, "running": {"type": "boolean"},
             "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},

@@ -79,6 +79,7 @@ _log = logging.getLogger("remote_lab_client")
 DEFAULT_HEARTBEAT_INTERVAL = 30.0  # the server's default active timeout is 300 s
 LONG_POLL_SECONDS = 20.0  # per GET /session/{id}?wait=S (the server allows S <= 60)
 FALLBACK_POLL_SECONDS = 0.5  # polling cadence against a server that ignores ?wait=
+HOLD_WARNING_SECONDS = 60.0  # warn this long before the server's --max-hold ends the session
 RETRY_AFTER_CAP = 5.0  # s: the longest wait a 503's Retry-After gets (then ask again)
 DEFAULT_RECONNECT_TIMEOUT = 60.0  # riding through a server restart (systemd: RestartSec=5s)
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # an answer above this is refused unread
@@ -1277,6 +1278,7 @@ class _Progress:
         self.holder = holder  # () -> "lab held by ..." or None: whom we wait for
         self.last = None
         self.shown = False
+        self.eta = None  # the server's estimated wait (eta_s), None: unknown
 
     def about(self):
         """What each line says after the position: who holds the lab ("" if unknown)."""
@@ -1284,8 +1286,8 @@ class _Progress:
         return "; " + text if text else ""
 
     def line(self, position, waited):
-        return "remote lab: waiting in the queue at position %d (waited %s), status page %s%s" % (
-            position, _duration(waited), self.page, self.about())
+        return ("remote lab: waiting in the queue at position %d, %s (waited %s), status page %s%s"
+                % (position, eta_text(self.eta), _duration(waited), self.page, self.about()))
 
     def update(self, position, waited):
         changed = position != self.last
@@ -1297,8 +1299,8 @@ class _Progress:
             if changed:
                 self.mode(position, waited)
         elif self.mode == "tty":
-            text = "remote lab: waiting in the queue at position %d (%s)%s" % (
-                position, _duration(waited), self.about())
+            text = "remote lab: waiting in the queue at position %d, %s (%s)%s" % (
+                position, eta_text(self.eta), _duration(waited), self.about())
             width = _columns(self.stream) - 1  # a wrapped line could not be rewritten
             self.stream.write("\r\x1b[K" + (text if len(text) <= width
                                              else text[:width - 3] + "..."))
@@ -1306,8 +1308,9 @@ class _Progress:
             self.shown = True
         elif changed and self.mode == "log":
             if _log.hasHandlers():  # this logger's or an ancestor's (root) handler
-                _log.info("waiting for the remote lab: queue position %d (%s), status page %s%s",
-                          position, _duration(waited), self.page, self.about())
+                _log.info("waiting for the remote lab: queue position %d, %s (%s), status page "
+                          "%s%s", position, eta_text(self.eta), _duration(waited), self.page,
+                          self.about())
             else:  # logging.lastResort would drop an INFO line
                 self.stream.write(self.line(position, waited) + "\n")
                 self.stream.flush()
@@ -1361,6 +1364,27 @@ def holder_text(status, later=0.0):
     note = _meta_text(holder.get("note") if isinstance(holder.get("note"), str) else "")
     return "lab held by %s%s%s" % (who, "" if held is None else " for " + _held_for(held + later),
                                    " (%s)" % note if note else "")
+
+
+def eta_text(eta_s):
+    """The server's estimated wait (``eta_s`` seconds; None: no history yet) in words."""
+    if eta_s is None:
+        return "wait unknown"
+    if eta_s < 1:
+        return "any moment now"
+    if eta_s < 60:
+        return "about %d s" % round(eta_s)
+    if eta_s < 120 * 60:
+        return "about %d min" % round(eta_s / 60.0)
+    return "about %d h" % round(eta_s / 3600.0)
+
+
+def _seconds_field(data, key):
+    """``data[key]`` when it is a number of seconds (eta_s, hold_left_s, ...), else None."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return None
+    return float(value)
 
 
 def _progress_mode(progress):
@@ -1426,6 +1450,8 @@ class RemoteLabClient:
         self._lost = None  # message when the server forgot our session
         self._lost_unreachable = False  # ... or could not be reached for reconnect_timeout
         self._on_lost = None  # called (heartbeat thread) with the message instead of a warning
+        self._hold_ends = None  # monotonic time the server's --max-hold ends the session
+        self._max_hold = None  # that --max-hold, in seconds
         self._closed = False
         self._state_lock = threading.Lock()
         self._stop = threading.Event()
@@ -1518,10 +1544,12 @@ class RemoteLabClient:
                              holder=self._holder_now)
         path = self._session_path()
         long_poll = True
+        answer = None  # the last poll's answer
         try:
             while status != "active":
                 now = time.monotonic()
-                progress.update(self.position, now - started)
+                if answer is not None:  # (the first poll does not wait: its ETA is shown)
+                    progress.update(self.position, now - started)
                 remaining = deadline - now
                 if remaining <= 0:
                     sid = self.session_id
@@ -1531,7 +1559,7 @@ class RemoteLabClient:
                         "queue position %d; the session was deleted"
                         % (self.base_url, _duration(self.session_timeout), self.position),
                         position=self.position, waited=now - started, session_id=sid)
-                wait = min(LONG_POLL_SECONDS, remaining)
+                wait = min(LONG_POLL_SECONDS, remaining) if answer is not None else 0.0
                 if progress.mode == "tty":
                     wait = min(wait, 1.0)  # refresh the time shown once a second
                 # position: what we saw last, so a change between two polls answers at once
@@ -1554,6 +1582,8 @@ class RemoteLabClient:
                 if resp.status != 200 or not isinstance(resp.data, dict):
                     self._raise_for(resp, "cannot poll the remote lab session", "session")
                 before = (status, self.position)
+                answer = resp.data
+                progress.eta = _seconds_field(answer, "eta_s")
                 status = resp.data.get("status", status)
                 if status not in ("waiting", "active"):
                     raise ProtocolError("polling the remote lab session: the server answered "
@@ -1570,6 +1600,23 @@ class RemoteLabClient:
         if waited >= 1:
             _log.info("remote lab session %s is active after %s", self.session_id,
                       _duration(waited))
+        self._note_hold_limit(answer)
+
+    def _note_hold_limit(self, answer=None):
+        """Active now: when the server's --max-hold ends the session (``hold_left_s`` of
+        ``answer``, the poll that said active, else of one GET /session/{id}), so that the
+        heartbeat thread warns a minute before and a loss then says why."""
+        if answer is None:
+            try:
+                resp = self._http.request("GET", self._session_path(), retries=1)
+                answer = resp.data if resp.status == 200 else None
+            except RemoteLabError as e:  # (only the warning is lost)
+                _log.debug("cannot read the session's hold limit: %s", e)
+        self._hold_ends = self._max_hold = None
+        left = _seconds_field(answer, "hold_left_s")
+        if left is not None:
+            self._max_hold = left + (_seconds_field(answer, "held_s") or 0.0)
+            self._hold_ends = time.monotonic() + left
 
     def _holder_now(self):
         """holder_text() of the server's GET /status, asked again when our position changed
@@ -1597,7 +1644,9 @@ class RemoteLabClient:
         headers = {"X-Session-ID": self.session_id}
         interval = self.heartbeat_interval
         unreachable_since = None
-        while not self._stop.wait(interval):
+        warned = False
+        while not self._stop.wait(self._heartbeat_wait(interval, warned)):
+            warned = warned or self._warn_hold_ending()
             started = time.monotonic()
             try:
                 resp = self._http.request(
@@ -1623,6 +1672,31 @@ class RemoteLabClient:
             if resp.status >= 400:
                 _log.warning("heartbeat: %s (HTTP %d)", resp.detail, resp.status)
 
+    def _heartbeat_wait(self, interval, warned):
+        """Seconds until the next heartbeat, or until the hold warning is due if sooner."""
+        if warned or self._hold_ends is None:
+            return interval
+        due = self._hold_ends - HOLD_WARNING_SECONDS - time.monotonic()
+        return max(0.0, min(interval, due))
+
+    def _warn_hold_ending(self):
+        """Log that the server's --max-hold ends the session soon; True once said."""
+        if self._hold_ends is None:
+            return False
+        left = self._hold_ends - time.monotonic()
+        if left > HOLD_WARNING_SECONDS:
+            return False
+        _log.warning("the remote lab server ends session %s in %s: held longer than its "
+                     "--max-hold (%s)", self.session_id, _duration(max(0.0, left)),
+                     _duration(round(self._max_hold or 0.0)))
+        return True
+
+    def _held_too_long(self, detail):
+        """Did the server end the session for its --max-hold (its 404 says so, or the hold
+        limit has passed)?"""
+        return "--max-hold" in (detail or "") or (
+            self._hold_ends is not None and time.monotonic() >= self._hold_ends - 1.0)
+
     def _session_lost(self, what=None, detail=None, unreachable_for=None, error=None):
         """The one way a session gets lost: the server forgot it (404), or it could not be
         reached for ``unreachable_for`` seconds (``error``). The first reason is kept in
@@ -1634,6 +1708,11 @@ class RemoteLabClient:
                                   "(session %s): %s"
                                   % (_duration(unreachable_for), self.session_id, error))
                     self._lost_unreachable = True
+                elif self._held_too_long(detail):
+                    self._lost = ("the remote lab server ended session %s: it held the lab "
+                                  "longer than the server's maximum hold (%s--max-hold)"
+                                  % (self.session_id, "%s, " % _duration(round(self._max_hold))
+                                     if self._max_hold else ""))
                 else:
                     self._lost = ("the remote lab server no longer knows session %s (it "
                                   "expired or the server restarted)%s"
@@ -3223,13 +3302,17 @@ def _get_json(url, path, token=None, timeout=2.0):
 
 def _header_holder(url, token=None, timeout=2.0):
     """The header's words on the lab: "lab held by alice@laptop for 4 min (CI: core #812), 2
-    waiting" or "lab free"; None from a server without GET /status."""
+    waiting, about 3 min" (a new session's estimated wait) or "lab free"; None from a server
+    without GET /status."""
     status = _get_json(url, "/status", token, timeout)
     if status is None:
         return None
-    waiting = len(status.get("queue") or [])
-    return "%s%s" % (holder_text(status) or "lab free",
-                     ", %d waiting" % waiting if waiting else "")
+    if status.get("holder") is None:
+        return "lab free"
+    waiting = len(status.get("queue") or [])  # and how long a session joining now may wait
+    return "%s%s, %s" % (holder_text(status) or "lab in use",
+                         ", %d waiting" % waiting if waiting else "",
+                         eta_text(_seconds_field(status, "join_eta_s")))
 
 
 def _pytest_progress(config):

@@ -626,9 +626,13 @@ def test_queue_position_changes_are_logged(srv, caplog):
     c_thread.join(10)
     c["client"].close()
     lines = [r.getMessage() for r in caplog.records if "queue position" in r.getMessage()]
-    assert [line.split(" (")[0] for line in lines] == [
+    assert [line.split(", ")[0] for line in lines] == [
         "waiting for the remote lab: queue position 2",
         "waiting for the remote lab: queue position 1"]
+    assert all(re.match(r"[^,]*, %s \(" % ETA_WORDS, line) for line in lines), lines
+
+
+ETA_WORDS = r"(wait unknown|any moment now|about \d+ (s|min|h))"  # eta_text's words
 
 
 WAITER_SCRIPT = """
@@ -673,12 +677,12 @@ def test_progress_goes_to_stderr_when_nobody_configured_logging(srv, tmp_path):
     page = "%s/?sid=%s" % (srv.url, sid)
     # each line ends naming who holds the lab: a, then b (this process's clients: user@host)
     held = r"; lab held by %s for \d+ s" % re.escape(rlc._local_owner(os.environ))
-    assert len(lines) == 2, lines
-    assert re.fullmatch(re.escape("remote lab: waiting in the queue at position 2 (waited 0 s), "
-                                  "status page " + page) + held, lines[0]), lines
-    assert re.fullmatch(re.escape("remote lab: waiting in the queue at position 1 (waited %s), "
-                                  "status page %s" % (lines[1].split("(waited ")[1].split(")")[0],
-                                                      page)) + held, lines[1]), lines
+    expected = [r"remote lab: waiting in the queue at position 2, %s \(waited 0 s\), status page %s"
+                % (ETA_WORDS, re.escape(page)) + held,
+                r"remote lab: waiting in the queue at position 1, %s \(waited \d+ s\), status "
+                r"page %s" % (ETA_WORDS, re.escape(page)) + held]
+    assert len(lines) == 2 and all(re.fullmatch(e, line) for e, line in zip(expected, lines)), \
+        lines
     assert http("GET", page, headers={"Accept": "text/html"})[0] == 200
 
 

@@ -1,6 +1,7 @@
 """The command line of remote_lab_client (python3 remote_lab_client.py ...), real server."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,8 +281,10 @@ def test_on_a_tty_waiting_shows_one_updating_status_line(srv):
         os.close(master)
     text = seen.decode()
     # the same line is rewritten (carriage return + erase line), once a second
-    assert text.count("\r\x1b[Kremote lab: waiting in the queue at position 1 (") >= 3
+    assert text.count("\r\x1b[Kremote lab: waiting in the queue at position 1, ") >= 3
     assert "(0 s)" in text and "(2 s)" in text
+    assert re.search(r"position 1, (wait unknown|any moment now|about \d+ \w+) \(0 s\)",
+                     text), text  # the estimated wait (eta_text)
     waiting, _, after = text.rpartition("\r\x1b[K")  # the status line is erased at the end
     assert "\n" not in waiting  # no new lines while waiting
     assert after.startswith("remote-lab-client: remote lab session ") and "is active after" in after

@@ -225,6 +225,6 @@ def test_pytest_header_shows_the_servers_pid_and_simulated(pytester, tmp_path, m
                                                "remote_lab_client", timeout=60)
         result.assert_outcomes(passed=1)
         result.stdout.fnmatch_lines(["remote lab: %s (REMOTE_LAB_URL) (remote-lab *, pid %d, "
-                                      "simulated)" % (srv.url, srv.proc.pid)])
+                                      "simulated)" % (srv.url, srv.proc.pid), "remote lab: lab free"])
     finally:
         servers.stop_all()

@@ -261,7 +261,9 @@ def test_waiting_for_the_lab_is_shown_in_the_terminal(project, srv):
     finally:
         timer.join()
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["remote lab: waiting in the queue at position 1 (waited 0 s), "
+    result.stdout.fnmatch_lines(["remote lab: %s (*)" % srv.url,  # the header, then the lab
+                                 "remote lab: lab held by * for *, *",
+                                 "remote lab: waiting in the queue at position 1, * (waited 0 s), "
                                  "status page %s/?sid=*" % srv.url])
     assert result.stdout.str().count("waiting in the queue") == 1  # one line per change
 

@@ -259,7 +259,7 @@ def test_the_pytest_header_names_who_holds_the_lab(srv, pytester, monkeypatch):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["remote lab: %s (REMOTE_LAB_URL) (remote-lab *)" % srv.url,
                                  "remote lab: lab held by alice@laptop for * (CI: core #812), "
-                                 "1 waiting"])
+                                 "1 waiting, *"])
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
     result.stdout.fnmatch_lines(["remote lab: lab free"])
 
@@ -306,6 +306,6 @@ def test_on_a_narrow_terminal_the_waiting_line_is_cut_to_fit(srv):
     assert len(lines) >= 3, seen
     for line in lines:
         assert len(line) <= 79 and "\n" not in line, line
-        assert line.startswith("remote lab: waiting in the queue at position 1 (")
+        assert line.startswith("remote lab: waiting in the queue at position 1, ")
         assert line.endswith("..."), line  # "; lab held by alice@laptop for ..." cut
-        assert "; lab held by alice@" in line
+        assert "; lab held" in line  # (the estimated wait before it leaves less of the owner)

@@ -38,9 +38,12 @@ def test_status_view_is_a_function_of_the_snapshot():
     view = remote_lab.status_view(snapshot(events=events), viewer=B)
     assert view["holder"] == {"session": A[:8], "you": False, "since": 912.0, "last_seen": 995.0,
                               "topology": "simple.yml", "held_s": 88.0, "owner": "alice@laptop",
-                              "note": "CI #7", "link": "https://ci.example/7"}
+                              "note": "CI #7", "link": "https://ci.example/7",
+                              "hold_left_s": None}
     assert view["queue"] == [{"position": 1, "session": B, "you": True, "joined": 920.0,
-                              "last_seen": 999.0, "owner": None, "note": None, "link": None}]
+                              "last_seen": 999.0, "owner": None, "note": None, "link": None,
+                              "eta_s": None}]
+    assert view["max_hold"] == 0.0 and view["join_eta_s"] is None
     assert view["lab"]["holder"] == A[:8]
     assert view["lab"]["devices"] == [{"name": "r1", "device": "frr", "mgmt": "10.0.0.1"},
                                       {"name": "r2", "device": "eos", "mgmt": "10.0.0.2"}]
@@ -51,6 +54,19 @@ def test_status_view_is_a_function_of_the_snapshot():
     assert view["timeouts"] == {"waiting": 600.0, "active": 300.0}
     empty = remote_lab.status_view(snapshot(sessions=(), lab=dict(LAB, holder=None)))
     assert empty["holder"] is None and empty["queue"] == []
+
+
+def test_status_view_shows_the_estimated_waits_and_the_hold_left():
+    """The waits (SessionQueue.waits(joining=1)) go to the queue entries and join_eta_s; with
+    --max-hold the holder's hold_left_s counts down from it (it has held the lab 88 s)."""
+    snap = snapshot()
+    snap.waits, snap.max_hold = [0.0, 42.0, 102.0], 120.0
+    view = remote_lab.status_view(snap, viewer=B)
+    assert view["queue"][0]["eta_s"] == 42.0
+    assert view["join_eta_s"] == 102.0
+    assert view["holder"]["hold_left_s"] == 32.0 and view["max_hold"] == 120.0
+    snap.max_hold = 60.0  # held longer already: 0, not negative
+    assert remote_lab.status_view(snap)["holder"]["hold_left_s"] == 0.0
 
 
 def test_systemd_status_line_from_the_snapshot():

@@ -564,3 +564,114 @@ def test_a_restored_head_that_was_not_active_yet_is_promoted_at_once(clock):
     assert q.state("b", touch=False) == ("active", 0)
     assert q.state("c", touch=False) == ("waiting", 1)
     assert journal.writes == [("changed", [], ["b"])]
+
+
+# -- hold times, estimated waits and --max-hold --
+
+
+def test_hold_times_give_no_estimate_until_there_is_history():
+    from remote_lab import HoldTimes
+    holds = HoldTimes()
+    assert holds.waits(0.0, 2) == [None, None]
+    holds.add(100.0)
+    assert holds.waits(0.0, 2) == [100.0, 200.0]
+
+
+def test_the_estimate_is_the_holders_expected_rest_plus_a_median_hold_per_session_ahead():
+    from remote_lab import HoldTimes
+    holds = HoldTimes(keep=3)
+    for t in (500.0, 60.0, 120.0, 180.0):  # only the last 3 are kept: median 120
+        holds.add(t)
+    assert list(holds.times) == [60.0, 120.0, 180.0]
+    # held 30 s: the holds longer than that went on for 30, 90 and 150 s more (median 90)
+    assert holds.waits(30.0, 3) == [90.0, 210.0, 330.0]
+    # held 150 s: only the 180 s hold lasted longer: 30 s more
+    assert holds.waits(150.0, 1) == [30.0]
+    # held longer than any recent hold: its turn may come any moment
+    assert holds.waits(1000.0, 2) == [0.0, 120.0]
+
+
+def test_max_hold_caps_every_hold_in_the_estimate():
+    from remote_lab import HoldTimes
+    holds = HoldTimes()
+    for t in (600.0, 900.0, 1200.0):
+        holds.add(t)
+    assert holds.waits(0.0, 2, cap=300.0) == [300.0, 600.0]
+    assert holds.waits(250.0, 1, cap=300.0) == [50.0]  # ended at 300 s at the latest
+    holds.restore([10, "x", -1, True, 20.5])  # a saved list: numbers only
+    assert list(holds.times)[-2:] == [10.0, 20.5]
+
+
+def test_queue_waits_are_unknown_until_an_active_session_ended(clock):
+    q = SessionQueue(600, 300, 10, clock)
+    assert q.waits() == [] and q.waits(joining=1) == [0.0]  # a newcomer is active at once
+    a, _ = q.create()
+    b, _ = q.create()
+    assert q.waits() == [0.0, None]
+    clock.advance(100)
+    q.remove(a)  # held 100 s
+    c, _ = q.create()
+    d, _ = q.create()
+    assert q.waits() == [0.0, 100.0, 200.0]
+    clock.advance(40)
+    assert q.waits(joining=1) == [0.0, 60.0, 160.0, 260.0]
+    q.remove(c)  # a waiting session leaving is no hold time
+    assert list(q.holds.times) == [100.0]
+
+
+def test_expired_holders_count_as_hold_times_too(clock):
+    q = SessionQueue(600, 300, 10, clock)
+    a, _ = q.create()
+    q.create()
+    clock.advance(301)
+    assert q.expire()[0] == (a, True)
+    assert list(q.holds.times) == [301.0]
+
+
+def test_an_active_session_holding_longer_than_max_hold_is_ended_and_the_next_promoted(clock):
+    q = SessionQueue(600, 300, 10, clock, max_hold=120)
+    a, _ = q.create()
+    b, _ = q.create()
+    assert q.hold_left(a) == 120.0 and q.hold_left(b) is None
+    clock.advance(100)
+    q.touch(a)
+    q.touch(b)
+    assert q.end_overheld() is None and q.hold_left(a) == 20.0
+    clock.advance(21)
+    assert q.end_overheld() == a
+    assert q.state(b) == ("active", 0) and q.hold_left(b) == 120.0
+    assert list(q.holds.times) == [121.0]
+    with pytest.raises(UnknownSession) as lost:
+        q.state(a)
+    assert "held the lab longer than 2 min (--max-hold)" in lost.value.args[1]
+
+
+def test_max_hold_waits_for_the_request_in_flight_then_ends_the_session(clock):
+    """A pinned session (a long netlab up) is not ended under its request; at the first call
+    after the request it is. Counted from the activation either way."""
+    q = SessionQueue(600, 300, 10, clock, max_hold=60)
+    a, _ = q.create()
+    q.pin(a)
+    clock.advance(100)
+    assert q.end_overheld() is None and q.hold_left(a) == 0.0
+    q.unpin(a)
+    assert q.end_overheld() == a and len(q) == 0
+
+
+def test_without_max_hold_nobody_is_ended_for_holding(clock):
+    q = SessionQueue(600, 300, 10, clock)
+    a, _ = q.create()
+    clock.advance(10 ** 6)
+    q.touch(a)
+    assert q.end_overheld() is None and q.hold_left(a) is None
+    q.remove(a)
+    with pytest.raises(UnknownSession) as gone:
+        q.state(a)
+    assert gone.value.args == (a,)  # an ordinary end: the seed's 404
+
+
+def test_housekeeping_wakes_often_enough_for_a_short_max_hold(tmp_path):
+    from remote_lab import App, settings_from_args
+    app = App(settings_from_args(["--max-hold", "2", "--state-dir", str(tmp_path)]))
+    app.queue.create()
+    assert app.cadence() == 0.5
