@@ -5241,6 +5241,15 @@ def fmt_duration(seconds: float) -> str:
     return "%d d" % (s // 86400) + (" %d h" % (s % 86400 // 3600) if s % 86400 // 3600 else "")
 
 
+def _eta_html(eta_s: Optional[float]) -> str:
+    """An estimated wait (eta_s): "about 3 min"; unknown until sessions have held the lab."""
+    if eta_s is None:
+        return '<span class="muted" title="no hold times yet to estimate from">unknown</span>'
+    if eta_s < 1:
+        return "any moment now"
+    return "about " + fmt_duration(eta_s if eta_s < 60 else round(eta_s / 60.0) * 60)
+
+
 def _ago_html(t: float, now: float) -> str:
     return '<span class="ago" data-t="%.3f">%s</span>' % (t, fmt_duration(now - t))
 
@@ -5291,6 +5300,9 @@ def render_status_sections(st: dict) -> Dict[str, str]:
         why = "".join("<dt>%s</dt><dd>%s</dd>" % (name, text) for name, text in (
             ("note", '<span class="note">%s</span>' % _h(h.get("note"))),
             ("link", _link_html(h.get("link")))) if h.get(name))
+        if h.get("hold_left_s") is not None:  # --max-hold
+            why += ('<dt>max hold</dt><dd class="hold-left">ends in %s (--max-hold %s)</dd>'
+                    % (fmt_duration(h["hold_left_s"]), fmt_duration(st.get("max_hold") or 0)))
         holder = ('<div class="big">%s%s holds the lab <span class="muted">for %s</span></div>'
                   "<dl>%s<dt>topology</dt><dd>%s</dd><dt>since</dt><dd>%s (%s ago)</dd>"
                   "<dt>last sign of life</dt><dd>%s ago</dd></dl>"
@@ -5300,14 +5312,15 @@ def render_status_sections(st: dict) -> Dict[str, str]:
     if not st["queue"]:
         queue = '<p class="muted">Nobody is waiting.</p>'
     else:
-        rows = "".join('<tr><td>%d</td><td>%s</td><td>%s</td><td class="hide-narrow">%s ago</td></tr>'
+        rows = "".join('<tr><td>%d</td><td>%s</td><td>%s</td><td class="eta">%s</td>'
+                       '<td class="hide-narrow">%s ago</td></tr>'
                        % (q["position"], _owner_html(q) + _who_html(q["session"], q["you"])
-                          + _why_html(q),
-                          _ago_html(q["joined"], now), _ago_html(q["last_seen"], now))
+                          + _why_html(q), _ago_html(q["joined"], now), _eta_html(q.get("eta_s")),
+                          _ago_html(q["last_seen"], now))
                        for q in st["queue"])
         queue = ('<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for'
-                 '</th><th class="hide-narrow">last sign of life</th></tr></thead><tbody>%s'
-                 "</tbody></table></div>" % rows)
+                 '</th><th>estimated wait</th><th class="hide-narrow">last sign of life</th></tr>'
+                 "</thead><tbody>%s</tbody></table></div>" % rows)
     lab_ = st["lab"]
     lab = ('<dl><dt>state</dt><dd><span class="badge s-%s">%s</span></dd><dt>topology</dt><dd>%s'
            "</dd><dt>ref count</dt><dd>%d</dd></dl>"

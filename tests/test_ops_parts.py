@@ -69,6 +69,18 @@ def test_status_view_shows_the_estimated_waits_and_the_hold_left():
     assert remote_lab.status_view(snap)["holder"]["hold_left_s"] == 0.0
 
 
+def test_the_status_page_shows_the_estimated_waits_and_the_hold_left():
+    snap = snapshot()
+    snap.waits, snap.max_hold = [0.0, 170.0, 230.0], 120.0
+    html = remote_lab.render_status_sections(remote_lab.status_view(snap, viewer=B))
+    assert "<th>estimated wait</th>" in html["queue"]
+    assert '<td class="eta">about 3 min</td>' in html["queue"]
+    assert "ends in 32 s (--max-hold 2 min)" in html["holder"]
+    snap.waits, snap.max_hold = [0.0, None, None], 0.0  # no history yet, no --max-hold
+    html = remote_lab.render_status_sections(remote_lab.status_view(snap, viewer=B))
+    assert ">unknown</span></td>" in html["queue"] and "max hold" not in html["holder"]
+
+
 def test_systemd_status_line_from_the_snapshot():
     assert remote_lab.systemd_status_line(snapshot()) == \
         "lab r1,r2 (simple.yml) held by sid=%s, 1 waiting" % A[:8]
