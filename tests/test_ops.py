@@ -381,6 +381,10 @@ def test_metrics_expired_counter(start_server):
     api.new_session()
     api.new_session()
     wait_until(lambda: api.health()["queue_length"] == 0, timeout=10, what="expiry")
+    # (counted right after the queue dropped them: the count may lag the queue by a moment)
+    wait_until(lambda: metric_value(api.req("GET", "/metrics")[1],
+                                    "remote_lab_sessions_expired_total") >= 2, timeout=5,
+               what="the expiries counted")
     text = api.req("GET", "/metrics")[1]
     assert metric_value(text, "remote_lab_sessions_expired_total") == 2
     assert metric_value(text, "remote_lab_sessions_ended_total") == 0
