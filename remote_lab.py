@@ -308,19 +308,28 @@ class HoldTimes:
     def _capped(self, cap: float) -> List[float]:
         return [min(t, cap) if cap > 0 else t for t in self.times]
 
-    def waits(self, held: float, waiting: int, cap: float = 0.0) -> List[Optional[float]]:
-        """Estimated seconds until each of ``waiting`` sessions (in queue order) gets the lab,
-        behind a holder that has held it ``held`` seconds; None each without history."""
+    def estimate(self, held: float, cap: float = 0.0) -> Optional[Tuple[float, float]]:
+        """(the holder's expected rest, a typical hold) behind a holder that has held the lab
+        ``held`` seconds; None without history."""
         import statistics
         times = self._capped(cap)
         if not times:
-            return [None] * waiting
+            return None
         typical = statistics.median(times)
         # the holder: how much longer the recent holds that lasted longer than it went on
         longer = [t - held for t in times if t > held]
         rest = statistics.median(longer) if longer else 0.0
         if cap > 0:
             rest = min(rest, max(0.0, cap - held))
+        return rest, typical
+
+    def waits(self, held: float, waiting: int, cap: float = 0.0) -> List[Optional[float]]:
+        """Estimated seconds until each of ``waiting`` sessions (in queue order) gets the lab,
+        behind a holder that has held it ``held`` seconds; None each without history."""
+        found = self.estimate(held, cap)
+        if found is None:
+            return [None] * waiting
+        rest, typical = found
         return [round(rest + i * typical, 1) for i in range(waiting)]
 
 
@@ -579,6 +588,17 @@ class SessionQueue:
             held = 0.0 if head.activated is None else max(0.0, self.clock.now() - head.activated)
             return [0.0] + self.holds.waits(held, len(self._sessions) - 1 + joining,
                                             self.max_hold)
+
+    def eta(self, position: int) -> Optional[float]:
+        """The estimated wait of the session at ``position`` (one entry of waits(), without
+        the list: a poll must not cost O(queue length) more)."""
+        with self.lock:
+            if position <= 0 or not self._sessions:
+                return 0.0
+            head = next(iter(self._sessions.values()))
+            held = 0.0 if head.activated is None else max(0.0, self.clock.now() - head.activated)
+            found = self.holds.estimate(held, self.max_hold)
+            return None if found is None else round(found[0] + (position - 1) * found[1], 1)
 
     def hold_left(self, sid: str) -> Optional[float]:
         """Seconds until the active ``sid`` is ended for holding the lab too long (at least 0);
@@ -3475,8 +3495,7 @@ class App:
         """GET /session/{id}'s answer: the seed's three fields, then who and why and for how
         long (additive)."""
         meta, held = self.queue.meta(sid), self.queue.held(sid)
-        waits = self.queue.waits()
-        eta = waits[pos] if status == "waiting" and pos < len(waits) else None
+        eta = self.queue.eta(pos) if status == "waiting" else None
         return {"session_id": sid if sees_session(request.user, meta) else sid[:SHORT_ID],
                 "status": status, "position": pos, "owner": meta.get("owner"),
                 "note": meta.get("note"), "link": meta.get("link"),

@@ -675,3 +675,15 @@ def test_housekeeping_wakes_often_enough_for_a_short_max_hold(tmp_path):
     app = App(settings_from_args(["--max-hold", "2", "--state-dir", str(tmp_path)]))
     app.queue.create()
     assert app.cadence() == 0.5
+
+
+def test_the_estimate_of_one_position_is_that_of_the_whole_list(clock):
+    q = SessionQueue(600, 300, clock=clock)
+    ids = [q.create()[0] for _ in range(4)]
+    assert [q.eta(i) for i in range(4)] == [0.0, None, None, None]  # no history yet
+    for held in (30, 50, 40):
+        clock.advance(held)
+        q.remove(q.active_id())
+        ids.append(q.create()[0])
+    clock.advance(10)
+    assert [q.eta(i) for i in range(len(q))] == q.waits()
