@@ -2,6 +2,7 @@
 socket, and starting a server with inherited fds (socket activation)."""
 import configparser
 import fcntl
+import os
 import shutil
 import socket
 import subprocess
@@ -104,3 +105,26 @@ def _listening_socket():
     s.bind(("127.0.0.1", 0))
     s.listen(16)
     return s
+
+
+def start_socket_activated(srv, before=None):
+    """Start ``srv`` (a ServerProcess made with ``--port 1``, which the inherited socket
+    overrides) as systemd's socket activation does: a listening socket on fd 3, LISTEN_FDS=1,
+    LISTEN_PID its pid (set by bash before the exec). ``before(port)`` runs once the socket
+    listens, before the server starts. Returns the socket's port; only the server holds it."""
+    if not BASH:
+        import pytest
+        pytest.skip("bash is not installed")
+    listener = _listening_socket()
+    port = listener.getsockname()[1]
+    high = spare_fd(listener)
+    if before is not None:
+        before(port)
+    srv.cmd = [BASH, "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&%d %d<&-' % (high, high),
+               "sh"] + srv.cmd
+    try:
+        start_process(srv, pass_fds=(high,))
+    finally:
+        os.close(high)
+        listener.close()
+    return port

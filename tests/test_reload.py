@@ -18,8 +18,7 @@ import pytest
 from helpers import FAKE_NETLAB, ROOT, SERVER, TOPOLOGIES, ServerProcess, http as http_request
 from server_support import (Api, acquire_while_up_hangs, calls_of, pid_alive,  # noqa: F401
                             seed_fields, start_server, wait_until)
-from systemd_support import (BASH, _listening_socket, notify_socket, spare_fd,  # noqa: F401
-                             start_process, unit)
+from systemd_support import notify_socket, start_socket_activated, unit  # noqa: F401
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -316,19 +315,8 @@ def test_a_new_file_that_does_not_start_is_refused_and_the_server_keeps_serving(
 def test_sighup_with_socket_activation_hands_over_the_inherited_socket(tmp_path):
     """Socket-activated (fd 3, LISTEN_FDS/LISTEN_PID): the socket systemd passed is what the new
     process serves; clients keep working throughout."""
-    if not BASH:
-        pytest.skip("bash is not installed")
-    listener = _listening_socket()
-    port = listener.getsockname()[1]
-    high = spare_fd(listener)
     srv = ServerProcess(tmp_path, "--port", "1")
-    srv.cmd = [BASH, "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&%d %d<&-' % (high, high),
-               "sh"] + srv.cmd
-    try:
-        start_process(srv, pass_fds=(high,))
-    finally:
-        os.close(high)
-        listener.close()
+    port = start_socket_activated(srv)
     try:
         assert srv.port == port
         socket_fd3 = os.readlink("/proc/%d/fd/3" % srv.proc.pid)

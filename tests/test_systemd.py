@@ -17,7 +17,8 @@ import pytest
 from helpers import FAKE_NETLAB, ROOT, SERVER, ServerProcess, http
 from server_support import Api, wait_until
 from systemd_support import (BASH, INSTALLED_BINARY, UNITS, NotifySocket,  # noqa: F401
-                             _listening_socket, notify_socket, spare_fd, start_process, unit)
+                             _listening_socket, notify_socket, spare_fd, start_process,
+                             start_socket_activated, unit)
 
 sys.path.insert(0, str(ROOT))
 import remote_lab  # noqa: E402
@@ -226,23 +227,16 @@ def test_notifier_unit():
 def test_socket_activation_with_an_inherited_fd(tmp_path):
     """LISTEN_FDS=1 and LISTEN_PID=<the server's pid>, the socket on fd 3, as systemd does it:
     a shell sets LISTEN_PID=$$ and execs the server, so the pid stays the same."""
-    if not BASH:
-        pytest.skip("bash is not installed")
-    listener = _listening_socket()
-    port = listener.getsockname()[1]
-    high = spare_fd(listener)
-    # a client that connects before the server even runs: queued in the backlog, then served
-    early = socket.create_connection(("127.0.0.1", port), timeout=20)
-    early.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    early = []
+
+    def connect_early(port):  # a client that connects before the server even runs: queued in
+        conn = socket.create_connection(("127.0.0.1", port), timeout=20)  # the backlog, served
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        early.append(conn)
     # --port 1 is ignored: the inherited socket wins
     srv = ServerProcess(tmp_path, "--port", "1", netlab=recording_netlab(tmp_path))
-    script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&%d %d<&-' % (high, high)  # bash
-    srv.cmd = [BASH, "-c", script, "sh"] + srv.cmd
-    try:
-        start_process(srv, pass_fds=(high,))
-    finally:
-        os.close(high)
-        listener.close()  # only the server holds the socket now
+    port = start_socket_activated(srv, before=connect_early)
+    early = early[0]
     try:
         assert srv.port == port
         assert "socket activation: serving the listening socket passed by systemd" in srv.log()

@@ -22,7 +22,7 @@ import client_support
 from helpers import ROOT, SERVER, TOPOLOGIES, ServerProcess, read_json, stop_launched, wait_until
 from chromium_support import chromium  # noqa: F401  (fixture)
 from sshd_support import sshd  # noqa: F401  (fixture)
-from systemd_support import BASH, _listening_socket, spare_fd, start_process
+from systemd_support import _listening_socket, start_socket_activated
 
 sys.path.insert(0, str(ROOT))
 import remote_lab_client as rlc  # noqa: E402
@@ -412,19 +412,8 @@ def test_bad_certificate_or_key_files_are_refused(tmp_path, certs):
 
 
 def test_socket_activation_serves_https(tmp_path, certs):
-    if not BASH:
-        pytest.skip("bash is not installed")
-    listener = _listening_socket()
-    port = listener.getsockname()[1]
-    high = spare_fd(listener)
     srv = ServerProcess(tmp_path, "--port", "1", *certs.args())
-    srv.cmd = [BASH, "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&%d %d<&-' % (high, high),
-               "sh"] + srv.cmd
-    try:
-        start_process(srv, pass_fds=(high,))
-    finally:
-        os.close(high)
-        listener.close()
+    port = start_socket_activated(srv)
     try:
         assert srv.port == port and "Listening on https://127.0.0.1:%d " % port in srv.log()
         assert "socket activation: serving the listening socket" in srv.log()
