@@ -150,8 +150,8 @@ def test_healthz_the_status_page_and_the_docs_over_https(tls_server, certs):
     assert https(srv.port, "GET", "/healthz", certs.cert)[0] == 204
     status, page, headers = https(srv.port, "GET", "/", certs.cert, headers={"Accept": "text/html"})
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    # the page's script asks relative URLs: they stay on https
-    assert 'var url = "status?wait=' in page and "http://" not in page
+    # the page's script asks its own origin's URLs (location.origin): they stay on https
+    assert 'var url = location.origin + location.pathname' in page and "http://" not in page
     status, body, _ = https(srv.port, "GET", "/status?wait=1&since=x", certs.cert)
     assert status == 200 and "html" in body
     assert https(srv.port, "GET", "/docs", certs.cert)[0] == 200
