@@ -8,14 +8,14 @@ Standard library only, Python >= 3.8, one file: copy it to the lab host and run
 ``python3 remote_lab.py --port 8000`` (``--simulate`` to try it without netlab).
 
 Sections, top to bottom (banners ``# N. ...``):
-  1 Settings (each default once)      2 SessionQueue (pure; injected clock and ids)
+  1 Settings (each default once)      2 SessionQueue (pure; injected clock and ids; HoldTimes)
   3 NetlabRunner (the only code that spawns netlab; process records for crash recovery)
   4 Lab: pure planner (state + request -> action), executor (netlab I/O), the Lab applying it
   5 Uploads (streaming multipart, safe paths)   5a Durable state (SQLite: StateStore, journal)
   5b @endpoint declarations -> dispatch + OpenAPI
   6 Ops parts: EventLog, Metrics, status_view(), SystemdReporter
-  7 HTTP: RequestGuard (Origin/Host), App (handlers: Request -> Response), FastRequestHead,
-    RequestHandler (deadlines, caps), LabHTTPServer (connection cap, EMFILE back-off)
+  7 HTTP: RequestGuard (Origin/Host), AuthTable (--auth-file), App (handlers: Request ->
+    Response), FastRequestHead, RequestHandler (deadlines, caps), 7.2 TLS, LabHTTPServer
   8 Housekeeping   9 Rendering: metrics text, status page, OpenAPI, /docs
   10 Simulated netlab   11 main(), Reload (SIGHUP: re-exec in place, socket and lock handed over)
 """
