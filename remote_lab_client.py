@@ -72,6 +72,7 @@ __all__ = [
     "AcquireTimeout", "LabInUse",
     "UploadTooLarge", "QueueFull", "QueueTimeout", "ServerError", "LabFailed", "ProtocolError",
     "launch", "Launcher", "Launched", "LaunchError", "running_servers", "resolve_base_url",
+    "lab_fingerprint",
 ]
 
 _log = logging.getLogger("remote_lab_client")
@@ -1258,6 +1259,28 @@ def collect_upload(topology, extra_files=()):
             seen[member_name] = member_path
             files.append(("extra_files", member_name, member_path))
     return files
+
+
+def lab_fingerprint(topology, extra_files=()):
+    """The lab fingerprint the server computes for this upload (``POST /lab``, same arguments
+    as ``acquire``): the SHA-256 hex of, in order, ``topology\\0NAME\\0H`` for the topology and
+    ``extra\\0NAME\\0H`` for each extra file sorted by NAME, where NAME is the file's upload
+    name and H the SHA-256 hex of its content. Equal fingerprints mean a reusable lab."""
+    import hashlib
+    files = collect_upload(topology, extra_files)
+    digests = {}
+    for _, name, path in files:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 16), b""):
+                digest.update(chunk)
+        digests[name] = digest.hexdigest()
+    topo = files[0][1]
+    h = hashlib.sha256(b"topology\0" + topo.encode() + b"\0" + digests[topo].encode())
+    for name in sorted(digests):
+        if name != topo:
+            h.update(b"extra\0" + name.encode() + b"\0" + digests[name].encode())
+    return h.hexdigest()
 
 
 class _LineProgress:
