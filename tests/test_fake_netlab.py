@@ -3,6 +3,7 @@ all of remote_lab.py: these tests keep that fast path working and the code the s
 import __future__
 import builtins
 import dis
+import json
 import subprocess
 import sys
 import types
@@ -89,3 +90,49 @@ def test_the_simulation_needs_nothing_the_fake_leaves_out():
             used |= globals_used(func.__code__)
     missing = sorted(n for n in used if n not in vars(sim) and not hasattr(builtins, n))
     assert missing == []
+
+
+def netlab(cwd, *args, control):
+    return subprocess.run([sys.executable, str(FAKE_NETLAB)] + list(args), cwd=str(cwd),
+                          capture_output=True, text=True, timeout=30,
+                          env={"FAKE_NETLAB_DIR": str(control), "PATH": "/usr/bin:/bin"})
+
+
+def test_the_simulation_runs_multilab_instances_side_by_side(tmp_path):
+    """netlab 26.10's multilab plugin (shared notes netlab-multilab.md): `up --plugin multilab
+    -s defaults.multilab.id=K` registers instance K, named ml-K, management 192.168.K.0/24;
+    an id already running elsewhere is refused; `down` in a lab dir ends only its instance."""
+    control = tmp_path / "control"
+    control.mkdir()
+    labs = {}
+    for k in (1, 2):
+        labs[k] = tmp_path / ("lab%d" % k)
+        labs[k].mkdir()
+        (labs[k] / "topo.yml").write_text("nodes: [r1, r2]\n")
+        up = netlab(labs[k], "up", "--plugin", "multilab", "-s", "defaults.multilab.id=%d" % k,
+                    "-s", "defaults.multilab.lock=%s" % (tmp_path / "netlab.lock"), "topo.yml",
+                    control=control)
+        assert up.returncode == 0, up.stdout + up.stderr
+    reg = json.loads(netlab(tmp_path, "status", "--all", "--format", "json",
+                            control=control).stdout)
+    assert {k: (v["dir"], v["status"], v["name"]) for k, v in reg.items()} == {
+        "1": (str(labs[1]), "started", "ml-1"), "2": (str(labs[2]), "started", "ml-2")}
+    r1 = json.loads(netlab(labs[2], "inspect", "--node", "r1", "--format", "json",
+                           control=control).stdout)
+    assert r1["mgmt"]["ipv4"] == "192.168.2.101"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "topo.yml").write_text("nodes: [x]\n")
+    taken = netlab(other, "up", "--plugin", "multilab", "-s", "defaults.multilab.id=1",
+                   "topo.yml", control=control)
+    assert taken.returncode == 1 and "instance '1' is already running in directory %s" \
+        % labs[1] in taken.stdout
+    assert netlab(labs[1], "down", "--cleanup", control=control).returncode == 0
+    reg = json.loads(netlab(tmp_path, "status", "--all", "--format", "json",
+                            control=control).stdout)
+    assert list(reg) == ["2"]
+    plain = netlab(other, "up", "topo.yml", control=control)  # no plugin: instance default
+    assert plain.returncode == 0
+    x = json.loads(netlab(other, "inspect", "--node", "x", "--format", "json",
+                          control=control).stdout)
+    assert x["mgmt"]["ipv4"] == "192.168.121.101"
