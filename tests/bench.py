@@ -18,6 +18,9 @@ simulated netlab by default or the fake netlab of tests/ with ``--fake``) and pr
   * a 100 MiB upload (streamed, never in memory here): throughput and the server's RSS growth
   * a queue of 10,000 sessions: POST /session (each committed to the state database before its
     201) with an empty queue and with 10,000 queued, and the restart that restores them all
+  * a shared host's workload (not with --quick): 12 CI jobs started at once over 3 topologies
+    (A B A C A B A C ..., each holding its lab 1 s; netlab ``up`` 3 s, the fake netlab,
+    ``--keep-warm 60``): makespan, ``netlab up`` count, median and max wait of a job
 
 Not collected by pytest (no test_ functions; the name does not match test_*.py).
 """
@@ -436,6 +439,64 @@ def upload(server, size_mib):
 # --------------------------------------------------------------------------------------------
 
 
+# -- the shared-host workload (issue 13): 12 jobs over 3 topologies, netlab up 3 s, hold 1 s --
+
+WORKLOAD = "ABACABACABAC"  # arrival order: A x6, B x3, C x3
+WORKLOAD_TOPOLOGIES = {k: ("provider: external\ndefaults.device: frr\nnodes: [%s1, %s2]\n"
+                           % (k.lower(), k.lower())).encode() for k in "ABC"}
+
+
+def workload_job(port, name, start_at, hold, out):
+    """One CI job: join the queue at ``start_at``, wait for the turn, acquire the lab of
+    topology ``name`` (reuse), hold it ``hold`` s, release, leave. Puts (name, wait s, end)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=300)
+    length, parts, ctype = multipart_parts(name + ".yml", WORKLOAD_TOPOLOGIES[name])
+    while time.time() < start_at:
+        time.sleep(0.001)
+    t0 = time.time()
+    sid, status = new_session(conn)
+    while status != "active":
+        st, b = request(conn, "GET", "/session/%s?wait=30" % sid)
+        assert st == 200, (st, b)
+        status = b["status"]
+    waited = time.time() - t0
+    hdr = {"X-Session-ID": sid}
+    st, b = request(conn, "POST", "/lab", b"".join(parts),
+                    dict(hdr, **{"Content-Type": ctype, "Content-Length": str(length)}))
+    assert st == 200, (st, b)
+    time.sleep(hold)
+    request(conn, "POST", "/lab/release", b"", hdr)
+    request(conn, "DELETE", "/session/" + sid)
+    out.put((name, waited, time.time()))
+
+
+def shared_host_workload(root, label, extra, up_s=3.0, hold=1.0):
+    """The 12 jobs against a fresh server (fake netlab, ``up`` taking ``up_s``) started with
+    ``extra`` flags: makespan, netlab up count, median and max wait."""
+    server = Server(root, "workload-" + label, fake=True, extra=["--keep-warm", "60"] + extra)
+    os.makedirs(server.env["FAKE_NETLAB_DIR"], exist_ok=True)
+    with open(os.path.join(server.env["FAKE_NETLAB_DIR"], "up_delay"), "w") as f:
+        f.write(str(up_s))
+    server.start()
+    try:
+        out = multiprocessing.Queue()
+        start = time.time() + 0.5
+        jobs = [multiprocessing.Process(target=workload_job,
+                                        args=(server.port, name, start + 0.05 * i, hold, out))
+                for i, name in enumerate(WORKLOAD)]
+        for j in jobs:
+            j.start()
+        results = [out.get(timeout=600) for _ in jobs]
+        for j in jobs:
+            j.join(10)
+        waits = [w for _, w, _ in results]
+        return {"makespan_s": max(end for _, _, end in results) - start,
+                "ups": health(server.port)["netlab_calls"].get("up", 0),
+                "wait_median_s": statistics.median(waits), "wait_max_s": max(waits)}
+    finally:
+        server.stop()
+
+
 def startup(root, runs, fake):
     times, nosite = [], []
     for i in range(runs):
@@ -532,7 +593,7 @@ def main(argv=None):
     ap.add_argument("--json", metavar="FILE", help="also write the raw figures as JSON")
     ap.add_argument("--queue", type=int, default=10000, help="sessions in the big queue (10000)")
     ap.add_argument("--only", help="comma list of: startup,poll,heartbeat,handoff,cycles,rss,"
-                                   "upload,queue")
+                                   "upload,queue,workload (workload: not in --quick)")
     a = ap.parse_args(argv)
     duration = a.duration or (1.5 if a.quick else 3.0)
     only = set(a.only.split(",")) if a.only else None
@@ -568,6 +629,8 @@ def main(argv=None):
         conn.close()
         if want("queue"):
             res["queue"] = big_queue(root, a.fake, 2000 if a.quick else a.queue)
+        if want("workload") and not (a.quick and only is None):
+            res["workload"] = {"slots 1": shared_host_workload(root, "1", [])}
     finally:
         if server is not None:
             server.stop()
@@ -634,6 +697,11 @@ def main(argv=None):
         row("  sessions created/s (one client, each on disk)", fmt(r["fill_per_s"]))
         row("  restart restoring %d sessions, to /healthz" % r["restored"],
             fmt(r["restart_ms"], "ms"))
+    for label, r in sorted(res.get("workload", {}).items()):
+        row("12 jobs, 3 topologies, up 3 s, hold 1 s (%s): makespan" % label,
+            fmt(r["makespan_s"], "s"))
+        row("  netlab up count; job wait median / max", "%d; %s / %s" % (
+            r["ups"], fmt(r["wait_median_s"]), fmt(r["wait_max_s"], "s")))
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows)
     w3 = max(len(r[2]) for r in rows)
