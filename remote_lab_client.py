@@ -1850,8 +1850,8 @@ class RemoteLabClient:
         name = os.path.basename(os.fspath(topology))
         resp = self._http.request("POST", "/lab/check", body=MultipartBody([], files),
                                   idempotent=True, timeout=max(self.request_timeout, 120))
-        if resp.status in (404, 405) and not _not_remote_lab(resp):
-            self._can_check = False  # an older server (the seed's): simply not asked
+        if resp.status in (404, 405):  # an older server (the seed's), or a proxy's page: the
+            self._can_check = False  # acquisition says what is wrong; not asked again
             return None
         if resp.status == 422 and isinstance(resp.data, dict):
             raise TopologyInvalid("netlab rejects topology %s: %s" % (
