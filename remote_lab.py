@@ -3182,6 +3182,7 @@ class App:
         """Start-up: the state a previous server saved, reconciled with what netlab runs.
         Sessions keep their ids and order, each with a full timeout from now."""
         saved = self.store.load()
+        shutil.rmtree(self.checks_dir(), ignore_errors=True)  # a check a crash cut short
         self.events.restore(saved.events)
         with self.queue.lock:
             self.queue.holds.restore(saved.hold_times)

@@ -106,3 +106,12 @@ def test_with_an_auth_file_a_check_needs_a_token(start_server, tmp_path):
     alice = api.as_user(TOKENS["alice"])
     sid = alice.new_session()
     assert check(api.as_user(TOKENS["bob"]), sid=sid)[0] == 200  # not looked at: no 403
+
+
+def test_a_scratch_dir_left_by_a_crash_is_removed_at_start(start_server, tmp_path):
+    stale = tmp_path / "state" / "checks" / "lab-0123456789ab"
+    stale.mkdir(parents=True)
+    (stale / "topology.yml").write_text("nodes: [r1]\n")
+    srv, api = start_server()
+    assert check(api)[0] == 200
+    assert not stale.exists() and checks_dir(srv) == []
