@@ -139,6 +139,10 @@ class Forbidden(RemoteLabError):
     """403: not allowed, e.g. another user's session (a server with ``--auth-file``)."""
 
 
+class TopologyInvalid(BadRequest):
+    """422 from POST /lab/check: netlab rejects the topology; ``detail`` has its error tail."""
+
+
 class NotFound(RemoteLabError):
     """404."""
 
@@ -243,6 +247,14 @@ def _error_for(resp, what, request=None, subject=None):
     hint = "; the token comes from REMOTE_LAB_TOKEN" if resp.status == 401 else ""
     return cls("%s: %s (HTTP %d%s)" % (what, resp.detail, resp.status, hint), resp.status,
                resp.detail)
+
+
+def _netlab_complaint(detail):
+    """netlab's error lines of a 422 detail, in one line (its banner lines left out)."""
+    lines = [line.strip() for line in (detail or "").splitlines()[1:] if line.strip()
+             and not line.startswith(("Errors encountered while processing",
+                                      "Fatal error in netlab: Cannot proceed"))]
+    return "; ".join(lines[-5:]) or (detail or "").strip()
 
 
 def _not_remote_lab(resp):
@@ -1469,6 +1481,7 @@ class RemoteLabClient:
         self.reused = None  # of the last acquire
         self._held = 0  # acquisitions not yet released
         self._send_meta = True  # False once the server refused POST /session's body
+        self._can_check = True  # False once the server had no POST /lab/check (404/405)
         self._holder_seen = None  # (our position, GET /status, when): whom we wait for
         self._lost = None  # message when the server forgot our session
         self._lost_unreachable = False  # ... or could not be reached for reconnect_timeout
@@ -1849,13 +1862,43 @@ class RemoteLabClient:
         except RemoteLabError:
             return False
 
+    def check(self, topology, extra_files=()):
+        """Ask the server's netlab whether ``topology`` (+ ``extra_files``) is valid, without a
+        session or the lab: its node names. TopologyInvalid (422) when netlab rejects it; None
+        when the check could not be made (a server without POST /lab/check -- not asked
+        again --, too many checks at once, or a server error): the lab's own `up` then says."""
+        files = collect_upload(topology, extra_files)
+        if not self._can_check:
+            return None
+        name = os.path.basename(os.fspath(topology))
+        resp = self._http.request("POST", "/lab/check", body=MultipartBody([], files),
+                                  idempotent=True, timeout=max(self.request_timeout, 120))
+        if resp.status in (404, 405):  # an older server (the seed's), or a proxy's page: the
+            self._can_check = False  # acquisition says what is wrong; not asked again
+            return None
+        if resp.status == 422 and isinstance(resp.data, dict):
+            raise TopologyInvalid("netlab rejects topology %s: %s" % (
+                name, _netlab_complaint(resp.detail)), 422, resp.detail)
+        if resp.status == 429 or resp.status >= 500:
+            _log.debug("topology check of %s skipped (HTTP %d: %s)", name, resp.status,
+                       resp.detail)
+            return None
+        if resp.status != 200 or not isinstance(resp.data, dict):
+            raise _error_for(resp, "checking topology %s" % name, "check", name)
+        nodes = resp.data.get("nodes")
+        return [str(n) for n in nodes] if isinstance(nodes, list) else []
+
     def acquire(self, topology, reuse=True, extra_files=()):
         """Upload ``topology`` (+ ``extra_files``) and start or reuse the lab: its devices.
 
-        A busy lab (423) is retried until ``lab_acquisition_timeout`` (then AcquireTimeout);
-        a netlab failure raises LabFailed with netlab's output in ``detail``.
+        Before joining the queue (no session yet: ``start_session=False``) the topology is
+        checked first (:meth:`check`), so a broken one fails in seconds. A busy lab (423) is
+        retried until ``lab_acquisition_timeout`` (then AcquireTimeout); a netlab failure
+        raises LabFailed with netlab's output in ``detail``.
         """
         files = collect_upload(topology, extra_files)  # a missing file fails before any wait
+        if self.session_id is None:
+            self.check(topology, extra_files)
         self._require_session()
         fields = [("reuse", "true" if reuse else "false")]
         name = os.path.basename(os.fspath(topology))
@@ -3079,6 +3122,24 @@ def remote_lab_fixture(topology, name=None, reuse_lab=False, extra_files=()):
     return pytest.fixture(remote_lab)
 
 
+def _check_lab_specs(client, specs):
+    """Before queueing: each lab fixture of the run checked by the server's netlab; a rejected
+    one fails its tests (``spec.error``) at once. The error when every one is rejected (the
+    run need not queue at all), else None."""
+    rejected = []
+    for spec in specs:
+        if spec.error:
+            continue
+        try:
+            client.check(spec.topology, spec.extra_files)
+        except TopologyInvalid as e:
+            spec.error = "remote lab: %s" % e
+            rejected.append(spec.error)
+    if rejected and all(spec.error for spec in specs):
+        return "\n".join(rejected)
+    return None
+
+
 def _spec_of(fixturedef):
     func = getattr(fixturedef, "func", None)
     while func is not None:
@@ -3166,7 +3227,11 @@ def _make_pytest_plugin():
         error = None
         try:
             client = RemoteLabClient(config=_plugin_config(request.config)[0],
-                                     progress=_pytest_progress(request.config))
+                                     progress=_pytest_progress(request.config),
+                                     start_session=False)
+            error = _check_lab_specs(client, getattr(request.config, "_remote_lab_specs", ()))
+            if error is None:
+                client.start_session()
         except RemoteLabError as e:
             error = "remote lab: %s" % e
         if error:  # failed outside the except: once, no "During handling of the above ..."
@@ -3227,6 +3292,8 @@ def _make_pytest_plugin():
                 keyed.append(((labs[0][1].index if labs else float("inf")), pos, item,
                               labs[0] if labs else None))
             self.groups = []
+            config._remote_lab_specs = list({id(k[3][1]): k[3][1] for k in keyed
+                                             if k[3]}.values())  # checked at start
             if not any(k[3] for k in keyed):
                 return
             keyed.sort(key=lambda k: (k[0], k[1]))

@@ -11,6 +11,7 @@ $FAKE_NETLAB_DIR switch failures on:
   down_fail     `down` fails, rc 1
   inspect_fail  `inspect` fails, rc 1
   inspect_delay `inspect` sleeps N seconds (file content) before working
+  create_delay  `create` (a topology check) sleeps N seconds (file content) before working
 
 Every call is appended to $FAKE_NETLAB_DIR/calls.jsonl as {"argv", "cwd", "pid", "time",
 "pgid", "stdin"} (stdin: what fd 0 is, e.g. /dev/null).
@@ -158,6 +159,8 @@ def main(argv):
             return 1
     if verb == "inspect" and switch("inspect_delay"):
         time.sleep(float(switch("inspect_delay")))
+    if verb == "create" and switch("create_delay"):
+        time.sleep(float(switch("create_delay")))
     if verb == "inspect" and switch("inspect_fail"):
         print("FatalError in inspect: fake failure (switch inspect_fail)", file=sys.stderr)
         return 1
