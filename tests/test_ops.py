@@ -487,9 +487,14 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
             assert status == expect, (method, path, status, data)
         return status, data
 
-    def upload(sid, content=SIMPLE, name="simple.yml", expect=None, timeout=15):
+    def upload(sid, content=SIMPLE, name="simple.yml", expect=None, timeout=15, path="/lab",
+               on=api, headers=None):
         body, ctype = build_multipart({}, [("topology", name, content)])
-        return call("POST", "/lab", sid, body, {"Content-Type": ctype}, expect, timeout)
+        return call("POST", path, sid, body, dict(headers or {}, **{"Content-Type": ctype}),
+                    expect, timeout, on=on)
+
+    def check(content=SIMPLE, name="simple.yml", expect=None, on=api, headers=None):
+        return upload(None, content, name, expect, path="/lab/check", on=on, headers=headers)
 
     call("GET", "/", expect=200)
     call("GET", "/", headers=HTML, expect=200)
@@ -526,6 +531,10 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     upload(b, expect=423)
     upload(a, name="lab.txt", expect=400)
     upload(a, content=b"x" * 20000, expect=413)
+    check(expect=200)
+    check(name="lab.txt", expect=400)
+    check(content=b"x" * 20000, expect=413)
+    check(content=b"defaults.device: frr\nnodes: [r1, r2]\nlinks: [r1-r3]\n", expect=422)
     upload(a, expect=200)
     upload(a, content=SIMPLE + b"# other\n", name="other.yml", expect=423)  # busy
     call("GET", "/lab/devices", a, expect=200)
@@ -545,6 +554,7 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
                          ("DELETE", "/session/%s" % b), ("POST", "/lab"), ("DELETE", "/lab"),
                          ("POST", "/lab/release")):
         call(method, path, a, headers=evil, expect=403)
+    check(headers=evil, expect=403)
     call("DELETE", "/session/%s" % a, expect=204)
     call("DELETE", "/session/%s" % b, expect=204)
 
@@ -562,6 +572,10 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
                                  {"Content-Type": ctype})
     assert status == 503
     seen["post_lab"].add("503")
+    status, _, _ = small_api.req("POST", "/lab/check", None, body, {"Content-Type": ctype})
+    assert status == 503
+    seen["post_lab_check"].add("503")
+    _drive_check_limits(start_server, check)
 
     # with --auth-file: 401 on every endpoint but /healthz, 403 on another user's session
     _drive_auth_errors(start_server, tmp_path, call)
@@ -572,6 +586,20 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     assert set(seen) == set(documented), set(documented) - set(seen)
     for handler, codes in documented.items():
         assert codes <= seen[handler], "%s: documented %s never seen" % (handler, codes - seen[handler])
+
+
+def _drive_check_limits(start_server, check):
+    """POST /lab/check's 429 (two checks run already) and 504 (--netlab-timeout)."""
+    srv, api = start_server("--netlab-timeout", "2", sub="checks")
+    srv.switch("create_delay", value="6")
+    slow = [threading.Thread(target=check, kwargs={"expect": 504, "on": api}) for _ in range(2)]
+    for t in slow:
+        t.start()
+    wait_until(lambda: sum(c["argv"][:1] == ["create"] for c in srv.calls()) == 2, timeout=10,
+               what="two checks running")
+    check(expect=429, on=api)
+    for t in slow:
+        t.join(20)
 
 
 def _drive_auth_errors(start_server, tmp_path, call):
