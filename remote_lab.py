@@ -337,6 +337,12 @@ def _rounded(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else round(seconds, 1)
 
 
+def hold_left_after(max_hold: float, held: Optional[float]) -> Optional[float]:
+    """Seconds until --max-hold (``max_hold``, 0: none) ends a session that has held the lab
+    ``held`` seconds (at least 0); None while it waits (``held`` None) or without a limit."""
+    return None if held is None or max_hold <= 0 else max(0.0, max_hold - held)
+
+
 class SessionQueue:
     """FIFO of sessions; the head is active. Thread-safe; long-poll waits on the condition.
 
@@ -386,10 +392,14 @@ class SessionQueue:
             why = self._ended_why.get(sid)  # ended by the server for a reason its client needs
             raise (UnknownSession(sid) if why is None else UnknownSession(sid, why)) from None
 
+    def _held(self, s: Session) -> Optional[float]:
+        """Seconds ``s`` has held the lab (lock held); None while it waits."""
+        return None if s.activated is None else max(0.0, self.clock.now() - s.activated)
+
     def _held_until_now(self, s: Session) -> None:
         """``s``, the active session, is leaving: remember how long it held the lab."""
         if s.activated is not None:
-            self.holds.add(self.clock.now() - s.activated)
+            self.holds.add(self._held(s))
 
     def _activate_head(self, at: Optional[float] = None):
         """Promote the head if it is not active yet (``at``: when; default now). A waiter
@@ -563,19 +573,14 @@ class SessionQueue:
         is over, at the next call; its 404s then say why (UnknownSession's second argument)."""
         with self.lock:
             head = next(iter(self._sessions.values()), None)
-            if self.max_hold <= 0 or head is None or head.activated is None or head.pins > 0 \
-                    or self.clock.now() - head.activated <= self.max_hold:
+            held = None if head is None else self._held(head)
+            if self.max_hold <= 0 or held is None or head.pins > 0 or held <= self.max_hold:
                 return None
-            self._held_until_now(head)
-            del self._sessions[head.id]
-            self._gone.append(head.id)
             self._ended_why[head.id] = ("the server ended it: held the lab longer than %s "
                                         "(--max-hold)" % fmt_duration(self.max_hold))
             while len(self._ended_why) > ENDED_REASONS_KEPT:
                 self._ended_why.popitem(last=False)
-            self._activate_head()
-            self._journal_changes()
-            self._bump()
+            self.remove(head.id)  # (its hold time kept, the next session promoted)
             return head.id
 
     def waits(self, joining: int = 0) -> List[Optional[float]]:
@@ -584,8 +589,7 @@ class SessionQueue:
         with self.lock:
             if not self._sessions:
                 return [0.0] + [None] * (joining - 1) if joining else []
-            head = next(iter(self._sessions.values()))
-            held = 0.0 if head.activated is None else max(0.0, self.clock.now() - head.activated)
+            held = self._held(next(iter(self._sessions.values()))) or 0.0
             return [0.0] + self.holds.waits(held, len(self._sessions) - 1 + joining,
                                             self.max_hold)
 
@@ -595,16 +599,14 @@ class SessionQueue:
         with self.lock:
             if position <= 0 or not self._sessions:
                 return 0.0
-            head = next(iter(self._sessions.values()))
-            held = 0.0 if head.activated is None else max(0.0, self.clock.now() - head.activated)
+            held = self._held(next(iter(self._sessions.values()))) or 0.0
             found = self.holds.estimate(held, self.max_hold)
             return None if found is None else round(found[0] + (position - 1) * found[1], 1)
 
     def hold_left(self, sid: str) -> Optional[float]:
         """Seconds until the active ``sid`` is ended for holding the lab too long (at least 0);
         None while it waits or without --max-hold."""
-        held = self.held(sid)
-        return None if held is None or self.max_hold <= 0 else max(0.0, self.max_hold - held)
+        return hold_left_after(self.max_hold, self.held(sid))
 
     def active_id(self) -> Optional[str]:
         with self.lock:
@@ -618,8 +620,7 @@ class SessionQueue:
     def held(self, sid: str) -> Optional[float]:
         """Seconds since ``sid`` became active; None while it waits."""
         with self.lock:
-            s = self._session(sid)
-            return None if s.activated is None else max(0.0, self.clock.now() - s.activated)
+            return self._held(self._session(sid))
 
     def is_active(self, sid: str) -> bool:
         return self.active_id() == sid
@@ -2702,8 +2703,7 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
                        "last_seen": wall(last_seen),
                        "topology": lab["topology"] if lab["holder"] == sid else None},
                       held_s=round(held, 1), **who(meta),
-                      hold_left_s=round(max(0.0, snap.max_hold - held), 1)
-                      if snap.max_hold > 0 else None)
+                      hold_left_s=_rounded(hold_left_after(snap.max_hold, held)))
     queue = [dict({"position": i, "session": shown(sid, meta), "you": you(sid, meta),
                    "joined": wall(created), "last_seen": wall(last_seen)}, **who(meta),
                   eta_s=snap.waits[i] if i < len(snap.waits) else None)
@@ -2953,11 +2953,6 @@ def normalize_origin(origin: str) -> str:
 def is_loopback_name(name: str) -> bool:
     """localhost, 127.x.y.z or [::1] (lower case, IPv6 in brackets, no port)."""
     return name in ("localhost", "[::1]") or bool(_LOOPBACK_V4_RE.match(name))
-
-
-def is_loopback_address(host: str) -> bool:
-    """A listening address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
-    return host in ("localhost", "::1") or bool(_LOOPBACK_V4_RE.match(host))
 
 
 def is_ip_literal(name: str) -> bool:
@@ -3522,7 +3517,7 @@ class App:
                 "note": meta.get("note"), "link": meta.get("link"),
                 "held_s": None if held is None else round(held, 1),
                 "eta_s": 0 if status == "active" else eta,
-                "hold_left_s": _rounded(self.queue.hold_left(sid))}
+                "hold_left_s": _rounded(hold_left_after(self.settings.max_hold, held))}
 
     @endpoint("DELETE", "/session/{session_id}", sign_of_life=True, openapi={
         "tags": ["sessions"], "summary": "Leave the queue",
@@ -5911,8 +5906,7 @@ def simple_topology_link_strings(text: str) -> List[str]:
 def simulated_create(args: List[str]) -> int:
     """``create -o none|json:nodes=- TOPOLOGY``: validate (nodes, string links) and write no
     file; with ``json:nodes=-`` the nodes as JSON on stdout (netlab's own errors and exit 1)."""
-    topo = [a for i, a in enumerate(args) if not a.startswith("-") and args[i - 1] != "-o"]
-    path = topo[0] if topo else "topology.yml"
+    path = simulated_netlab_args(args)[0]
     try:
         with open(path) as f:
             text = f.read()
@@ -6011,13 +6005,14 @@ def simulated_status(args: List[str]) -> int:
     return 0
 
 
-def simulated_up_args(args: List[str]) -> Tuple[str, Optional[int]]:
-    """(topology, multilab instance id or None) from ``up``'s arguments: the id comes only from
-    ``-s defaults.multilab.id=K`` with ``--plugin multilab``, as in netlab 26.10."""
+def simulated_netlab_args(args: List[str]) -> Tuple[str, Optional[int]]:
+    """(topology, multilab instance id or None) from ``up``'s or ``create``'s arguments: the
+    id comes only from ``-s defaults.multilab.id=K`` with ``--plugin multilab``, as in netlab
+    26.10."""
     topology, multilab, plugins, i = None, None, [], 0
     while i < len(args):
         arg = args[i]
-        if arg in ("-s", "--set", "--plugin") and i + 1 < len(args):
+        if arg in ("-s", "--set", "--plugin", "-o", "--output") and i + 1 < len(args):
             value, i = args[i + 1], i + 2
             if arg == "--plugin":
                 plugins.append(value)
@@ -6041,7 +6036,7 @@ def simulated_netlab_main(argv: List[str]) -> int:
         print("netlab version 26.10 (remote-lab simulation)")
         return 0
     if verb == "up":
-        topo_path, multilab = simulated_up_args(args)
+        topo_path, multilab = simulated_netlab_args(args)
         instance = "default" if multilab is None else str(multilab)
         running = sim_registry().get(instance)
         if running and running.get("dir") != cwd:
@@ -6501,7 +6496,7 @@ def main(argv=None) -> int:
     # before anything reports us as running: a launcher may signal us as soon as it reads that
     install_signal_handlers(app, server, reload, stop_signal)
     announce(settings, status_file, host, port, scheme)
-    if auth is None and not is_loopback_address(host):
+    if auth is None and not RequestGuard.bound_to_loopback(server.server_address):
         log.warning("listening on %s without --auth-file: anyone who can reach this port may "
                     "end others' sessions and run netlab on this host (README: Security)", host)
     app.restore(existed)
