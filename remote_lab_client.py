@@ -453,8 +453,9 @@ def ci_session_meta(environ):
 
 
 def _meta_text(value):
-    """One line of text: control characters (newlines, escapes) as spaces, spaces collapsed."""
-    return " ".join(_CONTROL_CHARS.sub(" ", value or "").split())
+    """One line of text: control characters (newlines, escapes) as spaces, spaces collapsed;
+    "" for anything but a string (a server's null, or a value of the wrong type)."""
+    return " ".join(_CONTROL_CHARS.sub(" ", value if isinstance(value, str) else "").split())
 
 
 @dataclass(frozen=True)
@@ -1278,7 +1279,6 @@ def lab_fingerprint(topology, extra_files=()):
     as ``acquire``): the SHA-256 hex of, in order, ``topology\\0NAME\\0H`` for the topology and
     ``extra\\0NAME\\0H`` for each extra file sorted by NAME, where NAME is the file's upload
     name and H the SHA-256 hex of its content. Equal fingerprints mean a reusable lab."""
-    import hashlib
     files = collect_upload(topology, extra_files)
     digests = {}
     for _, name, path in files:
@@ -1388,7 +1388,7 @@ def holder_text(status, later=0.0):
     holder = status.get("holder") if isinstance(status, dict) else None
     if not isinstance(holder, dict):
         return None
-    who = _meta_text(holder.get("owner") if isinstance(holder.get("owner"), str) else "") \
+    who = _meta_text(holder.get("owner")) \
         or "session %s" % _meta_text(str(holder.get("session") or "?"))[:36]
     held = holder.get("held_s")
     if not isinstance(held, (int, float)) or isinstance(held, bool):
@@ -1396,7 +1396,7 @@ def holder_text(status, later=0.0):
             held = float(status["server_time"]) - float(holder["since"])
         except (KeyError, TypeError, ValueError):
             held = None
-    note = _meta_text(holder.get("note") if isinstance(holder.get("note"), str) else "")
+    note = _meta_text(holder.get("note"))
     return "lab held by %s%s%s" % (who, "" if held is None else " for " + _held_for(held + later),
                                    " (%s)" % note if note else "")
 
@@ -3668,7 +3668,7 @@ def _cmd_status(args, command):
                 out.append("  %-4s %-8s %-36s %8.1fs %8.1fs  %s" % (
                     s.get("position"), s.get("status"), s.get("session_id"),
                     float(s.get("age") or 0), float(s.get("idle") or 0),
-                    _meta_text(s.get("owner") if isinstance(s.get("owner"), str) else "") or "-"))
+                    _meta_text(s.get("owner")) or "-"))
     else:
         out.append("queue    %s session(s); active: %s" % (data.get("queue_length"),
                                                            data.get("active_session") or "none"))
@@ -3707,7 +3707,7 @@ def _holder_lines(holder):
     """``status``'s lines on the holder: who, for how long, why (note) and the link."""
     if holder is None:
         return []
-    text = lambda key: _meta_text(holder[key] if isinstance(holder[key], str) else "")  # noqa
+    text = lambda key: _meta_text(holder[key])  # noqa: E731
     held = holder["held_s"]
     lines = ["holder   %s%s (session %s)" % (
         text("owner") or "unknown", " for %s" % _held_for(held)
