@@ -1980,12 +1980,17 @@ def parse_bool(value: str, what: str) -> bool:
 
 # who and why, as POST /session may say it: field -> longest accepted length
 SESSION_META_FIELDS = {"owner": 64, "note": 200, "link": 500}
+# ... and the lab it will ask for (affinity): the fingerprint of its upload, SHA-256 hex
+SESSION_FINGERPRINT = "fingerprint"
+SESSION_BODY_FIELDS = tuple(SESSION_META_FIELDS) + (SESSION_FINGERPRINT,)
+_FINGERPRINT = re.compile(r"[0-9a-fA-F]{64}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def parse_session_body(body: bytes) -> Dict[str, str]:
     """The optional JSON body of POST /session: {"owner", "note", "link"}, short strings
-    without control characters, ``link`` an http(s) URL. Empty body: {} (as in the seed)."""
+    without control characters, ``link`` an http(s) URL, and ``fingerprint`` (the lab it will
+    ask for, kept lowercase). Empty body: {} (as in the seed)."""
     if not body.strip():
         return {}
     try:
@@ -1995,11 +2000,13 @@ def parse_session_body(body: bytes) -> Dict[str, str]:
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object like {\"owner\": \"me\", \"note\": "
                          "\"why\", \"link\": \"https://...\"}")
-    unknown = sorted(set(data) - set(SESSION_META_FIELDS))
+    unknown = sorted(set(data) - set(SESSION_BODY_FIELDS))
     if unknown:
         raise BadRequest("unknown field(s) %s (known: %s)" % (
-            ", ".join(map(repr, unknown)), ", ".join(SESSION_META_FIELDS)))
+            ", ".join(map(repr, unknown)), ", ".join(SESSION_BODY_FIELDS)))
     meta = {}
+    if data.get(SESSION_FINGERPRINT) is not None:
+        meta[SESSION_FINGERPRINT] = parse_fingerprint(data[SESSION_FINGERPRINT])
     for field, limit in SESSION_META_FIELDS.items():
         value = data.get(field)
         if value is None or value == "":
@@ -2018,10 +2025,19 @@ def parse_session_body(body: bytes) -> Dict[str, str]:
     return meta
 
 
+def parse_fingerprint(value) -> str:
+    """A declared lab fingerprint: 64 hex characters (any case), answered in lowercase."""
+    if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
+        raise BadRequest("fingerprint must be 64 hex characters (the SHA-256 of the lab's "
+                         "files, as the client's lab_fingerprint() computes it), not %s"
+                         % json.dumps(value)[:80])
+    return value.lower()
+
+
 def saved_session_meta(meta: dict) -> Dict[str, str]:
     """A session's meta as read back from disk: the known string fields only."""
     return {k: v for k, v in meta.items()
-            if (k in SESSION_META_FIELDS or k == "user") and isinstance(v, str)}
+            if (k in SESSION_BODY_FIELDS or k == "user") and isinstance(v, str)}
 
 
 # ============================================================================================
@@ -2393,6 +2409,7 @@ _OWNER_ERROR = _error("Only with `--auth-file`: the session belongs to another u
 _SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
 _SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
 _SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
+_FINGERPRINT_EXAMPLE = "50d858e0985ecc7f60418aaf0cc5ab587f42c2570a884095a9e8ccacd0f6545c"
 _DEVICE_EXAMPLE = {"name": "r1", "raw": {"name": "r1", "device": "frr", "ansible_host": "192.168.121.101",
                                          "mgmt": {"ifname": "eth0", "ipv4": "192.168.121.101"}}}
 
@@ -3441,17 +3458,22 @@ class App:
         "description": "Creates a session at the end of the queue; the head of the queue is "
                        "active at once. The optional JSON body says who and why (shown on the "
                        "status page, in `/status` and `GET /session/{session_id}`); with "
-                       "`--auth-file` the owner is always the authenticated user.",
+                       "`--auth-file` the owner is always the authenticated user. It may also "
+                       "declare the lab the session will ask for: `fingerprint`, the SHA-256 "
+                       "hex of its upload (the recipe of `POST /lab`'s reuse), kept in "
+                       "lowercase and shown by `GET /session/{session_id}`.",
         "requestBody": {"required": False, "content": {"application/json": {
             "schema": _ref("SessionRequest"),
             "example": {"owner": "alice@laptop", "note": "CI: core-routing #812",
-                        "link": "https://ci.example.com/jobs/812"}}}},
+                        "link": "https://ci.example.com/jobs/812",
+                        "fingerprint": _FINGERPRINT_EXAMPLE}}}},
         "responses": {
             "201": _json_response("Session created.", _ref("SessionCreated"),
                                   {"session_id": _SESSION_EXAMPLE, "position": 0,
                                    "status": "active"}),
             "400": _error("The body is not a JSON object of short strings (owner up to 64 "
-                          "characters, note 200, link 500 and an http(s) URL).",
+                          "characters, note 200, link 500 and an http(s) URL, fingerprint "
+                          "64 hex characters).",
                           "link must be an http:// or https:// URL, not 'javascript:1'"),
             "429": _error("The queue is full (`--max-queue`).", "queue is full (1000 sessions)")}})
     def post_session(self, request):
@@ -3468,7 +3490,9 @@ class App:
 
     @endpoint("GET", "/session/{session_id}", sign_of_life=True, openapi={
         "tags": ["sessions"], "summary": "Status and position (long-poll with `wait`)",
-        "description": "Counts as a sign of life. With `wait` the answer is held until the "
+        "description": "Counts as a sign of life. The answer says who and why, the lab "
+                       "fingerprint the session declared (`fingerprint`, null if none) and "
+                       "its times. With `wait` the answer is held until the "
                        "status or position changes or `wait` seconds pass; it comes at once "
                        "when the session is active, or when `position` (the position the "
                        "caller last saw) differs from the current one.",
@@ -3508,13 +3532,14 @@ class App:
         return Response(200, self.session_fields(request, sid, status, pos))
 
     def session_fields(self, request: "Request", sid: str, status: str, pos: int) -> dict:
-        """GET /session/{id}'s answer: the seed's three fields, then who and why and for how
-        long (additive)."""
+        """GET /session/{id}'s answer: the seed's three fields, then who and why, the lab it
+        declared and for how long (additive)."""
         meta, held = self.queue.meta(sid), self.queue.held(sid)
         eta = self.queue.eta(pos) if status == "waiting" else None
         return {"session_id": sid if sees_session(request.user, meta) else sid[:SHORT_ID],
                 "status": status, "position": pos, "owner": meta.get("owner"),
                 "note": meta.get("note"), "link": meta.get("link"),
+                "fingerprint": meta.get(SESSION_FINGERPRINT),
                 "held_s": None if held is None else round(held, 1),
                 "eta_s": 0 if status == "active" else eta,
                 "hold_left_s": _rounded(hold_left_after(self.settings.max_hold, held))}
@@ -5499,7 +5524,11 @@ OPENAPI_SCHEMAS = {
                                  "authenticated name replaces it."},
         "note": {"type": "string", "maxLength": 200, "description": "Why, e.g. the CI job."},
         "link": {"type": "string", "maxLength": 500, "format": "uri",
-                 "description": "An http(s) URL, e.g. the CI run."}}},
+                 "description": "An http(s) URL, e.g. the CI run."},
+        "fingerprint": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$",
+                        "description": "The lab it will ask for: the SHA-256 hex the server "
+                                       "computes over the topology and extra files of "
+                                       "`POST /lab` (the client's `lab_fingerprint()`)."}}},
     "SessionState": {"type": "object", "required": ["session_id", "status", "position"],
                      "properties": {
         "session_id": {"type": "string", "description": "With `--auth-file`, another user's "
@@ -5507,6 +5536,8 @@ OPENAPI_SCHEMAS = {
         "status": {"type": "string", "enum": ["active", "waiting"]},
         "position": {"type": "integer", "minimum": 0},
         "owner": _NULLABLE_STR, "note": _NULLABLE_STR, "link": _NULLABLE_STR,
+        "fingerprint": {"type": ["string", "null"], "description": "The lab fingerprint it "
+                        "declared (lowercase SHA-256 hex), null if none."},
         "held_s": {"type": ["number", "null"], "description": "Active: seconds it has held "
                    "the lab."},
         "eta_s": {"type": ["number", "null"], "description": "Waiting: estimated seconds until "

@@ -22,12 +22,13 @@ SINGLE = b"provider: external\ndefaults.device: frr\nnodes: [solo]\n"
 
 
 SEED_SESSION_FIELDS = ("session_id", "status", "position")
-ADDED_SESSION_FIELDS = ("owner", "note", "link", "held_s", "eta_s", "hold_left_s")
+ADDED_SESSION_FIELDS = ("owner", "note", "link", "fingerprint", "held_s", "eta_s",
+                        "hold_left_s")
 
 
 def seed_fields(answer):
     """(status, body) of GET /session/{id} with only the seed's fields, after checking that
-    a 200's other fields are exactly the additive ones of issue 12."""
+    a 200's other fields are exactly the additive ones of issues 12 and 13."""
     status, body = answer
     if status != 200 or not isinstance(body, dict):
         return status, body
