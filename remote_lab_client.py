@@ -1455,12 +1455,16 @@ class RemoteLabClient:
     ``config``: a :class:`ClientConfig` resolved already, used instead of all of these.
     ``owner`` / ``note`` / ``link``: who and why, sent with the session and shown on the status
     page (``REMOTE_LAB_OWNER`` / ``_NOTE`` / ``_LINK``; default ``user@host`` and the CI job).
+    ``topology`` / ``extra_files``: the lab this client will ask for first; its
+    :func:`lab_fingerprint` (the attribute ``fingerprint``, computed here: a missing file
+    raises at once) is declared with the session, so the server may give it that lab warm.
     """
 
     def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
                  lab_acquisition_timeout=600, *, heartbeat_interval=None, token=None,
                  ca_file=None, insecure=None, progress=None, retries=4, start_session=True,
-                 reconnect_timeout=None, config=None, owner=None, note=None, link=None):
+                 reconnect_timeout=None, config=None, owner=None, note=None, link=None,
+                 topology=None, extra_files=None):
         if config is None:
             config = ClientConfig.resolve(
                 defaults={"request_timeout": request_timeout, "session_timeout": session_timeout,
@@ -1481,6 +1485,9 @@ class RemoteLabClient:
         self.reused = None  # of the last acquire
         self._held = 0  # acquisitions not yet released
         self._send_meta = True  # False once the server refused POST /session's body
+        self._send_fingerprint = True  # False once it refused the body's fingerprint
+        self.fingerprint = None if topology is None else lab_fingerprint(topology,
+                                                                         extra_files or ())
         self._can_check = True  # False once the server had no POST /lab/check (404/405)
         self._holder_seen = None  # (our position, GET /status, when): whom we wait for
         self._lost = None  # message when the server forgot our session
@@ -1544,11 +1551,20 @@ class RemoteLabClient:
             raise
 
     def _post_session(self):
-        """POST /session, saying who and why (ClientConfig.session_meta) to a server that
-        takes it: one that refuses the body (400, 415, 422: older than this) is asked again
-        without it, and not sent one again."""
+        """POST /session, saying who and why (ClientConfig.session_meta) and the lab it will
+        ask for (``fingerprint``) to a server that takes it: one that refuses the body (400,
+        415, 422: older than this) is asked again without the fingerprint, then without a
+        body, and not sent what it refused again."""
         meta = self.config.session_meta() if self._send_meta else {}
+        if self.fingerprint and self._send_meta and self._send_fingerprint:
+            meta["fingerprint"] = self.fingerprint
         resp = self._http.request("POST", "/session", body=meta or None)
+        if "fingerprint" in meta and resp.status in (400, 415, 422):
+            _log.debug("POST /session refused the lab fingerprint (HTTP %d: %s); asking "
+                       "without", resp.status, resp.detail)
+            self._send_fingerprint = False
+            del meta["fingerprint"]
+            resp = self._http.request("POST", "/session", body=meta or None)
         if meta and resp.status in (400, 415, 422):
             _log.debug("POST /session refused who and why (HTTP %d: %s); asking without",
                        resp.status, resp.detail)
@@ -3140,6 +3156,21 @@ def _check_lab_specs(client, specs):
     return None
 
 
+def _first_lab_fingerprint(specs):
+    """The fingerprint of the lab the run asks for first (declared with the session): the
+    first fixture in the test order (tests run sorted by their fixture's index) that its
+    check did not reject. None when there is none, or its files cannot be read now."""
+    for spec in sorted(specs, key=lambda spec: spec.index):
+        if spec.error:
+            continue
+        try:
+            return lab_fingerprint(spec.topology, spec.extra_files)
+        except (OSError, ValueError) as e:  # (acquire() will say it in the test)
+            _log.debug("no lab fingerprint declared: %s", e)
+            return None
+    return None
+
+
 def _spec_of(fixturedef):
     func = getattr(fixturedef, "func", None)
     while func is not None:
@@ -3229,8 +3260,10 @@ def _make_pytest_plugin():
             client = RemoteLabClient(config=_plugin_config(request.config)[0],
                                      progress=_pytest_progress(request.config),
                                      start_session=False)
-            error = _check_lab_specs(client, getattr(request.config, "_remote_lab_specs", ()))
+            specs = getattr(request.config, "_remote_lab_specs", ())
+            error = _check_lab_specs(client, specs)
             if error is None:
+                client.fingerprint = _first_lab_fingerprint(specs)
                 client.start_session()
         except RemoteLabError as e:
             error = "remote lab: %s" % e
@@ -3595,8 +3628,10 @@ def _cmd_logs(args, command):
     return 0
 
 
-def _cli_client(args):
-    return RemoteLabClient(config=_cli_config(args), start_session=False)
+def _cli_client(args, **lab):
+    """The client of a command; ``lab``: topology= and extra_files= of the lab it will ask
+    for (``run``, ``acquire``), declared with the session."""
+    return RemoteLabClient(config=_cli_config(args), start_session=False, **lab)
 
 
 def _cmd_health(args, command):
@@ -3768,7 +3803,8 @@ def _cmd_acquire(args, command):
     _check_before_queueing(args)
     old = _install_handlers(_raise_signalled)
     try:
-        client = _cli_client(args)  # acquire() checks the files, then joins the queue
+        client = _cli_client(args, topology=args.topology, extra_files=args.extra)
+        # (acquire() checks the topology, then joins the queue declaring its fingerprint)
         client._on_lost = _ignore  # main() reports the SessionLost below, in one line
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
@@ -3797,7 +3833,8 @@ def _cmd_run(args, command):
     path = None
     lost = None
     try:
-        client = _cli_client(args)  # acquire() checks the files, then joins the queue
+        client = _cli_client(args, topology=args.topology, extra_files=args.extra)
+        # (acquire() checks the topology, then joins the queue declaring its fingerprint)
         client._on_lost = _ignore  # reported below (or by main()), in one line
         try:
             devices = client.acquire(args.topology, reuse=not args.no_reuse,
