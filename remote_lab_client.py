@@ -1473,6 +1473,9 @@ class RemoteLabClient:
                 ca_file=ca_file, insecure=insecure, reconnect_timeout=reconnect_timeout,
                 owner=owner, note=note, link=link)
         self.config = config
+        # (before connecting: a missing file fails before a local server is launched)
+        self.fingerprint = None if topology is None else lab_fingerprint(topology,
+                                                                         extra_files or ())
         self.request_timeout = config.request_timeout
         self.session_timeout = config.session_timeout
         self.lab_acquisition_timeout = config.lab_acquisition_timeout
@@ -1486,8 +1489,6 @@ class RemoteLabClient:
         self._held = 0  # acquisitions not yet released
         self._send_meta = True  # False once the server refused POST /session's body
         self._send_fingerprint = True  # False once it refused the body's fingerprint
-        self.fingerprint = None if topology is None else lab_fingerprint(topology,
-                                                                         extra_files or ())
         self._can_check = True  # False once the server had no POST /lab/check (404/405)
         self._holder_seen = None  # (our position, GET /status, when): whom we wait for
         self._lost = None  # message when the server forgot our session
