@@ -29,6 +29,7 @@ import errno
 import html
 import http.server
 import io
+import itertools
 import json
 import logging
 import os
@@ -87,10 +88,31 @@ class Settings:
     teardown_on_exit: bool = False  # stop: tear the lab down (default: leave it to be adopted)
     cleanup: bool = False  # --cleanup: tear down what the state dir holds, then exit
     auth_file: Optional[str] = None  # users and tokens; None: the API is open (the seed's)
+    slots: int = 1  # labs at once, each a netlab multilab instance when more than one
+    multilab_ids: Tuple[int, ...] = ()  # the slots' multilab ids (default 1..N, skipping 121)
+    max_overtake: Optional[int] = None  # affinity: times a waiter may be overtaken (2 x slots)
 
     @property
     def labs_dir(self) -> str:
         return os.path.join(self.state_dir, "labs")
+
+    def slot_labs_dir(self, slot: int) -> str:
+        """Slot ``slot``'s lab dirs: the labs dir itself with one slot (as ever), else a
+        ``slot-K`` dir in it, so that each slot's start-up clean-up sees its own dirs only."""
+        return self.labs_dir if self.slots == 1 else os.path.join(self.labs_dir, "slot-%d" % slot)
+
+    def multilab_id(self, slot: int) -> Optional[int]:
+        """netlab's multilab instance id of ``slot``; None with one slot (no plugin at all)."""
+        if self.slots == 1:
+            return None
+        if self.multilab_ids:
+            return self.multilab_ids[slot - 1]
+        ids = [i for i in range(1, self.slots + 2) if i != MULTILAB_RESERVED_ID]
+        return ids[slot - 1]
+
+    @property
+    def overtake_limit(self) -> int:
+        return 2 * self.slots if self.max_overtake is None else self.max_overtake
 
     @property
     def max_upload_bytes(self) -> int:
@@ -101,6 +123,9 @@ class Settings:
         if self.simulate:
             return [sys.executable, os.path.abspath(__file__), SIMULATED_NETLAB_FLAG]
         return [self.netlab]
+
+
+MULTILAB_RESERVED_ID = 121  # multilab maps id 121 onto a subnet netlab itself uses
 
 
 def _positive(kind):
@@ -208,8 +233,34 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-file", metavar="FILE", default=d.auth_file,
                    help="users and tokens, NAME:TOKEN[:admin] a line (mode 600): every request "
                         "but /healthz then needs its token, and sessions belong to their user")
+    p.add_argument("--slots", type=_slot_count, default=d.slots, metavar="N",
+                   help="labs at once, one per active session, each its own netlab multilab "
+                        "instance (%d: one lab, no multilab plugin)" % d.slots)
+    p.add_argument("--multilab-ids", type=_multilab_ids, default=d.multilab_ids, metavar="IDS",
+                   help="the slots' netlab multilab ids, comma-separated (default 1..N, "
+                        "skipping %d)" % MULTILAB_RESERVED_ID)
+    p.add_argument("--max-overtake", type=_positive(int), default=d.max_overtake, metavar="N",
+                   help="a waiting session may be overtaken by N sessions that asked for a warm "
+                        "lab (default 2 x slots; 0 = strict FIFO)")
     p.add_argument("--version", action="version", version="remote-lab " + __version__)
     return p
+
+
+def _slot_count(text):
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("must be between 1 and 100: %r" % text)
+    return value
+
+
+def _multilab_ids(text):
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a comma-separated list of ids: %r" % text) from None
+    if len(set(ids)) != len(ids) or not all(1 <= i <= 200 for i in ids):
+        raise argparse.ArgumentTypeError("ids must be distinct, 1 to 200: %r" % text)
+    return ids
 
 
 def settings_from_args(argv=None) -> Settings:
@@ -223,6 +274,9 @@ def settings_from_args(argv=None) -> Settings:
     values["state_dir"] = os.path.abspath(os.path.expanduser(values["state_dir"]))
     if values["debug"]:
         values["log_level"] = "DEBUG"
+    if values["multilab_ids"] and len(values["multilab_ids"]) != values["slots"]:
+        build_arg_parser().error("--multilab-ids lists %d ids for --slots %d" % (
+            len(values["multilab_ids"]), values["slots"]))
     return Settings(**values)
 
 
@@ -281,6 +335,8 @@ class Session:
     activated: Optional[float] = None
     pins: int = 0  # requests in flight: a session busy talking to us is alive
     meta: Dict[str, str] = dataclasses.field(default_factory=dict)  # owner, note, link, user
+    slot: Optional[int] = None  # the lab slot (1..N) it holds while active
+    overtaken: int = 0  # times sessions behind it were promoted first (affinity)
 
 
 HOLD_TIMES_KEPT = 20  # recent hold times the estimated waits are made of
@@ -344,16 +400,33 @@ def hold_left_after(max_hold: float, held: Optional[float]) -> Optional[float]:
 
 
 class SessionQueue:
-    """FIFO of sessions; the head is active. Thread-safe; long-poll waits on the condition.
+    """FIFO of sessions; up to ``slots`` of them are active, each holding one lab slot.
+    Thread-safe; long-poll waits on the condition.
 
-    Positions: 0 = active head, 1.. = waiting. Every change bumps ``version`` and wakes waiters.
+    Positions: 0 = active, 1.. = waiting. The active sessions come first (in the order they
+    became active: the oldest is ``active_id()``), then the waiting ones in queue order. Every
+    change bumps ``version`` and wakes waiters.
+
+    A free slot goes to the first waiting session, except for affinity: when a free slot's lab
+    is warm with the fingerprint F (``set_warm``), the earliest waiting session that declared F
+    (``meta["fingerprint"]``) is promoted into it ahead of the others, provided none of those
+    it overtakes was overtaken ``max_overtake`` times already or has waited longer than half
+    the waiting timeout (``max_overtake`` 0: strict FIFO).
     """
 
     def __init__(self, waiting_timeout=600.0, active_timeout=300.0, max_length=1000,
                  clock=None, new_id: Callable[[], str] = new_session_id,
                  on_activate: Optional[Callable[["Session"], None]] = None,
                  on_drop: Optional[Callable[["Session"], None]] = None,
-                 journal: Optional["QueueJournal"] = None, max_hold: float = 0.0):
+                 journal: Optional["QueueJournal"] = None, max_hold: float = 0.0,
+                 slots: int = 1, max_overtake: Optional[int] = None,
+                 on_overtake: Optional[Callable[["Session", List["Session"], str], None]] = None):
+        self.slots = slots
+        self.max_overtake = 2 * slots if max_overtake is None else max_overtake
+        self.on_overtake = on_overtake  # (promoted, the sessions it overtook, fingerprint)
+        self.warm = {}  # type: Dict[int, str]  # slot -> fingerprint of its lab, kept warm at
+        #                                         the end of its session (set by the lab)
+        self._holders = {}  # type: Dict[int, str]  # slot -> the active session in it
         self.waiting_timeout = waiting_timeout
         self.active_timeout = active_timeout
         self.max_hold = max_hold  # seconds an active session may hold the lab (0: no limit)
@@ -380,9 +453,12 @@ class SessionQueue:
         self.changed.notify_all()
 
     def _position(self, sid: str) -> int:
+        """0 for an active session, else 1 + the number of waiting sessions ahead of it."""
+        if self._session(sid).activated is not None:
+            return 0
         for i, key in enumerate(self._sessions):
             if key == sid:
-                return i
+                return i - len(self._holders) + 1
         raise UnknownSession(sid)
 
     def _session(self, sid) -> Session:
@@ -401,27 +477,87 @@ class SessionQueue:
         if s.activated is not None:
             self.holds.add(self._held(s))
 
-    def _activate_head(self, at: Optional[float] = None):
-        """Promote the head if it is not active yet (``at``: when; default now). A waiter
-        already silent past the active timeout is dropped instead (it would hold everyone up
-        for that long again)."""
-        while self._sessions:
-            head = next(iter(self._sessions.values()))
-            if head.activated is not None:
-                return None
-            if head.pins == 0 and self.clock.now() - head.last_seen > self.active_timeout:
-                del self._sessions[head.id]
-                self._gone.append(head.id)
+    def _waiters(self) -> List[Session]:
+        return list(itertools.islice(self._sessions.values(), len(self._holders), None))
+
+    def _activate_head(self, at: Optional[float] = None) -> Optional[str]:
+        """Fill the free slots with waiting sessions (``at``: when; default now): the id of
+        the first promoted, or None. A waiter already silent past the active timeout is
+        dropped instead (it would hold everyone up for that long again)."""
+        first = None
+        while len(self._holders) < self.slots:
+            waiters = self._waiters()
+            if not waiters:
+                break
+            chosen, slot, overtaken = self._next_promotion(waiters)
+            if chosen.pins == 0 and self.clock.now() - chosen.last_seen > self.active_timeout:
+                del self._sessions[chosen.id]
+                self._gone.append(chosen.id)
                 if self.on_drop is not None:
-                    self.on_drop(head)
+                    self.on_drop(chosen)
                 continue
-            head.activated = self.clock.now() if at is None else at
-            head.last_seen = head.activated  # the active timeout counts from promotion
-            self._promoted.append(head)
-            if self.on_activate is not None:
-                self.on_activate(head)
-            return head.id
-        return None
+            self._activate(chosen, slot, at)
+            if overtaken:
+                for s in overtaken:
+                    s.overtaken += 1
+                if self.on_overtake is not None:
+                    self.on_overtake(chosen, overtaken, self.warm[slot])
+            first = first or chosen.id
+        return first
+
+    def _activate(self, s: Session, slot: int, at: Optional[float]) -> None:
+        """``s`` holds ``slot`` from now on; it moves up to just after the active sessions."""
+        s.activated = self.clock.now() if at is None else at
+        s.last_seen = s.activated  # the active timeout counts from promotion
+        s.slot = slot
+        self._holders[slot] = s.id
+        for key in [k for k, v in self._sessions.items() if v.activated is None]:
+            self._sessions.move_to_end(key)
+        self._promoted.append(s)
+        if self.on_activate is not None:
+            self.on_activate(s)
+
+    def _next_promotion(self, waiters: List[Session]) -> Tuple[Session, int, List[Session]]:
+        """(the session to promote, its slot, the waiting sessions it overtakes)."""
+        free = self._free_slots()
+        for slot in free:
+            fingerprint = self.warm.get(slot)
+            if not fingerprint:
+                continue
+            for i, s in enumerate(waiters):
+                if s.meta.get("fingerprint") == fingerprint:
+                    if i == 0 or self._may_be_overtaken(waiters[:i]):
+                        return s, slot, waiters[:i]
+                    break
+        return waiters[0], self._slot_for(waiters[0], free), []
+
+    def _free_slots(self) -> List[int]:
+        return [k for k in range(1, self.slots + 1) if k not in self._holders]
+
+    def _may_be_overtaken(self, ahead: List[Session]) -> bool:
+        """Fairness bound of the affinity: nobody is overtaken more than ``max_overtake``
+        times, nor once it has waited half the waiting timeout."""
+        now = self.clock.now()
+        return self.max_overtake > 0 and all(
+            s.overtaken < self.max_overtake and now - s.created <= self.waiting_timeout / 2
+            for s in ahead)
+
+    def _slot_for(self, s: Session, free: List[int]) -> int:
+        """The free slot for ``s``: one whose warm lab it declared, else one with no warm lab
+        (the warm ones stay for those who want them), else the first."""
+        wanted = s.meta.get("fingerprint")
+        for slot in free:
+            if wanted and self.warm.get(slot) == wanted:
+                return slot
+        return next((slot for slot in free if slot not in self.warm), free[0])
+
+    def _vacate(self, s: Session) -> None:
+        """``s`` leaves the queue (lock held): its hold time is kept, its slot freed."""
+        if s.activated is not None:
+            self._held_until_now(s)
+            self._holders.pop(s.slot, None)
+        del self._sessions[s.id]
+        self._gone.append(s.id)
 
     def _journal_changes(self) -> None:
         """Hand this call's removals and promotions to the journal, in one write."""
@@ -439,27 +575,39 @@ class SessionQueue:
             sid = self.new_id()  # first: it may be slow (the first uuid4 imports uuid)
             now = self.clock.now()
             session = Session(sid, now, now, meta=dict(meta or {}))
-            first = not self._sessions  # it is active at once: one write says both
+            free = self._free_slots()
+            # a free slot and nobody waiting: it is active at once, and one write says both
+            slot = self._slot_for(session, free) if free and not self._waiters() else None
             if self.journal is not None:
-                self.journal.added(session, first)  # on disk first; if it fails, no change
+                self.journal.added(session, slot)  # on disk first; if it fails, no change
             self._sessions[sid] = session
-            self._activate_head(now if first else None)  # (the write took time: not waiting)
-            if first:
+            if slot is not None:
+                self._activate(session, slot, now)  # (the write took time: not waiting)
                 self._promoted.remove(session)
             self._journal_changes()
             self._bump()
-            return sid, len(self._sessions) - 1
+            return sid, self._position(sid)
 
     def restore(self, saved: List[tuple]) -> None:
         """Start-up: the sessions a previous server saved, [(id, seconds since created,
-        seconds since activated or None[, meta])] in queue order. Each gets a full timeout from
-        now; only the head can be active (promoted now if it was not)."""
+        seconds since activated or None[, meta[, slot]])] in creation order. Each gets a full
+        timeout from now; an active one keeps its slot (saved without one: only the first,
+        in slot 1) if that slot exists and is not taken, else it waits again; free slots are
+        filled then."""
         with self.lock:
             now = self.clock.now()
-            for i, (sid, created_ago, activated_ago, *meta) in enumerate(saved):
-                activated = None if i > 0 or activated_ago is None else now - activated_ago
-                self._sessions[sid] = Session(sid, now - created_ago, now, activated,
-                                              meta=dict(meta[0]) if meta else {})
+            for i, (sid, created_ago, activated_ago, *rest) in enumerate(saved):
+                meta = dict(rest[0]) if rest else {}
+                slot = rest[1] if len(rest) > 1 else None
+                if slot is None:  # saved by a one-lab server: only its head was active
+                    slot = 1 if i == 0 else 0
+                s = self._sessions[sid] = Session(sid, now - created_ago, now, meta=meta)
+                if activated_ago is not None and 1 <= slot <= self.slots \
+                        and slot not in self._holders:
+                    s.activated, s.slot = now - activated_ago, slot
+                    self._holders[slot] = sid
+            for key in [k for k, v in self._sessions.items() if v.activated is None]:
+                self._sessions.move_to_end(key)  # the active ones first
             self._activate_head()
             self._journal_changes()
             self._bump()
@@ -471,6 +619,38 @@ class SessionQueue:
                 s.last_seen = self.clock.now()
             pos = self._position(sid)
             return ("active" if pos == 0 else "waiting"), pos
+
+    def slot_of(self, sid: str) -> Optional[int]:
+        """The slot the active ``sid`` holds; None while it waits, or if it is unknown."""
+        with self.lock:
+            s = self._sessions.get(sid)
+            return None if s is None else s.slot
+
+    def set_warm(self, slot: int, fingerprint: Optional[str]) -> None:
+        """The lab of ``slot`` now runs ``fingerprint`` and would be kept warm when its session
+        ends (None: it would not, or no lab runs there): what the affinity promotes for."""
+        with self.lock:
+            if fingerprint:
+                self.warm[slot] = fingerprint
+            else:
+                self.warm.pop(slot, None)
+
+    def take_warm_slot(self, sid: str, fingerprint: str) -> Optional[int]:
+        """The active ``sid`` asks for ``fingerprint``, which its own slot's lab does not run
+        but the warm lab of a free slot does: it moves to that slot (returned), else None."""
+        with self.lock:
+            s = self._session(sid)
+            if s.slot is None or self.warm.get(s.slot) == fingerprint:
+                return None
+            slot = next((k for k in self._free_slots() if self.warm.get(k) == fingerprint), None)
+            if slot is not None:
+                del self._holders[s.slot]
+                s.slot = slot
+                self._holders[slot] = sid
+                self._promoted.append(s)  # the journal writes its new slot
+                self._journal_changes()
+                self._bump()
+            return slot
 
     def touch(self, sid: str) -> None:
         with self.lock:
@@ -536,12 +716,9 @@ class SessionQueue:
         """End a session. Returns (was_active, id of a newly promoted head or None); dead
         waiters skipped on the way to that head went to ``on_drop``."""
         with self.lock:
-            self._session(sid)
-            was_active = next(iter(self._sessions)) == sid
-            if was_active:
-                self._held_until_now(self._sessions[sid])
-            del self._sessions[sid]
-            self._gone.append(sid)
+            s = self._session(sid)
+            was_active = s.activated is not None
+            self._vacate(s)
             promoted = self._activate_head()
             self._journal_changes()
             self._bump()
@@ -552,15 +729,11 @@ class SessionQueue:
         with self.lock:
             now = self.clock.now()
             dead = []
-            for i, s in enumerate(self._sessions.values()):
-                limit = self.active_timeout if i == 0 else self.waiting_timeout
+            for s in list(self._sessions.values()):
+                limit = self.waiting_timeout if s.activated is None else self.active_timeout
                 if s.pins == 0 and now - s.last_seen > limit:
-                    dead.append((s.id, i == 0))
-            for sid, was_active in dead:
-                if was_active:
-                    self._held_until_now(self._sessions[sid])
-                del self._sessions[sid]
-                self._gone.append(sid)
+                    dead.append((s.id, s.activated is not None))
+                    self._vacate(s)
             if dead:
                 self._activate_head()
                 self._journal_changes()
@@ -568,13 +741,16 @@ class SessionQueue:
             return dead
 
     def end_overheld(self) -> Optional[str]:
-        """End the active session if it has held the lab longer than ``max_hold``: its id, or
-        None. A session with a request in flight (a long ``netlab up``) ends when that request
-        is over, at the next call; its 404s then say why (UnknownSession's second argument)."""
+        """End an active session that has held its lab longer than ``max_hold``: its id, or
+        None (call again for the next). A session with a request in flight (a long ``netlab
+        up``) ends when that request is over, at a later call; its 404s then say why
+        (UnknownSession's second argument)."""
         with self.lock:
-            head = next(iter(self._sessions.values()), None)
-            held = None if head is None else self._held(head)
-            if self.max_hold <= 0 or held is None or head.pins > 0 or held <= self.max_hold:
+            if self.max_hold <= 0:
+                return None
+            head = next((s for s in self._actives() if s.pins == 0
+                         and self._held(s) > self.max_hold), None)
+            if head is None:
                 return None
             self._ended_why[head.id] = ("the server ended it: held the lab longer than %s "
                                         "(--max-hold)" % fmt_duration(self.max_hold))
@@ -583,25 +759,55 @@ class SessionQueue:
             self.remove(head.id)  # (its hold time kept, the next session promoted)
             return head.id
 
+    def _actives(self) -> List[Session]:
+        return list(itertools.islice(self._sessions.values(), len(self._holders)))
+
+    def _slot_rests(self) -> Optional[Tuple[List[float], float]]:
+        """(each slot's expected time until it frees, soonest first; a typical hold), from
+        the hold times (HoldTimes.estimate); None without history."""
+        rests = []
+        typical = None
+        for s in self._actives():
+            found = self.holds.estimate(self._held(s) or 0.0, self.max_hold)
+            if found is None:
+                return None
+            rests.append(found[0])
+            typical = found[1]
+        if typical is None:
+            found = self.holds.estimate(0.0, self.max_hold)
+            if found is None:
+                return None
+            typical = found[1]
+        return sorted(rests + [0.0] * (self.slots - len(rests))), typical
+
+    def _eta_of_waiter(self, i: int, found: Tuple[List[float], float]) -> float:
+        """The ``i``-th waiting session (0: first) gets the ``i % slots``-th slot to free,
+        after ``i // slots`` typical holds more (with one slot: rest + i x typical)."""
+        rests, typical = found
+        return round(rests[i % self.slots] + (i // self.slots) * typical, 1)
+
     def waits(self, joining: int = 0) -> List[Optional[float]]:
-        """Each session's estimated wait in queue order: 0 for the active one, then estimates
-        (HoldTimes.waits; None: no history yet); then those of ``joining`` sessions more."""
+        """Each session's estimated wait in queue order: 0 for the active ones, then estimates
+        (None: no history yet); then those of ``joining`` sessions more."""
         with self.lock:
-            if not self._sessions:
-                return [0.0] + [None] * (joining - 1) if joining else []
-            held = self._held(next(iter(self._sessions.values()))) or 0.0
-            return [0.0] + self.holds.waits(held, len(self._sessions) - 1 + joining,
-                                            self.max_hold)
+            active = len(self._holders)
+            waiting = len(self._sessions) - active + joining
+            free = self.slots - active
+            if free and waiting:  # a free slot: the next to join gets it at once
+                return [0.0] * active + [0.0] * min(free, waiting) + \
+                    [None] * (waiting - min(free, waiting))
+            found = self._slot_rests()
+            return [0.0] * active + [None if found is None else self._eta_of_waiter(i, found)
+                                     for i in range(waiting)]
 
     def eta(self, position: int) -> Optional[float]:
         """The estimated wait of the session at ``position`` (one entry of waits(), without
         the list: a poll must not cost O(queue length) more)."""
         with self.lock:
-            if position <= 0 or not self._sessions:
+            if position <= 0 or not self._holders:
                 return 0.0
-            held = self._held(next(iter(self._sessions.values()))) or 0.0
-            found = self.holds.estimate(held, self.max_hold)
-            return None if found is None else round(found[0] + (position - 1) * found[1], 1)
+            found = self._slot_rests()
+            return None if found is None else self._eta_of_waiter(position - 1, found)
 
     def hold_left(self, sid: str) -> Optional[float]:
         """Seconds until the active ``sid`` is ended for holding the lab too long (at least 0);
@@ -609,8 +815,15 @@ class SessionQueue:
         return hold_left_after(self.max_hold, self.held(sid))
 
     def active_id(self) -> Optional[str]:
+        """The oldest active session (None: none is active)."""
         with self.lock:
-            return next(iter(self._sessions), None)
+            first = next(iter(self._sessions.values()), None)
+            return None if first is None or first.activated is None else first.id
+
+    def active_ids(self) -> Dict[int, str]:
+        """slot -> the active session in it."""
+        with self.lock:
+            return dict(self._holders)
 
     def meta(self, sid: str) -> Dict[str, str]:
         """Who and why (owner, note, link; user); UnknownSession if unknown."""
@@ -623,7 +836,7 @@ class SessionQueue:
             return self._held(self._session(sid))
 
     def is_active(self, sid: str) -> bool:
-        return self.active_id() == sid
+        return self.slot_of(sid) is not None
 
     def __len__(self):
         with self.lock:
@@ -632,9 +845,11 @@ class SessionQueue:
     def snapshot(self) -> List[dict]:
         with self.lock:
             now = self.clock.now()
-            return [{"session_id": s.id, "position": i, "status": "active" if i == 0 else "waiting",
+            active = len(self._holders)
+            return [{"session_id": s.id, "position": max(0, i - active + 1),
+                     "status": "waiting" if s.activated is None else "active",
                      "age": round(now - s.created, 3), "idle": round(now - s.last_seen, 3),
-                     "owner": s.meta.get("owner"), "user": s.meta.get("user")}
+                     "owner": s.meta.get("owner"), "user": s.meta.get("user"), "slot": s.slot}
                     for i, s in enumerate(self._sessions.values())]
 
 
@@ -912,9 +1127,10 @@ class NetlabRunner:
         return proc.returncode, b"".join(stdout_chunks).decode("utf-8", "replace")
 
     # -- the commands we use --
-    def up(self, labdir: str, topology: str, ctx="-") -> None:
+    def up(self, labdir: str, topology: str, ctx="-", extra: Tuple[str, ...] = ()) -> None:
+        """``netlab up`` (``extra``: options before the topology, e.g. a multilab instance)."""
         # as ./NAME: a bare name starting with '-' (`--set=x.yml`) is an option to netlab
-        self.run(["up", "./" + topology], labdir, self.up_timeout, ctx=ctx)
+        self.run(["up"] + list(extra) + ["./" + topology], labdir, self.up_timeout, ctx=ctx)
 
     def node_names(self, labdir: str, ctx="-") -> List[str]:
         _, out = self.run(["inspect", "-q", "--format", "json", "list(nodes.keys())"], labdir,
@@ -1216,8 +1432,10 @@ class LabExecutor:
     """
 
     def __init__(self, runner: NetlabRunner, clock: Clock, retry_first: float,
-                 on_unclean: Optional[Callable[[str, Optional[int]], None]] = None):
+                 on_unclean: Optional[Callable[[str, Optional[int]], None]] = None,
+                 up_args: Tuple[str, ...] = ()):
         self.runner = runner
+        self.up_args = up_args  # the slot's multilab plugin settings (none with one slot)
         self.clock = clock
         self.retry_first = retry_first
         self.lock = threading.Lock()  # guards ``unclean``
@@ -1228,7 +1446,7 @@ class LabExecutor:
         """``netlab up`` then the devices; on any failure the dir is cleaned and the error
         raised."""
         try:
-            self.runner.up(workdir, topology, ctx=ctx)
+            self.runner.up(workdir, topology, ctx=ctx, extra=self.up_args)
             return self.runner.devices(workdir, ctx=ctx)
         except BaseException as e:
             if isinstance(e, NetlabError):
@@ -1356,14 +1574,43 @@ class LabExecutor:
 # -- 4.3 the lab: its state under one condition; netlab runs outside it, teardowns in threads --
 
 
+def all_lab_dirs(labs_dir: str, slots: Callable[[int], bool] = lambda k: True) -> List[str]:
+    """The lab dirs in ``labs_dir``, of one slot (slot 0: top level) and of ``slot-K`` dirs
+    (slot K), of the slots that ``slots`` accepts."""
+    found = []
+    for d in LabExecutor.lab_dirs(labs_dir):
+        m = re.match(r"slot-([0-9]+)$", os.path.basename(d))
+        if m is None:
+            found += [d] if slots(0) else []
+        elif slots(int(m.group(1))):
+            found += LabExecutor.lab_dirs(d)
+    return found
+
+
+def multilab_args(settings: Settings, slot: int) -> Tuple[str, ...]:
+    """``netlab up`` options that make slot ``slot``'s lab its own multilab instance; none
+    with one slot. The lock file serialises the instances' provider starts and stops."""
+    instance = settings.multilab_id(slot)
+    if instance is None:
+        return ()
+    return ("--plugin", "multilab", "-s", "defaults.multilab.id=%d" % instance, "-s",
+            "defaults.multilab.lock=" + os.path.join(settings.state_dir, "netlab.lock"))
+
+
 class Lab:
-    """The one lab of this host. Transitions happen under ``cond``; netlab runs outside it."""
+    """The lab of one slot (with one slot: of this host). Transitions happen under ``cond``;
+    netlab runs outside it. ``is_active(sid)``: ``sid`` is active in this slot."""
 
     def __init__(self, runner: NetlabRunner, settings: Settings,
                  is_active: Callable[[str], bool], clock=None,
-                 store: Optional["StateStore"] = None):
+                 store: Optional["StateStore"] = None, slot: int = 1,
+                 on_warm: Optional[Callable[[int, Optional[str]], None]] = None):
         self.runner = runner
         self.settings = settings
+        self.slot = slot
+        self.labs_dir = settings.slot_labs_dir(slot)
+        self.on_warm = on_warm  # (slot, fingerprint of the lab it would keep warm, or None)
+        self._warm = None  # type: Optional[str]  # what on_warm was told last
         self.is_active = is_active
         self.clock = as_clock(clock)
         self.cond = threading.Condition()
@@ -1374,14 +1621,22 @@ class Lab:
         # short timeouts (tests) shorten the first retry too, as they do the housekeeping cadence
         retry_first = max(0.05, min(UNCLEAN_RETRY_FIRST, settings.active_timeout / 4.0))
         self.netlab = LabExecutor(runner, self.clock, retry_first,
-                                  store.save_unclean if store is not None else None)
+                                  store.save_unclean if store is not None else None,
+                                  multilab_args(settings, slot))
 
     def _save_locked(self) -> None:
-        """Write ``info`` to the store if it changed (``cond`` held: in the order of changes)."""
+        """Write ``info`` to the store if it changed (``cond`` held: in the order of changes),
+        and tell ``on_warm`` what a session that ends now would leave warm."""
+        i = self.info
+        warm = i.fingerprint if i.state == RUNNING and i.reusable and self.settings.keep_warm > 0 \
+            else None
+        if warm != self._warm and self.on_warm is not None:
+            self._warm = warm
+            self.on_warm(self.slot, warm)
         if self.store is None or self.info == self._saved:
             return
         self._saved = dataclasses.replace(self.info)
-        self.store.save_lab(lab_record(self.info, self.clock))
+        self.store.save_lab(lab_record(self.info, self.clock), self.slot)
 
     @property
     def unclean(self) -> Dict[str, Tuple[int, float]]:
@@ -1605,13 +1860,15 @@ class Lab:
         unless a lab was adopted."""
         self.netlab.kill_orphans(orphans)
         info = lab_from_record(saved, self.clock)
-        labs_dir = self.settings.labs_dir
-        dirs = self.netlab.lab_dirs(labs_dir)
+        labs_dir = self.labs_dir
+        dirs = self._restore_dirs()
         if not dirs and (info is None or info.state != RUNNING):
             return RestorePlan(None, None, [], [])
+        os.makedirs(labs_dir, exist_ok=True)  # netlab runs there
         registry = self.runner.registry(labs_dir)
         plan = plan_restore(info, registry, dirs, labs_dir, self.netlab.fingerprint_now(info))
-        self.netlab.keep_unclean(unclean)
+        self.netlab.keep_unclean({d: n for d, n in unclean.items()
+                                  if any(same_path(d, x) for x in dirs)})
         with self.cond:
             if plan.adopt is not None:
                 self.info = plan.adopt
@@ -1625,6 +1882,16 @@ class Lab:
             self._stop_in_background("startup-cleanup",
                                      lambda: self.netlab.clean_leftovers(plan, labs_dir))
         return plan
+
+    def _restore_dirs(self) -> List[str]:
+        """The lab dirs a start-up looks at: this slot's; slot 1 also takes those a server
+        with another --slots left (the slots' dirs of a --slots N, the top-level ones of one
+        slot), so that nothing is left behind when the number of slots changes."""
+        slots = self.settings.slots
+        if slots == 1:
+            return all_lab_dirs(self.labs_dir)
+        theirs = all_lab_dirs(self.settings.labs_dir, lambda k: k == 0 or k > slots)
+        return self.netlab.lab_dirs(self.labs_dir) + (theirs if self.slot == 1 else [])
 
     @staticmethod
     def _lost_error(info: Optional[LabInfo], plan: RestorePlan) -> Optional[str]:
@@ -1746,6 +2013,13 @@ class Upload:
 
     def discard(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def move_to(self, labs_dir: str) -> None:
+        """The work dir moves into ``labs_dir`` (the lab slot the session moved to)."""
+        os.makedirs(labs_dir, exist_ok=True)
+        target = os.path.join(labs_dir, os.path.basename(self.workdir))
+        os.rename(self.workdir, target)
+        self.workdir = target
 
 
 _DISPOSITION_PARAM_RE = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
@@ -2055,7 +2329,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT NOT NULL UNIQUE,
     created REAL NOT NULL,                  -- wall clock (Unix seconds)
     activated REAL,                         -- wall clock; NULL while waiting
-    meta TEXT NOT NULL DEFAULT '{}');       -- JSON: who and why, as sessions carry it
+    meta TEXT NOT NULL DEFAULT '{}',        -- JSON: who and why, as sessions carry it
+    slot INTEGER);                          -- the lab slot of an active session
 CREATE TABLE IF NOT EXISTS lab (slot INTEGER PRIMARY KEY, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS unclean_dirs (dir TEXT PRIMARY KEY, attempts INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS netlab_procs (pid INTEGER PRIMARY KEY, record TEXT NOT NULL);
@@ -2075,15 +2350,16 @@ class UnusableState(Exception):
 @dataclasses.dataclass
 class SavedState:
     """What a previous server left in the database."""
-    sessions: List[Tuple[str, float, Optional[float], dict]]  # (id, created, activated, meta),
-    #                                                          queue order, wall clock
-    lab: Optional[dict]  # LabInfo fields as saved (Lab.restore reads them)
+    sessions: List[Tuple[str, float, Optional[float], dict, Optional[int]]]  # (id, created,
+    #                             activated, meta, slot), in creation order, wall clock
+    lab: Optional[dict]  # slot 1's LabInfo fields as saved (Lab.restore reads them)
     unclean: Dict[str, int]  # kept lab dir -> failed teardowns so far
     procs: List[dict]  # records of netlab commands that were running
     events: List[dict]  # the recent event log, oldest first
     counters: Dict[str, int]  # restarts_after_crash, sessions_restored, labs_adopted, ...
     previous_exit: Optional[str] = None  # "stop", "reload"; "running": it never stopped cleanly
     hold_times: List[float] = dataclasses.field(default_factory=list)  # oldest first
+    labs: Dict[int, dict] = dataclasses.field(default_factory=dict)  # slot -> LabInfo fields
 
     @property
     def empty(self) -> bool:
@@ -2128,6 +2404,9 @@ class StateStore:
         if self.path and db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             log.warning("state database %s: WAL mode unavailable here", self.path)
         db.executescript(STATE_TABLES)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(sessions)")]
+        if "slot" not in columns:  # a database of a server without --slots
+            db.execute("ALTER TABLE sessions ADD COLUMN slot INTEGER")
         row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(STATE_SCHEMA_VERSION),))
@@ -2197,15 +2476,17 @@ class StateStore:
                 return False
 
     def add_session(self, sid: str, created: float, activated: Optional[float] = None,
-                    meta: Optional[dict] = None) -> None:
-        self._write([("INSERT INTO sessions (id, created, activated, meta) VALUES (?, ?, ?, ?)",
-                      (sid, created, activated, json.dumps(meta or {})))], must=True)
+                    meta: Optional[dict] = None, slot: Optional[int] = None) -> None:
+        self._write([("INSERT INTO sessions (id, created, activated, meta, slot) "
+                      "VALUES (?, ?, ?, ?, ?)",
+                      (sid, created, activated, json.dumps(meta or {}), slot))], must=True)
 
     def update_sessions(self, removed=(), activated=()) -> None:
-        """One queue operation: sessions ``removed`` [id], ``activated`` [(id, wall time)]."""
+        """One queue operation: sessions ``removed`` [id], ``activated`` [(id, wall time,
+        slot)]."""
         statements = [("DELETE FROM sessions WHERE id = ?", (sid,)) for sid in removed]
-        statements += [("UPDATE sessions SET activated = ? WHERE id = ?", (when, sid))
-                       for sid, when in activated]
+        statements += [("UPDATE sessions SET activated = ?, slot = ? WHERE id = ?",
+                        (when, slot, sid)) for sid, when, slot in activated]
         if statements:
             self._write(statements)
 
@@ -2260,18 +2541,21 @@ class StateStore:
         """Everything saved; rows that cannot be read are skipped with a WARNING."""
         with self.lock:
             rows = {name: self.db.execute(sql).fetchall() for name, sql in (
-                ("sessions", "SELECT id, created, activated, meta FROM sessions ORDER BY seq"),
-                ("lab", "SELECT info FROM lab ORDER BY slot"),
+                ("sessions", "SELECT id, created, activated, meta, slot FROM sessions "
+                             "ORDER BY seq"),
+                ("lab", "SELECT slot, info FROM lab ORDER BY slot"),
                 ("unclean", "SELECT dir, attempts FROM unclean_dirs"),
                 ("procs", "SELECT record FROM netlab_procs ORDER BY pid"),
                 ("events", "SELECT seq, time, kind, text, detail FROM events ORDER BY seq"),
                 ("meta", "SELECT key, value FROM meta"))}
         sessions = [(sid, float(created), None if activated is None else float(activated),
-                     _json_object(meta, "session %s" % sid))
-                    for sid, created, activated, meta in rows["sessions"]]
-        labs = [_json_object(info, "the lab") for (info,) in rows["lab"]]
+                     _json_object(meta, "session %s" % sid),
+                     slot if isinstance(slot, int) else None)
+                    for sid, created, activated, meta, slot in rows["sessions"]]
+        labs = {slot: _json_object(info, "the lab of slot %s" % slot)
+                for slot, info in rows["lab"] if isinstance(slot, int)}
         return SavedState(
-            sessions=sessions, lab=(labs[0] or None) if labs else None,
+            sessions=sessions, lab=labs.get(1) or None, labs={k: v for k, v in labs.items() if v},
             unclean={d: int(n) for d, n in rows["unclean"]},
             procs=[r for r in (_json_object(rec, "a netlab process") for (rec,) in rows["procs"])
                    if r],
@@ -2350,13 +2634,15 @@ class QueueJournal:
     def _wall(self, t: float) -> float:
         return time.time() - (self.clock.now() - t)
 
-    def added(self, session: "Session", active: bool) -> None:
+    def added(self, session: "Session", slot: Optional[int]) -> None:
+        """A new session, active at once in ``slot`` (None: it waits)."""
         created = self._wall(session.created)
-        self.store.add_session(session.id, created, created if active else None,  # may raise
-                               session.meta)
+        self.store.add_session(session.id, created, None if slot is None else created,
+                               session.meta, slot)  # may raise
 
     def changed(self, removed: List[str], activated: List["Session"]) -> None:
-        self.store.update_sessions(removed, [(s.id, self._wall(s.activated)) for s in activated])
+        self.store.update_sessions(removed, [(s.id, self._wall(s.activated), s.slot)
+                                             for s in activated if s.id not in removed])
 
 
 # ============================================================================================
@@ -2590,13 +2876,18 @@ class EventLog:
             return (list(self.events) + self._pending)[-n:], self.total
 
     # -- the events the server records --
-    def session_active(self, sid: str, waited: float) -> None:
+    def session_active(self, sid: str, waited: float, slot: Optional[int] = None) -> None:
+        where = "" if slot is None else " in slot %d" % slot
         if waited < 0.001:  # created into an empty queue: nothing caused it
-            self.record("active", "session %s is active at once (nobody was before it)"
-                        % sid[:SHORT_ID])
+            self.record("active", "session %s is active at once%s (nobody was before it)"
+                        % (sid[:SHORT_ID], where))
         else:
-            self.defer("active", "session %s got the lab after waiting %s"
-                       % (sid[:SHORT_ID], fmt_duration(waited)))
+            self.defer("active", "session %s got the lab%s after waiting %s"
+                       % (sid[:SHORT_ID], where, fmt_duration(waited)))
+
+    def session_overtook(self, sid: str, overtaken: int, lab: str) -> None:
+        self.defer("active", "session %s promoted ahead of %d session%s for the warm lab %s"
+                   % (sid[:SHORT_ID], overtaken, "" if overtaken == 1 else "s", lab))
 
     def session_gone(self, sid: str, was_active: bool, why: str, expired: bool) -> None:
         kind = "expired" if expired else "ended"
@@ -3177,17 +3468,32 @@ class App:
                                   settings.max_queue, clock, on_activate=self._session_activated,
                                   on_drop=self._waiter_dropped,
                                   journal=QueueJournal(self.store, clock),
-                                  max_hold=settings.max_hold)
+                                  max_hold=settings.max_hold, slots=settings.slots,
+                                  max_overtake=settings.overtake_limit,
+                                  on_overtake=self._session_overtook)
         self.runner = NetlabRunner(
             settings.netlab_command(), settings.up_timeout, settings.netlab_timeout,
             settings.debug, NetlabProcessRecords(self.store),
             on_start=self.metrics.netlab_started, on_done=self._netlab_done)
         if not settings.simulate and store is not None and store.path:  # a real server
             self.runner.bin_dir = netlab_bin_dir(settings.state_dir, settings.netlab)
-        self.lab = Lab(self.runner, settings, self.queue.is_active, clock, self.store)
+        self.labs = [Lab(self.runner, settings, self._active_in(slot), clock, self.store,
+                         slot=slot, on_warm=self.queue.set_warm)
+                     for slot in range(1, settings.slots + 1)]
+        self.lab = self.labs[0]  # the one lab of a one-slot server (the seed's views show it)
         self.stopping = threading.Event()
         self.systemd = SystemdReporter(notifier or SystemdNotifier(), self.ops_snapshot,
                                        self.queue.changed, self.stopping)
+
+    def _active_in(self, slot: int) -> Callable[[str], bool]:
+        return lambda sid: self.queue.slot_of(sid) == slot
+
+    def lab_of(self, sid: str) -> "Lab":
+        """The lab of the slot the active ``sid`` holds (423 if it no longer is active)."""
+        slot = self.queue.slot_of(sid)
+        if slot is None:
+            raise HTTPError(423, "session %s is no longer active" % sid)
+        return self.labs[slot - 1]
 
     # -- start and stop --
     def restore(self, existed: bool) -> None:
@@ -3201,25 +3507,34 @@ class App:
         now = time.time()
         self.queue.restore([(sid, max(0.0, now - created),
                              None if activated is None else max(0.0, now - activated),
-                             saved_session_meta(meta))
-                            for sid, created, activated, meta in saved.sessions])
-        plan = self.lab.restore(saved.lab, saved.unclean, saved.procs)
-        holder = self.lab.info.holder
-        if plan.adopt is not None and holder and plan.adopt.warm_until is None \
-                and not self.queue.is_active(holder):  # it ended just before a crash
-            self.lab.session_ended(holder)
+                             saved_session_meta(meta), slot)
+                            for sid, created, activated, meta, slot in saved.sessions])
+        plans = [self._restore_lab(lab, saved) for lab in self.labs]
+        plan = next((p for p in plans if p.adopt is not None or p.lost), plans[0])
         if existed:
             was = {"stop": "a stop", "reload": "a reload"}.get(saved.previous_exit or "stop",
                                                                 "a crash (no clean stop)")
             self.store.bump("restarts_after_" + {"a stop": "stop", "a reload": "reload"}.get(
                 was, "crash"))
             self.store.bump("sessions_restored", len(saved.sessions))
-            if plan.adopt is not None or plan.lost:
-                self.store.bump("labs_adopted" if plan.adopt is not None else "labs_lost")
+            for p in plans:
+                if p.adopt is not None or p.lost:
+                    self.store.bump("labs_adopted" if p.adopt is not None else "labs_lost")
             self.events.restarted(len(saved.sessions), plan, was)
             log.info("restored the state of %s: %d session(s), %s", was, len(saved.sessions),
                      "lab adopted" if plan.adopt else "lab lost" if plan.lost else "no lab")
         self.store.set_meta("exit", "running")  # until a clean stop says otherwise
+
+    def _restore_lab(self, lab: "Lab", saved: SavedState) -> RestorePlan:
+        """One slot's lab at start-up (Lab.restore); adopted for a session that ended just
+        before a crash, it is released as at that end."""
+        plan = lab.restore(saved.labs.get(lab.slot), saved.unclean,
+                           saved.procs if lab.slot == 1 else [])
+        holder = lab.info.holder
+        if plan.adopt is not None and holder and plan.adopt.warm_until is None \
+                and self.queue.slot_of(holder) != lab.slot:  # it ended just before a crash
+            lab.session_ended(holder)
+        return plan
 
     def stop(self, teardown: bool, how: str = "stop") -> None:
         """Stop serving state changes (the listener has stopped accepting): `up`s in flight are
@@ -3229,7 +3544,8 @@ class App:
         self.stopping.set()
         self.runner.abort()  # a hung `up` must not hold the exit for --up-timeout
         self.queue.close()  # long-polls answer now (their current state)
-        self.lab.shutdown(teardown)
+        for lab in self.labs:
+            lab.shutdown(teardown)
         self.store.set_meta("exit", how)
 
     # -- session lifecycle --
@@ -3249,7 +3565,13 @@ class App:
                 " [was active]" if was_active else "", extra={"ctx": log_context(sid, None)})
         if was_active:
             self._save_hold_times()
-            self.lab.session_ended(sid)
+            self._release_labs(sid)
+
+    def _release_labs(self, sid: str) -> None:
+        """The active ``sid`` ended: each lab it holds is released (Lab.session_ended; a
+        session that moved to a warm slot may have held another slot's lab before)."""
+        for lab in self.labs:
+            lab.session_ended(sid)
 
     def _save_hold_times(self) -> None:
         """The recent hold times to disk (the estimated waits survive a restart)."""
@@ -3260,16 +3582,14 @@ class App:
     def _end_overheld(self) -> None:
         """Housekeeping: the active session held the lab longer than --max-hold: ended as if
         it had expired (counted, logged and listed so; its lab handled as on any end)."""
-        sid = self.queue.end_overheld()
-        if sid is None:
-            return
-        limit = self.settings.max_hold
-        self.metrics.count("sessions_expired")
-        self.events.session_overheld(sid, limit)
-        log.warning("session ended: held the lab longer than %s (--max-hold)",
-                    fmt_duration(limit), extra={"ctx": log_context(sid, None)})
-        self._save_hold_times()
-        self.lab.session_ended(sid)
+        for sid in iter(self.queue.end_overheld, None):
+            limit = self.settings.max_hold
+            self.metrics.count("sessions_expired")
+            self.events.session_overheld(sid, limit)
+            log.warning("session ended: held the lab longer than %s (--max-hold)",
+                        fmt_duration(limit), extra={"ctx": log_context(sid, None)})
+            self._save_hold_times()
+            self._release_labs(sid)
 
     def _waiter_dropped(self, session) -> None:
         """SessionQueue hook (queue lock held): a waiter was silent past the active timeout when
@@ -3285,7 +3605,19 @@ class App:
         """SessionQueue hook (queue lock held): a session became the active one."""
         waited = max(0.0, (session.activated or session.created) - session.created)
         self.metrics.queue_wait(waited)
-        self.events.session_active(session.id, waited)
+        self.events.session_active(session.id, waited,
+                                   session.slot if self.settings.slots > 1 else None)
+
+    def _session_overtook(self, session, overtaken, fingerprint: str) -> None:
+        """SessionQueue hook (queue lock held): affinity promoted ``session`` ahead of
+        ``overtaken`` for the warm lab ``fingerprint`` (its topology name, if known)."""
+        lab = self.labs[session.slot - 1].info
+        name = lab.topology if lab.fingerprint == fingerprint and lab.topology \
+            else fingerprint[:SHORT_ID]
+        self.metrics.count("sessions_overtaking")
+        log.info("promoted ahead of %d session(s) for the warm lab %s", len(overtaken), name,
+                 extra={"ctx": log_context(session.id, None)})
+        self.events.session_overtook(session.id, len(overtaken), name)
 
     def _netlab_done(self, verb: str, seconds: float, error: Optional[str], ctx: str) -> None:
         """NetlabRunner hook: a netlab command finished or failed."""
@@ -3296,8 +3628,9 @@ class App:
         for sid, was_active in self.queue.expire():
             self._session_gone(sid, was_active, "no sign of life", expired=True)
         self._end_overheld()
-        self.lab.expire_warm()
-        self.lab.retry_unclean_due()
+        for lab in self.labs:
+            lab.expire_warm()
+            lab.retry_unclean_due()
 
     def resume(self) -> None:
         """Undo stop(teardown=False): a reload that could not exec serves on. The threads that
@@ -3542,7 +3875,8 @@ class App:
                 "fingerprint": meta.get(SESSION_FINGERPRINT),
                 "held_s": None if held is None else round(held, 1),
                 "eta_s": 0 if status == "active" else eta,
-                "hold_left_s": _rounded(hold_left_after(self.settings.max_hold, held))}
+                "hold_left_s": _rounded(hold_left_after(self.settings.max_hold, held)),
+                "slot": self.queue.slot_of(sid)}
 
     @endpoint("DELETE", "/session/{session_id}", sign_of_life=True, openapi={
         "tags": ["sessions"], "summary": "Leave the queue",
@@ -3560,6 +3894,24 @@ class App:
                         extra={"ctx": log_context(sid, None)})
             self.end_session(sid, "kicked by admin %s" % request.user.name)
         return Response(204)
+
+    @endpoint("GET", "/sessions", openapi={
+        "tags": ["sessions"], "summary": "Every session: status, position, slot, owner",
+        "description": "Never counts as a session's sign of life.",
+        "responses": {"200": _json_response("The sessions.", _ref("SessionList"), {
+            "slots": 2, "sessions": [
+                {"session_id": _SESSION_EXAMPLE, "status": "active", "position": 0, "slot": 1,
+                 "owner": "alice@laptop"},
+                {"session_id": "9c1d44e0", "status": "waiting", "position": 1, "slot": None,
+                 "owner": "bob@ci"}]})}})
+    def get_sessions(self, request):
+        listed = []
+        for s in self.queue.snapshot():
+            shown = request.user is None or sees_session(request.user, s)
+            listed.append({"session_id": s["session_id"] if shown else s["session_id"][:SHORT_ID],
+                           "status": s["status"], "position": s["position"], "slot": s["slot"],
+                           "owner": s["owner"]})
+        return Response(200, {"slots": self.settings.slots, "sessions": listed})
 
     @endpoint("POST", "/session/heartbeat", session=ANY_SESSION, sign_of_life=True, openapi={
         "tags": ["sessions"], "summary": "Sign of life (waiting sessions too)",
@@ -3629,7 +3981,7 @@ class App:
         self.queue.pin(sid)  # a long upload or netlab up must not expire the session (it may
         try:                 # have ended right after resolve_session: UnknownSession, 404)
             try:
-                upload = receive_upload(request.body, request.headers, self.settings.labs_dir,
+                upload = receive_upload(request.body, request.headers, self.lab_of(sid).labs_dir,
                                         self.settings.max_upload_bytes)
             except BadRequest as e:  # the rest of the body is unread
                 raise HTTPError(e.status, str(e), close=True) from None
@@ -3638,13 +3990,12 @@ class App:
             try:
                 reuse = parse_bool(upload.fields.get("reuse", request.query.get("reuse") or "true"),
                                    "reuse")
-                if not self.queue.is_active(sid):
-                    raise HTTPError(423, "session %s is no longer active" % sid)
+                lab = self._lab_for_upload(sid, upload, reuse)
             except BaseException:
                 upload.discard()
                 raise
             try:
-                reused, devices = self.lab.acquire(sid, upload, reuse)
+                reused, devices = lab.acquire(sid, upload, reuse)
             except BadRequest as e:
                 raise HTTPError(400, str(e)) from None
             except LabBusy as e:
@@ -3652,6 +4003,24 @@ class App:
             return Response(200, {"reused": reused, "devices": devices})
         finally:
             self.queue.unpin(sid)
+
+    def _lab_for_upload(self, sid: str, upload: Upload, reuse: bool) -> "Lab":
+        """The lab ``sid`` acquires: its slot's; with several slots, a free slot's warm lab
+        that runs what it uploaded instead, unless it holds its own slot's lab already."""
+        lab = self.lab_of(sid)  # 423 once it is no longer active
+        if self.settings.slots == 1 or not reuse:
+            return lab
+        mine = lab.snapshot()
+        if (mine["holder"] == sid and mine["ref_count"] > 0) or \
+                (mine["running"] and mine["fingerprint"] == upload.fingerprint):
+            return lab
+        slot = self.queue.take_warm_slot(sid, upload.fingerprint)
+        if slot is None:
+            return lab
+        log.info("taking over the warm lab of slot %d", slot, extra={"ctx": log_context(sid, None)})
+        lab = self.labs[slot - 1]
+        upload.move_to(lab.labs_dir)
+        return lab
 
     @endpoint("POST", "/lab/check", body=MULTIPART_BODY, openapi={
         "tags": ["lab"], "summary": "Check a topology with netlab, without acquiring the lab",
@@ -3716,7 +4085,7 @@ class App:
         "tags": ["lab"], "summary": "The lab's state",
         "responses": {"200": _json_response("Lab state.", _ref("LabState"))}})
     def get_lab(self, request):
-        s = self.lab.snapshot()
+        s = self.lab_of(request.session).snapshot()
         return Response(200, {"running": s["running"], "topology": s["topology"],
                               "ref_count": s["ref_count"], "devices": s["devices"],
                               "netlab_status": s["state"], "last_error": s["last_error"]})
@@ -3728,7 +4097,7 @@ class App:
                                   {"type": "array", "items": _ref("Device")}, [_DEVICE_EXAMPLE]),
             "404": _error("Unknown session, or no lab is running.", "no lab is running")}})
     def get_lab_devices(self, request):
-        return Response(200, self.lab.devices())  # NoLab: 404
+        return Response(200, self.lab_of(request.session).devices())  # NoLab: 404
 
     @endpoint("POST", "/lab/release", session=ACTIVE_SESSION, sign_of_life=True, openapi={
         "tags": ["lab"], "summary": "Drop one reference (the lab stays up, idle at 0)",
@@ -3736,7 +4105,7 @@ class App:
             "204": _NO_CONTENT,
             "404": _error("Unknown session, or no lab is running.", "no lab is running")}})
     def post_lab_release(self, request):
-        self.lab.release(request.session)  # NoLab: 404
+        self.lab_of(request.session).release(request.session)  # NoLab: 404
         return Response(204)
 
     @endpoint("DELETE", "/lab", session=ACTIVE_SESSION, sign_of_life=True, openapi={
@@ -3760,7 +4129,7 @@ class App:
         if by:  # resolve_session let an admin name another's session
             log.warning("lab destroy requested by %s", by, extra={"ctx": log_context(sid, None)})
         try:
-            destroyed = self.lab.destroy(sid, force, by)
+            destroyed = self.lab_of(sid).destroy(sid, force, by)
         except LabBusy as e:
             raise HTTPError(409, str(e)) from None
         if not destroyed:
@@ -3770,9 +4139,9 @@ class App:
     # -- operations: the status page and /status, API docs, metrics (parts in section 6) --
     def ops_token(self) -> str:
         """Changes whenever what the status page shows (besides clocks) changes."""
-        i = self.lab.info
-        return "%d.%s.%s.%d.%d" % (self.queue.version, self.events.version(), i.state,
-                                   i.ref_count, len(i.devices))
+        labs = ".".join("%s.%d.%d" % (lab.info.state, lab.info.ref_count, len(lab.info.devices))
+                        for lab in self.labs)
+        return "%d.%s.%s" % (self.queue.version, self.events.version(), labs)
 
     def ops_snapshot(self) -> OpsSnapshot:
         q = self.queue
@@ -5543,7 +5912,21 @@ OPENAPI_SCHEMAS = {
         "eta_s": {"type": ["number", "null"], "description": "Waiting: estimated seconds until "
                   "it is active (null: unknown, no history yet); active: 0."},
         "hold_left_s": {"type": ["number", "null"], "description": "Active, with "
-                        "`--max-hold`: seconds until it is ended; else null."}}},
+                        "`--max-hold`: seconds until it is ended; else null."},
+        "slot": {"type": ["integer", "null"], "minimum": 1, "description": "Active: the lab "
+                 "slot it holds (1 on a one-slot server, 1..N with `--slots N`); waiting: "
+                 "null."}}},
+    "SessionList": {"type": "object", "required": ["slots", "sessions"], "properties": {
+        "slots": {"type": "integer", "minimum": 1, "description": "`--slots`: labs at once."},
+        "sessions": {"type": "array", "description": "Active sessions first (oldest first), "
+                     "then the waiting ones in queue order.", "items": {
+            "type": "object", "required": ["session_id", "status", "position", "slot"],
+            "properties": {
+                "session_id": {"type": "string", "description": "Another user's session "
+                               "shows its first 8 characters only (with `--auth-file`)."},
+                "status": {"type": "string", "enum": ["active", "waiting"]},
+                "position": {"type": "integer", "minimum": 0},
+                "slot": {"type": ["integer", "null"]}, "owner": _NULLABLE_STR}}}}},
     "Device": {"type": "object", "required": ["name", "raw"], "properties": {
         "name": {"type": "string"},
         "raw": {"type": "object", "description": "`netlab inspect --node NAME` output "
@@ -6620,8 +7003,8 @@ def cleanup_state_dir(app: App) -> int:
     labs_dir = app.settings.labs_dir
     executor = app.lab.netlab
     executor.kill_orphans(saved.procs)
-    dirs = executor.lab_dirs(labs_dir)
-    registry = app.runner.registry(labs_dir) if dirs or saved.lab else {}
+    dirs = all_lab_dirs(labs_dir)
+    registry = app.runner.registry(labs_dir) if dirs or saved.labs else {}
     plan = plan_restore(None, registry or {}, dirs, labs_dir, None)
     executor.keep_unclean(saved.unclean)
     for d in dirs:
@@ -6629,8 +7012,9 @@ def cleanup_state_dir(app: App) -> int:
         executor.teardown(d, "-", force=False)  # `down --cleanup`, then --force if it fails
     executor.clean_stale_instances(plan.stale_instances, labs_dir)
     app.store.clear_sessions()
-    app.store.save_lab(None)
-    left = executor.lab_dirs(labs_dir)
+    for slot in set(saved.labs) | {1}:
+        app.store.save_lab(None, slot)
+    left = all_lab_dirs(labs_dir)
     app.store.close()
     print("remote-lab: %d session(s) forgotten, %d lab dir(s) torn down%s" % (
         len(saved.sessions), len(dirs) - len(left),

@@ -23,7 +23,7 @@ SINGLE = b"provider: external\ndefaults.device: frr\nnodes: [solo]\n"
 
 SEED_SESSION_FIELDS = ("session_id", "status", "position")
 ADDED_SESSION_FIELDS = ("owner", "note", "link", "fingerprint", "held_s", "eta_s",
-                        "hold_left_s")
+                        "hold_left_s", "slot")
 
 
 def seed_fields(answer):

@@ -510,6 +510,7 @@ def test_openapi_status_codes_match_the_server(start_server, tmp_path):
     a = call("POST", "/session", expect=201)[1]["session_id"]
     b = call("POST", "/session", expect=201)[1]["session_id"]
     call("GET", "/active-session", expect=200)
+    call("GET", "/sessions", expect=200)
     call("POST", "/session/heartbeat", expect=400)
     call("POST", "/session/heartbeat", "nope", expect=404)
     call("POST", "/session/heartbeat", b, expect=204)

@@ -502,10 +502,10 @@ class RecordingJournal:
         self.writes = []
         self.fail_add = fail_add
 
-    def added(self, session, active):
+    def added(self, session, slot):
         if self.fail_add:
             raise OSError("disk full")
-        self.writes.append(("added", session.id, active))
+        self.writes.append(("added", session.id, slot))
 
     def changed(self, removed, activated):
         self.writes.append(("changed", list(removed), [s.id for s in activated]))
@@ -517,7 +517,7 @@ def test_each_queue_call_is_one_journal_write_before_it_returns(clock):
     q = SessionQueue(600, 300, 10, clock, new_id=lambda: next(ids), journal=journal)
     q.create()
     q.create()
-    assert journal.writes == [("added", "a", True), ("added", "b", False)]
+    assert journal.writes == [("added", "a", 1), ("added", "b", None)]  # a: active in slot 1
     journal.writes.clear()
     q.remove("a")  # the end and the promotion it causes: one write
     assert journal.writes == [("changed", ["a"], ["b"])]
