@@ -148,8 +148,11 @@ def request(conn, method, path, body=None, headers=None):
     return resp.status, (json.loads(data) if data else None)
 
 
-def new_session(conn):
-    status, body = request(conn, "POST", "/session")
+def new_session(conn, fingerprint=None):
+    """POST /session (declaring the lab ``fingerprint`` it will ask for, if given)."""
+    body = None if fingerprint is None else json.dumps({"fingerprint": fingerprint}).encode()
+    status, body = request(conn, "POST", "/session", body,
+                           None if body is None else {"Content-Type": "application/json"})
     assert status == 201, (status, body)
     return body["session_id"], body["status"]
 
@@ -446,15 +449,24 @@ WORKLOAD_TOPOLOGIES = {k: ("provider: external\ndefaults.device: frr\nnodes: [%s
                            % (k.lower(), k.lower())).encode() for k in "ABC"}
 
 
-def workload_job(port, name, start_at, hold, out):
-    """One CI job: join the queue at ``start_at``, wait for the turn, acquire the lab of
-    topology ``name`` (reuse), hold it ``hold`` s, release, leave. Puts (name, wait s, end)."""
+def workload_fingerprint(name):
+    """The fingerprint the server computes for topology ``name`` (the README's recipe)."""
+    import hashlib
+    file = name + ".yml"
+    digest = hashlib.sha256(WORKLOAD_TOPOLOGIES[name]).hexdigest()
+    return hashlib.sha256(b"topology\0" + file.encode() + b"\0" + digest.encode()).hexdigest()
+
+
+def workload_job(port, name, start_at, hold, out, declare):
+    """One CI job: join the queue at ``start_at`` (declaring its lab's fingerprint if
+    ``declare``), wait for the turn, acquire the lab of topology ``name`` (reuse), hold it
+    ``hold`` s, release, leave. Puts (name, wait s, end)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=300)
     length, parts, ctype = multipart_parts(name + ".yml", WORKLOAD_TOPOLOGIES[name])
     while time.time() < start_at:
         time.sleep(0.001)
     t0 = time.time()
-    sid, status = new_session(conn)
+    sid, status = new_session(conn, workload_fingerprint(name) if declare else None)
     while status != "active":
         st, b = request(conn, "GET", "/session/%s?wait=30" % sid)
         assert st == 200, (st, b)
@@ -470,9 +482,10 @@ def workload_job(port, name, start_at, hold, out):
     out.put((name, waited, time.time()))
 
 
-def shared_host_workload(root, label, extra, up_s=3.0, hold=1.0):
+def shared_host_workload(root, label, extra, up_s=3.0, hold=1.0, declare=False):
     """The 12 jobs against a fresh server (fake netlab, ``up`` taking ``up_s``) started with
-    ``extra`` flags: makespan, netlab up count, median and max wait."""
+    ``extra`` flags, the jobs declaring their fingerprints if ``declare``: makespan, netlab up
+    count, median and max wait."""
     server = Server(root, "workload-" + label, fake=True, extra=["--keep-warm", "60"] + extra)
     os.makedirs(server.env["FAKE_NETLAB_DIR"], exist_ok=True)
     with open(os.path.join(server.env["FAKE_NETLAB_DIR"], "up_delay"), "w") as f:
@@ -482,7 +495,8 @@ def shared_host_workload(root, label, extra, up_s=3.0, hold=1.0):
         out = multiprocessing.Queue()
         start = time.time() + 0.5
         jobs = [multiprocessing.Process(target=workload_job,
-                                        args=(server.port, name, start + 0.05 * i, hold, out))
+                                        args=(server.port, name, start + 0.05 * i, hold, out,
+                                              declare))
                 for i, name in enumerate(WORKLOAD)]
         for j in jobs:
             j.start()
@@ -630,7 +644,15 @@ def main(argv=None):
         if want("queue"):
             res["queue"] = big_queue(root, a.fake, 2000 if a.quick else a.queue)
         if want("workload") and not (a.quick and only is None):
-            res["workload"] = {"slots 1": shared_host_workload(root, "1", [])}
+            res["workload"] = {}
+            for slots in (1, 3):
+                for affinity in (False, True):
+                    label = "--slots %d, %s" % (slots, "affinity" if affinity else
+                                                "FIFO (--max-overtake 0)")
+                    res["workload"][label] = shared_host_workload(
+                        root, "%d%s" % (slots, "a" if affinity else ""),
+                        ["--slots", str(slots)] + ([] if affinity else ["--max-overtake", "0"]),
+                        declare=affinity)
     finally:
         if server is not None:
             server.stop()
@@ -697,7 +719,7 @@ def main(argv=None):
         row("  sessions created/s (one client, each on disk)", fmt(r["fill_per_s"]))
         row("  restart restoring %d sessions, to /healthz" % r["restored"],
             fmt(r["restart_ms"], "ms"))
-    for label, r in sorted(res.get("workload", {}).items()):
+    for label, r in res.get("workload", {}).items():
         row("12 jobs, 3 topologies, up 3 s, hold 1 s (%s): makespan" % label,
             fmt(r["makespan_s"], "s"))
         row("  netlab up count; job wait median / max", "%d; %s / %s" % (

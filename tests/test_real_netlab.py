@@ -319,3 +319,51 @@ def test_restart_after_crash_adopts_the_running_real_lab(real):
         wait_teardown(second)
         real.assert_no_lab_registered()
     assert "restored the state of a crash" in second.log()
+
+
+OTHER = b"""\
+provider: external
+defaults.device: frr
+nodes: [x1, x2, x3]
+links: [x1-x2, x2-x3]
+"""
+
+
+def test_two_topologies_run_at_once_in_two_slots(real):
+    """--slots 2: each slot's lab is its own multilab instance (ids 1 and 2), with its own
+    management subnet; both go at the end, and netlab's registry is empty."""
+    import threading
+    with real.server("--slots", "2") as srv:
+        a, b = new_session(srv), new_session(srv)
+        answers = {}
+        threads = [threading.Thread(target=lambda s=s, t=t: answers.__setitem__(
+            s, post_lab(srv, s, t))) for s, t in ((a, GOOD), (b, OTHER))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(100)
+        (sa, ra, _), (sb, rb, _) = answers[a], answers[b]
+        assert sa == 200 and sb == 200, (ra, rb, srv.log())
+        check_devices(ra["devices"])
+        assert [d["name"] for d in rb["devices"]] == ["x1", "x2", "x3"]
+        assert {d["raw"]["mgmt"]["ipv4"].rsplit(".", 1)[0] for d in ra["devices"]} == \
+            {"192.168.1"}
+        assert {d["raw"]["mgmt"]["ipv4"].rsplit(".", 1)[0] for d in rb["devices"]} == \
+            {"192.168.2"}
+        rc, out = real.status("--all", "--format", "json")
+        registry = json.loads(out)
+        assert sorted(registry) == ["1", "2"], out
+        assert {k: (Path(v["dir"]).parent.name, v["status"]) for k, v in registry.items()} \
+            == {"1": ("slot-1", "started"), "2": ("slot-2", "started")}
+        for sid in (a, b):
+            assert http("POST", srv.url + "/lab/release", headers={"X-Session-ID": sid})[0] == 204
+            assert http("DELETE", srv.url + "/session/" + sid)[0] == 204
+        deadline = time.monotonic() + 60
+        while list((srv.state_dir / "labs").glob("slot-*/lab-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list((srv.state_dir / "labs").glob("slot-*/lab-*")), srv.log()
+        health = http("GET", srv.url + "/debug/health")[1]
+        assert health["netlab_failures"] == {}, srv.log()
+        assert health["netlab_calls"]["up"] == 2 and health["netlab_calls"]["down"] == 2
+        real.assert_no_lab_registered()
+    assert "Traceback" not in srv.log()

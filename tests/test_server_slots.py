@@ -1,0 +1,154 @@
+"""--slots N: several labs at once, each its own netlab multilab instance; the affinity promotion
+of a warm lab (fake netlab, real server processes)."""
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from remote_lab_client import lab_fingerprint  # noqa: E402
+from server_support import (MAPPING, SIMPLE, calls_of, seed_fields, start_server,  # noqa: E402,F401
+                            wait_until)
+
+
+def join(api, fingerprint=None):
+    body = json.dumps({"fingerprint": fingerprint}).encode() if fingerprint else None
+    headers = {"Content-Type": "application/json"} if body else None
+    status, data, _ = api.req("POST", "/session", body=body, headers=headers)
+    assert status == 201, (status, data)
+    return data["session_id"]
+
+
+def fingerprint(tmp_path, name, content):
+    path = tmp_path / "fp" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    return lab_fingerprint(str(path))
+
+
+def acquire_both(api, a, b):
+    """POST /lab of a (simple.yml) and b (mapping.yml) at the same time."""
+    answers = {}
+    threads = [threading.Thread(target=lambda: answers.__setitem__(a, api.post_lab(a))),
+               threading.Thread(target=lambda: answers.__setitem__(
+                   b, api.post_lab(b, MAPPING, "mapping.yml")))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return answers[a], answers[b]
+
+
+def test_two_labs_run_at_once_in_two_slots_each_session_sees_its_own(start_server):
+    srv, api = start_server("--slots", "2")
+    srv.switch("up_delay", value="1.5")
+    a, b, c = join(api), join(api), join(api)
+    assert [api.session_full(s)[1]["slot"] for s in (a, b, c)] == [1, 2, None]
+    assert seed_fields(api.session_full(c)) == (200, {"session_id": c, "status": "waiting",
+                                                      "position": 1})
+    (sa, la), (sb, lb) = acquire_both(api, a, b)
+    assert sa == 200 and sb == 200, (la, lb)
+    assert [d["name"] for d in la["devices"]] == ["r1", "r2"]
+    assert [d["name"] for d in lb["devices"]] == ["spine", "leaf1", "leaf2"]
+    assert la["devices"][0]["raw"]["mgmt"]["ipv4"].startswith("192.168.1.")  # instance 1
+    assert lb["devices"][0]["raw"]["mgmt"]["ipv4"].startswith("192.168.2.")  # instance 2
+    ups = calls_of(srv, "up")
+    lock = "defaults.multilab.lock=%s" % (srv.state_dir / "netlab.lock")
+    assert sorted(u["argv"] for u in ups) == [
+        ["up", "--plugin", "multilab", "-s", "defaults.multilab.id=%d" % k, "-s", lock,
+         "./" + name] for k, name in ((1, "simple.yml"), (2, "mapping.yml"))]
+    assert sorted(os.path.basename(os.path.dirname(u["cwd"])) for u in ups) == ["slot-1",
+                                                                               "slot-2"]
+    assert abs(ups[0]["time"] - ups[1]["time"]) < 1.5  # the second began before the first ended
+    for sid, names in ((a, ["r1", "r2"]), (b, ["spine", "leaf1", "leaf2"])):
+        status, devices, _ = api.req("GET", "/lab/devices", sid)
+        assert status == 200 and [d["name"] for d in devices] == names
+    assert api.lab(a)[1]["topology"] == "simple.yml" and api.lab(b)[1]["topology"] == "mapping.yml"
+    assert api.req("GET", "/active-session")[1] == {"session_id": a, "status": "active",
+                                                   "position": 0}
+    listed = api.req("GET", "/sessions")[1]
+    assert listed["slots"] == 2
+    assert [(s["session_id"], s["status"], s["position"], s["slot"]) for s in
+            listed["sessions"]] == [(a, "active", 0, 1), (b, "active", 0, 2), (c, "waiting", 1,
+                                                                                None)]
+    assert api.req("POST", "/lab/release", a)[0] == 204
+    assert api.delete_session(a) == 204  # slot 1 frees: c gets it, a's lab goes
+    assert api.session_full(c)[1]["slot"] == 1
+    wait_until(lambda: len(calls_of(srv, "down")) == 1, 10, what="a's lab torn down")
+    assert api.lab(c)[1]["running"] is False and api.lab(b)[1]["running"] is True
+    assert api.req("POST", "/lab/release", b)[0] == 204
+
+
+def test_one_slot_runs_netlab_without_the_multilab_plugin(start_server):
+    srv, api = start_server()
+    a = join(api)
+    assert api.post_lab(a)[0] == 200
+    assert [u["argv"] for u in calls_of(srv, "up")] == [["up", "./simple.yml"]]
+    assert api.session_full(a)[1]["slot"] == 1
+    assert api.req("GET", "/sessions")[1] == {"slots": 1, "sessions": [
+        {"session_id": a, "status": "active", "position": 0, "slot": 1, "owner": None}]}
+
+
+def test_a_restart_restores_every_slot_and_adopts_its_lab(start_server):
+    srv, api = start_server("--slots", "2")
+    a, b, c = join(api), join(api), join(api)
+    acquire_both(api, a, b)
+    srv.stop()
+    srv.log_path.write_text("")  # (start() reads the new port from the log)
+    srv.start()
+    assert [api.session_full(s)[1]["slot"] for s in (a, b, c)] == [1, 2, None]
+    assert api.lab(a)[1]["topology"] == "simple.yml" and api.lab(a)[1]["running"]
+    assert api.lab(b)[1]["topology"] == "mapping.yml" and api.lab(b)[1]["running"]
+    assert len(calls_of(srv, "up")) == 2 and calls_of(srv, "down") == []  # both adopted
+    assert api.delete_session(b) == 204
+    assert api.session_full(c)[1]["slot"] == 2
+
+
+@pytest.mark.parametrize("max_overtake", [None, "0"])
+def test_the_warm_lab_goes_to_a_later_session_that_declared_it(start_server, tmp_path,
+                                                               max_overtake):
+    args = ["--keep-warm", "60"] + (["--max-overtake", max_overtake] if max_overtake else [])
+    srv, api = start_server(*args)
+    fp_simple = fingerprint(tmp_path, "simple.yml", SIMPLE)
+    fp_mapping = fingerprint(tmp_path, "mapping.yml", MAPPING)
+    holder = join(api, fp_simple)
+    assert api.post_lab(holder)[0] == 200
+    other = join(api, fp_mapping)
+    same = join(api, fp_simple)
+    assert api.delete_session(holder) == 204
+    events = [e["text"] for e in api.req("GET", "/status")[1]["events"]]
+    if max_overtake == "0":  # strict FIFO
+        assert api.session_full(other)[1]["status"] == "active"
+        assert not any("promoted ahead" in t for t in events)
+        return
+    assert api.session_full(same)[1]["status"] == "active"
+    assert api.session_full(other)[1]["position"] == 1
+    assert "session %s promoted ahead of 1 session for the warm lab simple.yml" % same[:8] \
+        in events
+    status, lab = api.post_lab(same)
+    assert status == 200 and lab["reused"] is True and len(calls_of(srv, "up")) == 1
+
+
+def test_a_session_takes_over_the_warm_lab_of_a_free_slot(start_server):
+    srv, api = start_server("--slots", "2", "--keep-warm", "60")
+    a, b = join(api), join(api)
+    acquire_both(api, a, b)
+    assert api.delete_session(b) == 204  # slot 2 keeps mapping.yml warm
+    assert api.delete_session(a) == 204  # slot 1 keeps simple.yml warm
+    c = join(api)  # declared nothing: the first free slot
+    assert api.session_full(c)[1]["slot"] == 1
+    status, lab = api.post_lab(c, MAPPING, "mapping.yml")
+    assert status == 200 and lab["reused"] is True  # slot 2's warm lab, no `up`
+    assert api.session_full(c)[1]["slot"] == 2
+    d = join(api)
+    assert api.session_full(d)[1]["slot"] == 1
+    status, lab = api.post_lab(d)
+    assert status == 200 and lab["reused"] is True
+    assert len(calls_of(srv, "up")) == 2 and calls_of(srv, "down") == []
+    assert [d["name"] for d in api.req("GET", "/lab/devices", c)[1]] == ["spine", "leaf1",
+                                                                         "leaf2"]
+    assert not [p for p in (srv.state_dir / "labs" / "slot-1").iterdir()
+                if p.name.startswith("lab-")][1:]  # the upload moved with c: one dir each
