@@ -8,9 +8,11 @@ Standard library only, Python >= 3.8, one file: copy it to the lab host and run
 ``python3 remote_lab.py --port 8000`` (``--simulate`` to try it without netlab).
 
 Sections, top to bottom (banners ``# N. ...``):
-  1 Settings (each default once)      2 SessionQueue (pure; injected clock and ids; HoldTimes)
+  1 Settings (each default once)      2 SessionQueue (pure; injected clock and ids; HoldTimes;
+    up to --slots active sessions, the affinity promotion and its fairness bound)
   3 NetlabRunner (the only code that spawns netlab; process records for crash recovery)
   4 Lab: pure planner (state + request -> action), executor (netlab I/O), the Lab applying it
+    (one Lab per slot, each slot's lab its own netlab multilab instance with --slots N)
   5 Uploads (streaming multipart, safe paths)   5a Durable state (SQLite: StateStore, journal)
   5b @endpoint declarations -> dispatch + OpenAPI
   6 Ops parts: EventLog, Metrics, status_view(), SystemdReporter
@@ -1267,7 +1269,7 @@ def kill_process_group(proc: "subprocess.Popen", grace: float = 3.0) -> None:
 
 
 # ============================================================================================
-# 4. The lab: one running lab per host, fingerprint, ref count, states
+# 4. The lab: one running lab per slot, fingerprint, ref count, states
 #    (4.1 the pure planner, 4.2 the executor that runs netlab, 4.3 the lab's state and threads)
 # ============================================================================================
 
