@@ -2992,6 +2992,18 @@ def parse_ssh_url(url):
     return target, workdir
 
 
+def pool_urls(url):
+    """The servers ``url`` (``REMOTE_LAB_URL``, ``base_url``, ``--url``) names, in order: one,
+    or several separated by commas -- a pool, any mix of http(s):// and ssh:// URLs, each
+    launched or reconnected as a single URL is. [""] is local mode."""
+    parts = [p.strip() for p in os.fspath(url or "").split(",")]
+    if len(parts) > 1 and not all(parts):
+        raise ConfigError("bad remote lab pool %r: an empty entry between commas" % (url,))
+    if len(set(parts)) != len(parts):
+        raise ConfigError("bad remote lab pool %r: a server is named twice" % (url,))
+    return parts
+
+
 def _source_url(base_url=None):
     return (os.fspath(base_url) if base_url else os.environ.get("REMOTE_LAB_URL", "")).strip()
 
