@@ -4090,7 +4090,8 @@ class App:
         s = self.lab_of(request.session).snapshot()
         return Response(200, {"running": s["running"], "topology": s["topology"],
                               "ref_count": s["ref_count"], "devices": s["devices"],
-                              "netlab_status": s["state"], "last_error": s["last_error"]})
+                              "netlab_status": s["state"], "last_error": s["last_error"],
+                              "fingerprint": s["fingerprint"] if s["running"] else None})
 
     @endpoint("GET", "/lab/devices", session=ACTIVE_SESSION, sign_of_life=True, openapi={
         "tags": ["lab"], "summary": "Devices of the running lab",
@@ -5945,7 +5946,10 @@ OPENAPI_SCHEMAS = {
         "ref_count": {"type": "integer", "minimum": 0},
         "devices": {"type": "array", "items": _ref("Device")},
         "netlab_status": {"type": "string", "enum": [STOPPED, STARTING, RUNNING, STOPPING]},
-        "last_error": _NULLABLE_STR}},
+        "last_error": _NULLABLE_STR,
+        "fingerprint": {"type": ["string", "null"], "description": "The running lab's "
+                        "fingerprint (SHA-256 hex over the topology and extra files); a pool "
+                        "client prefers a host whose lab is warm with the one it declared."}}},
     "LabSummary": {"type": "object", "properties": {
         "state": {"type": "string", "enum": [STOPPED, STARTING, RUNNING, STOPPING]},
         "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},

@@ -59,7 +59,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict as dataclasses_asdict, dataclass, field
+from dataclasses import asdict as dataclasses_asdict, dataclass, field, replace as dataclasses_replace
 from typing import Optional, Tuple
 
 __version__ = "0.1.0"
@@ -1320,9 +1320,17 @@ class _Progress:
         text = self.holder() if self.holder is not None else None
         return "; " + text if text else ""
 
+    def best(self, position):
+        """The position a ``progress=`` callable is given."""
+        return position
+
+    def where(self, position):
+        """Where we wait: "at position 2, about 3 min"."""
+        return "at position %d, %s" % (position, eta_text(self.eta))
+
     def line(self, position, waited):
-        return ("remote lab: waiting in the queue at position %d, %s (waited %s), status page %s%s"
-                % (position, eta_text(self.eta), _duration(waited), self.page, self.about()))
+        return ("remote lab: waiting in the queue %s (waited %s), status page %s%s"
+                % (self.where(position), _duration(waited), self.page, self.about()))
 
     def update(self, position, waited):
         changed = position != self.last
@@ -1331,11 +1339,11 @@ class _Progress:
             if changed:
                 self.mode.write(self.line(position, waited))
         elif callable(self.mode):
-            if changed:
-                self.mode(position, waited)
+            if changed and self.best(position) is not None:
+                self.mode(self.best(position), waited)
         elif self.mode == "tty":
-            text = "remote lab: waiting in the queue at position %d, %s (%s)%s" % (
-                position, eta_text(self.eta), _duration(waited), self.about())
+            text = "remote lab: waiting in the queue %s (%s)%s" % (
+                self.where(position), _duration(waited), self.about())
             width = _columns(self.stream) - 1  # a wrapped line could not be rewritten
             self.stream.write("\r\x1b[K" + (text if len(text) <= width
                                              else text[:width - 3] + "..."))
@@ -1343,8 +1351,8 @@ class _Progress:
             self.shown = True
         elif changed and self.mode == "log":
             if _log.hasHandlers():  # this logger's or an ancestor's (root) handler
-                _log.info("waiting for the remote lab: queue position %d, %s (%s), status page "
-                          "%s%s", position, eta_text(self.eta), _duration(waited), self.page,
+                _log.info("waiting for the remote lab: queue %s (%s)%s%s", self.where(position)[3:],
+                          _duration(waited), ", status page %s" % self.page if self.page else "",
                           self.about())
             else:  # logging.lastResort would drop an INFO line
                 self.stream.write(self.line(position, waited) + "\n")
@@ -1433,8 +1441,187 @@ def _progress_mode(progress):
     return progress
 
 
+class _PoolProgress(_Progress):
+    """The waiting line of a session on a pool: the best positions first ("at position 1 on
+    lab2, 3 on lab1"); ``position`` is the tuple of (position, host name) of the hosts."""
+
+    def best(self, position):
+        return min(p for p, _ in position) if position else None
+
+    def where(self, position):
+        return "at position " + ", ".join(
+            "%d on %s" % pair for pair in sorted(position)) if position else "at (joining)"
+
+    def line(self, position, waited):
+        return "remote lab: waiting in the pool's queues %s (waited %s)" % (
+            self.where(position), _duration(waited))
+
+
+POOL_TIE_SECONDS = 0.25  # hosts making the session active this close together: free at once
+
+
+def pool_names(urls):
+    """Short names of a pool's hosts for messages: the host name, with the port (then the
+    whole URL) where that is not enough to tell them apart."""
+    def netloc(url):
+        try:
+            parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+            return parts.hostname or url, "%s:%s" % (parts.hostname, parts.port or "")
+        except ValueError:
+            return url, url
+    hosts = [netloc(u) for u in urls]
+    names = [h for h, _ in hosts]
+    if len(set(names)) < len(names):
+        names = [hp.rstrip(":") for _, hp in hosts]
+    return names if len(set(names)) == len(names) else list(urls)
+
+
+class _PoolMember:
+    """One host of a pool while a session waits on all of them: its own single-host client,
+    whose thread creates the session there and waits for the turn, and what it reported."""
+
+    def __init__(self, url, name):
+        self.url = url
+        self.name = name
+        self.client = None  # the RemoteLabClient of this host (made by the thread)
+        self.position = None  # the last position seen there
+        self.active_at = None  # monotonic time it made the session active
+        self.error = None  # why this host is out of the race
+
+
+class _PoolJoin:
+    """A session on a pool: joins every host's queue at once, keeps the first host that makes
+    it active (among those that do at the same moment, one whose warm lab has the declared
+    fingerprint), and leaves every other queue at once -- also when interrupted."""
+
+    def __init__(self, owner, urls):
+        self.owner = owner  # the RemoteLabClient the session is for
+        self.members = [_PoolMember(u, n) for u, n in zip(urls, pool_names(urls))]
+        self.changed = threading.Condition()
+        self.stop = threading.Event()  # the race is over: a thread that joins late leaves
+
+    def run(self):
+        """The winning member (its client active), or the error of a pool none of which can
+        be used (ConnectionFailed naming every host), or QueueTimeout."""
+        threads = [threading.Thread(target=self._member_run, args=(m,), daemon=True,
+                                    name="remote-lab-pool-%s" % m.name) for m in self.members]
+        for t in threads:
+            t.start()
+        winner = None
+        progress = _PoolProgress(self.owner._progress_mode)
+        try:
+            winner = self._wait(progress)
+            return winner
+        finally:
+            progress.done()
+            self.stop.set()
+            self._leave_all(winner)
+
+    def _report(self, member, **facts):
+        with self.changed:
+            for key, value in facts.items():
+                setattr(member, key, value)
+            self.changed.notify_all()
+
+    def _member_run(self, m):
+        owner = self.owner
+        try:
+            m.client = RemoteLabClient(
+                config=dataclasses_replace(owner.config, url=m.url), start_session=False,
+                retries=owner._retries, progress=lambda position, waited: self._report(
+                    m, position=position))
+            m.client.fingerprint = owner.fingerprint
+            if self.stop.is_set():
+                return
+            m.client._create_session()
+            self._report(m, position=m.client.position)
+            if self.stop.is_set():
+                return self._leave(m)
+            m.client._wait_until_active()
+            self._report(m, active_at=time.monotonic(), position=0)
+        except BaseException as e:  # (a thread: nothing above it to tell)
+            if not (self.stop.is_set() and isinstance(e, NotFound)):  # (not: we left it)
+                _log.warning("remote lab pool: skipping %s: %s", m.name, e)
+            self._report(m, error=e)
+
+    def _wait(self, progress):
+        started = time.monotonic()
+        deadline = started + self.owner.session_timeout
+        with self.changed:
+            while True:
+                now = time.monotonic()
+                active = [m for m in self.members if m.active_at is not None and m.error is None]
+                # (position 0: active there, about to say so)
+                unheard = [m for m in self.members
+                           if not m.position and m.active_at is None and m.error is None]
+                if active and not (self.owner.fingerprint and unheard
+                                   and now < min(m.active_at for m in active) + POOL_TIE_SECONDS):
+                    return self._preferred(active)
+                if all(m.error is not None for m in self.members):
+                    raise self._none_usable()
+                if now >= deadline:
+                    raise QueueTimeout("no turn at any remote lab of the pool (%s) within %s "
+                                       "(session_timeout); the sessions were deleted" % (
+                                           ", ".join(m.name for m in self.members),
+                                           _duration(self.owner.session_timeout)),
+                                       waited=now - started)
+                progress.update(tuple((m.position, m.name) for m in self.members
+                                      if m.position is not None and m.error is None),
+                                now - started)
+                self.changed.wait(min(deadline - now, POOL_TIE_SECONDS if active else 1.0))
+
+    def _preferred(self, active):
+        """The first to make the session active; among those that did at the same moment,
+        one whose lab is warm with the declared fingerprint."""
+        active.sort(key=lambda m: m.active_at)
+        tied = [m for m in active if m.active_at < active[0].active_at + POOL_TIE_SECONDS]
+        if len(tied) > 1 and self.owner.fingerprint:
+            for m in tied:
+                try:
+                    lab = m.client.status()
+                except RemoteLabError:
+                    continue
+                if isinstance(lab, dict) and lab.get("fingerprint") == self.owner.fingerprint:
+                    return m
+        return active[0]
+
+    def _none_usable(self):
+        errors = [m.error for m in self.members]
+        text = "; ".join("%s: %s" % (m.name, m.error) for m in self.members)
+        kind = type(errors[0]) if all(type(e) is type(errors[0]) for e in errors) \
+            and isinstance(errors[0], RemoteLabError) else ConnectionFailed
+        try:
+            return kind("no remote lab of the pool can be used -- " + text)
+        except TypeError:
+            return ConnectionFailed("no remote lab of the pool can be used -- " + text)
+
+    def _leave(self, m):
+        """End ``m``'s session at once (a one-off connection: its thread may be in a
+        long-poll); its client is done."""
+        client = m.client
+        if client is None:
+            return
+        atexit.unregister(client.close)
+        client._closed = True  # close() is a no-op from now on
+        sid = client.session_id
+        if sid is not None and client._transport is not None:
+            try:
+                client._transport.request("DELETE", "/session/%s" % sid, retries=1, reconnect=0,
+                                          lock_timeout=0.2, timeout=client.request_timeout)
+            except RemoteLabError as e:
+                _log.warning("leaving the queue of %s: %s", m.name, e)
+
+    def _leave_all(self, winner):
+        leaving = [threading.Thread(target=self._leave, args=(m,), daemon=True)
+                   for m in self.members if m is not winner]
+        for t in leaving:
+            t.start()
+        for t in leaving:
+            t.join(self.owner.request_timeout)
+
+
 class RemoteLabClient:
-    """A session with a remote-lab server.
+    """A session with a remote-lab server, or with the first host of a pool to have a turn.
 
     Creating the client creates a session and waits until it is active (our turn in the FIFO
     queue; the position is shown while waiting); a daemon thread then sends heartbeats until
@@ -1458,6 +1645,14 @@ class RemoteLabClient:
     ``topology`` / ``extra_files``: the lab this client will ask for first; its
     :func:`lab_fingerprint` (the attribute ``fingerprint``, computed here: a missing file
     raises at once) is declared with the session, so the server may give it that lab warm.
+
+    A pool (``base_url`` / ``REMOTE_LAB_URL`` listing servers separated by commas): the session
+    joins every host's queue at once and takes the first host that makes it active (among
+    hosts free at the same moment, one whose warm lab has ``fingerprint``); the other queues
+    are left at once. A host that is down or refuses is skipped with a warning. From then on
+    the client talks to that host only: ``host`` is its entry in the list (for one URL: that
+    URL), ``base_url`` its http(s) URL. Before the turn, requests (e.g. :meth:`check`) go to
+    the first host that answers.
     """
 
     def __init__(self, base_url=None, request_timeout=30, session_timeout=600,
@@ -1481,7 +1676,10 @@ class RemoteLabClient:
         self.lab_acquisition_timeout = config.lab_acquisition_timeout
         self.heartbeat_interval = config.heartbeat_interval
         self.reconnect_timeout = config.reconnect_timeout
-        self._http = self._connect(config, retries)
+        self._retries = retries
+        self._pool = pool_urls(config.url)  # one entry, or a pool: the host is chosen at the turn
+        self.host = config.url if len(self._pool) == 1 else None  # the pool entry we got
+        self._transport = self._connect(config, retries) if len(self._pool) == 1 else None
         self._progress_mode = _progress_mode(progress)
         self.session_id = None
         self.position = None
@@ -1516,9 +1714,33 @@ class RemoteLabClient:
                              insecure=config.insecure, retries=retries)
 
     @property
+    def _http(self):
+        """The transport to the server (on a pool before the turn: to the first that answers)."""
+        if self._transport is None:
+            self._transport = self._any_pool_transport()
+        return self._transport
+
+    def _any_pool_transport(self):
+        """A pool's first host that answers /healthz, for requests before the turn."""
+        problems = []
+        for url in self._pool:
+            try:
+                transport = self._connect(dataclasses_replace(self.config, url=url),
+                                          self._retries)
+                resp = transport.request("GET", "/healthz", retries=0, reconnect=0)
+                if resp.status < 500:
+                    return transport
+                problems.append("%s: HTTP %d" % (url, resp.status))
+                transport.close()
+            except RemoteLabError as e:
+                problems.append("%s: %s" % (url, e))
+        raise ConnectionFailed("no remote lab of the pool answers -- " + "; ".join(problems))
+
+    @property
     def base_url(self):
-        """The server's http(s) URL (for ssh:// and local mode: where it answers now)."""
-        return self._http.base_url
+        """The server's http(s) URL (for ssh:// and local mode: where it answers now); None on
+        a pool before the turn."""
+        return None if self._transport is None else self._transport.base_url
 
     @property
     def lost(self):
@@ -1544,8 +1766,11 @@ class RemoteLabClient:
         if self.session_id is not None:
             return
         try:
-            self._create_session()
-            self._wait_until_active()
+            if len(self._pool) > 1:
+                self._join_pool()
+            else:
+                self._create_session()
+                self._wait_until_active()
             self._start_heartbeat()
         except BaseException:
             self._abandon()
@@ -1572,6 +1797,23 @@ class RemoteLabClient:
             self._send_meta = False
             resp = self._http.request("POST", "/session")
         return resp
+
+    def _join_pool(self):
+        """The session on a pool (_PoolJoin): this client takes over the winning host's
+        session and transport; the other hosts' queues were left."""
+        winner = _PoolJoin(self, self._pool).run()
+        sub = winner.client
+        atexit.unregister(sub.close)
+        sub._closed = True  # this client is that host's client from now on
+        if self._transport is not None and self._transport is not sub._transport:
+            self._transport.close()  # the one the checks before the turn used
+        self._transport = sub._transport
+        self.session_id, self.position, self.host = sub.session_id, 0, winner.url
+        self._send_meta, self._send_fingerprint = sub._send_meta, sub._send_fingerprint
+        self._can_check = sub._can_check
+        self._hold_ends, self._max_hold = sub._hold_ends, sub._max_hold
+        atexit.register(self.close)
+        _log.info("remote lab: got %s (%s) of the pool", winner.name, self.base_url)
 
     def _create_session(self):
         resp = self._post_session()
@@ -1814,8 +2056,9 @@ class RemoteLabClient:
         if not self._lost:
             self._delete_session()
         self.session_id = None
-        self._http.reconnect_timeout = 0.0  # no session to go on with
-        self._http.close()
+        if self._transport is not None:
+            self._transport.reconnect_timeout = 0.0  # no session to go on with
+            self._transport.close()
         atexit.unregister(self.close)
 
     def close(self):
@@ -1850,7 +2093,8 @@ class RemoteLabClient:
                         break  # no lab / not active: the session's end cleans up anyway
                 self._delete_session(reconnect)
         finally:
-            self._http.close()
+            if self._transport is not None:
+                self._transport.close()
 
     @property
     def closed(self):
