@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from chromium_support import chromium  # noqa: F401  (fixture)
 from helpers import ServerProcess
 from server_support import (MAPPING, SIMPLE, TOKENS, Api, metric_sample, wait_until,
                             write_auth_file)
@@ -119,6 +120,16 @@ def test_metrics_label_the_lab_gauges_with_their_slot(lab2):
     assert v("remote_lab_sessions", status="waiting") == 1
     assert v("remote_lab_sessions_overtaking_total") == 0
     assert not re.search(r"^remote_lab_lab_running ", text, re.M)  # no slot-less series
+
+
+def test_the_page_in_headless_chromium_shows_both_slots(lab2, chromium):
+    """The page as a browser shows it once its script ran (credentials in the URL)."""
+    srv, apis, sids = lab2
+    dom = chromium("--dump-dom", srv.url.replace("://", "://alice:%s@" % TOKENS["alice"]) + "/")
+    assert re.search(r'<span id="live" class="on">live', dom), "the script did not start"
+    assert "2 of 2 slots busy" in dom and dom.count('<tr class="slot-busy">') == 2
+    assert '<code class="you">%s</code>' % sids["a"] in dom
+    assert "<code>192.168.1.101</code>" in dom and "<code>192.168.2.101</code>" in dom
 
 
 def test_a_slot_kept_warm_says_until_when(lab2):
