@@ -4234,7 +4234,9 @@ class App:
         "description": "What the status page shows, with session ids shortened to 8 characters "
                        "(except the viewer's own, given as `sid`). With `wait` and `since` the "
                        "answer is held until the state token differs from `since` or `wait` "
-                       "seconds pass. Never counts as a session's sign of life.",
+                       "seconds pass. Never counts as a session's sign of life. `labs` has "
+                       "every slot's lab and holder (`--slots N`); `holder` and `lab` are the "
+                       "oldest active session and slot 1's lab, `queue` the waiting sessions.",
         "parameters": [
             {"name": "wait", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 60},
