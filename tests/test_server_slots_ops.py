@@ -1,7 +1,8 @@
 """The operations surface with --slots 2 (issue 13, item 1): /status, the status page, GET /,
-/debug/health, /metrics show every slot's lab and holder, and the queue. One real server (fake
-netlab, --auth-file) for the module: alice and bob each hold a slot with a topology of their
-own (two labs up at once), bob's second session waits; alice looks, so bob's ids are short."""
+/debug/health, /metrics and systemd's STATUS= show every slot's lab and holder, and the queue.
+One real server (fake netlab, --auth-file) for the module: alice and bob each hold a slot with
+a topology of their own (two labs up at once), bob's second session waits; alice looks, so
+bob's ids are short."""
 import re
 import time
 
@@ -9,8 +10,9 @@ import pytest
 
 from chromium_support import chromium  # noqa: F401  (fixture)
 from helpers import ServerProcess
-from server_support import (MAPPING, SIMPLE, TOKENS, Api, metric_sample, wait_until,
+from server_support import (MAPPING, TOKENS, Api, metric_sample, wait_until,
                             write_auth_file)
+from systemd_support import NotifySocket
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,8 +24,11 @@ def lab2(tmp_path_factory):
     """(srv, {user: Api}, {name: session id}): alice in one slot (simple.yml, reuse), bob in
     the other (mapping.yml), bob's second session waiting."""
     tmp = tmp_path_factory.mktemp("slots-ops")
+    notify = NotifySocket()  # systemd's, for the STATUS= lines
     srv = ServerProcess(tmp, "--slots", "2", "--keep-warm", "60",
-                        "--auth-file", str(write_auth_file(tmp / "users"))).start()
+                        "--auth-file", str(write_auth_file(tmp / "users")),
+                        env={"NOTIFY_SOCKET": notify.address}).start()
+    srv.notify = notify
     apis = {name: Api(srv, TOKENS[name]) for name in ("alice", "bob", "root")}
     sids = {}
     for name, user, body in (("a", "alice", {"note": "CI #7", "link": "https://ci.example/7"}),
@@ -35,6 +40,7 @@ def lab2(tmp_path_factory):
     assert apis["bob"].post_lab(sids["b"], MAPPING, "mapping.yml")[0] == 200
     yield srv, apis, sids
     assert srv.stop() == 0
+    notify.close()
 
 
 def slot_of(view, slot):
@@ -120,6 +126,12 @@ def test_metrics_label_the_lab_gauges_with_their_slot(lab2):
     assert v("remote_lab_sessions", status="waiting") == 1
     assert v("remote_lab_sessions_overtaking_total") == 0
     assert not re.search(r"^remote_lab_lab_running ", text, re.M)  # no slot-less series
+
+
+def test_systemd_status_counts_the_busy_slots(lab2):
+    srv, apis, sids = lab2
+    line = "2/2 slots busy, 2 labs up (simple.yml,mapping.yml), 1 waiting"
+    wait_until(lambda: line in srv.notify.values("STATUS"), 10, what=line)
 
 
 def test_the_page_in_headless_chromium_shows_both_slots(lab2, chromium):
