@@ -13,6 +13,7 @@ from helpers import ServerProcess
 from server_support import (MAPPING, TOKENS, Api, metric_sample, wait_until,
                             write_auth_file)
 from systemd_support import NotifySocket
+from test_ops import parse_exposition
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,6 +117,9 @@ def test_root_and_debug_health_list_the_slots(lab2):
 def test_metrics_label_the_lab_gauges_with_their_slot(lab2):
     srv, apis, sids = lab2
     text = apis["alice"].req("GET", "/metrics")[1]
+    families = parse_exposition(text)  # (valid text format 0.0.4)
+    assert {labels["slot"] for _, labels, _ in families["remote_lab_lab_devices"]["samples"]} \
+        == {"1", "2"}
     v = lambda name, **labels: metric_sample(text, name, **labels)  # noqa: E731
     assert v("remote_lab_slots") == 2
     assert v("remote_lab_lab_running", slot="1") == 1 == v("remote_lab_lab_running", slot="2")
