@@ -3019,7 +3019,7 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
 
     labs = snap.labs or [dict(snap.lab, slot=1, warm_until=None)]
     in_slot = _sessions_in_slots(snap)
-    active = len(in_slot) if snap.slots > 1 else min(1, len(snap.sessions))
+    active = len(in_slot)  # the active sessions come first
     holder = None
     if snap.sessions:
         first = snap.sessions[0]
