@@ -2977,6 +2977,10 @@ class OpsSnapshot:
     waits: List[Optional[float]] = dataclasses.field(default_factory=list)  # per session,
     #                                  and one joining now: SessionQueue.waits(joining=1)
     max_hold: float = 0.0  # --max-hold (0: none)
+    slots: int = 1  # --slots
+    labs: List[dict] = dataclasses.field(default_factory=list)  # per slot: Lab.snapshot()
+    #                                  with "slot" and "warm_until" (the queue's clock); [] = [lab]
+    holders: Dict[int, str] = dataclasses.field(default_factory=dict)  # slot -> active session
 
 
 def sees_session(user: Optional["User"], meta: dict) -> bool:
@@ -2989,7 +2993,9 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
                 user: Optional["User"] = None) -> dict:
     """What /status answers (and the page shows): session ids shortened but the viewer's own
     (and, with --auth-file, those ``user`` owns; all for an admin), the queue's times on the
-    wall clock, who and why, the devices reduced to name, type and address."""
+    wall clock, who and why, the devices reduced to name, type and address. ``holder`` and
+    ``lab`` are the oldest active session and slot 1's lab (a one-slot server's only ones);
+    ``labs`` has every slot's lab and holder."""
     def wall(t):
         return round(snap.now - (snap.mono - t), 3)
 
@@ -3003,21 +3009,28 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
     def you(sid, meta):  # the viewer's own session (by id, or with --auth-file by its user)
         return sid == viewer or (user is not None and meta.get("user") == user.name)
 
-    lab = snap.lab
-    holder = None
-    if snap.sessions:
-        sid, created, last_seen, activated, meta = snap.sessions[0]
+    def holder_of(entry, lab):  # an active session, and the topology it uploaded to ``lab``
+        sid, created, last_seen, activated, meta = entry
         since = activated if activated is not None else created
         held = max(0.0, snap.mono - since)
-        holder = dict({"session": shown(sid, meta), "you": you(sid, meta), "since": wall(since),
-                       "last_seen": wall(last_seen),
-                       "topology": lab["topology"] if lab["holder"] == sid else None},
-                      held_s=round(held, 1), **who(meta),
-                      hold_left_s=_rounded(hold_left_after(snap.max_hold, held)))
-    queue = [dict({"position": i, "session": shown(sid, meta), "you": you(sid, meta),
+        return dict({"session": shown(sid, meta), "you": you(sid, meta), "since": wall(since),
+                     "last_seen": wall(last_seen),
+                     "topology": lab["topology"] if lab["holder"] == sid else None},
+                    held_s=round(held, 1), **who(meta),
+                    hold_left_s=_rounded(hold_left_after(snap.max_hold, held)))
+
+    labs = snap.labs or [dict(snap.lab, slot=1, warm_until=None)]
+    in_slot = _sessions_in_slots(snap)
+    active = len(in_slot)  # the active sessions come first
+    holder = None
+    if snap.sessions:
+        first = snap.sessions[0]
+        slot = next((k for k, e in in_slot.items() if e is first), None)
+        holder = holder_of(first, snap.lab if slot is None else labs[slot - 1])
+    queue = [dict({"position": i - active + 1, "session": shown(sid, meta), "you": you(sid, meta),
                    "joined": wall(created), "last_seen": wall(last_seen)}, **who(meta),
                   eta_s=snap.waits[i] if i < len(snap.waits) else None)
-             for i, (sid, created, last_seen, _, meta) in enumerate(snap.sessions) if i > 0]
+             for i, (sid, created, last_seen, _, meta) in enumerate(snap.sessions) if i >= active]
     return {
         "service": "remote-lab", "version": __version__, "token": snap.token,
         "server_time": round(snap.now, 3), "started": round(snap.started, 3),
@@ -3025,14 +3038,32 @@ def status_view(snap: OpsSnapshot, viewer: Optional[str] = None,
         "max_hold": snap.max_hold, "holder": holder, "queue": queue,
         "join_eta_s": snap.waits[len(snap.sessions)] if len(snap.waits) > len(snap.sessions)
         else None,
-        "lab": {"state": lab["state"], "running": lab["running"], "topology": lab["topology"],
-                "ref_count": lab["ref_count"],
-                "holder": lab["holder"][:SHORT_ID] if lab["holder"] else None,
-                "devices": [_device_view(d) for d in lab["devices"]],
-                "last_error": lab["last_error"]},
+        "lab": _lab_view(snap.lab),
         "events": [{"time": round(e["time"], 3), "kind": e["kind"], "text": e["text"],
                     "detail": e["detail"]} for e in reversed(snap.events)],
+        "slots": snap.slots,
+        "labs": [{"slot": lab["slot"],
+                  "lab": dict(_lab_view(lab), warm_until=None if lab.get("warm_until") is None
+                              else wall(lab["warm_until"])),
+                  "holder": holder_of(in_slot[lab["slot"]], lab) if lab["slot"] in in_slot
+                  else None} for lab in labs],
     }
+
+
+def _sessions_in_slots(snap: OpsSnapshot) -> Dict[int, tuple]:
+    """slot -> the snapshot's entry of the active session in it (one slot: the first)."""
+    if snap.slots == 1:
+        return {1: snap.sessions[0]} if snap.sessions else {}
+    entries = {entry[0]: entry for entry in snap.sessions}
+    return {slot: entries[sid] for slot, sid in sorted(snap.holders.items()) if sid in entries}
+
+
+def _lab_view(lab: dict) -> dict:
+    return {"state": lab["state"], "running": lab["running"], "topology": lab["topology"],
+            "ref_count": lab["ref_count"],
+            "holder": lab["holder"][:SHORT_ID] if lab["holder"] else None,
+            "devices": [_device_view(d) for d in lab["devices"]],
+            "last_error": lab["last_error"]}
 
 
 def _device_view(device: dict) -> dict:
@@ -3044,6 +3075,8 @@ def _device_view(device: dict) -> dict:
 
 def systemd_status_line(snap: OpsSnapshot) -> str:
     """The one-line STATUS= for systemd, e.g. "lab r1,r2 held by sid=1a2b3c4d, 3 waiting"."""
+    if snap.slots > 1:
+        return _slots_status_line(snap)
     active = snap.sessions[0][0] if snap.sessions else None
     waiting = max(0, len(snap.sessions) - 1)
     s = snap.lab
@@ -3061,6 +3094,19 @@ def systemd_status_line(snap: OpsSnapshot) -> str:
         text = "sid=%s active, no lab" % active[:SHORT_ID]
     else:
         text = "%s held by sid=%s" % (lab, active[:SHORT_ID])
+    if waiting:
+        text += ", %d waiting" % waiting
+    return text
+
+
+def _slots_status_line(snap: OpsSnapshot) -> str:
+    """STATUS= with --slots N, e.g. "2/3 slots busy, 3 labs up (a.yml,b.yml,c.yml), 4 waiting"."""
+    busy = len(_sessions_in_slots(snap))
+    up = [lab["topology"] or "-" for lab in snap.labs if lab["state"] == RUNNING]
+    text = "%d/%d slots busy" % (busy, snap.slots)
+    if up:
+        text += ", %d lab%s up (%s)" % (len(up), "" if len(up) == 1 else "s", ",".join(up))
+    waiting = max(0, len(snap.sessions) - busy)
     if waiting:
         text += ", %d waiting" % waiting
     return text
@@ -3732,15 +3778,22 @@ class App:
     def get_root(self, request):
         if "text/html" in (request.header("Accept") or ""):  # a browser: the status page
             return self.get_status_page(request)
-        return Response(200, {"service": "remote-lab", "version": __version__,
-                              "uptime": round(time.monotonic() - self.started_mono, 3),
-                              "queue_length": len(self.queue),
-                              "active_session": self.shown_id(request, self.queue.active_id()),
-                              "lab": self.lab_summary(), "docs": "/docs",
-                              # which server this is: clients show it, and local mode compares it
-                              "pid": os.getpid(), "simulated": self.settings.simulate,
-                              "netlab": "simulated (built into remote_lab.py)"
-                              if self.settings.simulate else self.settings.netlab})
+        summary = {"service": "remote-lab", "version": __version__,
+                   "uptime": round(time.monotonic() - self.started_mono, 3),
+                   "queue_length": len(self.queue),
+                   "active_session": self.shown_id(request, self.queue.active_id()),
+                   "lab": self.lab_summary(), "docs": "/docs",
+                   # which server this is: clients show it, and local mode compares it
+                   "pid": os.getpid(), "simulated": self.settings.simulate,
+                   "netlab": "simulated (built into remote_lab.py)"
+                   if self.settings.simulate else self.settings.netlab}
+        if self.settings.slots > 1:  # additive: a one-slot server answers as before
+            holders = self.queue.active_ids()
+            summary["slots"] = self.settings.slots
+            summary["labs"] = [dict(self.lab_summary(lab), slot=lab.slot,
+                                    session=self.shown_id(request, holders.get(lab.slot)))
+                               for lab in self.labs]
+        return Response(200, summary)
 
     def shown_id(self, request: "Request", sid: Optional[str]) -> Optional[str]:
         """``sid`` in full for whoever may see it (without --auth-file: everyone), else its
@@ -3753,8 +3806,8 @@ class App:
             meta = {}
         return sid if sees_session(request.user, meta) else sid[:SHORT_ID]
 
-    def lab_summary(self):
-        s = self.lab.snapshot()
+    def lab_summary(self, lab: Optional["Lab"] = None):
+        s = (lab or self.lab).snapshot()
         return {"state": s["state"], "topology": s["topology"], "ref_count": s["ref_count"],
                 "devices": [d["name"] for d in s["devices"]]}
 
@@ -3771,22 +3824,27 @@ class App:
         "responses": {"200": _json_response("Server state.", _ref("DebugHealth"))}})
     def get_debug_health(self, request):
         sessions = self.queue.snapshot()
-        lab = self.lab.snapshot()
+        labs = [lab.snapshot() for lab in self.labs]
         if request.user is not None:  # others' sessions by short id only
             for s in sessions:
                 if not sees_session(request.user, s):
                     s["session_id"] = s["session_id"][:SHORT_ID]
-            lab["holder"] = self.shown_id(request, lab["holder"])
+            for lab in labs:
+                lab["holder"] = self.shown_id(request, lab["holder"])
         # "sessions" is a count, as the seed's server answers (monitoring reads it); the list
         # goes under its own key
-        return Response(200, {"status": "ok", "timestamp": time.time(),
-                              "uptime": round(time.monotonic() - self.started_mono, 3),
-                              "sessions": len(sessions), "session_list": sessions,
-                              "queue_length": len(sessions),
-                              "lab": lab, "version": __version__,
-                              "netlab_calls": dict(self.metrics.netlab_calls),
-                              "netlab_failures": dict(self.metrics.netlab_failures),
-                              "counters": dict(self.metrics.counters)})
+        health = {"status": "ok", "timestamp": time.time(),
+                  "uptime": round(time.monotonic() - self.started_mono, 3),
+                  "sessions": len(sessions), "session_list": sessions,
+                  "queue_length": len(sessions),
+                  "lab": labs[0], "version": __version__,
+                  "netlab_calls": dict(self.metrics.netlab_calls),
+                  "netlab_failures": dict(self.metrics.netlab_failures),
+                  "counters": dict(self.metrics.counters)}
+        if self.settings.slots > 1:  # additive: a one-slot server answers as before
+            health["slots"] = self.settings.slots
+            health["labs"] = [dict(lab, slot=k) for k, lab in enumerate(labs, 1)]
+        return Response(200, health)
 
     @endpoint("POST", "/session", body=JSON_BODY, openapi={
         "tags": ["sessions"], "summary": "Join the queue",
@@ -4153,23 +4211,35 @@ class App:
             sessions = [(s.id, s.created, s.last_seen, s.activated, s.meta)
                         for s in q._sessions.values()]
             waits = q.waits(joining=1)  # and that of a session joining now
+            holders = q.active_ids()
         token = self.ops_token()
         now = time.time()
-        lab = self.lab.snapshot()
+        labs = [self.slot_snapshot(lab) for lab in self.labs]
         events, total = self.events.recent(PAGE_EVENTS)
-        return OpsSnapshot(token=token, now=now, mono=mono, sessions=sessions, lab=lab,
+        return OpsSnapshot(token=token, now=now, mono=mono, sessions=sessions, lab=labs[0],
                            events=events, events_total=total, started=self.started,
                            uptime=time.monotonic() - self.started_mono,
                            timeouts={"waiting": self.settings.waiting_timeout,
                                      "active": self.settings.active_timeout},
-                           waits=waits, max_hold=self.settings.max_hold)
+                           waits=waits, max_hold=self.settings.max_hold,
+                           slots=self.settings.slots, labs=labs, holders=holders)
+
+    @staticmethod
+    def slot_snapshot(lab: "Lab") -> dict:
+        """Lab.snapshot() with its slot and keep-warm deadline (the queue's clock, or None)."""
+        with lab.cond:  # one moment for all
+            snap = lab.snapshot()
+            warm_until = lab.info.warm_until if lab.info.state == RUNNING else None
+        return dict(snap, slot=lab.slot, warm_until=warm_until)
 
     @endpoint("GET", "/status", openapi={
         "tags": ["operations"], "summary": "Status page data (long-poll)",
         "description": "What the status page shows, with session ids shortened to 8 characters "
                        "(except the viewer's own, given as `sid`). With `wait` and `since` the "
                        "answer is held until the state token differs from `since` or `wait` "
-                       "seconds pass. Never counts as a session's sign of life.",
+                       "seconds pass. Never counts as a session's sign of life. `labs` has "
+                       "every slot's lab and holder (`--slots N`); `holder` and `lab` are the "
+                       "oldest active session and slot 1's lab, `queue` the waiting sessions.",
         "parameters": [
             {"name": "wait", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 60},
@@ -5522,7 +5592,7 @@ class MetricsText:
 def render_metrics(metrics: "Metrics", snap: "OpsSnapshot") -> str:
     """GET /metrics: the counters and histograms of ``metrics``, the gauges of ``snap``."""
     sessions = len(snap.sessions)
-    lab = snap.lab
+    active = len(_sessions_in_slots(snap))
     counters = dict(metrics.counters)
     calls, failures = dict(metrics.netlab_calls), dict(metrics.netlab_failures)
     verbs = sorted(set(("up", "down", "inspect")) | set(calls) | set(failures))
@@ -5536,15 +5606,9 @@ def render_metrics(metrics: "Metrics", snap: "OpsSnapshot") -> str:
     m.simple("gauge", "remote_lab_queue_length", "Sessions in the queue (active and waiting).",
              sessions)
     m.simple("gauge", "remote_lab_sessions", "Sessions by status.",
-             [((("status", "active"),), min(1, sessions)),
-              ((("status", "waiting"),), max(0, sessions - 1))])
-    m.simple("gauge", "remote_lab_lab_running", "1 when the lab is up.", 1 if lab["running"] else 0)
-    m.simple("gauge", "remote_lab_lab_state", "1 for the current lab state, 0 for the others.",
-             [((("state", s),), 1 if lab["state"] == s else 0)
-              for s in (STOPPED, STARTING, RUNNING, STOPPING)])
-    m.simple("gauge", "remote_lab_lab_ref_count", "References held on the running lab.",
-             lab["ref_count"])
-    m.simple("gauge", "remote_lab_lab_devices", "Devices of the running lab.", len(lab["devices"]))
+             [((("status", "active"),), active),
+              ((("status", "waiting"),), sessions - active)])
+    _lab_metrics(m, snap)
     m.simple("gauge", "remote_lab_status_page_watchers",
              "Status pages waiting for a change right now (GET /status?wait=).",
              metrics.status_watchers)
@@ -5554,6 +5618,9 @@ def render_metrics(metrics: "Metrics", snap: "OpsSnapshot") -> str:
              counters.get("sessions_ended", 0))
     m.simple("counter", "remote_lab_sessions_expired_total",
              "Sessions dropped for lack of a sign of life.", counters.get("sessions_expired", 0))
+    m.simple("counter", "remote_lab_sessions_overtaking_total",
+             "Sessions promoted ahead of others for a warm lab they declared (affinity).",
+             counters.get("sessions_overtaking", 0))
     m.simple("counter", "remote_lab_netlab_commands_total", "netlab commands run, by verb.",
              [((("command", v),), calls.get(v, 0)) for v in verbs])
     m.simple("counter", "remote_lab_netlab_failures_total",
@@ -5574,6 +5641,24 @@ def render_metrics(metrics: "Metrics", snap: "OpsSnapshot") -> str:
              [((("route", r), ("status", s)), n)
               for (r, s), n in sorted(dict(metrics.http_requests).items())])
     return m.text()
+
+def _lab_metrics(m: "MetricsText", snap: "OpsSnapshot") -> None:
+    """The lab gauges: one series (the seed's) with one slot, else one per slot (``slot``)."""
+    if snap.slots == 1:
+        labs = [((), snap.lab)]
+    else:
+        m.simple("gauge", "remote_lab_slots", "Labs that may run at once (--slots).", snap.slots)
+        labs = [((("slot", lab["slot"]),), lab) for lab in snap.labs]
+    m.simple("gauge", "remote_lab_lab_running", "1 when the lab is up.",
+             [(slot, 1 if lab["running"] else 0) for slot, lab in labs])
+    m.simple("gauge", "remote_lab_lab_state", "1 for the current lab state, 0 for the others.",
+             [(slot + (("state", s),), 1 if lab["state"] == s else 0)
+              for slot, lab in labs for s in (STOPPED, STARTING, RUNNING, STOPPING)])
+    m.simple("gauge", "remote_lab_lab_ref_count", "References held on the running lab.",
+             [(slot, lab["ref_count"]) for slot, lab in labs])
+    m.simple("gauge", "remote_lab_lab_devices", "Devices of the running lab.",
+             [(slot, len(lab["devices"])) for slot, lab in labs])
+
 
 def _state_metrics(m: "MetricsText", store: Optional["StateStore"]) -> None:
     """The figures the state database keeps over restarts (and its write errors)."""
@@ -5812,22 +5897,9 @@ def render_status_sections(st: dict) -> Dict[str, str]:
         queue = ('<div class="scroll"><table><thead><tr><th>#</th><th>session</th><th>waiting for'
                  '</th><th>estimated wait</th><th class="hide-narrow">last sign of life</th></tr>'
                  "</thead><tbody>%s</tbody></table></div>" % rows)
-    lab_ = st["lab"]
-    lab = ('<dl><dt>state</dt><dd><span class="badge s-%s">%s</span></dd><dt>topology</dt><dd>%s'
-           "</dd><dt>ref count</dt><dd>%d</dd></dl>"
-           % (_h(lab_["state"]), _h(lab_["state"]),
-              "<code>%s</code>" % _h(lab_["topology"]) if lab_["topology"]
-              else '<span class="muted">-</span>', lab_["ref_count"]))
-    if lab_["devices"]:
-        lab += ('<div class="scroll"><table><thead><tr><th>device</th><th>type</th><th>management '
-                "address</th></tr></thead><tbody>%s</tbody></table></div>"
-                % "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>"
-                          % (_h(d["name"]), _h(d["device"] or ""),
-                             "<code>%s</code>" % _h(d["mgmt"]) if d["mgmt"] else "-")
-                          for d in lab_["devices"]))
-    if lab_["last_error"]:
-        lab += ("<details><summary>last netlab failure</summary><pre>%s</pre></details>"
-                % _h(lab_["last_error"]))
+    lab = _lab_html(st["lab"])
+    if st.get("slots", 1) > 1:  # every slot's holder and lab (one slot: the seed's sections)
+        holder, lab = _slot_holders_html(st), _slot_labs_html(st)
     if not st["events"]:
         events = '<p class="muted">Nothing happened yet.</p>'
     else:
@@ -5839,6 +5911,66 @@ def render_status_sections(st: dict) -> Dict[str, str]:
             for e in st["events"])
     return {"holder": holder, "queue": queue, "lab": lab, "events": events,
             "uptime": _ago_html(st["started"], now)}
+
+
+def _lab_html(lab_: dict, warm: str = "") -> str:
+    """A lab: state, topology, ref count (and ``warm``: more of the list), devices, failure."""
+    lab = ('<dl><dt>state</dt><dd><span class="badge s-%s">%s</span></dd><dt>topology</dt><dd>%s'
+           "</dd><dt>ref count</dt><dd>%d</dd>%s</dl>"
+           % (_h(lab_["state"]), _h(lab_["state"]),
+              "<code>%s</code>" % _h(lab_["topology"]) if lab_["topology"]
+              else '<span class="muted">-</span>', lab_["ref_count"], warm))
+    if lab_["devices"]:
+        lab += ('<div class="scroll"><table><thead><tr><th>device</th><th>type</th><th>management '
+                "address</th></tr></thead><tbody>%s</tbody></table></div>"
+                % "".join("<tr><td>%s</td><td>%s</td><td>%s</td></tr>"
+                          % (_h(d["name"]), _h(d["device"] or ""),
+                             "<code>%s</code>" % _h(d["mgmt"]) if d["mgmt"] else "-")
+                          for d in lab_["devices"]))
+    if lab_["last_error"]:
+        lab += ("<details><summary>last netlab failure</summary><pre>%s</pre></details>"
+                % _h(lab_["last_error"]))
+    return lab
+
+
+def _slot_holders_html(st: dict) -> str:
+    """With --slots N: who holds each slot, for how long, why, and the topology it uploaded."""
+    now = st["server_time"]
+    busy = sum(1 for entry in st["labs"] if entry["holder"])
+    rows = []
+    for entry in st["labs"]:
+        h = entry["holder"]
+        if h is None:
+            rows.append('<tr class="slot-free"><td>%d</td><td colspan="4" class="muted">free'
+                        "</td></tr>" % entry["slot"])
+            continue
+        held = now - h["held_s"] if h.get("held_s") is not None else h["since"]
+        left = ('<div class="hold-left muted">ends in %s (--max-hold)</div>'
+                % fmt_duration(h["hold_left_s"]) if h.get("hold_left_s") is not None else "")
+        rows.append('<tr class="slot-busy"><td>%d</td><td>%s</td><td>%s</td><td>%s%s</td>'
+                    '<td class="hide-narrow">%s ago</td></tr>'
+                    % (entry["slot"], _owner_html(h) + _who_html(h["session"], h["you"])
+                       + _why_html(h), "<code>%s</code>" % _h(h["topology"]) if h["topology"]
+                       else '<span class="muted">none yet</span>', _ago_html(held, now), left,
+                       _ago_html(h["last_seen"], now)))
+    return ('<div class="big">%d of %d slots busy</div><div class="scroll"><table><thead><tr>'
+            "<th>slot</th><th>session</th><th>topology</th><th>held for</th>"
+            '<th class="hide-narrow">last sign of life</th></tr></thead><tbody>%s</tbody>'
+            "</table></div>" % (busy, st["slots"], "".join(rows)))
+
+
+def _slot_labs_html(st: dict) -> str:
+    """With --slots N: each slot's lab, and until when an idle one is kept warm."""
+    now = st["server_time"]
+    parts = []
+    for entry in st["labs"]:
+        lab_ = entry["lab"]
+        warm = ("<dt>kept warm</dt><dd>until %s (%s left)</dd>"
+                % (_clock_html(lab_["warm_until"]), fmt_duration(lab_["warm_until"] - now))
+                if lab_.get("warm_until") is not None else "")
+        parts.append('<div class="slot" data-slot="%d"><h3>slot %d</h3>%s</div>'
+                     % (entry["slot"], entry["slot"], _lab_html(lab_, warm)))
+    return "".join(parts)
 
 
 def _json_for_script(data) -> str:
@@ -5857,9 +5989,9 @@ def render_status_page(st: dict) -> bytes:
 <body>
 <header><h1>remote-lab</h1><span class="muted">version %(version)s, up <span id="uptime">%(uptime)s</span></span></header>
 <main id="status" data-token="%(token)s" data-holder="%(holder_id)s" data-waiting="%(waiting)d" data-lab-state="%(lab_state)s">
-<section class="card" id="holder"><h2>Lab holder</h2><div id="holder-body">%(holder)s</div></section>
+<section class="card" id="holder"><h2>Lab holder%(plural)s</h2><div id="holder-body">%(holder)s</div></section>
 <section class="card" id="queue"><h2>Queue (<span id="queue-count">%(waiting)d</span> waiting)</h2><div id="queue-body">%(queue)s</div></section>
-<section class="card" id="lab"><h2>Lab</h2><div id="lab-body">%(lab)s</div></section>
+<section class="card" id="lab"><h2>Lab%(plural)s</h2><div id="lab-body">%(lab)s</div></section>
 <section class="card" id="events"><h2>Recent events</h2><div id="events-body">%(events)s</div></section>
 </main>
 <footer class="muted"><span id="live">static snapshot taken at %(taken)s (reload for fresh data)</span> &middot;
@@ -5876,7 +6008,7 @@ timeouts: waiting %(wait_to)s, active %(active_to)s &middot;
         "waiting": len(st["queue"]), "lab_state": _h(st["lab"]["state"]),
         "taken": _clock_html(st["server_time"]), "wait_to": fmt_duration(st["timeouts"]["waiting"]),
         "active_to": fmt_duration(st["timeouts"]["active"]), "data": _json_for_script(st),
-        "js": STATUS_JS, **parts}
+        "js": STATUS_JS, "plural": "s" if st.get("slots", 1) > 1 else "", **parts}
     return page.encode("utf-8")
 
 # -- 9.4 the OpenAPI 3.1 document (every endpoint of App.endpoints, errors as implemented) --
@@ -5960,7 +6092,19 @@ OPENAPI_SCHEMAS = {
         "active_session": _NULLABLE_STR, "lab": _ref("LabSummary"), "docs": {"type": "string"},
         "pid": {"type": "integer"}, "simulated": {"type": "boolean"},
         "netlab": {"type": "string", "description": "the netlab command (absolute path), or "
-                                                   "the built-in simulator's name"}}},
+                                                   "the built-in simulator's name"},
+        "slots": {"type": "integer", "minimum": 2, "description": "Only with `--slots N` (N > "
+                  "1): labs at once; `lab` and `active_session` are then slot 1's lab and the "
+                  "oldest active session."},
+        "labs": {"type": "array", "description": "Only with `--slots N` (N > 1): each slot's "
+                 "lab (as `lab`) and its active session.", "items": {
+                     "type": "object", "properties": {
+                         "slot": {"type": "integer", "minimum": 1},
+                         "session": _NULLABLE_STR,
+                         "state": {"type": "string",
+                                   "enum": [STOPPED, STARTING, RUNNING, STOPPING]},
+                         "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},
+                         "devices": {"type": "array", "items": {"type": "string"}}}}}}},
     "DebugHealth": {"type": "object", "required": ["status", "timestamp", "uptime", "sessions",
                                                    "queue_length"], "properties": {
         "status": {"type": "string", "const": "ok"}, "timestamp": {"type": "number"},
@@ -5973,10 +6117,32 @@ OPENAPI_SCHEMAS = {
             "status": {"type": "string", "enum": ["active", "waiting"]},
             "age": {"type": "number"}, "idle": {"type": "number"},
             "owner": _NULLABLE_STR, "user": _NULLABLE_STR}}},
-        "lab": {"type": "object"}, "version": {"type": "string"},
+        "lab": {"type": "object", "description": "Slot 1's lab."}, "version": {"type": "string"},
         "netlab_calls": {"type": "object", "additionalProperties": {"type": "integer"}},
         "netlab_failures": {"type": "object", "additionalProperties": {"type": "integer"}},
-        "counters": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+        "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "slots": {"type": "integer", "minimum": 2,
+                  "description": "Only with `--slots N` (N > 1): labs at once."},
+        "labs": {"type": "array", "description": "Only with `--slots N` (N > 1): each slot's "
+                 "lab, as `lab`, with its `slot`.", "items": {"type": "object", "properties": {
+                     "slot": {"type": "integer", "minimum": 1}}}}}},
+    "StatusHolder": {"type": "object", "properties": {
+        "session": {"type": "string"}, "you": {"type": "boolean"},
+        "since": {"type": "number"}, "last_seen": {"type": "number"},
+        "topology": _NULLABLE_STR, "held_s": {"type": "number"}, "owner": _NULLABLE_STR,
+        "note": _NULLABLE_STR, "link": _NULLABLE_STR,
+        "hold_left_s": {"type": ["number", "null"], "description": "With `--max-hold`: "
+                        "seconds until it is ended; else null."}}},
+    "StatusLab": {"type": "object", "properties": {
+        "state": {"type": "string"}, "running": {"type": "boolean"},
+        "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},
+        "holder": {"type": ["string", "null"], "description": "The session that started or "
+                   "last acquired it (8 characters)."},
+        "devices": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "device": _NULLABLE_STR, "mgmt": _NULLABLE_STR}}},
+        "last_error": _NULLABLE_STR,
+        "warm_until": {"type": ["number", "null"], "description": "In `labs` only: Unix time "
+                       "until which the idle lab is kept warm (`--keep-warm`), else null."}}},
     "Status": {"type": "object", "required": ["token", "server_time", "holder", "queue", "lab",
                                               "events"], "properties": {
         "service": {"type": "string"}, "version": {"type": "string"},
@@ -5985,13 +6151,7 @@ OPENAPI_SCHEMAS = {
         "uptime": {"type": "number"},
         "timeouts": {"type": "object", "properties": {"waiting": {"type": "number"},
                                                       "active": {"type": "number"}}},
-        "holder": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
-            "session": {"type": "string"}, "you": {"type": "boolean"},
-            "since": {"type": "number"}, "last_seen": {"type": "number"},
-            "topology": _NULLABLE_STR, "held_s": {"type": "number"}, "owner": _NULLABLE_STR,
-            "note": _NULLABLE_STR, "link": _NULLABLE_STR,
-            "hold_left_s": {"type": ["number", "null"], "description": "With `--max-hold`: "
-                            "seconds until it is ended; else null."}}}]},
+        "holder": {"oneOf": [{"type": "null"}, _ref("StatusHolder")]},
         "queue": {"type": "array", "items": {"type": "object", "properties": {
             "position": {"type": "integer"}, "session": {"type": "string"},
             "you": {"type": "boolean"}, "joined": {"type": "number"},
@@ -6002,12 +6162,17 @@ OPENAPI_SCHEMAS = {
         "max_hold": {"type": "number", "description": "`--max-hold` in seconds (0: none)."},
         "join_eta_s": {"type": ["number", "null"], "description": "The estimated wait of a "
                        "session joining now (0: the lab is free; null: unknown)."},
-        "lab": {"type": "object", "properties": {
-            "state": {"type": "string"}, "running": {"type": "boolean"},
-            "topology": _NULLABLE_STR, "ref_count": {"type": "integer"},
-            "devices": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "device": _NULLABLE_STR, "mgmt": _NULLABLE_STR}}},
-            "last_error": _NULLABLE_STR}},
+        "lab": _ref("StatusLab"),
+        "slots": {"type": "integer", "minimum": 1, "description": "`--slots`: labs at once. "
+                  "`holder` is the oldest active session, `lab` slot 1's lab; `labs` has every "
+                  "slot's."},
+        "labs": {"type": "array", "items": {"type": "object", "required": ["slot", "lab",
+                                                                           "holder"],
+                                            "properties": {
+            "slot": {"type": "integer", "minimum": 1},
+            "lab": _ref("StatusLab"),
+            "holder": {"oneOf": [{"type": "null"}, _ref("StatusHolder")],
+                       "description": "The active session in the slot, as `holder`."}}}},
         "events": {"type": "array", "items": {"type": "object", "properties": {
             "time": {"type": "number"}, "kind": {"type": "string"}, "text": {"type": "string"},
             "detail": _NULLABLE_STR}}},
