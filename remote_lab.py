@@ -2903,12 +2903,17 @@ class EventLog:
     def waiter_dropped(self, sid: str, why: str) -> None:
         self.defer("expired", "waiting session %s expired (%s)" % (sid[:SHORT_ID], why))
 
-    def restarted(self, sessions: int, plan: "RestorePlan", was: str) -> None:
-        """The start-up found a previous server's state (``was``: how that one ended)."""
-        lab = ("the lab %s adopted" % plan.adopt.topology if plan.adopt is not None
-               else "the lab lost (%s)" % plan.lost if plan.lost else "no lab")
+    def restarted(self, sessions: int, plans: List["RestorePlan"], was: str) -> None:
+        """The start-up found a previous server's state (``was``: how that one ended;
+        ``plans``: what became of each slot's lab)."""
+        labs = ["%s %s adopted" % ("the lab" if len(plans) == 1 else "slot %d's lab" % k,
+                                   p.adopt.topology) if p.adopt is not None
+                else "%s lost (%s)" % ("the lab" if len(plans) == 1 else "slot %d's lab" % k,
+                                       p.lost) if p.lost else None
+                for k, p in enumerate(plans, 1)]
         self.record("restart", "restarted after %s; %d session%s restored, %s"
-                    % (was, sessions, "" if sessions == 1 else "s", lab))
+                    % (was, sessions, "" if sessions == 1 else "s",
+                       ", ".join(t for t in labs if t) or "no lab"))
 
     def netlab_done(self, verb: str, seconds: float, error: Optional[str], ctx: str) -> None:
         where = "" if ctx in ("-", "", None) else " [%s]" % ctx
@@ -3558,7 +3563,6 @@ class App:
                              saved_session_meta(meta), slot)
                             for sid, created, activated, meta, slot in saved.sessions])
         plans = [self._restore_lab(lab, saved) for lab in self.labs]
-        plan = next((p for p in plans if p.adopt is not None or p.lost), plans[0])
         if existed:
             was = {"stop": "a stop", "reload": "a reload"}.get(saved.previous_exit or "stop",
                                                                 "a crash (no clean stop)")
@@ -3568,9 +3572,11 @@ class App:
             for p in plans:
                 if p.adopt is not None or p.lost:
                     self.store.bump("labs_adopted" if p.adopt is not None else "labs_lost")
-            self.events.restarted(len(saved.sessions), plan, was)
+            self.events.restarted(len(saved.sessions), plans, was)
+            adopted, lost = (sum(bool(getattr(p, k)) for p in plans) for k in ("adopt", "lost"))
             log.info("restored the state of %s: %d session(s), %s", was, len(saved.sessions),
-                     "lab adopted" if plan.adopt else "lab lost" if plan.lost else "no lab")
+                     "%d lab(s) adopted, %d lost" % (adopted, lost) if len(plans) > 1 else
+                     "lab adopted" if adopted else "lab lost" if lost else "no lab")
         self.store.set_meta("exit", "running")  # until a clean stop says otherwise
 
     def _restore_lab(self, lab: "Lab", saved: SavedState) -> RestorePlan:

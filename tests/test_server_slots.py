@@ -103,6 +103,8 @@ def test_a_restart_restores_every_slot_and_adopts_its_lab(start_server):
     assert api.lab(a)[1]["topology"] == "simple.yml" and api.lab(a)[1]["running"]
     assert api.lab(b)[1]["topology"] == "mapping.yml" and api.lab(b)[1]["running"]
     assert len(calls_of(srv, "up")) == 2 and calls_of(srv, "down") == []  # both adopted
+    assert "restarted after a stop; 3 sessions restored, slot 1's lab simple.yml adopted, slot " \
+        "2's lab mapping.yml adopted" in [e["text"] for e in api.req("GET", "/status")[1]["events"]]
     assert api.delete_session(b) == 204
     assert api.session_full(c)[1]["slot"] == 2
 
