@@ -1396,8 +1396,14 @@ def holder_text(status, later=0.0):
     holder = status.get("holder") if isinstance(status, dict) else None
     if not isinstance(holder, dict):
         return None
-    who = _meta_text(holder.get("owner")) \
-        or "session %s" % _meta_text(str(holder.get("session") or "?"))[:36]
+    slots = status.get("labs")
+    if isinstance(slots, list) and len(slots) > 1:  # --slots N: who holds each
+        holders = [s["holder"] for s in slots if isinstance(s, dict)
+                   and isinstance(s.get("holder"), dict)]
+        return "%d of %d lab slots busy (%s%s)" % (
+            len(holders), len(slots), ", ".join(_holder_name(h) for h in holders[:3]),
+            ", ..." if len(holders) > 3 else "")
+    who = _holder_name(holder)
     held = holder.get("held_s")
     if not isinstance(held, (int, float)) or isinstance(held, bool):
         try:  # a server before held_s: since which wall-clock time
@@ -1407,6 +1413,12 @@ def holder_text(status, later=0.0):
     note = _meta_text(holder.get("note"))
     return "lab held by %s%s%s" % (who, "" if held is None else " for " + _held_for(held + later),
                                    " (%s)" % note if note else "")
+
+
+def _holder_name(holder):
+    """Who a /status holder entry is: its owner, else its (short) session id."""
+    return _meta_text(holder.get("owner")) \
+        or "session %s" % _meta_text(str(holder.get("session") or "?"))[:36]
 
 
 def eta_text(eta_s):

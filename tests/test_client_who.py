@@ -274,6 +274,12 @@ def test_holder_text_of_a_status_answer():
     assert rlc.holder_text({"holder": None}) is None and rlc.holder_text(None) is None
 
 
+def test_holder_text_with_several_slots_names_each_holder():
+    labs = [{"slot": 1, "holder": {"session": "d013cd02", "owner": "alice@laptop"}},
+            {"slot": 2, "holder": None}, {"slot": 3, "holder": {"session": "9c1d44e0"}}]
+    status = {"holder": labs[0]["holder"], "labs": labs}
+    assert rlc.holder_text(status) == "2 of 3 lab slots busy (alice@laptop, session 9c1d44e0)"
+
 
 @pytest.mark.timeout(90)
 def test_on_a_narrow_terminal_the_waiting_line_is_cut_to_fit(srv):
