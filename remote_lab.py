@@ -250,8 +250,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def _slot_count(text):
     value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError("must be between 1 and 100: %r" % text)
+    if not 1 <= value <= 199:  # netlab's multilab ids 1..200, but 121
+        raise argparse.ArgumentTypeError("must be between 1 and 199: %r" % text)
     return value
 
 

@@ -154,3 +154,19 @@ def test_a_session_takes_over_the_warm_lab_of_a_free_slot(start_server):
                                                                          "leaf2"]
     assert not [p for p in (srv.state_dir / "labs" / "slot-1").iterdir()
                 if p.name.startswith("lab-")][1:]  # the upload moved with c: one dir each
+
+
+def test_the_slots_multilab_ids_skip_121_or_come_from_multilab_ids():
+    import remote_lab
+    s = remote_lab.settings_from_args(["--slots", "122"])
+    assert [s.multilab_id(k) for k in (1, 2, 120, 121, 122)] == [1, 2, 120, 122, 123]
+    assert remote_lab.settings_from_args([]).multilab_id(1) is None  # one slot: no plugin
+    s = remote_lab.settings_from_args(["--slots", "2", "--multilab-ids", "7,9"])
+    assert [s.multilab_id(k) for k in (1, 2)] == [7, 9]
+    assert s.overtake_limit == 4
+    assert remote_lab.settings_from_args(["--max-overtake", "0"]).overtake_limit == 0
+    for bad in (["--slots", "0"], ["--slots", "2", "--multilab-ids", "7"],
+                ["--slots", "2", "--multilab-ids", "7,7"], ["--multilab-ids", "x"],
+                ["--slots", "2", "--multilab-ids", "1,201"], ["--max-overtake", "-1"]):
+        with pytest.raises(SystemExit):
+            remote_lab.settings_from_args(bad)
