@@ -3741,7 +3741,8 @@ def _note_host(config, client):
 def _terminal_line(config, line):
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.ensure_newline()
+        if getattr(reporter, "_width_of_current_line", 0):  # after progress dots (xdist's
+            reporter.write("\n")  # are not known to ensure_newline)
         reporter.write_line(line)
 
 
