@@ -211,3 +211,18 @@ def test_marks(lab_simple, request):
                                           "-W", "error", "--remote-lab-xdist-group",
                                           timeout=120)
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.timeout(120)
+def test_the_header_names_each_server_of_a_pool(project, servers, monkeypatch):
+    one, two = servers.start(), servers.start("--slots", "2")
+    monkeypatch.setenv("REMOTE_LAB_URL", "%s,%s" % (one.url, two.url))
+    project.makepyfile(test_plain="def test_plain():\n    pass\n")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    for srv in (one, two):
+        assert lines_matching(out, r"^remote lab: %s \(REMOTE_LAB_URL\) \(remote-lab .*pid %d"
+                              % (re.escape(srv.url), srv.proc.pid)), out
+    assert len(lines_matching(out, r"^remote lab: lab free$")) == 2, out
+    assert sessions_created(one) == sessions_created(two) == 0
