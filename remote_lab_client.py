@@ -3677,8 +3677,9 @@ def _apply_xdist_groups(items):
         grouped = item.__dict__.get("_nodeid")
         if not isinstance(grouped, str) or grouped == item.nodeid or "@" not in grouped:
             continue
-        try:
-            item._id = type(item._id).parse(grouped)
+        path, _, rest = grouped.partition("::")
+        try:  # the names keep any "[params]@group" whole: str() gives back ``grouped``
+            item._id = type(item._id)(path=path, names=tuple(rest.split("::")) if rest else ())
         except (AttributeError, TypeError, ValueError) as e:  # another pytest: leave it
             _log.debug("cannot apply xdist group %r: %s", grouped, e)
             return
