@@ -3719,9 +3719,7 @@ def _xdist_workers(config):
 def _host_words(client):
     """ "lab host http://lab1:8000" (the pool entry the session got; for ssh:// and local mode,
     with the URL it talks to)."""
-    host = getattr(client, "host", None)
-    if host is None:  # (a client before pools)
-        host = client.config.url or ""
+    host = client.host or ""
     if not host:
         return "the local lab server, %s" % client.base_url
     if host.rstrip("/") == client.base_url.rstrip("/"):
@@ -3740,11 +3738,21 @@ def _note_host(config, client):
 
 
 def _terminal_line(config, line):
+    """``line`` on the terminal, also from a fixture (past the capture)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+
+    def write():
         if getattr(reporter, "_width_of_current_line", 0):  # after progress dots (xdist's
             reporter.write("\n")  # are not known to ensure_newline)
         reporter.write_line(line)
+    if capman is None:
+        write()
+    else:
+        with capman.global_and_fixture_disabled():
+            write()
 
 
 def _header_lines(url, source=None, token=None, workers=0):

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from client_support import MAPPING, SIMPLE
+from client_support import MAPPING, SIMPLE, sessions
 from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT
 from server_support import calls_of
@@ -47,7 +47,7 @@ def ran(name, client, hold_until=None):
         time.sleep(1.0)
     with open(os.path.join(RAN, name + ".json"), "w") as f:
         json.dump({"worker": os.environ.get("PYTEST_XDIST_WORKER"),
-                   "host": getattr(client, "host", None), "base_url": client.base_url,
+                   "host": client.host, "base_url": client.base_url,
                    "session": client.session_id, "start": start, "end": time.time()}, f)
 '''
 
@@ -179,12 +179,35 @@ def test_one_host_with_one_slot_says_once_that_workers_take_turns(xdist, project
     assert len(lines_matching(out, r"^remote lab: \[gw\d\] got lab host ")) == 2, out
 
 
+@pytest.mark.timeout(180)
+def test_two_workers_on_a_pool_of_two_hosts_hold_a_lab_each_at_once(xdist, project, servers,
+                                                                   monkeypatch):
+    a, b = servers.start(), servers.start()
+    monkeypatch.setenv("REMOTE_LAB_URL", "%s,%s" % (a.url, b.url))
+    project.makepyfile(test_two=TWO_HOLDING)
+    result = run_xdist(project)
+    result.assert_outcomes(passed=2)
+    ran = records(project)
+    one, two = ran["test_one"], ran["test_two"]
+    assert {one["worker"], two["worker"]} == {"gw0", "gw1"}
+    assert {one["host"], two["host"]} == {a.url, b.url}  # a host each
+    assert max(one["start"], two["start"]) < min(one["end"], two["end"])  # at the same time
+    out = result.stdout.str()
+    for record in (one, two):
+        assert lines_matching(out, r"^remote lab: \[%s\] got lab host %s$"
+                              % (record["worker"], re.escape(record["host"]))), out
+    assert not NOTE.search(out)
+    for srv in (a, b):  # spread: each host did its own up of the fixture's lab
+        assert len(ups_of(srv, "simple.yml")) == 1
+        assert sessions(srv) == []  # and no session stayed behind in a queue
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("opt_in", ["--remote-lab-xdist-group", "ini"])
+@pytest.mark.parametrize("opt_in, hosts", [("--remote-lab-xdist-group", 1), ("ini", 2)])
 def test_the_group_opt_in_keeps_a_fixtures_tests_in_one_worker(xdist, project, servers,
-                                                              monkeypatch, opt_in):
-    srv = servers.start()
-    monkeypatch.setenv("REMOTE_LAB_URL", srv.url)
+                                                              monkeypatch, opt_in, hosts):
+    pool = [servers.start() for _ in range(hosts)]
+    monkeypatch.setenv("REMOTE_LAB_URL", ",".join(srv.url for srv in pool))
     project.makepyfile(test_grouped=GROUPED)
     if opt_in == "ini":
         project.makeini("[pytest]\nremote_lab_xdist_group = true\n")
@@ -193,9 +216,12 @@ def test_the_group_opt_in_keeps_a_fixtures_tests_in_one_worker(xdist, project, s
     result.assert_outcomes(passed=4)
     ran = records(project)
     assert len({ran["test_simple_%d" % n]["worker"] for n in range(3)}) == 1, ran
-    assert len(ups_of(srv, "simple.yml")) == 1  # one netlab up for the fixture's 3 tests
-    assert len(ups_of(srv, "mapping.yml")) == 1
-    result.stdout.fnmatch_lines(["*PASSED test_grouped.py::test_simple?0?@lab_simple*"])
+    # one netlab up (over the whole pool) for the fixture's 3 tests, one for the other's
+    assert sum(len(ups_of(srv, "simple.yml")) for srv in pool) == 1
+    assert sum(len(ups_of(srv, "mapping.yml")) for srv in pool) == 1
+    out = result.stdout.str()  # (-v) the node ids with their group, as xdist names them
+    for nodeid in ["test_simple[%d]@lab_simple" % n for n in range(3)] + ["test_map@lab_map"]:
+        assert lines_matching(out, r"PASSED test_grouped\.py::%s\s*$" % re.escape(nodeid)), out
 
 
 @pytest.mark.timeout(120)
@@ -214,15 +240,19 @@ def test_marks(lab_simple, request):
 
 
 @pytest.mark.timeout(120)
-def test_the_header_names_each_server_of_a_pool(project, servers, monkeypatch):
+def test_the_header_names_each_server_of_a_pool_and_the_run_the_host_it_got(project, servers,
+                                                                            monkeypatch):
     one, two = servers.start(), servers.start("--slots", "2")
     monkeypatch.setenv("REMOTE_LAB_URL", "%s,%s" % (one.url, two.url))
-    project.makepyfile(test_plain="def test_plain():\n    pass\n")
+    project.makepyfile(test_plain="def test_plain():\n    pass\n\n\n"
+                                  "def test_lab(lab_simple):\n    pass\n")
     result = project.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
     out = result.stdout.str()
     for srv in (one, two):
         assert lines_matching(out, r"^remote lab: %s \(REMOTE_LAB_URL\) \(remote-lab .*pid %d"
                               % (re.escape(srv.url), srv.proc.pid)), out
     assert len(lines_matching(out, r"^remote lab: lab free$")) == 2, out
-    assert sessions_created(one) == sessions_created(two) == 0
+    got = lines_matching(out, r"^remote lab: got lab host ")
+    assert got in (["remote lab: got lab host %s" % srv.url] for srv in (one, two)), out
+    assert sessions(one) == sessions(two) == []
