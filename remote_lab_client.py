@@ -3864,7 +3864,8 @@ def _pytest_progress(config):
 
 
 def pytest_addoption(parser):
-    """pytest hook: ``--remote-lab-url`` and the ``remote_lab_url`` ini key (own --help group)."""
+    """pytest hook: ``--remote-lab-url``, ``--remote-lab-xdist-group`` and their ini keys (own
+    --help group)."""
     group = parser.getgroup("remote-lab", "remote lab (remote_lab_client)")
     group.addoption("--remote-lab-url", dest="remote_lab_url", metavar="URL", default=None,
                     help="the remote-lab server: http(s)://HOST:PORT or "
