@@ -3534,6 +3534,7 @@ def _make_pytest_plugin():
             if error is None:
                 client.fingerprint = _first_lab_fingerprint(specs)
                 client.start_session()
+                _note_host(request.config, client)
         except RemoteLabError as e:
             error = "remote lab: %s" % e
         if error:  # failed outside the except: once, no "During handling of the above ..."
@@ -3581,6 +3582,8 @@ def _make_pytest_plugin():
                         % (node.nodeid, len(labs), ", ".join(n for n, _ in labs)))
                 elif labs:
                     node.add_marker("remote_lab")
+                    if _xdist_group_wanted(collector.config):
+                        node.add_marker(pytest.mark.xdist_group(name=labs[0][0]))
             if problems:
                 rep.outcome = "failed"
                 rep.longrepr = "\n".join(problems)
@@ -3588,6 +3591,8 @@ def _make_pytest_plugin():
 
         @pytest.hookimpl(trylast=True)
         def pytest_collection_modifyitems(self, session, config, items):
+            if _xdist_group_wanted(config) and config.getoption("loadgroup", False):
+                _apply_xdist_groups(items)
             keyed = []
             for pos, item in enumerate(items):
                 labs = _lab_fixtures_of(item)
@@ -3623,14 +3628,66 @@ def _make_pytest_plugin():
                         reporter.write_line("       %s" % nodeid)
 
         def pytest_report_header(self, config):
+            if hasattr(config, "workerinput"):
+                return []  # an xdist worker: nobody sees its header (the controller's says it)
             try:
                 settings, source = _plugin_config(config)
+                lines = _header_lines(settings.url, source, settings.token,
+                                      _xdist_workers(config))
             except RemoteLabError as e:  # (the fixture fails with it too)
                 return "remote lab: %s" % e
-            return ["remote lab: %s" % line
-                    for line in _header_server(settings.url, source, settings.token)]
+            return ["remote lab: %s" % line for line in lines]
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_makereport(self, item, call):
+            outcome = yield
+            got = getattr(item.config, "_remote_lab_got", None)
+            if got is not None and hasattr(item.config, "workerinput"):
+                # an xdist worker's session got its host: the report carries it to the
+                # controller (reports are sent with their attributes), which says it
+                outcome.get_result().remote_lab_got = got
+                item.config._remote_lab_got = None
+
+        def pytest_runtest_logreport(self, report):
+            got = getattr(report, "remote_lab_got", None)
+            node = getattr(report, "node", None)  # (the controller's: the worker it came from)
+            if got is None or node is None:
+                return
+            worker = (getattr(node, "workerinput", None) or {}).get("workerid", "?")
+            _terminal_line(node.config, "remote lab: [%s] got %s" % (worker, got))
 
     return RemoteLabPlugin(), fixtures
+
+
+def _xdist_group_wanted(config):
+    """--remote-lab-xdist-group or the ini key, and pytest-xdist loaded (without it the marker
+    would mean nothing: nothing is marked)."""
+    wanted = config.getoption("remote_lab_xdist_group", None)
+    if wanted is None:
+        wanted = config.getini("remote_lab_xdist_group")
+    return bool(wanted) and _xdist_loaded(config)
+
+
+def _apply_xdist_groups(items):
+    """In an xdist worker with --dist loadgroup: make the "@group" suffix xdist gave each
+    grouped test's node id take effect. xdist (<= 3.8) writes it to ``item._nodeid``, which
+    pytest >= 9.2 no longer reads (its node ids are structured, ``item._id``), so groups are
+    silently ignored there (pytest-dev/pytest-xdist#1386); a no-op where the suffix works."""
+    for item in items:
+        grouped = item.__dict__.get("_nodeid")
+        if not isinstance(grouped, str) or grouped == item.nodeid or "@" not in grouped:
+            continue
+        path, _, rest = grouped.partition("::")
+        try:  # the names keep any "[params]@group" whole: str() gives back ``grouped``
+            item._id = type(item._id)(path=path, names=tuple(rest.split("::")) if rest else ())
+        except (AttributeError, TypeError, ValueError) as e:  # another pytest: leave it
+            _log.debug("cannot apply xdist group %r: %s", grouped, e)
+            return
+
+
+def _xdist_loaded(config):
+    # its options exist (its plugin's name depends on how it was loaded: entry point or -p)
+    return hasattr(config.option, "dist") and hasattr(config.option, "numprocesses")
 
 
 def _plugin_config(config):
@@ -3649,6 +3706,94 @@ def _plugin_config(config):
     return settings, source
 
 
+def _xdist_workers(config):
+    """How many pytest-xdist workers this pytest starts: 0 in a worker, without xdist, with
+    it off (-n 0) or when it runs no tests (--collect-only)."""
+    if hasattr(config, "workerinput") or not _xdist_loaded(config):
+        return 0
+    if config.option.dist == "no" or config.getoption("collectonly", False):
+        return 0
+    return len(getattr(config.option, "tx", None) or ())
+
+
+def _host_words(client):
+    """ "lab host http://lab1:8000" (the pool entry the session got; for ssh:// and local mode,
+    with the URL it talks to)."""
+    host = client.host or ""
+    if not host:
+        return "the local lab server, %s" % client.base_url
+    if host.rstrip("/") == client.base_url.rstrip("/"):
+        return "lab host %s" % host
+    return "lab host %s (%s)" % (host, client.base_url)
+
+
+def _note_host(config, client):
+    """Once the session is active: which host it got. An xdist worker's line goes to the
+    controller with the next test report (its own terminal is not shown); a run on a pool
+    says it itself."""
+    if hasattr(config, "workerinput"):
+        config._remote_lab_got = _host_words(client)
+    elif len(pool_urls(client.config.url)) > 1:
+        _terminal_line(config, "remote lab: got %s" % _host_words(client))
+
+
+def _terminal_line(config, line):
+    """``line`` on the terminal, also from a fixture (past the capture)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+
+    def write():
+        if getattr(reporter, "_width_of_current_line", 0):  # after progress dots (xdist's
+            reporter.write("\n")  # are not known to ensure_newline)
+        reporter.write_line(line)
+    if capman is None:
+        write()
+    else:
+        with capman.global_and_fixture_disabled():
+            write()
+
+
+def _header_lines(url, source=None, token=None, workers=0):
+    """The pytest header's lines: each server of the pool (``_header_server``), and when
+    ``workers`` xdist workers share one host with one slot, that they will take turns."""
+    entries = pool_urls(url)
+    lines = []
+    for entry in entries:
+        lines += _header_server(entry, source, token)
+    if workers > 1 and len(entries) == 1 and _server_slots(entries[0], token) == 1:
+        lines.append("%d xdist workers share one lab host with one slot: they will take turns; "
+                     "add hosts to REMOTE_LAB_URL or --slots on the server" % workers)
+    return lines
+
+
+def _server_slots(url, token=None):
+    """How many labs the server at ``url`` (a pool entry) runs at once: GET /sessions' slots,
+    1 from a server before --slots; None when it does not answer or is not started yet."""
+    url = _header_base_url(url)
+    if url is None:
+        return None
+    listed = _get_json(url, "/sessions", token)
+    if listed is not None:
+        slots = listed.get("slots")
+        return slots if isinstance(slots, int) else None
+    return 1 if _get_json(url, "/status", token) is not None else None
+
+
+def _header_base_url(url):
+    """The http(s) URL the header asks for ``url`` (a pool entry): itself, or for ssh:// and
+    local mode the recorded connection's; None when there is none (nothing is started)."""
+    if url and not url.startswith("ssh://"):
+        return url if "://" in url else "http://" + url
+    try:
+        target, workdir = parse_ssh_url(url) if url else (None, None)
+        conn = Launcher(target, workdir=workdir).connection()  # state files, no ssh
+    except (RemoteLabError, OSError, ValueError):
+        conn = None
+    return conn["url"] if conn is not None else None
+
+
 def _header_server(url, source=None, token=None):
     """The pytest header's lines for the server: its URL, where the URL came from (``source``)
     and, when it answers, what it is (version, pid, simulated), then who holds its lab.
@@ -3656,18 +3801,14 @@ def _header_server(url, source=None, token=None):
     def named(u):
         return "%s (%s)" % (u, source) if source else u
     if not url or url.startswith("ssh://"):
-        try:
-            target, workdir = parse_ssh_url(url) if url else (None, None)
-            conn = Launcher(target, workdir=workdir).connection()  # state files, no ssh
-        except (RemoteLabError, OSError, ValueError):
-            conn = None
-        if conn is None:
+        conn_url = _header_base_url(url)
+        if conn_url is None:
             return ["%s (launched on first use)" % named(url) if url else
                     "REMOTE_LAB_URL not set (local mode: a server on this machine, started on "
                     "first use)"]
-        where, url = ("%s via " % named(url) if url else "local mode, "), conn["url"]
+        where, url = ("%s via " % named(url) if url else "local mode, "), conn_url
     else:
-        where, url = "", url if "://" in url else "http://" + url
+        where, url = "", _header_base_url(url)
     info = _root_json(url) if not token else _get_json(url, "/", token)  # (a token: verified TLS)
     if info is not None and info.get("service") != "remote-lab":
         info = None
@@ -3723,7 +3864,8 @@ def _pytest_progress(config):
 
 
 def pytest_addoption(parser):
-    """pytest hook: ``--remote-lab-url`` and the ``remote_lab_url`` ini key (own --help group)."""
+    """pytest hook: ``--remote-lab-url``, ``--remote-lab-xdist-group`` and their ini keys (own
+    --help group)."""
     group = parser.getgroup("remote-lab", "remote lab (remote_lab_client)")
     group.addoption("--remote-lab-url", dest="remote_lab_url", metavar="URL", default=None,
                     help="the remote-lab server: http(s)://HOST:PORT or "
@@ -3731,6 +3873,13 @@ def pytest_addoption(parser):
                          "remote_lab_url ini key and .env (none: local mode)")
     parser.addini("remote_lab_url", "the remote-lab server URL when neither --remote-lab-url "
                   "nor REMOTE_LAB_URL is given (wins over .env)", default="")
+    group.addoption("--remote-lab-xdist-group", dest="remote_lab_xdist_group",
+                    action="store_true", default=None,
+                    help="pytest-xdist: mark each test using a lab fixture with an xdist_group "
+                         "named after the fixture, so that --dist loadgroup runs one fixture's "
+                         "tests in one worker (fewer netlab ups, less parallelism)")
+    parser.addini("remote_lab_xdist_group", "like --remote-lab-xdist-group (true/false)",
+                  type="bool", default=False)
 
 
 def pytest_configure(config):
