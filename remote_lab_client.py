@@ -1462,7 +1462,7 @@ class _PoolProgress(_Progress):
 
     def where(self, position):
         return "at position " + ", ".join(
-            "%d on %s" % pair for pair in sorted(position)) if position else "at (joining)"
+            "%d on %s" % pair for pair in sorted(position))
 
     def line(self, position, waited):
         return "remote lab: waiting in the pool's queues %s (waited %s)" % (
@@ -1577,9 +1577,10 @@ class _PoolJoin:
                                            ", ".join(m.name for m in self.members),
                                            _duration(self.owner.session_timeout)),
                                        waited=now - started)
-                progress.update(tuple((m.position, m.name) for m in self.members
-                                      if m.position is not None and m.error is None),
-                                now - started)
+                seen = tuple((m.position, m.name) for m in self.members
+                             if m.position is not None and m.error is None)
+                if seen and min(seen)[0] > 0:  # (0: active there, it says so in a moment)
+                    progress.update(seen, now - started)
                 self.changed.wait(min(deadline - now, POOL_TIE_SECONDS if active else 1.0))
 
     def _preferred(self, active):

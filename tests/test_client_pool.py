@@ -42,8 +42,10 @@ def test_a_pool_session_takes_the_free_host_at_once_and_leaves_the_other_queue(t
     lab1, lab2 = two_hosts
     holder = lab1.new_session()  # lab1 is held
     pool = "%s,%s" % (lab1.url, lab2.url)
-    with client(pool) as c:
+    lines = []
+    with client(pool, progress=rlc._LineProgress(lines.append)) as c:
         assert c.host == lab2.url and c.base_url == lab2.url
+        assert lines == []  # no waiting line: a host was free at once
         assert queue_of(lab1) == [("active", 0)]  # only its holder: ours left at once
         assert queue_of(lab2) == [("active", 0)]
         assert lab2.session_full(c.session_id)[1]["status"] == "active"
