@@ -1579,7 +1579,8 @@ class _PoolJoin:
                                        waited=now - started)
                 seen = tuple((m.position, m.name) for m in self.members
                              if m.position is not None and m.error is None)
-                if seen and min(seen)[0] > 0:  # (0: active there, it says so in a moment)
+                # (0: active there, it says so in a moment; a host still joining may be free)
+                if seen and min(seen)[0] > 0 and (not unheard or now - started > 1.0):
                     progress.update(seen, now - started)
                 self.changed.wait(min(deadline - now, POOL_TIE_SECONDS if active else 1.0))
 
