@@ -4098,11 +4098,11 @@ def _host_label(entry, base_url):
 
 def _pool_verdict(results):
     """The exit code of a pool's ``health`` / ``status``: 0 if every host answered, else 1,
-    with one line on stderr naming those that did not (their own lines say why)."""
+    with one line on stderr naming those that failed (their own lines say why)."""
     failed = [entry for entry, _, error in results if error is not None]
     if not failed:
         return 0
-    print("remote-lab-client: error: %d of %d hosts did not answer: %s"
+    print("remote-lab-client: error: %d of %d hosts failed: %s"
           % (len(failed), len(results), ", ".join(failed)), file=sys.stderr)
     return 1
 

@@ -54,7 +54,7 @@ def blocks(text):
 def test_status_shows_each_host_of_the_pool_and_says_which_is_down(pool):
     proc = cli("--url", pool.url(pool.free, pool.busy, pool.down), "status")
     assert proc.returncode == 1, proc.stderr
-    assert one_error_line(proc) == ("remote-lab-client: error: 1 of 3 hosts did not answer: %s"
+    assert one_error_line(proc) == ("remote-lab-client: error: 1 of 3 hosts failed: %s"
                                     % pool.down)
     hosts = blocks(proc.stdout)
     first_lines = list(hosts)
@@ -85,7 +85,7 @@ def test_status_json_is_a_list_with_one_object_per_host(pool):
     single = json.loads(cli("--url", pool.busy.url, "status", "--json").stdout)
     proc = cli("--url", pool.url(pool.free, pool.busy, pool.down), "status", "--json")
     assert proc.returncode == 1
-    assert "1 of 3 hosts did not answer" in one_error_line(proc)
+    assert "1 of 3 hosts failed" in one_error_line(proc)
     free, busy, down = json.loads(proc.stdout)
     assert free["host"] == free["url"] == pool.free.url and free["error"] is None
     assert free["sessions"] == [] and free["active_session"] is None
@@ -118,7 +118,7 @@ def test_a_pool_entry_that_is_not_a_server_url_is_that_hosts_error(pool):
 def test_health_checks_each_host(pool):
     proc = cli("--url", pool.url(pool.busy, pool.down, pool.free), "health")
     assert proc.returncode == 1
-    assert one_error_line(proc) == ("remote-lab-client: error: 1 of 3 hosts did not answer: %s"
+    assert one_error_line(proc) == ("remote-lab-client: error: 1 of 3 hosts failed: %s"
                                     % pool.down)
     busy, down, free = proc.stdout.splitlines()
     assert busy.startswith("%s: ok (remote-lab " % pool.busy.url) and "1 session(s)" in busy
