@@ -141,3 +141,25 @@ def test_a_single_url_keeps_todays_output(pool):
     proc = cli("--url", pool.down, "health")
     assert proc.returncode == 1
     assert "error: cannot connect to the remote lab at %s" % pool.down in one_error_line(proc)
+
+
+def test_a_host_that_refuses_is_one_line_and_the_others_are_shown(pool, tmp_path):
+    from server_support import write_auth_file
+    locked = ServerProcess(tmp_path / "locked", "--auth-file",
+                           str(write_auth_file(tmp_path / "users"))).start()
+    try:
+        url = pool.url(locked, pool.free)
+        health = cli("--url", url, "health")
+        status = cli("--url", url, "status")
+    finally:
+        locked.stop()
+    # GET /healthz needs no token: the host is up (what health says); its status refuses
+    assert health.returncode == 0 and [line.split(": ok")[0] for line in
+                                       health.stdout.splitlines()] == [locked.url, pool.free.url]
+    assert status.returncode == 1
+    assert one_error_line(status) == "remote-lab-client: error: 1 of 2 hosts failed: %s" % (
+        locked.url)
+    refused, free = blocks(status.stdout).values()
+    assert len(refused) == 1 and "HTTP 401" in refused[0] and "REMOTE_LAB_TOKEN" in refused[0]
+    assert refused[0].startswith("host     %s (1 of 2 in the pool): error: " % locked.url)
+    assert free[1].startswith("server   %s (remote-lab " % pool.free.url)
