@@ -4059,7 +4059,7 @@ def _pool_entries(args):
 
 def _host_config(config, entry):
     """``config`` for one server of a pool (the same settings, that server's URL)."""
-    return ClientConfig(**dict(dataclasses_asdict(config), url=entry))
+    return dataclasses_replace(config, url=entry)
 
 
 def _error_text(error):
@@ -4328,20 +4328,6 @@ def _check_before_queueing(args, command=None):
         raise _CommandError("cannot run %s: not executable" % name, 126)
 
 
-def _acquire_on_a_host(client, args):
-    """The lab of ``run`` / ``acquire``: the topology checked, a session (on a pool: on the
-    first host that makes it active, named on stderr before its lab starts), then the lab --
-    what acquire() does alone, in this order, for a single server."""
-    client.check(args.topology, args.extra)
-    client.start_session()
-    entries = pool_urls(client.config.url)
-    if len(entries) > 1:
-        _log.info("got %s, host %s of %d in the pool", _host_label(client.host, client.base_url),
-                  entries.index(client.host) + 1 if client.host in entries else "?",
-                  len(entries))
-    return client.acquire(args.topology, reuse=not args.no_reuse, extra_files=args.extra)
-
-
 def _cmd_acquire(args, command):
     _check_before_queueing(args)
     old = _install_handlers(_raise_signalled)
@@ -4350,7 +4336,8 @@ def _cmd_acquire(args, command):
         # (acquire() checks the topology, then joins the queue declaring its fingerprint)
         client._on_lost = _ignore  # main() reports the SessionLost below, in one line
         try:
-            devices = _acquire_on_a_host(client, args)
+            devices = client.acquire(args.topology, reuse=not args.no_reuse,
+                                     extra_files=args.extra)
             sys.stdout.write(_devices_json(devices) + "\n")
             sys.stdout.flush()
             _log.info("lab acquired (session %s); press Ctrl-C to release it", client.session_id)
@@ -4379,7 +4366,8 @@ def _cmd_run(args, command):
         # (acquire() checks the topology, then joins the queue declaring its fingerprint)
         client._on_lost = _ignore  # reported below (or by main()), in one line
         try:
-            devices = _acquire_on_a_host(client, args)
+            devices = client.acquire(args.topology, reuse=not args.no_reuse,
+                                     extra_files=args.extra)
             fd, path = tempfile.mkstemp(prefix="remote-lab-devices-", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 f.write(_devices_json(devices) + "\n")

@@ -5,12 +5,15 @@ Two real server processes (fake netlab) for the whole module: "busy" has a sessi
 (so the two queues differ), "free" has none; a third URL is a closed port (a host that is down).
 """
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
-from client_support import cli, client_env, free_port, one_error_line
+from client_support import SIMPLE, cli, client_env, free_port, one_error_line, sessions
 from client_support import clean_env  # noqa: F401  (fixture, autouse)
-from helpers import ServerProcess
+from helpers import CLIENT, ServerProcess, kill_if_running
 
 import remote_lab_client as rlc  # noqa: E402  (after client_support: repo root on sys.path)
 
@@ -163,3 +166,57 @@ def test_a_host_that_refuses_is_one_line_and_the_others_are_shown(pool, tmp_path
     assert len(refused) == 1 and "HTTP 401" in refused[0] and "REMOTE_LAB_TOKEN" in refused[0]
     assert refused[0].startswith("host     %s (1 of 2 in the pool): error: " % locked.url)
     assert free[1].startswith("server   %s (remote-lab " % pool.free.url)
+
+
+# --------------------------------------------------------------------------------------------
+# run and acquire: which host they got (the client's INFO line, once, before the lab starts)
+# --------------------------------------------------------------------------------------------
+
+
+def got_lines(stderr, server):
+    """The lines saying which host of the pool the session got (it should be ``server``)."""
+    lines = [line for line in stderr.splitlines() if " got " in line and "of the pool" in line]
+    assert all(line.startswith("remote-lab-client: remote lab: got ") and
+               line.endswith(" (%s) of the pool" % server.url) for line in lines), stderr
+    return lines
+
+
+def test_run_on_a_pool_names_the_host_it_got_and_leaves_the_other_queue(pool):
+    proc = cli("--url", pool.url(pool.down, pool.busy, pool.free), "run", SIMPLE, "--",
+               sys.executable, "-c", "import os; print(os.environ['REMOTE_LAB_SESSION'])")
+    assert proc.returncode == 0, proc.stderr
+    assert len(got_lines(proc.stderr, pool.free)) == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip()  # the session of the free host
+    assert sessions(pool.free) == []
+    assert [s["session_id"] for s in sessions(pool.busy)] == [pool.holder.session_id]
+    quiet = cli("-q", "--url", pool.url(pool.busy, pool.free), "run", SIMPLE, "--", "true")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+@pytest.mark.timeout(60)
+def test_acquire_on_a_pool_names_the_host_before_the_lab(pool):
+    p = subprocess.Popen([sys.executable, str(CLIENT), "--url", pool.url(pool.busy, pool.free),
+                          "acquire", SIMPLE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=client_env())
+    try:
+        assert p.stdout.readline().strip() == "[", p.stderr.read()
+        assert [s["status"] for s in sessions(pool.free)] == ["active"]
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        kill_if_running(p)
+    assert p.returncode == 0, err
+    lines = err.splitlines()
+    got = got_lines(err, pool.free)
+    assert len(got) == 1
+    assert lines.index(got[0]) < [i for i, line in enumerate(lines)
+                                  if line.startswith("remote-lab-client: lab acquired")][0]
+    assert sessions(pool.free) == []
+    assert [s["session_id"] for s in sessions(pool.busy)] == [pool.holder.session_id]
+
+
+def test_a_single_url_run_prints_no_pool_line(pool):
+    proc = cli("--url", pool.free.url, "run", SIMPLE, "--", "true")
+    assert proc.returncode == 0, proc.stderr
+    assert got_lines(proc.stderr, pool.free) == [] and "pool" not in proc.stderr
