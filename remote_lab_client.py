@@ -4054,8 +4054,64 @@ def _cli_client(args, **lab):
     return RemoteLabClient(config=_cli_config(args), start_session=False, **lab)
 
 
-def _cmd_health(args, command):
-    client = _cli_client(args)
+def _pool_entries(args):
+    """The servers of the command's URL: one, or several (a pool; see pool_urls)."""
+    return pool_urls(_cli_config(args).url)
+
+
+def _host_config(config, entry):
+    """``config`` for one server of a pool (the same settings, that server's URL)."""
+    return dataclasses_replace(config, url=entry)
+
+
+def _error_text(error):
+    """An error as main() words it: one line (its type too when it is not one of ours)."""
+    if isinstance(error, (RemoteLabError, OSError, ValueError)):
+        return _one_line(str(error))
+    return "%s: %s" % (type(error).__name__, _one_line(str(error)))
+
+
+def _each_host(config, entries, job):
+    """``job(config of the host)`` for every server of a pool at once, so a host that does not
+    answer holds up none of the others: [(entry, result, None) or (entry, None, error text)],
+    in the pool's order."""
+    results = [None] * len(entries)
+
+    def run(i, entry):
+        try:
+            results[i] = (entry, job(_host_config(config, entry)), None)
+        except Exception as e:  # (reported for its host; the others go on)
+            _log.debug("%s: full error:\n%s", entry, e)
+            results[i] = (entry, None, _error_text(e))
+
+    threads = [threading.Thread(target=run, args=(i, entry), daemon=True,
+                                name="remote-lab-host-%d" % i) for i, entry in enumerate(entries)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _host_label(entry, base_url):
+    """A pool's host as written, and where it answers when that differs (ssh://, a tunnel)."""
+    return entry if entry.rstrip("/") == base_url else "%s (%s)" % (entry, base_url)
+
+
+def _pool_verdict(results):
+    """The exit code of a pool's ``health`` / ``status``: 0 if every host answered, else 1,
+    with one line on stderr naming those that failed (their own lines say why)."""
+    failed = [entry for entry, _, error in results if error is not None]
+    if not failed:
+        return 0
+    print("remote-lab-client: error: %d of %d hosts failed: %s"
+          % (len(failed), len(results), ", ".join(failed)), file=sys.stderr)
+    return 1
+
+
+def _health_of(config):
+    """GET /healthz of one server, then what GET / says of it: (its URL, " (facts...)")."""
+    client = RemoteLabClient(config=config, start_session=False)
     # a server that accepts but never answers: say what we wait for, not just hang
     waiting = threading.Timer(1.0, _log.info, ("waiting for %s to answer GET /healthz (giving up "
                                                "after %s)", client.base_url,
@@ -4075,14 +4131,27 @@ def _cmd_health(args, command):
                 data.get("queue_length", "?"))
         except (RemoteLabError, TypeError, ValueError):
             pass
-        print("%s: ok%s" % (client.base_url, info))
-        return 0
+        return client.base_url, info
     finally:
         client.close()
 
 
-def _cmd_status(args, command):
-    client = _cli_client(args)
+def _cmd_health(args, command):
+    entries = _pool_entries(args)
+    if len(entries) == 1:
+        print("%s: ok%s" % _health_of(_cli_config(args)))
+        return 0
+    results = _each_host(_cli_config(args), entries, _health_of)
+    for entry, answer, error in results:
+        print("%s: error: %s" % (entry, error) if error is not None
+              else "%s: ok%s" % (_host_label(entry, answer[0]), answer[1]))
+    return _pool_verdict(results)
+
+
+def _status_of(config):
+    """What ``status`` shows of one server: {"url", "data" (GET /debug/health), "info" (GET /),
+    "holder"}."""
+    client = RemoteLabClient(config=config, start_session=False)
     try:
         data = client.server_status()
         try:
@@ -4092,45 +4161,55 @@ def _cmd_status(args, command):
         holder = _status_holder(client)
     finally:
         client.close()
+    return {"url": client.base_url, "data": data, "info": info, "holder": holder}
+
+
+def _status_sessions(data):
     # /debug/health: "sessions" is a count (as the seed answers) and the list is "session_list";
     # servers of this project before that answered the list as "sessions"
-    sessions = data.get("session_list", data.get("sessions"))
-    lab = data.get("lab") or {}
-    if args.json:
-        active = None
-        if isinstance(sessions, list):
-            active = next((s.get("session_id") for s in sessions if s.get("position") == 0), None)
-        else:
-            active = data.get("active_session")
-        print(json.dumps({"url": client.base_url, "version": data.get("version"),
-                          "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
-                          "sessions": sessions if isinstance(sessions, list) else [],
-                          "active_session": active, "lab": lab, "pid": info.get("pid"),
-                          "simulated": info.get("simulated"), "netlab": info.get("netlab"),
-                          "holder": holder},
-                         indent=2, sort_keys=True))
-        return 0
-    facts = _server_facts(dict(info, version=data.get("version", info.get("version", "?"))))
-    out = ["server   %s (%s, up %s)" % (client.base_url, ", ".join(facts),
-                                        _duration(float(data.get("uptime") or 0)))]
-    out += _holder_lines(holder)
+    return data.get("session_list", data.get("sessions"))
+
+
+def _status_json(status):
+    """``status --json``'s object for one server."""
+    data, info = status["data"], status["info"]
+    sessions = _status_sessions(data)
     if isinstance(sessions, list):
-        out.append("queue    %d session%s" % (len(sessions), "" if len(sessions) == 1 else "s"))
-        if sessions:
-            out.append("  %-4s %-8s %-36s %9s %9s  %s" % ("POS", "STATUS", "SESSION", "AGE",
-                                                         "IDLE", "OWNER"))
-            for s in sessions:
-                out.append("  %-4s %-8s %-36s %8.1fs %8.1fs  %s" % (
-                    s.get("position"), s.get("status"), s.get("session_id"),
-                    float(s.get("age") or 0), float(s.get("idle") or 0),
-                    _meta_text(s.get("owner")) or "-"))
+        active = next((s.get("session_id") for s in sessions if s.get("position") == 0), None)
     else:
-        out.append("queue    %s session(s); active: %s" % (data.get("queue_length"),
-                                                           data.get("active_session") or "none"))
+        active = data.get("active_session")
+    return {"url": status["url"], "version": data.get("version"),
+            "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
+            "sessions": sessions if isinstance(sessions, list) else [],
+            "active_session": active, "lab": data.get("lab") or {}, "pid": info.get("pid"),
+            "simulated": info.get("simulated"), "netlab": info.get("netlab"),
+            "holder": status["holder"]}
+
+
+def _queue_lines(data):
+    """``status``'s lines on one server's queue."""
+    sessions = _status_sessions(data)
+    if not isinstance(sessions, list):
+        return ["queue    %s session(s); active: %s" % (data.get("queue_length"),
+                                                        data.get("active_session") or "none")]
+    out = ["queue    %d session%s" % (len(sessions), "" if len(sessions) == 1 else "s")]
+    if sessions:
+        out.append("  %-4s %-8s %-36s %9s %9s  %s" % ("POS", "STATUS", "SESSION", "AGE",
+                                                     "IDLE", "OWNER"))
+        for s in sessions:
+            out.append("  %-4s %-8s %-36s %8.1fs %8.1fs  %s" % (
+                s.get("position"), s.get("status"), s.get("session_id"),
+                float(s.get("age") or 0), float(s.get("idle") or 0),
+                _meta_text(s.get("owner")) or "-"))
+    return out
+
+
+def _lab_lines(lab):
+    """``status``'s lines on one server's lab and its devices."""
     state = lab.get("state") or ("running" if lab.get("running") else "stopped")
-    out.append("lab      %s%s" % (state, "  %s  ref count %s" % (lab.get("topology"),
-                                                                 lab.get("ref_count"))
-                                  if lab.get("topology") else ""))
+    out = ["lab      %s%s" % (state, "  %s  ref count %s" % (lab.get("topology"),
+                                                             lab.get("ref_count"))
+                              if lab.get("topology") else "")]
     if lab.get("last_error"):
         out.append("         last error: %s" % lab["last_error"].strip().splitlines()[-1])
     devices = [Device.from_json(d) for d in lab.get("devices") or []]
@@ -4142,8 +4221,40 @@ def _cmd_status(args, command):
             out.append("  %-16s %-12s %s" % (
                 d.name, d.raw.get("ansible_network_os") or d.raw.get("device") or "-",
                 d.raw.get("ansible_host") or mgmt.get("ipv4") or "-"))
-    print("\n".join(out))
-    return 0
+    return out
+
+
+def _status_lines(status):
+    """``status``'s text for one server: server, holder, queue, lab, devices."""
+    data, info = status["data"], status["info"]
+    facts = _server_facts(dict(info, version=data.get("version", info.get("version", "?"))))
+    out = ["server   %s (%s, up %s)" % (status["url"], ", ".join(facts),
+                                        _duration(float(data.get("uptime") or 0)))]
+    out += _holder_lines(status["holder"])
+    out += _queue_lines(data)
+    return out + _lab_lines(data.get("lab") or {})
+
+
+def _cmd_status(args, command):
+    entries = _pool_entries(args)
+    if len(entries) == 1:
+        status = _status_of(_cli_config(args))
+        print(json.dumps(_status_json(status), indent=2, sort_keys=True) if args.json
+              else "\n".join(_status_lines(status)))
+        return 0
+    results = _each_host(_cli_config(args), entries, _status_of)
+    if args.json:  # a list, one object per host in the pool's order: "host" and "error" added
+        print(json.dumps([dict(_status_json(status), host=entry, error=None) if error is None
+                          else {"host": entry, "error": error}
+                          for entry, status, error in results], indent=2, sort_keys=True))
+    else:
+        blocks = []
+        for n, (entry, status, error) in enumerate(results, 1):
+            head = "host     %s (%d of %d in the pool)" % (entry, n, len(results))
+            blocks.append(head + ": error: %s" % error if error is not None
+                          else "\n".join([head] + _status_lines(status)))
+        print("\n\n".join(blocks))
+    return _pool_verdict(results)
 
 
 def _status_holder(client):
