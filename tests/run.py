@@ -29,10 +29,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = "tests"
 
-# seconds per file, from a -j 2 run on 2 cores (only the order and the grouping depend on them)
+# seconds per file (pytest start-up included), from a -j 2 run on a busy 2-core machine; only
+# the order and the grouping depend on them
 WEIGHTS = {
-    "test_real_netlab.py": 178, "test_client_safety.py": 68, "test_restart_client.py": 62,
-    "test_launcher.py": 52, "test_client_local.py": 34, "test_server_queue.py": 33,
+    "test_real_netlab.py": 100, "test_real_netlab_check.py": 5,
+    "test_client.py": 82, "test_client_safety.py": 73, "test_launcher.py": 70,
+    "test_restart_client.py": 70, "test_server_queue.py": 56, "test_server_restart.py": 37,
+    "test_client_cli.py": 36, "test_server_hardening_limits.py": 35, "test_client_local.py": 31,
+    "test_auth.py": 30, "test_ops.py": 29, "test_client_plugin.py": 28, "test_tls.py": 26,
+    "test_client_cli_messages.py": 25, "test_reload.py": 22, "test_server_ops.py": 20,
+    "test_server_hardening_lab.py": 20, "test_client_who.py": 17, "test_server_lab.py": 15,
+    "test_client_hold.py": 14, "test_status_page_chromium.py": 14, "test_server_api.py": 14,
+    "test_client_check.py": 13, "test_readme.py": 13, "test_origin_chromium.py": 11,
+    "test_systemd.py": 11, "test_auth_client.py": 11, "test_server_uploads.py": 7,
+    "test_server_hold.py": 7, "test_docs_page.py": 6, "test_status_page_who_chromium.py": 6,
+    "test_server_origin.py": 6, "test_server_check.py": 5, "test_server_hardening_http.py": 4,
+    "test_fingerprint.py": 4, "test_ops_parts.py": 4, "test_queue.py": 3, "test_fake_netlab.py": 3,
+    "test_lab_planner.py": 2, "test_lab_logic.py": 2, "test_suite_runner.py": 8,
 }
 DEFAULT_WEIGHT = 10.0  # a new file: neither last nor grouped until measured
 GROUP_BELOW = 6.0      # files lighter than this share pytest runs ...
