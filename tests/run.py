@@ -61,6 +61,7 @@ VALUE_OPTIONS = {"-k", "-m", "-p", "-o", "-c", "-W", "--deselect", "--ignore", "
                  "--timeout", "--durations", "--tb", "-r", "--color", "--log-level",
                  "--override-ini", "--ignore-glob", "--capture", "--import-mode"}
 EXIT_FIRST = {"-x", "--exitfirst"}
+NORECURSE = {"_darcs", "build", "CVS", "dist", "node_modules", "venv", "{arch}", "__pycache__"}
 
 # the counts of pytest's last line ("3 passed, 1 failed, 2 skipped in 4.56s")
 COUNT_RE = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)\b")
@@ -117,10 +118,16 @@ def test_files(paths):
         full = ROOT / path.split("::")[0]
         if full.is_dir():
             found = sorted(set(full.rglob("test_*.py")) | set(full.rglob("*_test.py")))
-            files += [str(p.relative_to(ROOT)) for p in found]
+            files += [str(p.relative_to(ROOT)) for p in found if collected(p.relative_to(full))]
         else:
             files.append(path)
     return list(dict.fromkeys(files))
+
+
+def collected(relative):
+    """False under the directories pytest does not recurse into (its norecursedirs default)."""
+    return not any(d.startswith(".") or d.endswith(".egg") or d in NORECURSE
+                   for d in relative.parts[:-1])
 
 
 def weight(path):

@@ -101,6 +101,12 @@ def test_runs_files_in_parallel_blocks_and_sums_up(tmp_path):
     assert passing.returncode == 0, passing.stdout + passing.stderr
     assert "1 files in 1 pytest runs: 1 passed, 1 skipped" in passing.stdout, passing.stdout
 
+    # -x: the first failing run stops the rest (one at a time, the failing file comes second)
+    first = run(runner + ["-j", "1", "-x", "-k", "not alone"])
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "FAILED run: tests/test_failing.py" in first.stdout, first.stdout
+    assert "test_passing.py" not in first.stdout, first.stdout
+
     nothing = run(runner + ["-k", "no_such_test"])
     assert nothing.returncode == 5, nothing.stdout + nothing.stderr
     assert "6 deselected" in nothing.stdout and "FAILED" not in nothing.stdout, nothing.stdout
