@@ -109,7 +109,7 @@ def split_paths(pytest_args):
     return paths, options
 
 
-def test_files(paths):
+def suite_files(paths):
     """The test files to run, relative to ROOT, as pytest collects them from testpaths."""
     if not paths:
         paths = [TESTS]
@@ -196,7 +196,8 @@ class Run:
     def counts(self):
         """{"passed": n, ...} from pytest's last summary line; {} when there is none."""
         for line in reversed(ANSI_RE.sub("", self.output()).splitlines()):
-            if re.search(r" in [\d.]+s\b", line) and (COUNT_RE.search(line) or "no tests ran" in line):
+            summary = COUNT_RE.search(line) or "no tests ran" in line
+            if summary and re.search(r" in [\d.]+s\b", line):
                 found = {}
                 for n, what in COUNT_RE.findall(line):
                     what = "error" if what.startswith("error") else what
@@ -263,7 +264,7 @@ class Scheduler:
                 while t.is_alive():
                     t.join(0.2)
         except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C is enough: the stop is bounded
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C will do: the stop is bounded
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             with self.lock:
                 self.stopping = True
@@ -305,10 +306,12 @@ def kill_marked(mark):
 
 
 def print_block(run):
-    status = "interrupted" if run.interrupted else ("ok" if run.ok else "FAILED (exit %s)" % run.rc)
+    status = "ok" if run.ok else "FAILED (exit %s)" % run.rc
     text = run.output()
-    head = "##### %s: %s in %.1f s " % (run.name, status, run.seconds)
-    sys.stdout.write("\n%s\n%s%s" % (head.ljust(100, "#"), text, "" if text.endswith("\n") else "\n"))
+    head = "##### %s: %s in %.1f s " % (run.name, "interrupted" if run.interrupted else status,
+                                        run.seconds)
+    end = "" if text.endswith("\n") else "\n"
+    sys.stdout.write("\n%s\n%s%s" % (head.ljust(100, "#"), text, end))
     sys.stdout.flush()
 
 
@@ -325,8 +328,9 @@ def summarize(runs, wall, slowest=8):
     print("\n" + " summary ".center(100, "="))
     print("%d files in %d pytest runs: %s in %.1f s wall"
           % (sum(len(r.files) for r in runs), len(runs), counts or "no tests ran", wall))
-    print("slowest runs: " + "; ".join("%s %.1f s" % (r.name, r.seconds) for r in
-                                       sorted(runs, key=lambda r: -r.seconds)[:slowest]))
+    print("slowest runs:")
+    for run in sorted(runs, key=lambda r: -r.seconds)[:slowest]:
+        print("  %6.1f s  %s" % (run.seconds, run.name))
     for run in failed_runs:
         print("FAILED run: %s (%s)" % (run.name, "interrupted" if run.interrupted else
                                         "no summary line, exit %s" % run.rc if run in crashed
@@ -351,11 +355,11 @@ def main(argv=None):
     if sys.stdout.isatty() and not any(o.startswith("--color") for o in options):
         options.append("--color=yes")  # pytest writes to a file, which it would not colour
     stop_on_failure = any(o in EXIT_FIRST or o.startswith("--maxfail") for o in options)
-    files = test_files(paths)
+    files = suite_files(paths)
     mark = uuid.uuid4().hex
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="remote-lab-run-") as out_dir:
-        runs = [Run(files_, options, out_dir, mark) for files_ in plan_runs(files, opts.group_below)]
+        runs = [Run(group, options, out_dir, mark) for group in plan_runs(files, opts.group_below)]
         print("%d test files in %d pytest runs, %d at a time" % (len(files), len(runs), opts.jobs),
               flush=True)
         scheduler = Scheduler(runs, opts.jobs, stop_on_failure)

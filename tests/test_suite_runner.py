@@ -58,7 +58,8 @@ from pathlib import Path
 
 def test_hangs_with_a_child_in_its_own_session():
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    Path(__file__).with_name("pids").write_text("%d %d" % (os.getpid(), child.pid))
+    Path(__file__).with_name("pids.tmp").write_text("%d %d" % (os.getpid(), child.pid))
+    os.replace(str(Path(__file__).with_name("pids.tmp")), str(Path(__file__).with_name("pids")))
     time.sleep(60)
 """
 
