@@ -257,9 +257,9 @@ class Scheduler:
     def run_all(self):
         threads = [threading.Thread(target=self.worker, daemon=True)
                    for _ in range(min(self.jobs, len(self.pending)))]
-        for t in threads:
-            t.start()
         try:
+            for t in threads:
+                t.start()
             for t in threads:
                 while t.is_alive():
                     t.join(0.2)
@@ -271,7 +271,8 @@ class Scheduler:
             print("\nInterrupted: stopping %d pytest run(s)..." % len(self.running), flush=True)
             self.stop_running()
             for t in threads:
-                t.join(30)
+                if t.ident is not None:  # started
+                    t.join(30)
             raise
 
     def stop_running(self, grace=15.0):
