@@ -123,10 +123,14 @@ def test_ctrl_c_stops_every_run_and_what_its_tests_started(tmp_path):
         pytest_pid, child_pid = map(int, pids.read_text().split())
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0]
-    finally:
+    finally:  # on a failure above: SIGTERM stops the runner's runs too, SIGKILL would not
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
     assert proc.returncode == 130, out
     assert "Interrupted: stopping" in out and "tests/test_hanging.py: interrupted" in out, out
     wait_until(lambda: not pid_alive(pytest_pid) and not pid_alive(child_pid), timeout=5,
