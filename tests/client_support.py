@@ -307,3 +307,14 @@ def find_python38():
         if out.stdout.strip() == "True":
             return c
     return None
+
+
+def vendored_project(pytester, conftest):
+    """A pytester suite with the client file vendored into it, the two topologies under
+    topologies/ and ``conftest``."""
+    shutil.copy(str(CLIENT), str(pytester.path / "remote_lab_client.py"))
+    (pytester.path / "topologies").mkdir()
+    shutil.copy(str(SIMPLE), str(pytester.path / "topologies" / "simple.yml"))
+    shutil.copy(str(MAPPING), str(pytester.path / "topologies" / "mapping.yml"))
+    pytester.makeconftest(conftest)
+    return pytester

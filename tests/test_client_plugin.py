@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from client_support import MAPPING, SIMPLE, sessions
+from client_support import SIMPLE, sessions, vendored_project
 from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT
 
@@ -92,12 +92,7 @@ def srv(servers, monkeypatch):
 @pytest.fixture
 def project(pytester):
     """A test suite with the client file vendored into it and two topologies."""
-    shutil.copy(str(CLIENT), str(pytester.path / "remote_lab_client.py"))
-    (pytester.path / "topologies").mkdir()
-    shutil.copy(str(SIMPLE), str(pytester.path / "topologies" / "simple.yml"))
-    shutil.copy(str(MAPPING), str(pytester.path / "topologies" / "mapping.yml"))
-    pytester.makeconftest(CONFTEST)
-    return pytester
+    return vendored_project(pytester, CONFTEST)
 
 
 def run(pytester, *args):

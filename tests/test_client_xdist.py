@@ -7,13 +7,11 @@ without xdist.
 """
 import json
 import re
-import shutil
 
 import pytest
 
-from client_support import MAPPING, SIMPLE, sessions
+from client_support import sessions, vendored_project
 from client_support import clean_env, servers  # noqa: F401  (fixtures; clean_env autouse)
-from helpers import CLIENT
 from server_support import calls_of
 
 pytest_plugins = ["pytester"]
@@ -109,12 +107,7 @@ def plugin_env(clean_env, monkeypatch):
 @pytest.fixture
 def project(pytester):
     """A test suite with the client file vendored into it and two topologies."""
-    shutil.copy(str(CLIENT), str(pytester.path / "remote_lab_client.py"))
-    (pytester.path / "topologies").mkdir()
-    shutil.copy(str(SIMPLE), str(pytester.path / "topologies" / "simple.yml"))
-    shutil.copy(str(MAPPING), str(pytester.path / "topologies" / "mapping.yml"))
-    pytester.makeconftest(CONFTEST)
-    return pytester
+    return vendored_project(pytester, CONFTEST)
 
 
 def run_xdist(pytester, *args):

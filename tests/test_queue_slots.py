@@ -5,20 +5,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clock_support import FakeClock  # noqa: E402
 from remote_lab import SessionQueue  # noqa: E402
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64  # fingerprints of three topologies
-
-
-class FakeClock:
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 @pytest.fixture
@@ -158,7 +148,7 @@ def test_estimated_waits_count_every_slot(clock):
         s = join(q)
         clock.advance(100)
         q.remove(s)
-    a, b = join(q), join(q)
+    join(q), join(q)  # both slots busy
     clock.advance(40)
     w1, w2, w3 = join(q), join(q), join(q)
     assert q.waits() == [0.0, 0.0, 60.0, 60.0, 160.0]
