@@ -18,7 +18,7 @@ import pytest
 import client_support
 from helpers import (CLIENT, ROOT, SERVER, TOPOLOGIES, http, kill_if_running, pid_alive, read_json,
                      stop_launched, wait_until)
-from server_support import Api
+from server_support import Api, start_server  # noqa: F401  (fixture)
 from sshd_support import sshd  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(ROOT))
@@ -618,3 +618,18 @@ def test_ssh_errors_are_one_clear_line(ssh_env, home):
     out = cli("launch", "--ssh", sshd.target, "--server-args=", "--ssh-arg=-i %s" % key,
               "--ssh-arg", options, env=env)
     assert out.returncode == 1 and "netlab not found" in out.stderr, out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_mixes_ssh_and_http_hosts(ssh_env, home, start_server):  # noqa: F811
+    """REMOTE_LAB_URL=http://held,ssh://free: the ssh:// host is launched like a single one
+    (real sshd), the session gets it, and the held host's queue keeps only its holder."""
+    sshd = ssh_env
+    _, held = start_server()
+    holder = held.new_session()
+    pool = "%s,ssh://%s" % (held.url, sshd.target)
+    with rlc.RemoteLabClient(pool, heartbeat_interval=0, session_timeout=60) as c:
+        assert c.host == "ssh://%s" % sshd.target and c.base_url.startswith("http://127.0.0.1:")
+        assert sorted(d.name for d in c.acquire(str(TOPOLOGIES / "simple.yml"))) == ["r1", "r2"]
+        assert [s["session_id"] for s in held.req("GET", "/sessions")[1]["sessions"]] == [holder]
+    assert held.delete_session(holder) == 204
