@@ -68,7 +68,8 @@ class FakeRunner:
         if verb in self.fail:
             raise remote_lab.NetlabError("fake failure of netlab %s" % verb, "last line")
 
-    def up(self, labdir, topology, ctx="-"):
+    def up(self, labdir, topology, ctx="-", extra=()):
+        assert extra == (), extra  # one slot: no multilab plugin
         self._call("up", labdir)
 
     def devices(self, labdir, ctx="-"):
