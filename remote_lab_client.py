@@ -4232,6 +4232,13 @@ def _status_lines(status):
                                         _duration(float(data.get("uptime") or 0)))]
     out += _holder_lines(status["holder"])
     out += _queue_lines(data)
+    labs = data.get("labs")
+    if isinstance(labs, list) and len(labs) > 1:  # --slots N: each slot's lab
+        for lab in labs:
+            if isinstance(lab, dict):
+                lines = _lab_lines(lab)
+                out += ["slot %-3s %s" % (lab.get("slot"), lines[0][9:])] + lines[1:]
+        return out
     return out + _lab_lines(data.get("lab") or {})
 
 

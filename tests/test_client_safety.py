@@ -605,6 +605,11 @@ def test_a_stalled_server_is_waited_for_and_the_session_goes_on(srv):
     c.acquire(SIMPLE)
     os.kill(srv.proc.pid, signal.SIGSTOP)
     try:
+        # stopped for sure before the request (a thread in the middle of a disk sync stops
+        # only once it is done, and on a busy machine that can take a while)
+        stat = "/proc/%d/stat" % srv.proc.pid
+        wait_until(lambda: open(stat).read().rsplit(")", 1)[1].split()[0] == "T", 10,
+                   what="the server stopped")
         t, call = in_thread(c.status)
         time.sleep(5)  # longer than the request timeout
         assert t.is_alive(), call

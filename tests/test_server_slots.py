@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from client_support import cli  # noqa: E402
 from remote_lab_client import lab_fingerprint  # noqa: E402
 from server_support import (MAPPING, SIMPLE, calls_of, seed_fields, start_server,  # noqa: E402,F401
                             wait_until)
@@ -74,6 +75,10 @@ def test_two_labs_run_at_once_in_two_slots_each_session_sees_its_own(start_serve
     assert [(s["session_id"], s["status"], s["position"], s["slot"]) for s in
             listed["sessions"]] == [(a, "active", 0, 1), (b, "active", 0, 2), (c, "waiting", 1,
                                                                                 None)]
+    shown = cli("status", "--url", srv.url)
+    assert shown.returncode == 0, shown.stderr
+    assert "slot 1   running  simple.yml  ref count 1" in shown.stdout, shown.stdout
+    assert "slot 2   running  mapping.yml  ref count 1" in shown.stdout
     assert api.req("POST", "/lab/release", a)[0] == 204
     assert api.delete_session(a) == 204  # slot 1 frees: c gets it, a's lab goes
     assert api.session_full(c)[1]["slot"] == 1
