@@ -3759,14 +3759,22 @@ def _terminal_line(config, line):
 
 def _header_lines(url, source=None, token=None, workers=0):
     """The pytest header's lines: each server of the pool (``_header_server``), and when
-    ``workers`` xdist workers share one host with one slot, that they will take turns."""
+    ``workers`` xdist workers are more than the labs the pool's servers run at once, that
+    some will take turns (not said when a server does not answer: it may have more)."""
     entries = pool_urls(url)
     lines = []
     for entry in entries:
         lines += _header_server(entry, source, token)
-    if workers > 1 and len(entries) == 1 and _server_slots(entries[0], token) == 1:
+    slots = [_server_slots(entry, token) for entry in entries] if workers > 1 else [None]
+    if None in slots or workers <= sum(slots):
+        return lines
+    if slots == [1]:
         lines.append("%d xdist workers share one lab host with one slot: they will take turns; "
                      "add hosts to REMOTE_LAB_URL or --slots on the server" % workers)
+    else:
+        lines.append("%d xdist workers share %d lab slots on %d host%s: some will take turns; "
+                     "add hosts to REMOTE_LAB_URL or --slots on the servers" % (
+                         workers, sum(slots), len(entries), "" if len(entries) == 1 else "s"))
     return lines
 
 

@@ -159,3 +159,13 @@ def test_a_pool_of_one_is_a_single_url_and_bad_pools_are_config_errors(two_hosts
     for bad in ("%s,,%s" % (lab1.url, lab1.url), "%s,%s" % (lab1.url, lab1.url), lab1.url + ","):
         with pytest.raises(rlc.ConfigError):
             client(bad)
+
+
+def test_the_header_says_when_xdist_workers_outnumber_the_pools_slots(two_hosts):
+    lab1, lab2 = two_hosts
+    pool = "%s,%s" % (lab1.url, lab2.url)
+    assert not [x for x in rlc._header_lines(pool, workers=2) if "take turns" in x]
+    assert "3 xdist workers share 2 lab slots on 2 hosts: some will take turns; add hosts to " \
+        "REMOTE_LAB_URL or --slots on the servers" in rlc._header_lines(pool, workers=3)
+    assert not [x for x in rlc._header_lines("%s,%s" % (lab1.url, closed_port_url()), workers=3)
+                if "take turns" in x]  # a host that does not answer may have more slots
