@@ -276,6 +276,9 @@ def settings_from_args(argv=None) -> Settings:
     values["state_dir"] = os.path.abspath(os.path.expanduser(values["state_dir"]))
     if values["debug"]:
         values["log_level"] = "DEBUG"
+    if values["multilab_ids"] and values["slots"] == 1:
+        build_arg_parser().error("--multilab-ids needs --slots 2 or more (one slot runs netlab "
+                                 "without the multilab plugin)")
     if values["multilab_ids"] and len(values["multilab_ids"]) != values["slots"]:
         build_arg_parser().error("--multilab-ids lists %d ids for --slots %d" % (
             len(values["multilab_ids"]), values["slots"]))
@@ -590,12 +593,14 @@ class SessionQueue:
             self._bump()
             return sid, self._position(sid)
 
-    def restore(self, saved: List[tuple]) -> None:
+    def restore(self, saved: List[tuple]) -> List[Tuple[str, str]]:
         """Start-up: the sessions a previous server saved, [(id, seconds since created,
         seconds since activated or None[, meta[, slot]])] in creation order. Each gets a full
         timeout from now; an active one keeps its slot (saved without one: only the first,
-        in slot 1) if that slot exists and is not taken, else it waits again; free slots are
-        filled then."""
+        in slot 1) if that slot is not taken, else it waits again; free slots are filled then.
+        An active session whose slot no longer exists (fewer --slots now) lost its lab with
+        it: it is ended, and its 404s say why. Returns [(id, why)] of those."""
+        ended = []
         with self.lock:
             now = self.clock.now()
             for i, (sid, created_ago, activated_ago, *rest) in enumerate(saved):
@@ -603,6 +608,13 @@ class SessionQueue:
                 slot = rest[1] if len(rest) > 1 else None
                 if slot is None:  # saved by a one-lab server: only its head was active
                     slot = 1 if i == 0 else 0
+                if activated_ago is not None and slot > self.slots:
+                    why = ("the server restarted with --slots %d: slot %d, which it held, and "
+                           "its lab are gone" % (self.slots, slot))
+                    self._remember_why(sid, why)
+                    self._gone.append(sid)
+                    ended.append((sid, why))
+                    continue
                 s = self._sessions[sid] = Session(sid, now - created_ago, now, meta=meta)
                 if activated_ago is not None and 1 <= slot <= self.slots \
                         and slot not in self._holders:
@@ -613,6 +625,7 @@ class SessionQueue:
             self._activate_head()
             self._journal_changes()
             self._bump()
+        return ended
 
     def state(self, sid: str, touch: bool = True) -> Tuple[str, int]:
         with self.lock:
@@ -754,10 +767,8 @@ class SessionQueue:
                          and self._held(s) > self.max_hold), None)
             if head is None:
                 return None
-            self._ended_why[head.id] = ("the server ended it: held the lab longer than %s "
-                                        "(--max-hold)" % fmt_duration(self.max_hold))
-            while len(self._ended_why) > ENDED_REASONS_KEPT:
-                self._ended_why.popitem(last=False)
+            self._remember_why(head.id, "the server ended it: held the lab longer than %s "
+                               "(--max-hold)" % fmt_duration(self.max_hold))
             self.remove(head.id)  # (its hold time kept, the next session promoted)
             return head.id
 
@@ -787,6 +798,12 @@ class SessionQueue:
         after ``i // slots`` typical holds more (with one slot: rest + i x typical)."""
         rests, typical = found
         return round(rests[i % self.slots] + (i // self.slots) * typical, 1)
+
+    def _remember_why(self, sid: str, why: str) -> None:
+        """``sid`` was ended by the server: its 404s say ``why`` (the last few kept)."""
+        self._ended_why[sid] = why
+        while len(self._ended_why) > ENDED_REASONS_KEPT:
+            self._ended_why.popitem(last=False)
 
     def waits(self, joining: int = 0) -> List[Optional[float]]:
         """Each session's estimated wait in queue order: 0 for the active ones, then estimates
@@ -1384,19 +1401,24 @@ class RestorePlan:
 
 
 def plan_restore(saved: Optional[LabInfo], registry: Optional[Dict[str, dict]], dirs: List[str],
-                 labs_dir: str, fingerprint_now: Optional[str]) -> RestorePlan:
+                 labs_dir: str, fingerprint_now: Optional[str],
+                 instance: Optional[str] = None) -> RestorePlan:
     """Start-up: what to do with the lab a previous server saved, from what netlab runs
     (``registry``: instance id -> entry, None if netlab could not say), the lab ``dirs`` there
     are and the fingerprint of the saved lab's files as they are now (None: gone, or netlab's
-    snapshot is)."""
+    snapshot is). ``instance``: the netlab instance id the lab's slot runs now (--slots N),
+    None: any."""
     adopt = lost = None
     if saved is not None and saved.state == RUNNING:
-        started = any(same_path(e.get("dir"), saved.workdir) and e.get("status") == "started"
-                      for e in (registry or {}).values())
+        started = [iid for iid, e in (registry or {}).items()
+                   if same_path(e.get("dir"), saved.workdir) and e.get("status") == "started"]
         if registry is None:
             lost = "netlab could not tell whether it still runs"
         elif not started:
             lost = "netlab no longer runs it"
+        elif instance is not None and started[0] != instance:
+            lost = ("it runs as netlab instance %s, and its slot's is %s now (--multilab-ids "
+                    "or --slots changed)" % (started[0], instance))
         elif fingerprint_now is None:
             lost = "its dir or netlab's snapshot in it is gone"
         elif fingerprint_now != saved.fingerprint:
@@ -1868,7 +1890,9 @@ class Lab:
             return RestorePlan(None, None, [], [])
         os.makedirs(labs_dir, exist_ok=True)  # netlab runs there
         registry = self.runner.registry(labs_dir)
-        plan = plan_restore(info, registry, dirs, labs_dir, self.netlab.fingerprint_now(info))
+        instance = self.settings.multilab_id(self.slot)
+        plan = plan_restore(info, registry, dirs, labs_dir, self.netlab.fingerprint_now(info),
+                            None if instance is None else str(instance))
         self.netlab.keep_unclean({d: n for d, n in unclean.items()
                                   if any(same_path(d, x) for x in dirs)})
         with self.cond:
@@ -2887,6 +2911,10 @@ class EventLog:
             self.defer("active", "session %s got the lab%s after waiting %s"
                        % (sid[:SHORT_ID], where, fmt_duration(waited)))
 
+    def session_moved(self, sid: str, slot: int, lab: str) -> None:
+        self.record("active", "session %s moved to slot %d, whose warm lab %s it asked for"
+                    % (sid[:SHORT_ID], slot, lab))
+
     def session_overtook(self, sid: str, overtaken: int, lab: str) -> None:
         self.defer("active", "session %s promoted ahead of %d session%s for the warm lab %s"
                    % (sid[:SHORT_ID], overtaken, "" if overtaken == 1 else "s", lab))
@@ -3558,10 +3586,13 @@ class App:
         with self.queue.lock:
             self.queue.holds.restore(saved.hold_times)
         now = time.time()
-        self.queue.restore([(sid, max(0.0, now - created),
-                             None if activated is None else max(0.0, now - activated),
-                             saved_session_meta(meta), slot)
-                            for sid, created, activated, meta, slot in saved.sessions])
+        ended = self.queue.restore([(sid, max(0.0, now - created),
+                                     None if activated is None else max(0.0, now - activated),
+                                     saved_session_meta(meta), slot)
+                                    for sid, created, activated, meta, slot in saved.sessions])
+        for sid, why in ended:
+            log.warning("session ended: %s", why, extra={"ctx": log_context(sid, None)})
+            self._session_gone(sid, True, why)
         plans = [self._restore_lab(lab, saved) for lab in self.labs]
         if existed:
             was = {"stop": "a stop", "reload": "a reload"}.get(saved.previous_exit or "stop",
@@ -4083,8 +4114,9 @@ class App:
         slot = self.queue.take_warm_slot(sid, upload.fingerprint)
         if slot is None:
             return lab
-        log.info("taking over the warm lab of slot %d", slot, extra={"ctx": log_context(sid, None)})
         lab = self.labs[slot - 1]
+        log.info("taking over the warm lab of slot %d", slot, extra={"ctx": log_context(sid, None)})
+        self.events.session_moved(sid, slot, upload.topology)
         upload.move_to(lab.labs_dir)
         return lab
 
@@ -7167,9 +7199,11 @@ def stop_serving(app: App, server: "LabHTTPServer", status_file: StatusFile) -> 
         log.warning("exiting with requests still unanswered")
     app.store.close()
     status_file.mark_stopped()
+    running = 0 if teardown else sum(lab.info.state == RUNNING for lab in app.labs)
     log.info("stopped; the state is saved in %s%s", app.store.path or "memory (not saved)",
-             "" if teardown or app.lab.info.state != RUNNING
-             else ", the lab left running for the next start")
+             "" if not running else ", the lab left running for the next start"
+             if len(app.labs) == 1 else ", %d lab%s left running for the next start"
+             % (running, "" if running == 1 else "s"))
 
 
 def cleanup_state_dir(app: App) -> int:

@@ -1545,7 +1545,10 @@ class _PoolJoin:
             m.client.fingerprint = owner.fingerprint
             if self.stop.is_set():
                 return
+            transport = m.client._http
+            transport.retries = 0  # a host refusing connections is skipped at once, and said so
             m.client._create_session()
+            transport.retries = owner._retries
             self._report(m, position=m.client.position)
             if self.stop.is_set():
                 return self._leave(m)
@@ -1566,8 +1569,9 @@ class _PoolJoin:
                 # (position 0: active there, about to say so)
                 unheard = [m for m in self.members
                            if not m.position and m.active_at is None and m.error is None]
-                if active and not (self.owner.fingerprint and unheard
-                                   and now < min(m.active_at for m in active) + POOL_TIE_SECONDS):
+                # (a moment for the hosts not heard of yet: one may be free too, or down)
+                if active and not (unheard and
+                                   now < min(m.active_at for m in active) + POOL_TIE_SECONDS):
                     return self._preferred(active)
                 if all(m.error is not None for m in self.members):
                     raise self._none_usable()
@@ -1735,20 +1739,23 @@ class RemoteLabClient:
         return self._transport
 
     def _any_pool_transport(self):
-        """A pool's first host that answers /healthz, for requests before the turn."""
+        """A pool's first host that answers ``GET /`` (so: one that takes our token), for
+        requests before the turn; the others are skipped with a warning."""
         problems = []
         for url in self._pool:
             try:
                 transport = self._connect(dataclasses_replace(self.config, url=url),
                                           self._retries)
-                resp = transport.request("GET", "/healthz", retries=0, reconnect=0)
-                if resp.status < 500:
+                resp = transport.request("GET", "/", retries=1, reconnect=0)
+                if resp.status == 200:
                     return transport
-                problems.append("%s: HTTP %d" % (url, resp.status))
                 transport.close()
+                problem = _error_for(resp, "GET %s/" % transport.base_url, "server")
             except RemoteLabError as e:
-                problems.append("%s: %s" % (url, e))
-        raise ConnectionFailed("no remote lab of the pool answers -- " + "; ".join(problems))
+                problem = e
+            _log.warning("remote lab pool: skipping %s: %s", url, problem)
+            problems.append("%s: %s" % (url, problem))
+        raise ConnectionFailed("no remote lab of the pool can be used -- " + "; ".join(problems))
 
     @property
     def base_url(self):
@@ -4186,12 +4193,15 @@ def _status_json(status):
         active = next((s.get("session_id") for s in sessions if s.get("position") == 0), None)
     else:
         active = data.get("active_session")
-    return {"url": status["url"], "version": data.get("version"),
-            "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
-            "sessions": sessions if isinstance(sessions, list) else [],
-            "active_session": active, "lab": data.get("lab") or {}, "pid": info.get("pid"),
-            "simulated": info.get("simulated"), "netlab": info.get("netlab"),
-            "holder": status["holder"]}
+    out = {"url": status["url"], "version": data.get("version"),
+           "uptime": data.get("uptime"), "queue_length": data.get("queue_length"),
+           "sessions": sessions if isinstance(sessions, list) else [],
+           "active_session": active, "lab": data.get("lab") or {}, "pid": info.get("pid"),
+           "simulated": info.get("simulated"), "netlab": info.get("netlab"),
+           "holder": status["holder"]}
+    if isinstance(data.get("labs"), list):  # --slots N: every slot's lab (each with "slot")
+        out.update(slots=data.get("slots"), labs=data["labs"])
+    return out
 
 
 def _queue_lines(data):
@@ -4241,11 +4251,18 @@ def _status_lines(status):
     out += _holder_lines(status["holder"])
     out += _queue_lines(data)
     labs = data.get("labs")
-    if isinstance(labs, list) and len(labs) > 1:  # --slots N: each slot's lab
+    if isinstance(labs, list) and len(labs) > 1:  # --slots N: each slot's lab, and who has it
+        sessions = _status_sessions(data)
+        holders = {s.get("slot"): s for s in sessions or () if isinstance(s, dict)
+                   and s.get("slot") is not None} if isinstance(sessions, list) else {}
         for lab in labs:
             if isinstance(lab, dict):
                 lines = _lab_lines(lab)
-                out += ["slot %-3s %s" % (lab.get("slot"), lines[0][9:])] + lines[1:]
+                holder = holders.get(lab.get("slot"))
+                who = "  held by %s (session %s)" % (
+                    _meta_text(holder.get("owner")) or "unknown",
+                    _meta_text(holder.get("session_id"))) if holder else "  free"
+                out += ["slot %-3s %s%s" % (lab.get("slot"), lines[0][9:], who)] + lines[1:]
         return out
     return out + _lab_lines(data.get("lab") or {})
 

@@ -153,3 +153,16 @@ def test_estimated_waits_count_every_slot(clock):
     w1, w2, w3 = join(q), join(q), join(q)
     assert q.waits() == [0.0, 0.0, 60.0, 60.0, 160.0]
     assert [q.eta(q.state(s, touch=False)[1]) for s in (w1, w2, w3)] == [60.0, 60.0, 160.0]
+
+
+def test_a_restore_with_fewer_slots_ends_the_sessions_whose_slot_is_gone(clock):
+    from remote_lab import UnknownSession
+    q = queue(clock, slots=2)
+    ended = q.restore([("a", 50.0, 40.0, {}, 1), ("b", 40.0, 30.0, {}, 3),
+                       ("c", 30.0, None, {}, None)])
+    assert [sid for sid, _ in ended] == ["b"]
+    assert "restarted with --slots 2: slot 3, which it held, and its lab are gone" in ended[0][1]
+    assert q.active_ids() == {1: "a", 2: "c"}
+    with pytest.raises(UnknownSession) as e:
+        q.state("b")
+    assert e.value.args[1] == ended[0][1]  # its 404 says why

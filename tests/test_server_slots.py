@@ -11,8 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client_support import cli  # noqa: E402
 from remote_lab_client import lab_fingerprint  # noqa: E402
-from server_support import (MAPPING, SIMPLE, calls_of, seed_fields, start_server,  # noqa: E402,F401
-                            wait_until)
+from helpers import ServerProcess  # noqa: E402
+from server_support import (MAPPING, SIMPLE, Api, calls_of, seed_fields,  # noqa: E402
+                            start_server, wait_until)  # noqa: F401
 
 
 def join(api, fingerprint=None):
@@ -77,8 +78,14 @@ def test_two_labs_run_at_once_in_two_slots_each_session_sees_its_own(start_serve
                                                                                 None)]
     shown = cli("status", "--url", srv.url)
     assert shown.returncode == 0, shown.stderr
-    assert "slot 1   running  simple.yml  ref count 1" in shown.stdout, shown.stdout
-    assert "slot 2   running  mapping.yml  ref count 1" in shown.stdout
+    assert "slot 1   running  simple.yml  ref count 1  held by unknown (session %s)" % a \
+        in shown.stdout, shown.stdout
+    assert "slot 2   running  mapping.yml  ref count 1  held by unknown (session %s)" % b \
+        in shown.stdout
+    shown = cli("status", "--json", "--url", srv.url)
+    listed = json.loads(shown.stdout)
+    assert listed["slots"] == 2 and [(x["slot"], x["topology"]) for x in listed["labs"]] == [
+        (1, "simple.yml"), (2, "mapping.yml")]
     assert api.req("POST", "/lab/release", a)[0] == 204
     assert api.delete_session(a) == 204  # slot 1 frees: c gets it, a's lab goes
     assert api.session_full(c)[1]["slot"] == 1
@@ -150,6 +157,8 @@ def test_a_session_takes_over_the_warm_lab_of_a_free_slot(start_server):
     status, lab = api.post_lab(c, MAPPING, "mapping.yml")
     assert status == 200 and lab["reused"] is True  # slot 2's warm lab, no `up`
     assert api.session_full(c)[1]["slot"] == 2
+    assert "session %s moved to slot 2, whose warm lab mapping.yml it asked for" % c[:8] in [
+        e["text"] for e in api.req("GET", "/status")[1]["events"]]
     d = join(api)
     assert api.session_full(d)[1]["slot"] == 1
     status, lab = api.post_lab(d)
@@ -170,8 +179,54 @@ def test_the_slots_multilab_ids_skip_121_or_come_from_multilab_ids():
     assert [s.multilab_id(k) for k in (1, 2)] == [7, 9]
     assert s.overtake_limit == 4
     assert remote_lab.settings_from_args(["--max-overtake", "0"]).overtake_limit == 0
-    for bad in (["--slots", "0"], ["--slots", "2", "--multilab-ids", "7"],
+    for bad in (["--slots", "0"], ["--slots", "2", "--multilab-ids", "7"], ["--multilab-ids", "7"],
                 ["--slots", "2", "--multilab-ids", "7,7"], ["--multilab-ids", "x"],
                 ["--slots", "2", "--multilab-ids", "1,201"], ["--max-overtake", "-1"]):
         with pytest.raises(SystemExit):
             remote_lab.settings_from_args(bad)
+
+
+def restarted(srv, *args):
+    """A new server on ``srv``'s state dir and fake netlab, started with ``args``."""
+    again = ServerProcess(srv.tmp / "again", "--state-dir", srv.state_dir, *args,
+                          env={"FAKE_NETLAB_DIR": str(srv.fake_dir)})
+    again.fake_dir, again.state_dir = srv.fake_dir, srv.state_dir
+    return again.start(), Api(again)
+
+
+def test_a_restart_with_fewer_slots_ends_the_session_whose_slot_is_gone(start_server):
+    srv, api = start_server("--slots", "3")
+    a, b, c = join(api), join(api), join(api)
+    for sid in (a, b, c):
+        assert api.post_lab(sid)[0] == 200
+    srv.stop()
+    srv2, api2 = restarted(srv, "--slots", "2")
+    try:
+        assert [api2.session_full(s)[1]["slot"] for s in (a, b)] == [1, 2]
+        status, body = api2.session_full(c)
+        assert status == 404 and "restarted with --slots 2: slot 3, which it held, and its lab " \
+            "are gone" in body["detail"], body
+        wait_until(lambda: not list((srv.state_dir / "labs" / "slot-3").glob("lab-*")), 10,
+                   what="slot 3's lab cleaned")
+        assert any("restarted with --slots 2" in e["text"]
+                   for e in api2.req("GET", "/status")[1]["events"])
+    finally:
+        srv2.stop()
+
+
+def test_a_restart_with_other_multilab_ids_does_not_adopt_labs_under_their_old_ids(start_server):
+    srv, api = start_server("--slots", "2")
+    a, b = join(api), join(api)
+    acquire_both(api, a, b)
+    srv.stop()
+    srv2, api2 = restarted(srv, "--slots", "2", "--multilab-ids", "2,1")
+    try:
+        lab = api2.lab(a)[1]
+        assert lab["running"] is False and "runs as netlab instance 1, and its slot's is 2 " \
+            "now" in lab["last_error"], lab
+        api2.wait_lab_state("stopped")
+        status, answer = api2.post_lab(a)  # slot 1 runs instance 2 now: no clash with the old
+        assert status == 200, answer
+        assert answer["devices"][0]["raw"]["mgmt"]["ipv4"].startswith("192.168.2.")
+    finally:
+        srv2.stop()
