@@ -3829,19 +3829,24 @@ def _header_server(url, source=None, token=None):
     info = _root_json(url) if not token else _get_json(url, "/", token)  # (a token: verified TLS)
     if info is not None and info.get("service") != "remote-lab":
         info = None
-    lines = ["%s%s (%s)" % (where, url if where else named(url), ", ".join(_server_facts(info))
-                            if info else "not answering as remote-lab")]
+    what = ", ".join(_server_facts(info)) if info else \
+        "refuses %s: REMOTE_LAB_TOKEN" % ("its token" if token else "requests without a token") \
+        if _get_json(url, "/", token, status_only=True) == 401 else "not answering as remote-lab"
+    lines = ["%s%s (%s)" % (where, url if where else named(url), what)]
     holder = _header_holder(url, token) if info else None
     return lines + [holder] if holder else lines
 
 
-def _get_json(url, path, token=None, timeout=2.0):
+def _get_json(url, path, token=None, timeout=2.0, status_only=False):
     """``GET path`` at ``url`` through the client's own transport (certificate checked, the
-    token sent): the JSON object of a 200, else None."""
+    token sent): the JSON object of a 200, else None (``status_only``: the status, or None
+    when nothing answered)."""
     transport = None
     try:
         transport = HttpTransport(url, timeout, token=token, retries=0)
         resp = transport.request("GET", path, reconnect=0)
+        if status_only:
+            return resp.status
         return resp.data if resp.status == 200 and isinstance(resp.data, dict) else None
     except RemoteLabError:
         return None

@@ -190,3 +190,5 @@ def test_a_host_refusing_our_token_is_skipped_by_the_check_before_the_turn(two_h
             c.close()
     assert any("skipping %s" % locked.url in r.getMessage() and "HTTP 401" in r.getMessage()
                for r in caplog.records), caplog.text
+    header = rlc._header_lines(pool)  # the pytest header says why, not "not answering"
+    assert "%s (refuses requests without a token: REMOTE_LAB_TOKEN)" % locked.url in header
