@@ -1628,8 +1628,12 @@ class Lab:
     def __init__(self, runner: NetlabRunner, settings: Settings,
                  is_active: Callable[[str], bool], clock=None,
                  store: Optional["StateStore"] = None, slot: int = 1,
-                 on_warm: Optional[Callable[[int, Optional[str]], None]] = None):
+                 on_warm: Optional[Callable[[int, Optional[str]], None]] = None,
+                 startup_cleanups: Optional[List[threading.Thread]] = None):
         self.runner = runner
+        # every slot's start-up clean-up (shared by the slots' labs): an `up` waits for them,
+        # as a slot's old netlab instance may be the id another slot runs now
+        self.startup_cleanups = [] if startup_cleanups is None else startup_cleanups
         self.settings = settings
         self.slot = slot
         self.labs_dir = settings.slot_labs_dir(slot)
@@ -1732,6 +1736,8 @@ class Lab:
 
     def _start(self, sid: str, upload: "Upload", reuse: bool, ctx: str) -> List[dict]:
         """``netlab up`` the upload (state STARTING); RUNNING after, STOPPED on failure."""
+        for cleanup in list(self.startup_cleanups):
+            cleanup.join(self.settings.up_timeout)
         self.netlab.retry_unclean(ctx)  # a lab netlab still knows would make this `up` fail
         try:
             devices = self.netlab.start(upload.workdir, upload.topology, ctx)
@@ -1814,7 +1820,7 @@ class Lab:
 
         self._stop_in_background("lab-teardown", lambda: self.netlab.teardown(workdir, ctx))
 
-    def _stop_in_background(self, name: str, work: Callable[[], object]) -> None:
+    def _stop_in_background(self, name: str, work: Callable[[], object]) -> threading.Thread:
         """Run ``work`` (netlab down ...) in a thread, then leave STOPPING for STOPPED."""
         def run():
             try:
@@ -1829,6 +1835,7 @@ class Lab:
         t = threading.Thread(target=run, name=name, daemon=True)
         self.teardowns = [x for x in self.teardowns if x.is_alive()] + [t]
         t.start()
+        return t
 
     def retry_unclean(self, ctx: str = "-", due_only: bool = False) -> None:
         """Retry the teardown of kept dirs (all of them, or those whose retry time came)."""
@@ -1905,8 +1912,8 @@ class Lab:
         if plan.adopt is not None:
             self.netlab.clean_leftovers(plan, labs_dir)  # rare: a crash in a replace
         elif plan.dirs or plan.stale_instances:
-            self._stop_in_background("startup-cleanup",
-                                     lambda: self.netlab.clean_leftovers(plan, labs_dir))
+            self.startup_cleanups.append(self._stop_in_background(
+                "startup-cleanup", lambda: self.netlab.clean_leftovers(plan, labs_dir)))
         return plan
 
     def _restore_dirs(self) -> List[str]:
@@ -3558,8 +3565,10 @@ class App:
             on_start=self.metrics.netlab_started, on_done=self._netlab_done)
         if not settings.simulate and store is not None and store.path:  # a real server
             self.runner.bin_dir = netlab_bin_dir(settings.state_dir, settings.netlab)
+        startup_cleanups = []  # type: List[threading.Thread]
         self.labs = [Lab(self.runner, settings, self._active_in(slot), clock, self.store,
-                         slot=slot, on_warm=self.queue.set_warm)
+                         slot=slot, on_warm=self.queue.set_warm,
+                         startup_cleanups=startup_cleanups)
                      for slot in range(1, settings.slots + 1)]
         self.lab = self.labs[0]  # the one lab of a one-slot server (the seed's views show it)
         self.stopping = threading.Event()

@@ -215,18 +215,20 @@ def test_a_restart_with_fewer_slots_ends_the_session_whose_slot_is_gone(start_se
 
 
 def test_a_restart_with_other_multilab_ids_does_not_adopt_labs_under_their_old_ids(start_server):
+    """Slot 2's lab ran as instance 2; after --multilab-ids 2,1 slot 1 is instance 2: slot 2's
+    lab is not adopted but cleaned, and slot 1's first `up` waits for that clean-up."""
     srv, api = start_server("--slots", "2")
     a, b = join(api), join(api)
-    acquire_both(api, a, b)
+    assert api.post_lab(b, MAPPING, "mapping.yml")[0] == 200
     srv.stop()
+    srv.switch("down_delay", value="2")  # the clean-up of instance 2 takes a while
     srv2, api2 = restarted(srv, "--slots", "2", "--multilab-ids", "2,1")
     try:
-        lab = api2.lab(a)[1]
-        assert lab["running"] is False and "runs as netlab instance 1, and its slot's is 2 " \
-            "now" in lab["last_error"], lab
-        api2.wait_lab_state("stopped")
-        status, answer = api2.post_lab(a)  # slot 1 runs instance 2 now: no clash with the old
+        status, answer = api2.post_lab(a)  # slot 1, instance 2 now: at once
         assert status == 200, answer
         assert answer["devices"][0]["raw"]["mgmt"]["ipv4"].startswith("192.168.2.")
+        lab = api2.lab(b)[1]
+        assert lab["running"] is False and "runs as netlab instance 2, and its slot's is 1 " \
+            "now" in lab["last_error"], lab
     finally:
         srv2.stop()
