@@ -7,6 +7,7 @@ rewrite that makes the server ignore ``?wait=``) which works on bytes, not on ou
 Fixtures (import them into a test module to use them): ``clean_env`` (autouse there: no
 REMOTE_LAB_* from outside, cwd = tmp_path), ``servers`` (a Servers for the test) and ``srv``.
 """
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -318,3 +320,23 @@ def vendored_project(pytester, conftest):
     shutil.copy(str(MAPPING), str(pytester.path / "topologies" / "mapping.yml"))
     pytester.makeconftest(conftest)
     return pytester
+
+
+class ForeignServer(BaseHTTPRequestHandler):
+    """Base of small stand-ins for a foreign (older, other-make) server, which no server of
+    ours can play: JSON answers, DELETE 204, no access log."""
+
+    def _answer(self, status, body=None):
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        if data:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_DELETE(self):
+        self._answer(204)
+
+    def log_message(self, *args):
+        pass

@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
-from client_support import MAPPING, SIMPLE, cli, client, client_env, http, sessions, wait_until
+from client_support import (MAPPING, SIMPLE, ForeignServer, cli, client, client_env, http,
+                            sessions, wait_until)
 from client_support import clean_env  # noqa: F401  (fixture, autouse)
 from helpers import CLIENT, ServerProcess, kill_if_running
 
@@ -157,19 +158,11 @@ def test_the_plugin_declares_the_first_lab_of_the_run(srv, pytester, monkeypatch
     assert sessions(srv) == []
 
 
-class OldServer(BaseHTTPRequestHandler):
+class OldServer(ForeignServer):
     """A foreign older server: POST /session refuses what it does not know (REFUSES: the
     fingerprint field, or any body) with a 400; seen: the bodies it was sent."""
     REFUSES = "fingerprint"
     seen = []
-
-    def _answer(self, status, body=None):
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -183,12 +176,6 @@ class OldServer(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._answer(404, {"detail": "no such endpoint"})
-
-    def do_DELETE(self):
-        self._answer(204)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import socket
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
-from client_support import SIMPLE, cli, client, client_env, wait_until
+from client_support import SIMPLE, ForeignServer, cli, client, client_env, wait_until
 from client_support import clean_env, servers, srv  # noqa: F401  (fixtures; clean_env autouse)
 from helpers import CLIENT, http as http_request, kill_if_running
 
@@ -138,19 +138,10 @@ def test_the_owner_without_a_user_name_anywhere(srv, tmp_path):
     assert json.loads(proc.stdout)["owner"] == "uid%d@%s" % (uid, HOST), proc.stdout
 
 
-class Refuser(BaseHTTPRequestHandler):
+class Refuser(ForeignServer):
     """An older server of another make: POST /session with a body answers STATUS."""
     STATUS = 400
     seen = []
-
-    def _answer(self, status, body=None):
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        if data:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -161,12 +152,6 @@ class Refuser(BaseHTTPRequestHandler):
             self._answer(201, {"session_id": "s1", "position": 0, "status": "active"})
         else:
             self._answer(204)
-
-    def do_DELETE(self):
-        self._answer(204)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.mark.parametrize("status", [400, 415, 422])
