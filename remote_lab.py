@@ -2725,6 +2725,13 @@ _AUTH_ERROR = {"401": _error(
 _OWNER_DETAIL = "session 3f2b9c4e belongs to alice: only its owner may use it"
 _OWNER_ERROR = _error("Only with `--auth-file`: the session belongs to another user (admins "
                       "may end any session and tear down the lab).", _OWNER_DETAIL)
+# POST /lab and POST /lab/check take the same upload
+_TOPOLOGY_PART = {"type": "string", "contentMediaType": "application/octet-stream",
+                  "description": "The topology file (.yml/.yaml)."}
+_FILE_PART = {"type": "string", "contentMediaType": "application/octet-stream"}
+_UPLOAD_TOO_LARGE = _error("The body exceeds `--max-upload-mb`.",
+                           "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
+                           "(--max-upload-mb)")
 _SID_HEADER = {"$ref": "#/components/parameters/SessionHeader"}
 _SID_PATH = {"$ref": "#/components/parameters/SessionPath"}
 _SESSION_EXAMPLE = "3f2b9c4e-7a8d-4b1e-9c0f-2d6e5a7b8c9d"
@@ -4051,12 +4058,10 @@ class App:
                         "description": "Used when the form has no `reuse` field."}],
         "requestBody": {"required": True, "content": {"multipart/form-data": {
             "schema": {"type": "object", "required": ["topology"], "properties": {
-                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
-                             "description": "The topology file (.yml/.yaml)."},
+                "topology": _TOPOLOGY_PART,
                 "reuse": {"type": "string", "enum": ["true", "false"], "default": "true",
                           "description": "Reuse a running lab with the same fingerprint."},
-                "extra_files": {"type": "array", "items": {
-                    "type": "string", "contentMediaType": "application/octet-stream"},
+                "extra_files": {"type": "array", "items": _FILE_PART,
                     "description": "Files next to the topology; their file names keep relative "
                                    "directories (no absolute paths, no '..')."}}},
             "encoding": {"topology": {"contentType": "application/octet-stream"},
@@ -4069,9 +4074,7 @@ class App:
                           "duplicate file name, topology not .yml/.yaml or named so that netlab "
                           "would misread it (`package:`, `*`, `?`, `[`), bad `reuse` value.",
                           "topology 'lab.txt' must be a .yml or .yaml file"),
-            "413": _error("The body exceeds `--max-upload-mb`.",
-                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
-                          "(--max-upload-mb)"),
+            "413": _UPLOAD_TOO_LARGE,
             "423": _error("The session is not active (or no longer), or the lab is busy with "
                           "another topology.", "Lab currently busy: a.yml is in use (ref count 1)"),
             "502": _error("netlab failed; the detail carries the tail of its output.",
@@ -4139,19 +4142,15 @@ class App:
                        "checks run at once." % MAX_CHECKS,
         "requestBody": {"required": True, "content": {"multipart/form-data": {
             "schema": {"type": "object", "required": ["topology"], "properties": {
-                "topology": {"type": "string", "contentMediaType": "application/octet-stream",
-                             "description": "The topology file (.yml/.yaml)."},
-                "extra_files": {"type": "array", "items": {
-                    "type": "string", "contentMediaType": "application/octet-stream"},
+                "topology": _TOPOLOGY_PART,
+                "extra_files": {"type": "array", "items": _FILE_PART,
                     "description": "Files next to the topology, as for `POST /lab`."}}}}}},
         "responses": {
             "200": _json_response("netlab accepts the topology.", _ref("TopologyCheck"),
                                   {"ok": True, "nodes": ["r1", "r2"]}),
             "400": _error("A bad upload (as for `POST /lab`).",
                           "topology 'lab.txt' must be a .yml or .yaml file"),
-            "413": _error("The body exceeds `--max-upload-mb`.",
-                          "upload of 99999999 bytes exceeds the limit of 67108864 bytes "
-                          "(--max-upload-mb)"),
+            "413": _UPLOAD_TOO_LARGE,
             "422": _error("netlab rejects the topology; the detail carries its error tail.",
                           "netlab rejects topology.yml:\nIncorrectValue in links: Link string "
                           "r1-r3 in links[1] refers to an unknown node r3\n..."),
